@@ -1,0 +1,19 @@
+# Two entry points that work on a fresh machine (Python >= 3.10 and pip):
+#   make serve   set up .venv and serve the default model on 127.0.0.1:8000
+#   make test    set up .venv and run the whole test suite
+.PHONY: setup serve test lint bench
+
+setup: .venv/.installed
+
+.venv/.installed: scripts/dev-setup.sh requirements-dev.txt packages/*/pyproject.toml
+	./scripts/dev-setup.sh
+	touch $@
+
+serve: setup
+	.venv/bin/kvpage serve
+
+test: setup
+	.venv/bin/python -m pytest tests -q
+
+lint: setup
+	.venv/bin/ruff check packages tests bench
