@@ -1,1 +1,17 @@
-"""kvpage-kernels."""
+"""kvpage-kernels: PagedAttention and KV-cache ops with swappable backends."""
+
+from .errors import KernelBackendUnavailable, KernelError, KernelInputError
+from .ops import BACKENDS, copy_blocks, paged_attention, select_backend, swap_blocks, write_kv
+
+__all__ = [
+    "BACKENDS",
+    "KernelBackendUnavailable",
+    "KernelError",
+    "KernelInputError",
+    "copy_blocks",
+    "paged_attention",
+    "select_backend",
+    "swap_blocks",
+    "write_kv",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""Public ops and the one dispatch to a backend.
+
+Every op checks its arguments here, picks a backend with `select_backend` (argument, then
+the KVPAGE_KERNEL_BACKEND environment variable, then the device), and calls that backend's
+function of the same name.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from ._common import Pairs
+from .errors import KernelBackendUnavailable, KernelInputError
+
+BACKENDS = ("reference", "torch", "triton", "cupy")
+ENV_VAR = "KVPAGE_KERNEL_BACKEND"
+_MODULES = {"reference": "reference", "torch": "torch_backend", "triton": "triton_backend",
+            "cupy": "cupy_backend"}
+
+
+def _triton_missing(device: torch.device) -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "the 'triton' package is not installed (pip install 'kvpage-kernels[triton]')"
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"triton needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before import"
+
+
+def _cupy_missing(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"the cupy backend needs a CUDA device (got {device})"
+    try:
+        import cupy
+    except ImportError:
+        return "the 'cupy' package is not installed (pip install 'kvpage-kernels[cupy]')"
+    if not cupy.cuda.is_available():
+        return "cupy is installed but finds no usable CUDA device or driver"
+    return None
+
+
+def _missing(name: str, device: torch.device) -> str | None:
+    """Why backend `name` cannot run on `device`, or None when it can."""
+    if name == "triton":
+        return _triton_missing(device)
+    if name == "cupy":
+        return _cupy_missing(device)
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _select(device_type: str, device_index: int | None, forced: str | None) -> str:
+    device = torch.device(device_type, device_index)
+    if forced is not None:
+        if forced not in BACKENDS:
+            raise KernelInputError(f"unknown kernel backend {forced!r}; choose one of {BACKENDS}")
+        reason = _missing(forced, device)
+        if reason is not None:
+            raise KernelBackendUnavailable(f"kernel backend {forced!r} is unavailable: {reason}")
+        return forced
+    if device.type == "cuda":
+        for name in ("triton", "cupy"):
+            if _missing(name, device) is None:
+                return name
+    return "torch"
+
+
+def select_backend(device: torch.device | str, prefer: str | None = None) -> str:
+    """Name of the backend to use on `device`: `prefer` if given, else the environment
+    variable KVPAGE_KERNEL_BACKEND if set, else triton, cupy, torch on CUDA and torch elsewhere.
+    A forced backend that cannot run raises KernelBackendUnavailable naming what is missing."""
+    device = torch.device(device)
+    forced = prefer or os.environ.get(ENV_VAR) or None
+    return _select(device.type, device.index, forced)
+
+
+@functools.cache
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__package__}.{_MODULES[name]}")
+
+
+def _backend(device: torch.device, prefer: str | None) -> ModuleType:
+    return _module(select_backend(device, prefer))
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise KernelInputError(message)
+
+
+def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    _check(k_cache.dim() == 4, f"k_cache must be [num_blocks, block_size, num_kv_heads, "
+           f"head_dim], got shape {tuple(k_cache.shape)}")
+    _check(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} differs "
+           f"from k_cache shape {tuple(k_cache.shape)}")
+    _check(v_cache.dtype == k_cache.dtype, f"v_cache dtype {v_cache.dtype} differs from "
+           f"k_cache dtype {k_cache.dtype}")
+    _check(k_cache.is_contiguous() and v_cache.is_contiguous(),
+           "k_cache and v_cache must be contiguous")
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor, *, backend: str | None = None) -> None:
+    """Scatters new tokens' keys and values into the paged cache.
+
+    k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping: int64 [num_tokens], entry
+    block_id * block_size + offset, or -1 to skip the token (padding)."""
+    _check_cache_pair(k_cache, v_cache)
+    expected = (slot_mapping.shape[0], *k_cache.shape[2:])
+    _check(k.shape == expected and v.shape == expected, f"k and v must be [num_tokens, "
+           f"num_kv_heads, head_dim] = {expected}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _check(k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
+           f"k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {k_cache.dtype}")
+    _check(slot_mapping.dtype == torch.int64,
+           f"slot_mapping must be int64, got {slot_mapping.dtype}")
+    _backend(k.device, backend).write_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out) -> None:
+    _check_cache_pair(k_cache, v_cache)
+    _check(q.dim() == 3, f"q must be [num_tokens, num_q_heads, head_dim], got {tuple(q.shape)}")
+    _check(q.shape[2] == k_cache.shape[3],
+           f"q head_dim {q.shape[2]} differs from the cache head_dim {k_cache.shape[3]}")
+    _check(q.shape[1] % k_cache.shape[2] == 0, f"num_q_heads {q.shape[1]} is not a multiple "
+           f"of num_kv_heads {k_cache.shape[2]}")
+    _check(q.dtype == k_cache.dtype,
+           f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+    _check(block_tables.dim() == 2 and block_tables.dtype == torch.int32,
+           f"block_tables must be int32 [num_seqs, max_blocks], got {block_tables.dtype} "
+           f"{tuple(block_tables.shape)}")
+    num_seqs = block_tables.shape[0]
+    _check(seq_lens.shape == (num_seqs,) and seq_lens.dtype == torch.int32,
+           f"seq_lens must be int32 [{num_seqs}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    _check(query_start_loc.shape == (num_seqs + 1,) and query_start_loc.dtype == torch.int32,
+           f"query_start_loc must be int32 [{num_seqs + 1}], got {query_start_loc.dtype} "
+           f"{tuple(query_start_loc.shape)}")
+    if out is not None:
+        _check(out.shape == q.shape and out.dtype == q.dtype,
+               f"out must match q ({q.dtype} {tuple(q.shape)}), got {out.dtype} "
+               f"{tuple(out.shape)}")
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, *,
+                    sliding_window: int | None = None, softcap: float | None = None,
+                    max_seq_len: int | None = None, max_query_len: int | None = None,
+                    out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged context (varlen).
+
+    q: [num_tokens, num_q_heads, head_dim], the new tokens of all sequences concatenated;
+    sequence i owns rows query_start_loc[i]:query_start_loc[i+1], which sit at positions
+    seq_lens[i]-q_len .. seq_lens[i]-1 (seq_lens counts this step's tokens). A query at
+    position p attends keys at positions in (p - sliding_window, p]. Softcap is applied to the
+    scaled scores before masking. max_seq_len and max_query_len are optional host-side hints
+    that spare device syncs. Returns `out` (allocated when None) in q's dtype."""
+    _check_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    if out is None:
+        out = torch.empty_like(q)
+    if max_query_len is None and query_start_loc.device.type == "cpu":
+        max_query_len = int(query_start_loc.diff().max()) if seq_lens.numel() else 0
+    return _backend(q.device, backend).paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+        sliding_window=sliding_window, softcap=softcap, max_seq_len=max_seq_len,
+        max_query_len=max_query_len, out=out)
+
+
+def copy_blocks(kv_caches: list[tuple[torch.Tensor, torch.Tensor]], src_dst: Pairs, *,
+                backend: str | None = None) -> None:
+    """Copies whole blocks (copy-on-write) in every layer's caches: each (src, dst) pair
+    copies block src to block dst. Destinations must not also be sources."""
+    if not kv_caches:
+        return
+    for k_cache, v_cache in kv_caches:
+        _check_cache_pair(k_cache, v_cache)
+    _backend(kv_caches[0][0].device, backend).copy_blocks(kv_caches, src_dst)
+
+
+def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, mapping: Pairs, *,
+                backend: str | None = None) -> None:
+    """Copies blocks of one cache tensor into another, possibly on another device
+    (swap out to host memory / swap in); mapping holds (src_block, dst_block) pairs."""
+    _check(src_cache.shape[1:] == dst_cache.shape[1:] and src_cache.dtype == dst_cache.dtype,
+           f"caches differ: {src_cache.dtype} {tuple(src_cache.shape)} vs {dst_cache.dtype} "
+           f"{tuple(dst_cache.shape)} (all but num_blocks must match)")
+    device = src_cache.device if src_cache.device.type != "cpu" else dst_cache.device
+    _backend(device, backend).swap_blocks(src_cache, dst_cache, mapping)

@@ -1,0 +1,74 @@
+"""Random paged-attention problems for the kernel tests."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+# Tolerances per dtype, against the fp32 reference.
+TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+POISON = 1234.5
+
+
+@dataclass
+class Problem:
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    scale: float
+    max_seq_len: int
+    max_query_len: int
+
+    def args(self):
+        return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
+                self.query_start_loc, self.scale)
+
+    def hints(self):
+        return {"max_seq_len": self.max_seq_len, "max_query_len": self.max_query_len}
+
+
+def make_problem(seq_lens: list[int], q_lens: list[int], *, num_kv_heads=2, group=1,
+                 head_dim=64, block_size=16, dtype=torch.float32, extra_blocks=3,
+                 device="cpu", seed=None) -> Problem:
+    """Blocks of each sequence are scattered at random over the pool; every slot that holds
+    no token is NaN, so a read beyond a sequence's end poisons the result."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    needed = [(n + block_size - 1) // block_size for n in seq_lens]
+    num_blocks = sum(needed) + extra_blocks
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    max_blocks = max(needed) + 1
+    tables = torch.full((len(seq_lens), max_blocks), num_blocks + 7, dtype=torch.int32)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for i, (n, nb) in enumerate(zip(seq_lens, needed)):
+        blocks = [ids.pop() for _ in range(nb)]
+        tables[i, :nb] = torch.tensor(blocks, dtype=torch.int32)
+        for p in range(n):
+            k_cache[blocks[p // block_size], p % block_size] = torch.randn(
+                num_kv_heads, head_dim, generator=gen).to(dtype)
+            v_cache[blocks[p // block_size], p % block_size] = torch.randn(
+                num_kv_heads, head_dim, generator=gen).to(dtype)
+    q = torch.randn(sum(q_lens), num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return Problem(q.to(device), k_cache.to(device), v_cache.to(device), tables.to(device),
+                   torch.tensor(seq_lens, dtype=torch.int32, device=device), starts.to(device),
+                   head_dim ** -0.5, max(seq_lens), max(q_lens))
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(t, POISON)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not torch.isnan(actual).any(), "NaN in output: an unused cache slot was read"
+    assert not (actual == POISON).any(), "some output element was never written"
+    tol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
