@@ -11,3 +11,11 @@ class ModelLoadError(KVPageError):
 
 class UnsupportedModelError(ModelLoadError):
     """The checkpoint names an architecture (or feature) that kvpage does not implement."""
+
+
+class InvalidRequestError(KVPageError, ValueError):
+    """A request cannot be served as asked: bad sampling parameters, empty prompt, prompt too long."""
+
+
+class EngineConfigError(KVPageError, ValueError):
+    """The engine cannot start with this configuration (e.g. the KV cache cannot hold one request)."""

@@ -1,0 +1,169 @@
+"""Batched sampler: one call turns a step's fp32 logits into one token per row.
+
+Order (vLLM semantics): min_tokens masking and logit bias, then penalties (repetition over
+prompt + output, presence/frequency over output), then greedy argmax for temperature-0 rows,
+and for the others temperature, top-k, top-p, min-p and an exponential-race draw (argmax of
+p / q with q ~ Exp(1)), which needs one noise vector per row: seeded rows draw theirs from
+their own torch.Generator so their tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvpage_runtime.sampling.logprobs import TokenLogprobs, top_logprobs
+from kvpage_runtime.sampling.params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    """What the sampler needs to know about one row (one sequence) of the step."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
+    generator: torch.Generator | None = None
+    blocked_token_ids: Sequence[int] = ()  # ids masked while min_tokens is not reached
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]  # per row, None where not requested
+
+
+class Sampler:
+    """Stateless apart from the generator that unseeded rows draw from."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        logits = logits.float()
+        logprobs = self._logprobs(logits, rows)
+        logits = _apply_logits_processors(logits, rows)
+        greedy = [r.params.is_greedy for r in rows]
+        if all(greedy):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, rows, greedy)
+        token_list = tokens.tolist()
+        if any(lp is not None for lp in logprobs):
+            logprobs = [None if lp is None else lp.with_sampled(t) for lp, t in zip(logprobs, token_list)]
+        return SamplerOutput(token_list, logprobs)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[TokenLogprobs | None]:
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        out: list[TokenLogprobs | None] = [None] * len(rows)
+        if wanted:
+            ks = [rows[i].params.logprobs for i in wanted]
+            for i, lp in zip(wanted, top_logprobs(logits[wanted], ks)):
+                out[i] = lp
+        return out
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                greedy: list[bool]) -> torch.Tensor:
+        device = logits.device
+        greedy_mask = torch.tensor(greedy, device=device)
+        argmax = logits.argmax(dim=-1)
+        temps = torch.tensor([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
+                             device=device)
+        logits = logits / temps.unsqueeze(1)
+        logits = _apply_top_k_top_p(logits, rows)
+        probs = logits.softmax(dim=-1)
+        probs = _apply_min_p(probs, rows)
+        noise = self._noise(probs, rows)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy_mask, argmax, sampled)
+
+    def _noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        seeded = [i for i, r in enumerate(rows) if r.generator is not None and not r.params.is_greedy]
+        if len(seeded) < len(rows):
+            noise.exponential_(generator=self.generator)
+        for i in seeded:
+            noise[i].exponential_(generator=rows[i].generator)
+        return noise
+
+
+def _apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """min_tokens masking, logit bias, penalties: only touches rows that ask for them."""
+    blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
+    bias = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
+    penalized = [i for i, r in enumerate(rows) if r.params.needs_penalties]
+    if not (blocked or bias or penalized):
+        return logits
+    logits = logits.clone()
+    if bias:
+        ri, ti, bv = zip(*bias)
+        logits[list(ri), list(ti)] += torch.tensor(bv, device=logits.device)
+    if penalized:
+        logits[penalized] = _apply_penalties(logits[penalized], [rows[i] for i in penalized])
+    if blocked:
+        ri, ti = zip(*blocked)
+        logits[list(ri), list(ti)] = float("-inf")
+    return logits
+
+
+def _token_counts(token_lists: Sequence[Sequence[int]], vocab: int,
+                  device: torch.device) -> torch.Tensor:
+    """[rows, vocab] counts of each token id, built with one scatter_add."""
+    width = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros(len(token_lists), vocab + 1, device=device)
+    if width:
+        padded = torch.full((len(token_lists), width), vocab, dtype=torch.long)
+        for i, toks in enumerate(token_lists):
+            padded[i, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
+        padded = padded.to(device)
+        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=counts.dtype))
+    return counts[:, :vocab]
+
+
+def _apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    vocab, device = logits.shape[1], logits.device
+    out_counts = _token_counts([r.output_token_ids for r in rows], vocab, device)
+    prompt_seen = _token_counts([r.prompt_token_ids for r in rows], vocab, device) > 0
+    seen = prompt_seen | (out_counts > 0)
+    rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device).unsqueeze(1)
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device).unsqueeze(1)
+    pres = torch.tensor([r.params.presence_penalty for r in rows], device=device).unsqueeze(1)
+    return logits - freq * out_counts - pres * (out_counts > 0).to(logits.dtype)
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    vocab = logits.shape[1]
+    ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
+    ps = [r.params.top_p for r in rows]
+    use_k, use_p = any(k < vocab for k in ks), any(p < 1.0 for p in ps)
+    if not (use_k or use_p):
+        return logits
+    device = logits.device
+    if use_k and not use_p:
+        kmax = max(ks)
+        top_vals = logits.topk(kmax, dim=-1).values
+        k_idx = torch.tensor(ks, device=device).clamp(max=kmax).sub(1).unsqueeze(1)
+        threshold = top_vals.gather(1, k_idx)
+        return logits.masked_fill(logits < threshold, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
+    drop = ranks >= torch.tensor(ks, device=device).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before > torch.tensor(ps, device=device).unsqueeze(1)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def _apply_min_p(probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    min_ps = [r.params.min_p for r in rows]
+    if not any(min_ps):
+        return probs
+    threshold = torch.tensor(min_ps, device=probs.device).unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
+    return probs.masked_fill(probs < threshold, 0.0)
