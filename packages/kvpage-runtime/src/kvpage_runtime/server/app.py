@@ -1,0 +1,133 @@
+"""The FastAPI application: routes, authentication, body limit, error mapping, lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from kvpage_runtime.server.auth import check_api_key
+from kvpage_runtime.server.chat import chat_prompt_ids, create_chat_completion
+from kvpage_runtime.server.completions import create_completion
+from kvpage_runtime.server.errors import APIError, install_error_handlers
+from kvpage_runtime.server.limits import BodySizeLimitMiddleware
+from kvpage_runtime.server.metrics import ServerMetrics
+from kvpage_runtime.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from kvpage_runtime.server.state import ServerSettings, ServerState
+from kvpage_runtime.server.streams import ClientDisconnected, cancel_on_disconnect
+
+# Status nginx uses for "client closed request": nobody reads it, but it shows in access logs.
+_CLIENT_CLOSED = 499
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def _version() -> str:
+    try:
+        return metadata.version("kvpage-runtime")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+async def _answer(request: Request, work) -> Any:
+    try:
+        return await cancel_on_disconnect(request, work)
+    except ClientDisconnected:
+        return Response(status_code=_CLIENT_CLOSED)
+
+
+api = APIRouter(dependencies=[Depends(check_api_key)])
+
+
+@api.get("/v1/models")
+async def list_models(request: Request) -> ModelList:
+    state = _state(request)
+    return ModelList(data=[ModelCard(id=name, root=name, max_model_len=state.max_model_len)
+                           for name in state.model_names])
+
+
+@api.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    return await _answer(request, create_completion(_state(request), body))
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+    return await _answer(request, create_chat_completion(_state(request), body))
+
+
+@api.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = _state(request)
+    state.check_model(body.model)
+    if body.messages is not None:
+        ids = chat_prompt_ids(state, body.messages, body.add_generation_prompt)
+    elif body.prompt is not None:
+        ids = state.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    else:
+        raise APIError("give either prompt or messages", param="prompt")
+    return TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=list(ids))
+
+
+@api.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = _state(request)
+    state.check_model(body.model)
+    state.check_token_ids(body.tokens, "tokens")
+    return DetokenizeResponse(prompt=state.tokenizer.decode(body.tokens))
+
+
+public = APIRouter()
+
+
+@public.get("/health")
+async def health() -> Response:
+    return Response(status_code=200)
+
+
+@public.get("/version")
+async def version() -> dict[str, str]:
+    return {"version": _version()}
+
+
+@public.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """The OpenAI-compatible app over an ``AsyncLLM`` (or anything with its interface).
+
+    /v1/*, /tokenize and /detokenize need the API key when one is set; /health, /version and
+    /metrics stay open for load balancers and scrapers.
+    """
+    settings = settings or ServerSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        if settings.shutdown_engine:
+            await engine.shutdown()
+
+    app = FastAPI(title="kvpage", version=_version(), lifespan=lifespan)
+    app.state.settings = settings
+    app.state.server = ServerState(engine, settings, ServerMetrics(engine.stats))
+    install_error_handlers(app)
+    app.include_router(api)
+    app.include_router(public)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions: messages through the model's chat template, then the engine."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvpage_runtime.server.errors import APIError
+from kvpage_runtime.server.logprobs import chat_logprobs
+from kvpage_runtime.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatMessage,
+    DeltaMessage,
+    Usage,
+    random_id,
+)
+from kvpage_runtime.server.sampling import sampling_params
+from kvpage_runtime.server.state import ServerState
+from kvpage_runtime.server.streams import (
+    SSE_DONE,
+    DeltaTracker,
+    EngineCall,
+    EngineRequests,
+    SSEResponse,
+    error_event,
+    sse,
+)
+
+
+def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    """Renders the conversation with the model's chat template and tokenizes it.
+
+    The template writes every special token itself, so the tokenizer adds none.
+    """
+    tokenizer = state.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError("this model has no chat template; use /v1/completions", param="messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # template errors (e.g. roles that must alternate) are bad input
+        raise APIError(f"chat template failed: {exc}", param="messages") from exc
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _max_tokens(state: ServerState, req: ChatCompletionRequest, prompt_len: int) -> int:
+    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return limit if limit is not None else max(1, state.max_model_len - prompt_len)
+
+
+class _Chat:
+    def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        self.state, self.req = state, req
+        self.model = state.check_model(req.model)
+        self.id = random_id("chatcmpl")
+        prompt_ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
+        self.k = req.top_logprobs or 0
+        params = sampling_params(req, max_tokens=_max_tokens(state, req, len(prompt_ids)),
+                                 logprobs=self.k if req.logprobs else None, vocab_size=state.vocab_size)
+        self.requests = EngineRequests(state.engine, state.metrics,
+                                       [EngineCall(prompt_ids, params, self.id)])
+
+    def _logprobs(self, ids: list[int], positions: list[Any]) -> ChatLogprobs | None:
+        if not self.req.logprobs:
+            return None
+        return ChatLogprobs(content=chat_logprobs(self.state.tokenizer, ids, positions, self.k))
+
+    @staticmethod
+    def _usage(out: Any) -> Usage:
+        prompt = len(out.prompt_token_ids)
+        completion = sum(len(o.token_ids) for o in out.outputs)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def respond(self) -> ChatCompletionResponse:
+        await self.requests.start()
+        final = None
+        try:
+            async for _, out in self.requests:
+                final = out
+        finally:
+            await self.requests.aclose()
+        choices = [
+            ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
+                       logprobs=self._logprobs(o.token_ids, o.logprobs or []),
+                       finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+            for o in sorted(final.outputs, key=lambda o: o.index)
+        ]
+        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=self._usage(final))
+
+    def _chunk(self, choice: ChatChunkChoice) -> str:
+        return sse(ChatCompletionChunk(id=self.id, model=self.model, choices=[choice]))
+
+    async def _events(self) -> AsyncIterator[str]:
+        tracker, final = DeltaTracker(), None
+        try:
+            for index in range(self.req.n):
+                yield self._chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+            async for _, out in self.requests:
+                final = out
+                for o in out.outputs:
+                    delta = tracker.delta(o.index, o)
+                    if delta is not None:
+                        yield self._chunk(ChatChunkChoice(
+                            index=o.index, delta=DeltaMessage(content=delta.text),
+                            logprobs=self._logprobs(delta.token_ids, delta.logprobs),
+                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+            if final is not None and self.req.stream_options and self.req.stream_options.include_usage:
+                yield sse(ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=self._usage(final)))
+        except Exception as exc:
+            yield error_event(exc)
+        finally:
+            await self.requests.aclose()
+        yield SSE_DONE
+
+    async def stream(self) -> SSEResponse:
+        await self.requests.start()
+        return SSEResponse(self._events(), on_close=self.requests.aclose)
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
+    chat = _Chat(state, req)
+    return await (chat.stream() if req.stream else chat.respond())

@@ -1,0 +1,192 @@
+"""Running engine requests for one HTTP request, and streaming them as server-sent events.
+
+One HTTP request may hold several engine requests (a list of prompts). ``EngineRequests`` runs
+them concurrently and merges their outputs; closing it cancels whatever still runs, which makes
+the engine abort those requests and give back their KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from kvpage_runtime.server.errors import error_body, to_api_error
+from kvpage_runtime.server.metrics import ServerMetrics
+
+T = TypeVar("T")
+_DONE = object()
+
+
+@dataclass
+class EngineCall:
+    """One engine request: what ``engine.generate`` is called with."""
+
+    prompt: Any
+    params: Any
+    request_id: str
+
+
+class EngineRequests:
+    """Runs several engine requests at once and yields ``(index, RequestOutput)`` as they come."""
+
+    def __init__(self, engine: Any, metrics: ServerMetrics, calls: list[EngineCall]) -> None:
+        self._engine, self._metrics, self._calls = engine, metrics, calls
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._buffer: list[tuple[int, Any]] = []
+        self._pending = len(calls)
+
+    async def start(self) -> None:
+        """Start every request and wait until each produced its first output.
+
+        Errors the engine raises before generating (invalid prompt or parameters) therefore
+        surface here, while the HTTP status can still say so.
+        """
+        self._tasks = [asyncio.create_task(self._pump(i, c)) for i, c in enumerate(self._calls)]
+        seen: set[int] = set()
+        try:
+            while len(seen) < len(self._calls) and (item := await self._next()) is not None:
+                seen.add(item[0])
+                self._buffer.append(item)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, Any]]:
+        while self._buffer:
+            yield self._buffer.pop(0)
+        while (item := await self._next()) is not None:
+            yield item
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _next(self) -> tuple[int, Any] | None:
+        while self._pending:
+            index, value = await self._queue.get()
+            if value is _DONE:
+                self._pending -= 1
+            elif isinstance(value, BaseException):
+                await self.aclose()
+                raise value
+            else:
+                return index, value
+        return None
+
+    async def _pump(self, index: int, call: EngineCall) -> None:
+        tracker = self._metrics.track()
+        try:
+            async for output in self._engine.generate(call.prompt, call.params, call.request_id):
+                tracker.observe(output)
+                self._queue.put_nowait((index, output))
+        except Exception as exc:  # handed to the consumer, which raises it
+            self._queue.put_nowait((index, exc))
+        finally:
+            tracker.close()
+            self._queue.put_nowait((index, _DONE))
+
+
+def sse(payload: Any) -> str:
+    """One server-sent event carrying a pydantic model or a JSON-able object."""
+    if hasattr(payload, "model_dump_json"):
+        return f"data: {payload.model_dump_json()}\n\n"
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def error_event(exc: BaseException) -> str:
+    """An error that happened after the stream started, as an OpenAI error event."""
+    err = to_api_error(exc)
+    return sse(error_body(err.message, err.type, err.param, err.code or err.status))
+
+
+class SSEResponse(StreamingResponse):
+    """A streaming response that always closes its body iterator.
+
+    Starlette cancels the streaming task when the client disconnects; closing the iterator in
+    every case (disconnect, send error, normal end) runs the generators' cleanup, and
+    ``on_close`` then cancels the engine requests behind the stream (aborting them) even when
+    the body never started.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):
+                    await self.body_iterator.aclose()
+                await self._on_close()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` but cancel it (aborting its engine requests) if the client goes away."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    raise ClientDisconnected
+
+
+@dataclass
+class Delta:
+    """What a completion gained since the last chunk sent for it."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[Any]
+    finish_reason: str | None
+    stop_reason: Any
+
+
+class DeltaTracker:
+    """Turns the engine's cumulative outputs into per-chunk deltas, keyed by choice index."""
+
+    def __init__(self) -> None:
+        self._sent: dict[int, tuple[int, int, bool]] = {}  # index -> (chars, tokens, finished)
+
+    def delta(self, index: int, output: Any) -> Delta | None:
+        chars, tokens, finished = self._sent.get(index, (0, 0, False))
+        if finished:
+            return None
+        text, ids = output.text[chars:], output.token_ids[tokens:]
+        if not text and output.finish_reason is None:
+            return None  # nothing to show yet (e.g. text held back by a possible stop string)
+        positions = (output.logprobs or [])[tokens:]
+        self._sent[index] = (len(output.text), len(output.token_ids), output.finish_reason is not None)
+        return Delta(text, list(ids), list(positions), output.finish_reason, output.stop_reason)
