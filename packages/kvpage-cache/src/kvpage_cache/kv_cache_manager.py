@@ -1,0 +1,329 @@
+"""Per-request block tables over a BlockPool.
+
+A request's table maps its token positions to blocks: position ``p`` lives in block
+``table[p // block_size]`` at offset ``p % block_size``. The manager tracks per request how
+many tokens have slots (``num_tokens``) and which leading full blocks it has committed to the
+prefix cache. Blocks are shared by reference count: a prefix hit shares cached full blocks, a
+fork shares every block including the partial last one, and the first write into a shared
+partial block copies it (copy-on-write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .block_hash import BlockHash, ExtraKeys, encode_extra_keys
+from .block_pool import BlockPool
+from .errors import (
+    DoubleFreeError,
+    DuplicateRequestError,
+    InvalidArgumentError,
+    RequestTooLargeError,
+    StaleHitError,
+    UnknownRequestError,
+)
+from .stats import CacheStats
+
+NULL_BLOCK = -1
+"""Table entry of a position released by ``free_outside_window``: it holds no block."""
+
+_FREED_IDS_REMEMBERED = 4096  # recently freed request ids kept to tell a double free apart
+
+
+@dataclass(slots=True)
+class PrefixHit:
+    """Cached full blocks that hold a prompt's prefix. They are not referenced yet: pass them
+    to ``allocate_slots`` as ``computed_blocks`` before the pool allocates anything else."""
+
+    block_ids: list[int]
+    num_tokens: int
+
+
+@dataclass(slots=True)
+class _RequestState:
+    block_ids: list[int]
+    num_tokens: int = 0
+    # Chained hash and cached content id of each committed full block (content id None: the
+    # block could not be cached, so the blocks after it are not cached either).
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    content_ids: list[int | None] = field(default_factory=list)
+    num_released: int = 0  # leading table positions set to NULL_BLOCK (sliding window)
+
+
+class KVCacheManager:
+    """Block tables, prefix lookup, slot allocation, fork with copy-on-write, roll-back."""
+
+    def __init__(self, pool: BlockPool, *, sliding_window: int | None = None) -> None:
+        if sliding_window is not None and sliding_window <= 0:
+            raise InvalidArgumentError(f"sliding_window must be positive, got {sliding_window}")
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.sliding_window = sliding_window
+        self.stats: CacheStats = pool.stats
+        self._requests: dict[str, _RequestState] = {}
+        self._freed_ids: dict[str, None] = {}  # insertion-ordered set, oldest first
+        self._copies: list[tuple[int, int]] = []
+
+    # ---- sizes -------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return self.num_blocks_needed(num_tokens) <= self.pool.num_blocks
+
+    def usage(self) -> float:
+        """Fraction of blocks referenced by some request (cached free blocks count as free)."""
+        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    def num_tokens(self, request_id: str) -> int:
+        return self._state(request_id).num_tokens
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """A copy of the request's block table."""
+        return list(self._state(request_id).block_ids)
+
+    # ---- prefix cache ------------------------------------------------------------------
+
+    def lookup_prefix(
+        self, request_id: str, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
+    ) -> PrefixHit:
+        """Longest run of cached full blocks holding a prefix of ``token_ids``, never all of
+        them (the last token is always left to compute). Every call counts in ``stats``."""
+        self.stats.queries += 1
+        self.stats.query_tokens += len(token_ids)
+        if not self.pool.enable_prefix_caching:
+            return PrefixHit([], 0)
+        size = self.block_size
+        hasher = self.pool.hasher
+        extra = encode_extra_keys(extra_keys)
+        parent_hash, parent = b"", extra
+        block_ids: list[int] = []
+        for start in range(0, (len(token_ids) - 1) // size * size, size):
+            key = hasher.token_key(token_ids[start : start + size])
+            block_hash = hasher.hash_block(parent_hash, key, extra)
+            block = self.pool.cached_block(block_hash)
+            if block is None or not block.holds(key, parent):
+                break
+            block_ids.append(block.block_id)
+            parent_hash, parent = block_hash, block.content_id
+        num_hit_tokens = len(block_ids) * size
+        if block_ids:
+            self.stats.hits += 1
+            self.stats.hit_tokens += num_hit_tokens
+        return PrefixHit(block_ids, num_hit_tokens)
+
+    def commit_full_blocks(
+        self, request_id: str, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
+    ) -> None:
+        """Publish every full block of ``token_ids`` (the tokens whose KV is written) that the
+        request has not committed yet."""
+        state = self._state(request_id)
+        if len(token_ids) > state.num_tokens:
+            raise InvalidArgumentError(
+                f"request {request_id!r} has slots for {state.num_tokens} tokens, "
+                f"cannot commit {len(token_ids)}"
+            )
+        first, end = len(state.block_hashes), len(token_ids) // self.block_size
+        if not self.pool.enable_prefix_caching or first >= end:
+            return
+        size = self.block_size
+        hasher = self.pool.hasher
+        extra = encode_extra_keys(extra_keys)
+        parent_hash = state.block_hashes[-1] if first else b""
+        parent = state.content_ids[-1] if first else extra
+        for index in range(first, end):
+            key = hasher.token_key(token_ids[index * size : (index + 1) * size])
+            block_hash = hasher.hash_block(parent_hash, key, extra)
+            block_id = state.block_ids[index]
+            if parent is None or block_id == NULL_BLOCK:
+                content_id = None
+            else:
+                content_id = self.pool.cache(block_id, block_hash, key, parent)
+            state.block_hashes.append(block_hash)
+            state.content_ids.append(content_id)
+            parent_hash, parent = block_hash, content_id
+
+    # ---- allocation --------------------------------------------------------------------
+
+    def allocate_slots(
+        self,
+        request_id: str,
+        num_new_tokens: int,
+        computed_blocks: Sequence[int] = (),
+        num_lookahead_tokens: int = 0,
+    ) -> list[int] | None:
+        """Give the request slots for ``num_new_tokens`` more tokens (plus lookahead slots,
+        which are not counted as tokens). On the first call the table starts as
+        ``computed_blocks`` (a prefix hit). Returns the new block ids, or None when they do not
+        fit, in which case nothing changed."""
+        if num_new_tokens < 0 or num_lookahead_tokens < 0:
+            raise InvalidArgumentError(
+                f"token counts must be >= 0, got num_new_tokens={num_new_tokens}, "
+                f"num_lookahead_tokens={num_lookahead_tokens}"
+            )
+        state = self._requests.get(request_id)
+        is_new = state is None
+        if is_new:
+            state = self._state_from_hit(computed_blocks)
+        elif computed_blocks:
+            raise InvalidArgumentError(
+                f"request {request_id!r} already has a table: computed_blocks is for the first call"
+            )
+        num_needed = self.num_blocks_needed(
+            state.num_tokens + num_new_tokens + num_lookahead_tokens
+        )
+        if num_needed - state.num_released > self.pool.num_blocks:
+            raise RequestTooLargeError(num_needed, self.pool.num_blocks, self.block_size)
+        num_new_blocks = max(0, num_needed - len(state.block_ids))
+        writes = num_new_tokens + num_lookahead_tokens > 0
+        shared_partial = writes and self._shared_partial_block(state)
+        num_revived = self._num_free(state.block_ids) if is_new else 0
+        if num_new_blocks + shared_partial + num_revived > self.pool.num_free_blocks:
+            return None
+        if is_new:
+            self.pool.touch(state.block_ids)
+            self._requests[request_id] = state
+            self._freed_ids.pop(request_id, None)
+        if writes:
+            self._prepare_partial_block_for_write(state)
+        new_block_ids = self.pool.allocate(num_new_blocks)
+        state.block_ids.extend(new_block_ids)
+        state.num_tokens += num_new_tokens
+        return new_block_ids
+
+    def take_block_copies(self) -> list[tuple[int, int]]:
+        """Drain the queued copy-on-write (src, dst) pairs: copy them before the next forward."""
+        copies, self._copies = self._copies, []
+        return copies
+
+    def _state_from_hit(self, computed_blocks: Sequence[int]) -> _RequestState:
+        state = _RequestState(list(computed_blocks), len(computed_blocks) * self.block_size)
+        for block_id in state.block_ids:
+            block = self.pool.block(block_id)
+            if block.block_hash is None:
+                raise StaleHitError(
+                    f"computed block {block_id} is no longer cached: look the prefix up again"
+                )
+            state.block_hashes.append(block.block_hash)
+            state.content_ids.append(block.content_id)
+        return state
+
+    def _num_free(self, block_ids: list[int]) -> int:
+        blocks = self.pool.blocks
+        return sum(1 for block_id in block_ids if blocks[block_id].ref_count == 0)
+
+    def _shared_partial_block(self, state: _RequestState) -> bool:
+        """True when the next token goes into a partially filled block that others hold too."""
+        if state.num_tokens % self.block_size == 0:
+            return False
+        block_id = state.block_ids[state.num_tokens // self.block_size]
+        return self.pool.blocks[block_id].ref_count > 1
+
+    def _prepare_partial_block_for_write(self, state: _RequestState) -> None:
+        """Make the partially filled last block private and uncached before it is written:
+        copy it if it is shared; drop it from the prefix cache if a roll-back left it there."""
+        if state.num_tokens % self.block_size == 0:
+            return
+        index = state.num_tokens // self.block_size
+        block_id = state.block_ids[index]
+        if self.pool.blocks[block_id].ref_count > 1:
+            (copy_id,) = self.pool.allocate(1)
+            self.pool.free((block_id,))
+            state.block_ids[index] = copy_id
+            self._copies.append((block_id, copy_id))
+            self.stats.cow_copies += 1
+        else:
+            self.pool.uncache(block_id)
+
+    # ---- sharing, roll-back, release ---------------------------------------------------
+
+    def fork(self, parent_id: str, child_id: str) -> list[tuple[int, int]]:
+        """The child shares every block holding the parent's tokens, the partial last one
+        included; whichever writes into that one first gets its own copy. Returns [] (the
+        copies happen later, through ``take_block_copies``)."""
+        parent = self._state(parent_id)
+        if child_id in self._requests:
+            raise DuplicateRequestError(child_id)
+        shared = parent.block_ids[: self.num_blocks_needed(parent.num_tokens)]
+        self.pool.touch(block_id for block_id in shared if block_id != NULL_BLOCK)
+        self._requests[child_id] = _RequestState(
+            shared,
+            parent.num_tokens,
+            parent.block_hashes.copy(),
+            parent.content_ids.copy(),
+            parent.num_released,
+        )
+        self._freed_ids.pop(child_id, None)
+        return []
+
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Roll the request back to its first ``num_tokens`` tokens (e.g. rejected speculative
+        tokens), giving back the blocks it no longer needs, tail first. A cached block that
+        becomes partial stays cached until the request writes into it."""
+        state = self._state(request_id)
+        if not state.num_released * self.block_size <= num_tokens <= state.num_tokens:
+            raise InvalidArgumentError(
+                f"cannot truncate request {request_id!r} to {num_tokens} tokens: it has "
+                f"{state.num_tokens}, the first {state.num_released * self.block_size} released"
+            )
+        keep = self.num_blocks_needed(num_tokens)
+        self.pool.free(reversed(state.block_ids[keep:]))
+        del state.block_ids[keep:]
+        num_full = num_tokens // self.block_size
+        del state.block_hashes[num_full:]
+        del state.content_ids[num_full:]
+        state.num_tokens = num_tokens
+
+    def free_outside_window(self, request_id: str, num_computed_tokens: int) -> int:
+        """Release the blocks that no token from ``num_computed_tokens`` on can attend to
+        under the sliding window; their table entries become ``NULL_BLOCK``. A block is
+        released once it lies wholly before position ``num_computed_tokens - sliding_window``
+        (one token of slack, whichever way the window counts its own token). Returns the
+        number of blocks released."""
+        if self.sliding_window is None:
+            raise InvalidArgumentError("this manager was built without a sliding_window")
+        state = self._state(request_id)
+        if not 0 <= num_computed_tokens <= state.num_tokens:
+            raise InvalidArgumentError(
+                f"num_computed_tokens={num_computed_tokens} is outside 0..{state.num_tokens}"
+            )
+        end = max(0, num_computed_tokens - self.sliding_window) // self.block_size
+        released = state.block_ids[state.num_released : end]
+        if not released:
+            return 0
+        state.block_ids[state.num_released : end] = [NULL_BLOCK] * len(released)
+        state.num_released = end
+        self.pool.free(reversed(released))
+        return len(released)
+
+    def free(self, request_id: str) -> None:
+        """Give back every block of the request, tail first, and forget its table."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            if request_id in self._freed_ids:
+                raise DoubleFreeError(f"request {request_id!r} was already freed")
+            raise UnknownRequestError(request_id)
+        table = state.block_ids
+        self.pool.free(reversed(table[state.num_released :]))
+        self._freed_ids[request_id] = None
+        if len(self._freed_ids) > _FREED_IDS_REMEMBERED:
+            del self._freed_ids[next(iter(self._freed_ids))]
+
+    def _state(self, request_id: str) -> _RequestState:
+        state = self._requests.get(request_id)
+        if state is None:
+            raise UnknownRequestError(request_id)
+        return state

@@ -1,0 +1,29 @@
+"""Counters of the prefix cache and of copy-on-write."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class CacheStats:
+    queries: int = 0  # lookup_prefix calls
+    query_tokens: int = 0  # prompt tokens those calls looked up
+    hits: int = 0  # lookups that hit at least one block
+    hit_tokens: int = 0  # tokens served from the cache
+    evictions: int = 0  # cached blocks reused for other content
+    cow_copies: int = 0  # copy-on-write block copies queued
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of looked-up prompt tokens served from the cache."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+    @property
+    def request_hit_rate(self) -> float:
+        """Fraction of lookups that hit at least one block."""
+        return self.hits / self.queries if self.queries else 0.0
+
+    def reset(self) -> None:
+        for field in fields(self):
+            setattr(self, field.name, 0)
