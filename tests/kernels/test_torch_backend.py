@@ -55,6 +55,12 @@ def test_softcap(q_lens, dtype):
     _check(problem, softcap=5.0, sliding_window=20)
 
 
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_batch_larger_than_a_chunk(window):
+    lens = [(37 * i) % 150 + 1 for i in range(45)]
+    _check(make_problem(lens, [1] * len(lens), num_kv_heads=3, group=3), sliding_window=window)
+
+
 def test_without_hints_and_long_context():
     _check(make_problem([1500, 2], [1, 2], num_kv_heads=3, group=3), hints=False)
 

@@ -2,7 +2,8 @@
 
 Decode tokens (q_len 1) of all sequences are served together: the keys and values each one
 needs are gathered through the block tables into a padded [seqs, kv_heads, ctx, d] tensor and
-the queries are viewed as [seqs, kv_heads, group, d], so GQA costs no copy of K/V. Prefill
+the queries are viewed as [seqs, kv_heads, group, d], so GQA costs no copy of K/V. On the
+CPU the decode batch is cut into chunks of sequences of similar length. Prefill
 chunks are served one sequence at a time (they are few and large). Padding positions point at
 a real slot of the same sequence and are masked, so no unused (possibly NaN) slot is read.
 """
@@ -26,18 +27,22 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep])
 
 
+# Decode batches on the CPU are cut into chunks of this many sequences, sorted by length: each
+# chunk pads only to its own longest context and its gathered K/V stay in the CPU cache.
+DECODE_CHUNK = 32
+
+
 def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """cache rows at `slots` [seqs, ctx] as [seqs, kv_heads, ctx, d]."""
+    """cache rows at `slots` [seqs, ctx] as a [seqs, kv_heads, ctx, d] view."""
     num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    heads = torch.arange(num_kv_heads, device=slots.device)
-    rows = slots.unsqueeze(1) * num_kv_heads + heads.view(1, -1, 1)
-    flat = cache.view(-1, head_dim).index_select(0, rows.reshape(-1))
-    return flat.view(slots.shape[0], num_kv_heads, slots.shape[1], head_dim)
+    rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.reshape(-1))
+    return rows.view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
 
 
 def _slots(block_tables, first_pos, seq_lens, ctx: int, block_size: int):
     """Cache slots of positions first_pos .. first_pos+ctx-1 of each sequence ([seqs, ctx]),
-    positions past a sequence's end redirected to its last token; plus the validity mask."""
+    positions past a sequence's end redirected to its last token; plus those positions and
+    the validity mask."""
     pos = first_pos.unsqueeze(1) + torch.arange(ctx, device=seq_lens.device)
     valid = pos < seq_lens.unsqueeze(1)
     pos = torch.minimum(pos, (seq_lens - 1).clamp(min=0).unsqueeze(1))
@@ -55,9 +60,9 @@ def _attend(q, keys, values, mask, scale, softcap):
     return torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-            max_seq_len: int) -> torch.Tensor:
-    """All-decode batch: q [seqs, heads, d] -> [seqs, heads, d]."""
+def _decode_chunk(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                  softcap, max_seq_len: int) -> torch.Tensor:
+    """Decode tokens q [seqs, heads, d] of sequences whose longest context is max_seq_len."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     seq_lens = seq_lens.long()
@@ -70,7 +75,27 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, 
     keys, values = _gather(k_cache, slots), _gather(v_cache, slots)
     grouped = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = _attend(grouped, keys, values, valid.view(num_seqs, 1, 1, ctx), scale, softcap)
-    return out.view(num_seqs, num_heads, head_dim)
+    return out.reshape(num_seqs, num_heads, head_dim)
+
+
+def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+            max_seq_len: int | None, out) -> None:
+    """All-decode batch: writes attention of q [seqs, heads, d] into out."""
+    args = (k_cache, v_cache)
+    opts = (scale, sliding_window, softcap)
+    if q.device.type != "cpu" or q.shape[0] <= DECODE_CHUNK:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max())
+        out.copy_(_decode_chunk(q, *args, block_tables, seq_lens, *opts, max_seq_len))
+        return
+    lens, order = seq_lens.sort()
+    lens_host = lens.tolist()
+    for begin in range(0, len(lens_host), DECODE_CHUNK):
+        end = min(begin + DECODE_CHUNK, len(lens_host))
+        rows = order[begin:end]
+        result = _decode_chunk(q.index_select(0, rows), *args, block_tables.index_select(0, rows),
+                               lens[begin:end], *opts, lens_host[end - 1])
+        out.index_copy_(0, rows, result)
 
 
 def _prefill_one(q, k_cache, v_cache, table, seq_len: int, scale, sliding_window, softcap):
@@ -104,10 +129,8 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     if num_seqs == 0 or q.shape[0] == 0:
         return out
     if max_query_len == 1 and q.shape[0] == num_seqs:
-        if max_seq_len is None:
-            max_seq_len = int(seq_lens.max())
-        out.copy_(_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                          softcap, max_seq_len))
+        _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
+                max_seq_len, out)
         return out
     _mixed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
            sliding_window, softcap, out)
@@ -123,9 +146,10 @@ def _mixed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
     if decode:
         rows = torch.tensor([starts[i] for i in decode], device=q.device)
         seqs = torch.tensor(decode, device=q.device)
-        result = _decode(q.index_select(0, rows), k_cache, v_cache,
-                         block_tables.index_select(0, seqs), seq_lens.index_select(0, seqs),
-                         scale, sliding_window, softcap, max(lens[i] for i in decode))
+        result = torch.empty(len(decode), *q.shape[1:], dtype=q.dtype, device=q.device)
+        _decode(q.index_select(0, rows), k_cache, v_cache, block_tables.index_select(0, seqs),
+                seq_lens.index_select(0, seqs), scale, sliding_window, softcap,
+                max(lens[i] for i in decode), result)
         out.index_copy_(0, rows, result)
     for i, seq_len in enumerate(lens):
         if starts[i + 1] - starts[i] > 1:
