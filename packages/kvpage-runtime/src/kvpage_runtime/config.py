@@ -1,0 +1,51 @@
+"""Model configuration: the architecture facts the runtime needs, independent of file format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only transformer, as read from config.json or GGUF metadata.
+
+    ``rope_scaling`` is None for plain RoPE, else a dict with a ``rope_type`` key ("linear",
+    "llama3") and that type's parameters, spelled as in Hugging Face configs.
+    ``sliding_window`` is the number of most recent tokens (including the current one) a
+    token attends to, or None for full attention.
+    """
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    attention_bias: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of K and V cache one token takes across all layers (in ``dtype``, default the model's)."""
+        itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize

@@ -1,0 +1,94 @@
+"""Linear layers whose weight format is delegated to a quantization method.
+
+A ``Linear`` may stack several logical projections along its output (q/k/v, gate/up): each
+is a *shard* loaded separately from the checkpoint. How the weight is stored and multiplied
+is the ``LinearMethod``'s business, so that int4 methods (AWQ, GPTQ) can replace the dense one
+without touching the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvpage_runtime.errors import ModelLoadError
+
+
+class LinearMethod(Protocol):
+    """How a ``Linear`` stores and applies its weight."""
+
+    def create_weights(
+        self, layer: Linear, input_size: int, output_size: int, dtype: torch.dtype, device
+    ) -> None:
+        """Register the layer's weight parameters (uninitialized)."""
+
+    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int) -> None:
+        """Copy checkpoint tensor ``name`` (e.g. "weight") into output rows ``offset:offset+size``."""
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias``."""
+
+
+class UnquantizedLinearMethod:
+    """Dense weight [output_size, input_size] in the model dtype."""
+
+    def create_weights(
+        self, layer: Linear, input_size: int, output_size: int, dtype: torch.dtype, device
+    ) -> None:
+        weight = torch.empty(output_size, input_size, dtype=dtype, device=device)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+
+    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int) -> None:
+        param = getattr(layer, name)
+        _copy_checked(param.data[offset : offset + size], tensor, f"{name} shard at {offset}")
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ModelLoadError(f"{what}: checkpoint shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b), W stacking ``output_sizes`` shards along the output dimension."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: Sequence[int],
+        *,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+        method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.output_size = sum(self.output_sizes)
+        self.shard_offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        self.method = method or UnquantizedLinearMethod()
+        self.method.create_weights(self, input_size, self.output_size, dtype, device)
+        self.bias = (
+            nn.Parameter(torch.empty(self.output_size, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
+
+    def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
+        """Load checkpoint tensor ``name`` ("weight", "bias", or a quantized method's names) for one shard."""
+        offset, size = self.shard_offsets[shard], self.output_sizes[shard]
+        if name == "bias":
+            _copy_checked(self.bias.data[offset : offset + size], tensor, f"bias shard {shard}")
+        else:
+            self.method.load_shard(self, name, tensor, offset, size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)

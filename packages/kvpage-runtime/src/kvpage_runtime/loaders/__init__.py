@@ -1,0 +1,39 @@
+"""Turning a model reference (folder, GGUF file, or nothing for the default) into a LoadedModel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kvpage_runtime.errors import ModelLoadError
+from kvpage_runtime.loaders.default_model import default_model_path
+from kvpage_runtime.loaders.gguf import load_gguf
+from kvpage_runtime.loaders.hf import load_hf_folder
+from kvpage_runtime.loaders.loaded import LoadedModel, resolve_dtype
+
+__all__ = ["LoadedModel", "load_model", "resolve_dtype"]
+
+
+def load_model(
+    model: str | Path | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a Hugging Face model folder, a ``.gguf`` file, or (``model=None``) the default model.
+
+    ``dtype``: "auto" (bf16 where the hardware computes it natively, else fp32), "float32",
+    "bfloat16" or "float16"; the whole forward pass runs in it.
+    """
+    device = torch.device(device)
+    resolved = resolve_dtype(dtype, device)
+    path = default_model_path() if model is None else Path(model).expanduser()
+    if path.suffix == ".gguf":
+        return load_gguf(path, resolved, device)
+    if path.is_dir():
+        return load_hf_folder(path, resolved, device)
+    if not path.exists():
+        raise ModelLoadError(
+            f"model {str(model)!r} not found: expected a local model folder or a .gguf file"
+        )
+    raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")

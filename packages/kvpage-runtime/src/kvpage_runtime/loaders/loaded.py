@@ -1,0 +1,66 @@
+"""What every loader returns, and choosing the compute dtype."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.errors import ModelLoadError
+
+
+@dataclass
+class LoadedModel:
+    """A model with its weights in place, and what is needed to talk to it."""
+
+    model: nn.Module
+    config: ModelConfig
+    tokenizer: Any | None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+    eos_token_ids: set[int] = field(default_factory=set)
+    chat_template: str | None = None
+
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    if "AMX" in torch.backends.cpu.get_cpu_capability():
+        return True
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    """``"auto"`` is bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif dtype == "auto":
+        native = torch.device(device).type == "cuda" or cpu_has_native_bf16()
+        return torch.bfloat16 if native else torch.float32
+    else:
+        resolved = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+    if resolved not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ModelLoadError(
+            f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'"
+        )
+    return resolved

@@ -1,0 +1,162 @@
+"""The Llama family: Llama 2/3, SmolLM2, Mistral (GQA, sliding window) and Qwen2 (QKV bias).
+
+They differ only in configuration, so one implementation serves all of them. Module names
+follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.forward_batch import ForwardBatch
+from kvpage_runtime.layers.attention import KVCache, PagedAttention
+from kvpage_runtime.layers.embedding import LMHead, VocabEmbedding
+from kvpage_runtime.layers.linear import Linear, LinearMethod
+from kvpage_runtime.layers.mlp import GatedMLP
+from kvpage_runtime.layers.norm import RMSNorm
+from kvpage_runtime.layers.rotary import RotaryEmbedding, apply_rotary
+from kvpage_runtime.models.weights import WeightLoader
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qk_size = config.q_size + config.kv_size
+        self.qkv_proj = Linear(
+            config.hidden_size,
+            [config.q_size, config.kv_size, config.kv_size],
+            bias=config.attention_bias,
+            dtype=config.dtype,
+            device=device,
+            method=method,
+        )
+        self.o_proj = Linear(config.q_size, [config.hidden_size], dtype=config.dtype, device=device, method=method)
+        self.attn = PagedAttention(
+            config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_window
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)
+        # q and k heads are rotated together in one pass.
+        qk = apply_rotary(qkv[:, : self.qk_size].view(n, -1, self.head_dim), cos, sin)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.qk_size :].view(n, self.num_kv_heads, self.head_dim)
+        return self.o_proj(self.attn(q, k, v, batch, kv_cache))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
+        self.self_attn = LlamaAttention(config, device, method)
+        self.post_attention_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, config.dtype, device
+        )
+        self.mlp = self.build_mlp(config, device, method)
+
+    def build_mlp(self, config: ModelConfig, device, method: LinearMethod | None) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.dtype, device, method)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, residual stream before it); the next norm adds them."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, batch, kv_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
+    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, config.dtype, device)
+        self.layers = nn.ModuleList(self.layer_class(config, device, method) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
+        self.rotary = RotaryEmbedding(
+            config.head_dim,
+            config.max_position_embeddings,
+            config.rope_theta,
+            config.rope_scaling,
+            config.dtype,
+            device,
+        )
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        hidden = self.embed_tokens(batch.input_ids)
+        cos, sin = self.rotary.lookup(batch.positions)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """``model(batch, kv_caches)`` -> final hidden states; ``compute_logits(hidden)`` -> fp32 logits."""
+
+    model_class: type[LlamaModel] = LlamaModel
+    # checkpoint projection name -> (fused module name, shard index)
+    stacked_params = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = self.model_class(config, device, method)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size, config.dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        return self.model(batch, kv_caches)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named checkpoint tensors into this model; raises if any is missing."""
+        loader = WeightLoader(self, self.stacked_params)
+        for name, tensor in weights:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            self.load_tensor(loader, name, tensor)
+        loader.check_complete()
+
+    def load_tensor(self, loader: WeightLoader, name: str, tensor: torch.Tensor) -> None:
+        loader.load(name, tensor)
