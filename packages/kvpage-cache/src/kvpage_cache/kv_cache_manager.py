@@ -49,6 +49,7 @@ class _RequestState:
     block_hashes: list[BlockHash] = field(default_factory=list)
     content_ids: list[int | None] = field(default_factory=list)
     num_released: int = 0  # leading table positions set to NULL_BLOCK (sliding window)
+    slots_end: int = 0  # end of the private slots reserved by the last allocate (lookahead)
 
 
 class KVCacheManager:
@@ -202,6 +203,7 @@ class KVCacheManager:
         new_block_ids = self.pool.allocate(num_new_blocks)
         state.block_ids.extend(new_block_ids)
         state.num_tokens += num_new_tokens
+        state.slots_end = state.num_tokens + num_lookahead_tokens
         return new_block_ids
 
     def take_block_copies(self) -> list[tuple[int, int]]:
@@ -265,19 +267,24 @@ class KVCacheManager:
             parent.block_hashes.copy(),
             parent.content_ids.copy(),
             parent.num_released,
+            parent.num_tokens,
         )
         self._freed_ids.pop(child_id, None)
         return []
 
     def truncate(self, request_id: str, num_tokens: int) -> None:
-        """Roll the request back to its first ``num_tokens`` tokens (e.g. rejected speculative
-        tokens), giving back the blocks it no longer needs, tail first. A cached block that
-        becomes partial stays cached until the request writes into it."""
+        """Set the request's token count to ``num_tokens`` and give back the blocks it no
+        longer needs, tail first. Below the current count this rolls tokens back; above it, up
+        to the lookahead slots reserved by the last ``allocate_slots``, it accepts speculative
+        tokens written there. A cached block that becomes partial stays cached until the
+        request writes into it (then it is copied or uncached first)."""
         state = self._state(request_id)
-        if not state.num_released * self.block_size <= num_tokens <= state.num_tokens:
+        lowest = state.num_released * self.block_size
+        highest = max(state.num_tokens, state.slots_end)
+        if not lowest <= num_tokens <= highest:
             raise InvalidArgumentError(
-                f"cannot truncate request {request_id!r} to {num_tokens} tokens: it has "
-                f"{state.num_tokens}, the first {state.num_released * self.block_size} released"
+                f"cannot truncate request {request_id!r} to {num_tokens} tokens: "
+                f"the range is {lowest}..{highest}"
             )
         keep = self.num_blocks_needed(num_tokens)
         self.pool.free(reversed(state.block_ids[keep:]))
@@ -285,7 +292,7 @@ class KVCacheManager:
         num_full = num_tokens // self.block_size
         del state.block_hashes[num_full:]
         del state.content_ids[num_full:]
-        state.num_tokens = num_tokens
+        state.num_tokens = state.slots_end = num_tokens
 
     def free_outside_window(self, request_id: str, num_computed_tokens: int) -> int:
         """Release the blocks that no token from ``num_computed_tokens`` on can attend to
