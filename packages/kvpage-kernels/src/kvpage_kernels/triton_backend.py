@@ -1,0 +1,329 @@
+"""Triton backend: write_kv, unified paged attention, split-KV decode, copy_blocks.
+
+The attention kernels walk the keys of a sequence in tiles of TILE_N positions, looking each
+position's block up in the block table, so one kernel serves every cache block size. They
+use an online softmax in fp32; operands are cast to fp32 before every dot (exact for fp16 and
+bf16 inputs even at tf32 precision, which is used for them; fp32 inputs use full precision).
+All pointer offsets into the cache are computed in int64.
+
+On a machine with no GPU these kernels run under TRITON_INTERPRET=1 (set before this module
+is imported) on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import pairs_to_tensors, swap_blocks_indexed
+
+swap_blocks = swap_blocks_indexed
+# Split-KV decode: each program covers this many key positions of one sequence.
+PARTITION_SIZE = 512
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+                     stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
+                     stride_c_slot, stride_c_head,
+                     HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        head = offs // HEAD_DIM
+        dim = offs % HEAD_DIM
+        mask = offs < NUM_KV_HEADS * HEAD_DIM
+        dst = slot * stride_c_slot + head * stride_c_head + dim
+        key = tl.load(k_ptr + tok * stride_k_tok + head * stride_k_head + dim, mask=mask)
+        tl.store(k_cache_ptr + dst, key, mask=mask)
+        value = tl.load(v_ptr + tok * stride_v_tok + head * stride_v_head + dim, mask=mask)
+        tl.store(v_cache_ptr + dst, value, mask=mask)
+
+
+@triton.jit
+def _attend_range(q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, key_lo, key_hi,
+                  scale, softcap, window,
+                  stride_c_block, stride_c_slot, stride_c_head,
+                  BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+                  USE_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax attention of q [BLOCK_M, HEAD_PAD] (rows at positions q_pos) over key
+    positions [key_lo, key_hi). Returns the running max, sum and unnormalized output."""
+    dims = tl.arange(0, HEAD_PAD)
+    dim_ok = dims < HEAD_DIM
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    for tile in range((key_lo // TILE_N) * TILE_N, key_hi, TILE_N):
+        k_pos = tile + tl.arange(0, TILE_N)
+        k_ok = (k_pos >= key_lo) & (k_pos < key_hi)
+        block = tl.load(table_ptr + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+        base = block * stride_c_block + (k_pos % BLOCK_SIZE) * stride_c_slot
+        base += kv_head * stride_c_head
+        load_ok = k_ok[:, None] & dim_ok[None, :]
+        keys = tl.load(k_cache_ptr + base[:, None] + dims[None, :], mask=load_ok, other=0.0)
+        scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision=PRECISION) * scale
+        if USE_SOFTCAP:
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
+        allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - window)
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        values = tl.load(v_cache_ptr + base[:, None] + dims[None, :], mask=load_ok, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32), input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _load_queries(q_ptr, first_row, rows, heads, row_ok, stride_q_tok, stride_q_head,
+                  HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr):
+    dims = tl.arange(0, HEAD_PAD)
+    offs = (first_row + rows).to(tl.int64)[:, None] * stride_q_tok
+    offs += heads[:, None] * stride_q_head + dims[None, :]
+    mask = row_ok[:, None] & (dims[None, :] < HEAD_DIM)
+    return tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _unified_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, tables_ptr, seq_lens_ptr,
+                    starts_ptr, scale, softcap, window,
+                    stride_q_tok, stride_q_head, stride_o_tok, stride_o_head, stride_table,
+                    stride_c_block, stride_c_slot, stride_c_head,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Program (seq, kv head, query tile): BLOCK_Q query tokens x GROUP query heads."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    q_tile = tl.program_id(2)
+    q_start = tl.load(starts_ptr + seq)
+    q_len = tl.load(starts_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_Q < q_len:
+        seq_len = tl.load(seq_lens_ptr + seq)
+        rows = tl.arange(0, BLOCK_Q * GROUP_PAD)
+        tok = q_tile * BLOCK_Q + rows // GROUP_PAD
+        member = rows % GROUP_PAD
+        heads = kv_head * GROUP + member
+        row_ok = (tok < q_len) & (member < GROUP)
+        q_pos = seq_len - q_len + tok
+        q = _load_queries(q_ptr, q_start, tok, heads, row_ok, stride_q_tok, stride_q_head,
+                          HEAD_DIM, HEAD_PAD)
+        key_hi = tl.minimum(seq_len, seq_len - q_len + (q_tile + 1) * BLOCK_Q)
+        key_lo = 0
+        if USE_WINDOW:
+            key_lo = tl.maximum(0, seq_len - q_len + q_tile * BLOCK_Q - window + 1)
+        m_i, l_i, acc = _attend_range(
+            q, q_pos, k_cache_ptr, v_cache_ptr, tables_ptr + seq.to(tl.int64) * stride_table,
+            kv_head, key_lo, key_hi, scale, softcap, window,
+            stride_c_block, stride_c_slot, stride_c_head, BLOCK_Q * GROUP_PAD, HEAD_DIM,
+            HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        dims = tl.arange(0, HEAD_PAD)
+        offs = (q_start + tok).to(tl.int64)[:, None] * stride_o_tok
+        offs += heads[:, None] * stride_o_head + dims[None, :]
+        mask = row_ok[:, None] & (dims[None, :] < HEAD_DIM)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _split_decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, part_out_ptr, part_max_ptr,
+                         part_sum_ptr, tables_ptr, seq_lens_ptr, scale, softcap, window,
+                         stride_q_tok, stride_q_head, stride_table,
+                         stride_c_block, stride_c_slot, stride_c_head,
+                         NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         PARTITION: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr,
+                         HEAD_DIM: tl.constexpr, HEAD_PAD: tl.constexpr,
+                         BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+                         USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
+                         PRECISION: tl.constexpr):
+    """Program (seq, kv head, split) of a decode batch (one query token per sequence):
+    partial softmax state over key positions [split*PARTITION, (split+1)*PARTITION)."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    heads = kv_head * GROUP + rows
+    row_ok = rows < GROUP
+    q = _load_queries(q_ptr, seq, rows * 0, heads, row_ok, stride_q_tok, stride_q_head,
+                      HEAD_DIM, HEAD_PAD)
+    q_pos = tl.zeros([BLOCK_M], tl.int32) + seq_len - 1
+    key_lo = split * PARTITION
+    if USE_WINDOW:
+        key_lo = tl.maximum(key_lo, seq_len - window)
+    key_hi = tl.minimum(seq_len, (split + 1) * PARTITION)
+    m_i, l_i, acc = _attend_range(
+        q, q_pos, k_cache_ptr, v_cache_ptr, tables_ptr + seq.to(tl.int64) * stride_table,
+        kv_head, key_lo, key_hi, scale, softcap, window,
+        stride_c_block, stride_c_slot, stride_c_head, BLOCK_M, HEAD_DIM, HEAD_PAD,
+        BLOCK_SIZE, TILE_N, USE_WINDOW, USE_SOFTCAP, PRECISION)
+    state = (seq.to(tl.int64) * NUM_HEADS + heads) * NUM_SPLITS + split
+    tl.store(part_max_ptr + state, m_i, mask=row_ok)
+    tl.store(part_sum_ptr + state, l_i, mask=row_ok)
+    dims = tl.arange(0, HEAD_PAD)
+    mask = row_ok[:, None] & (dims[None, :] < HEAD_DIM)
+    tl.store(part_out_ptr + state[:, None] * HEAD_DIM + dims[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _split_reduce_kernel(part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
+                         stride_o_tok, stride_o_head,
+                         NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         HEAD_PAD: tl.constexpr):
+    """Program (seq, head): merges the NUM_SPLITS partial states into the output row."""
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    state = (seq * NUM_HEADS + head) * NUM_SPLITS + splits
+    maxes = tl.load(part_max_ptr + state, mask=split_ok, other=float("-inf"))
+    sums = tl.load(part_sum_ptr + state, mask=split_ok, other=0.0)
+    top = tl.max(maxes, axis=0)
+    weights = tl.where(maxes == float("-inf"), 0.0, tl.exp(maxes - top))
+    dims = tl.arange(0, HEAD_PAD)
+    mask = split_ok[:, None] & (dims[None, :] < HEAD_DIM)
+    parts = tl.load(part_out_ptr + state[:, None] * HEAD_DIM + dims[None, :], mask=mask,
+                    other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
+    tl.store(out_ptr + seq * stride_o_tok + head * stride_o_head + dims,
+             out.to(out_ptr.dtype.element_ty), mask=dims < HEAD_DIM)
+
+
+@triton.jit
+def _copy_blocks_kernel(cache_ptr, pairs_ptr, block_numel, BLOCK: tl.constexpr):
+    pair = tl.program_id(0)
+    chunk = tl.program_id(1)
+    src = tl.load(pairs_ptr + 2 * pair).to(tl.int64)
+    dst = tl.load(pairs_ptr + 2 * pair + 1).to(tl.int64)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < block_numel
+    data = tl.load(cache_ptr + src * block_numel + offs, mask=mask)
+    tl.store(cache_ptr + dst * block_numel + offs, data, mask=mask)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if num_tokens == 0:
+        return
+    _check_inner_contiguous(k, "k")
+    _check_inner_contiguous(v, "v")
+    _write_kv_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=head_dim,
+        NUM_KV_HEADS=num_kv_heads, BLOCK=triton.next_power_of_2(num_kv_heads * head_dim))
+
+
+def _check_inner_contiguous(t: torch.Tensor, name: str) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension")
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
+                      partition: int = PARTITION_SIZE) -> int:
+    """Split-KV decode pays off when there are too few (seq, kv head) programs to fill the
+    GPU and the contexts are long: split each context so that about 2 programs per SM run."""
+    programs = num_seqs * num_kv_heads
+    max_splits = triton.cdiv(max_seq_len, partition)
+    if max_splits <= 1 or programs >= 2 * num_sms:
+        return 1
+    return min(max_splits, triton.cdiv(2 * num_sms, programs))
+
+
+def _common_meta(q, k_cache, sliding_window, softcap) -> dict:
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    return dict(HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
+                BLOCK_SIZE=k_cache.shape[1], TILE_N=max(16, min(32, k_cache.shape[1])),
+                USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                GROUP=q.shape[1] // num_kv_heads)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
+                    sliding_window=None, softcap=None, max_seq_len=None, max_query_len=None,
+                    out, num_splits: int | None = None,
+                    partition: int = PARTITION_SIZE) -> torch.Tensor:
+    """num_splits and partition override the split-KV choice (tests use small values)."""
+    num_seqs = block_tables.shape[0]
+    if num_seqs == 0 or q.shape[0] == 0:
+        return out
+    _check_inner_contiguous(q, "q")
+    _check_inner_contiguous(out, "out")
+    if max_query_len is None:
+        max_query_len = int(query_start_loc.diff().max())
+    decode_only = max_query_len == 1 and q.shape[0] == num_seqs
+    if num_splits is None:
+        num_splits = 1
+        if decode_only and q.is_cuda:
+            if max_seq_len is None:
+                max_seq_len = int(seq_lens.max())
+            num_splits = choose_num_splits(num_seqs, k_cache.shape[2], max_seq_len,
+                                           _num_sms(q.device.index or 0), partition)
+    meta = _common_meta(q, k_cache, sliding_window, softcap)
+    scalars = (scale, 1.0 if softcap is None else softcap, sliding_window or 0)
+    if decode_only and num_splits > 1:
+        _split_decode(q, k_cache, v_cache, block_tables, seq_lens, scalars, out, num_splits,
+                      partition, meta)
+        return out
+    group_pad = triton.next_power_of_2(meta["GROUP"])
+    block_q = max(1, (16 if max_query_len == 1 else 64) // group_pad)
+    grid = (num_seqs, k_cache.shape[2], triton.cdiv(max_query_len, block_q))
+    _unified_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, *scalars,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP_PAD=group_pad, BLOCK_Q=block_q, **meta)
+    return out
+
+
+def _split_decode(q, k_cache, v_cache, block_tables, seq_lens, scalars, out, num_splits: int,
+                  partition: int, meta: dict) -> None:
+    num_seqs, num_heads, head_dim = q.shape
+    state = dict(device=q.device, dtype=torch.float32)
+    part_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, **state)
+    part_max = torch.empty(num_seqs, num_heads, num_splits, **state)
+    part_sum = torch.empty(num_seqs, num_heads, num_splits, **state)
+    grid = (num_seqs, k_cache.shape[2], num_splits)
+    _split_decode_kernel[grid](
+        q, k_cache, v_cache, part_out, part_max, part_sum, block_tables, seq_lens, *scalars,
+        q.stride(0), q.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, PARTITION=partition,
+        BLOCK_M=max(16, triton.next_power_of_2(meta["GROUP"])), **meta)
+    _split_reduce_kernel[(num_seqs, num_heads)](
+        part_out, part_max, part_sum, out, out.stride(0), out.stride(1),
+        NUM_HEADS=num_heads, NUM_SPLITS=num_splits,
+        SPLITS_PAD=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+        HEAD_PAD=meta["HEAD_PAD"])
+
+
+def copy_blocks(kv_caches, src_dst) -> None:
+    if not kv_caches:
+        return
+    src, dst = pairs_to_tensors(src_dst, kv_caches[0][0].device)
+    if src.numel() == 0:
+        return
+    pairs = torch.stack([src, dst], dim=1).contiguous()
+    block_numel = kv_caches[0][0][0].numel()
+    block = min(4096, triton.next_power_of_2(block_numel))
+    grid = (pairs.shape[0], triton.cdiv(block_numel, block))
+    for k_cache, v_cache in kv_caches:
+        _copy_blocks_kernel[grid](k_cache, pairs, block_numel, BLOCK=block)
+        _copy_blocks_kernel[grid](v_cache, pairs, block_numel, BLOCK=block)

@@ -1,0 +1,127 @@
+"""Triton kernels against the reference. Without a GPU they run in the Triton interpreter
+(about 4 ms per program and key tile), so the shapes here are tiny."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvpage_kernels import copy_blocks, paged_attention, select_backend, write_kv
+
+from .cases import assert_close, make_problem, poisoned_like
+
+triton_backend = pytest.importorskip("kvpage_kernels.triton_backend",
+                                     reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _check(problem, **kwargs):
+    expected = paged_attention(*problem.args(), out=poisoned_like(problem.q),
+                               backend="reference", **kwargs)
+    actual = paged_attention(*problem.args(), out=poisoned_like(problem.q), backend="triton",
+                             **problem.hints(), **kwargs)
+    assert_close(actual, expected)
+
+
+def _split(problem, num_splits, **kwargs):
+    expected = paged_attention(*problem.args(), out=poisoned_like(problem.q),
+                               backend="reference", **kwargs)
+    actual = triton_backend.paged_attention(
+        *problem.args(), out=poisoned_like(problem.q), max_query_len=1, num_splits=num_splits,
+        partition=16, sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"))
+    assert_close(actual, expected)
+
+
+def test_backend_is_selectable():
+    assert select_backend(DEVICE, "triton") == "triton"
+
+
+def test_mixed_batch_gqa4_block8_head80():
+    _check(make_problem([21, 1, 35, 12], [21, 1, 3, 1], num_kv_heads=1, group=4, head_dim=80,
+                        block_size=8, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_half_types_block32(dtype):
+    _check(make_problem([3, 40], [1, 1], num_kv_heads=2, group=1, block_size=32, dtype=dtype,
+                        device=DEVICE))
+
+
+def test_gqa8_head256():
+    _check(make_problem([18, 5], [1, 5], num_kv_heads=1, group=8, head_dim=256,
+                        device=DEVICE))
+
+
+def test_sliding_window_and_softcap_prefill_chunk():
+    problem = make_problem([40, 9], [12, 1], num_kv_heads=1, group=2, device=DEVICE)
+    problem.q *= 6
+    _check(problem, sliding_window=10, softcap=4.0)
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_split_kv_decode(window):
+    problem = make_problem([45, 5, 33], [1, 1, 1], num_kv_heads=1, group=4, device=DEVICE)
+    _split(problem, num_splits=3, sliding_window=window)
+
+
+def test_split_kv_decode_softcap_bf16():
+    problem = make_problem([30, 17], [1, 1], num_kv_heads=2, group=1, dtype=torch.bfloat16,
+                           device=DEVICE)
+    _split(problem, num_splits=2, softcap=3.0)
+
+
+def test_num_splits_choice():
+    assert triton_backend.choose_num_splits(1, 8, 8192, num_sms=132) == 16
+    assert triton_backend.choose_num_splits(4, 8, 8192, num_sms=132) == 9
+    assert triton_backend.choose_num_splits(64, 8, 8192, num_sms=132) == 1
+    assert triton_backend.choose_num_splits(1, 8, 300, num_sms=132) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_skips_padding(dtype):
+    k_cache = torch.randn(4, 8, 2, 80, device=DEVICE).to(dtype)
+    v_cache = torch.randn_like(k_cache)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([5, -1, 30, 9], dtype=torch.int64, device=DEVICE)
+    qkv = torch.randn(4, 3, 2, 80, device=DEVICE).to(dtype)  # strided k and v views
+    k, v = qkv[:, 1], qkv[:, 2]
+    write_kv(k, v, k_cache, v_cache, slots, backend="triton")
+    write_kv(k, v, expected_k, expected_v, slots, backend="reference")
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_copy_blocks():
+    caches = [(torch.randn(6, 8, 2, 16, device=DEVICE), torch.randn(6, 8, 2, 16, device=DEVICE))
+              for _ in range(2)]
+    expected = [(k.clone(), v.clone()) for k, v in caches]
+    pairs = [(0, 3), (5, 1)]
+    copy_blocks(caches, pairs, backend="triton")
+    copy_blocks(expected, pairs, backend="reference")
+    for (k, v), (ek, ev) in zip(caches, expected):
+        assert torch.equal(k, ek) and torch.equal(v, ev)
+
+
+def test_large_num_blocks_uses_64bit_offsets():
+    """Block ids whose element offset exceeds 2**31 (cache allocated, mostly untouched)."""
+    block_size, dim = 16, 64
+    num_blocks = 2**31 // (block_size * dim) + 8
+    k_cache = torch.empty(num_blocks, block_size, 1, dim, dtype=torch.float16, device=DEVICE)
+    v_cache = torch.empty_like(k_cache)
+    blocks = [num_blocks - 1, 2]
+    for b in blocks:
+        k_cache[b].fill_(float("nan"))
+        v_cache[b].fill_(float("nan"))
+    seq_len = 20
+    slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size
+                          for p in range(seq_len)], dtype=torch.int64, device=DEVICE)
+    k = torch.randn(seq_len, 1, dim, device=DEVICE).half()
+    v = torch.randn(seq_len, 1, dim, device=DEVICE).half()
+    write_kv(k, v, k_cache, v_cache, slots, backend="triton")
+    assert torch.equal(k_cache[num_blocks - 1], k[:16]) and torch.equal(v_cache[2, :4], v[16:])
+    q = torch.randn(1, 2, dim, device=DEVICE).half()
+    args = (q, k_cache, v_cache, torch.tensor([blocks], dtype=torch.int32, device=DEVICE),
+            torch.tensor([seq_len], dtype=torch.int32, device=DEVICE),
+            torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), 0.125)
+    expected = paged_attention(*args, backend="reference")
+    assert_close(paged_attention(*args, backend="triton", out=poisoned_like(q)), expected)
