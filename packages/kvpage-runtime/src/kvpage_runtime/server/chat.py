@@ -39,15 +39,16 @@ def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generat
     The template writes every special token itself, so the tokenizer adds none.
     """
     tokenizer = state.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
+    template = getattr(tokenizer, "chat_template", None) or getattr(state.engine, "chat_template", None)
+    if not template:
         raise APIError("this model has no chat template; use /v1/completions", param="messages")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        ids = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
+                                            return_dict=False, add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # template errors (e.g. roles that must alternate) are bad input
         raise APIError(f"chat template failed: {exc}", param="messages") from exc
-    return tokenizer.encode(text, add_special_tokens=False)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
 def _max_tokens(state: ServerState, req: ChatCompletionRequest, prompt_len: int) -> int:

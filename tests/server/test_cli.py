@@ -1,0 +1,53 @@
+"""The kvpage command line: help, and clear one-line failures before any model loads."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+
+from tests.server.conftest import cli, free_port
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_serve_option_with_defaults():
+    r = _run("serve", "--help")
+    assert r.returncode == 0
+    for option in ("--host", "--port", "--api-key", "--served-model-name", "--max-model-len", "--block-size",
+                   "--kv-cache-memory", "--max-num-seqs", "--max-num-batched-tokens", "--enable-prefix-caching",
+                   "--no-enable-prefix-caching", "--enable-chunked-prefill", "--dtype", "--seed", "--log-level",
+                   "--max-request-body-bytes"):
+        assert option in r.stdout, option
+    assert "127.0.0.1" in r.stdout and "default" in r.stdout
+    top = _run("--help")
+    assert top.returncode == 0 and all(c in top.stdout for c in ("serve", "generate", "bench"))
+
+
+def test_port_in_use_fails_fast_with_one_line():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        started = time.monotonic()
+        r = _run("serve", "--port", str(port))
+    assert r.returncode != 0
+    assert "already in use" in r.stderr and str(port) in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert time.monotonic() - started < 30  # refused before loading the model
+
+
+def test_unloadable_model_fails_with_one_line(tmp_path):
+    bogus = tmp_path / "broken.gguf"
+    bogus.write_bytes(b"not a gguf file")
+    r = _run("serve", str(bogus), "--port", str(free_port()), "--log-level", "warning")
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert lines and "cannot load model" in lines[-1] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_bench_names_its_scripts():
+    r = _run("bench", "--help")
+    assert r.returncode == 0 and "serving" in r.stdout

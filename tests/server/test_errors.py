@@ -1,0 +1,98 @@
+"""Bad input gets a 4xx in OpenAI's error shape, never a 500, and the server lives on."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from tests.server.conftest import MAX_MODEL_LEN
+
+OK_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+# (path, body, status, param or None when the error names none)
+CASES = [
+    ("/v1/completions", {"prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"max_tokens": 2}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "model": "no-such-model"}, 404, "model"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 50, "max_tokens": 4}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 9}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"abc": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("/v1/completions", {"prompt": "hi", "stream": True, "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
+    ("/v1/chat/completions", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),
+    ("/v1/chat/completions", {**OK_CHAT, "n": 100}, 400, "n"),
+    ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**OK_CHAT, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {**OK_CHAT, "stream": True, "max_tokens": -3}, 400, "max_tokens"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+]
+
+
+def _assert_openai_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize("path,body,status,param", CASES, ids=[f"{c[0]}:{c[3]}" for c in CASES])
+def test_bad_request(server, path, body, status, param):
+    with server.http() as http:
+        error = _assert_openai_error(http.post(path, json=body), status)
+    assert error["param"] == param
+
+
+def test_prompt_longer_than_max_model_len(server):
+    with server.http() as http:
+        for path, body in [("/v1/completions", {"prompt": "hello " * 700, "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 700}]}),
+                           ("/v1/completions", {"prompt": "hello " * 700, "stream": True})]:
+            error = _assert_openai_error(http.post(path, json=body), 400)
+            numbers = [int(n) for n in re.findall(r"\d+", error["message"])]
+            assert MAX_MODEL_LEN in numbers and max(numbers) > MAX_MODEL_LEN, error
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"", b'{"prompt": "a",}', b"\xff\xfe"])
+def test_malformed_body(server, raw):
+    with server.http() as http:
+        r = http.post("/v1/completions", content=raw, headers={"Content-Type": "application/json"})
+    _assert_openai_error(r, 400)
+
+
+def test_body_over_the_limit_is_413(server):
+    with server.http() as http:
+        r = http.post("/v1/completions", json={"prompt": "x" * (5 << 20)})
+    assert _assert_openai_error(r, 413)["code"] == "request_too_large"
+
+
+def test_unknown_route_and_method(server):
+    with server.http() as http:
+        assert _assert_openai_error(http.get("/v1/nothing"), 404)
+        assert _assert_openai_error(http.get("/v1/completions"), 405)
+
+
+def test_server_still_serves_after_bad_input(server):
+    r = server.client().completions.create(model=None, prompt="Hi", max_tokens=2)
+    assert r.choices[0].text is not None
+    assert httpx.get(f"{server.url}/health").status_code == 200

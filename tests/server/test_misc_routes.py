@@ -1,0 +1,48 @@
+"""/tokenize, /detokenize, /health, /version, /metrics, and the API key."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+
+def test_tokenize_round_trip(server):
+    with server.http() as http:
+        tok = http.post("/tokenize", json={"prompt": "Hello, world!"}).json()
+        assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 512
+        assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": "Hello, world!"}
+
+
+def test_health_and_version_are_open(server):
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    version = httpx.get(f"{server.url}/version").json()["version"]
+    assert version.count(".") >= 1
+
+
+def test_metrics_names(server):
+    server.client().completions.create(model=None, prompt="Hi", max_tokens=2)
+    metrics = server.metrics()
+    for name in ("kvpage:num_requests_running", "kvpage:num_requests_waiting", "kvpage:kv_cache_usage_perc",
+                 "kvpage:prefix_cache_hit_rate", "kvpage:prompt_tokens_total", "kvpage:generation_tokens_total",
+                 "kvpage:time_to_first_token_seconds_count", "kvpage:inter_token_latency_seconds_count",
+                 "kvpage:e2e_request_latency_seconds_count", "kvpage:kv_blocks_held"):
+        assert name in metrics, name
+    assert metrics["kvpage:prompt_tokens_total"] > 0 and metrics["kvpage:generation_tokens_total"] >= 2
+
+
+@pytest.mark.parametrize("path,method", [("/v1/models", "GET"), ("/v1/completions", "POST"),
+                                         ("/v1/chat/completions", "POST"), ("/tokenize", "POST"),
+                                         ("/detokenize", "POST")])
+@pytest.mark.parametrize("header", [None, "Bearer wrong-key", "test-key", "Basic test-key"])
+def test_api_key_required(server, path, method, header):
+    headers = {"Authorization": header} if header else {}
+    r = httpx.request(method, f"{server.url}{path}", headers=headers, json={"prompt": "x"})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_openai_client_with_a_wrong_key_gets_401(server):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        client.models.list()
