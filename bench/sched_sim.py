@@ -58,15 +58,20 @@ def make_scheduler(num_blocks: int, **cfg) -> Scheduler:
     return Scheduler(KVCacheManager(BlockPool(num_blocks, 16)), SchedulerConfig(**cfg))
 
 
-def steady_state(concurrency: int, steps: int, warmup: int) -> dict:
-    """Keep `concurrency` requests in flight (a finished one is replaced at once)."""
+def steady_state(concurrency: int, steps: int) -> dict:
+    """Keep `concurrency` requests in flight (a finished one is replaced at once), once every
+    first prompt is computed: mostly decodes, with the newcomers' prompts in between."""
     wl = Workload(seed=concurrency)
     sched = make_scheduler(concurrency * 70, max_num_seqs=concurrency,
-                           max_num_batched_tokens=max(2048, 2 * concurrency), max_model_len=2048)
+                           max_num_batched_tokens=max(2048, 4 * concurrency), max_model_len=2048)
     for _ in range(concurrency):
         sched.add_request(wl.request(0))
+    warmup = 0
+    while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
+        sched.update_from_output(out := sched.schedule(), *wl.model_step(out))
+        warmup += 1
     times, tokens = [], []
-    for step in range(warmup + steps):
+    for step in range(warmup, warmup + steps):
         t0 = time.perf_counter_ns()
         out = sched.schedule()
         t1 = time.perf_counter_ns()
@@ -76,9 +81,8 @@ def steady_state(concurrency: int, steps: int, warmup: int) -> dict:
         t3 = time.perf_counter_ns()
         for _ in out.finished_ids:
             sched.add_request(wl.request(step))
-        if step >= warmup:
-            times.append((t1 - t0 + t3 - t2) / 1000)
-            tokens.append(out.stats.num_scheduled_tokens)
+        times.append((t1 - t0 + t3 - t2) / 1000)
+        tokens.append(out.stats.num_scheduled_tokens)
     return {"step_us": statistics.median(times), "step_us_mean": statistics.fmean(times),
             "tokens_per_step": statistics.fmean(tokens), "preemptions": sched.num_preemptions}
 
@@ -118,12 +122,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     ap.add_argument("--small", action="store_true", help="quick run")
     args = ap.parse_args()
-    steps, warmup, over_steps = (20, 5, 60) if args.small else (300, 100, 600)
+    steps, over_steps = (20, 60) if args.small else (300, 600)
     result: dict = {}
     print(f"{'concurrency':>11} {'step_us(median)':>15} {'step_us(mean)':>13} "
           f"{'tokens/step':>11} {'preemptions':>11}")
     for n in (64, 256, 1024):
-        r = steady_state(n, steps, warmup)
+        r = steady_state(n, steps)
         print(f"{n:>11} {r['step_us']:>15.0f} {r['step_us_mean']:>13.0f} "
               f"{r['tokens_per_step']:>11.0f} {r['preemptions']:>11}")
         result[f"step_us_{n}"] = round(r["step_us"], 1)

@@ -57,6 +57,7 @@ class Request:
     extra_keys: tuple = ()
     lora_id: str | None = None
     output_token_ids: list[int] = field(init=False, default_factory=list)
+    num_tokens: int = field(init=False, default=0)  # len(all_token_ids)
     num_computed_tokens: int = field(init=False, default=0)
     status: RequestStatus = field(init=False, default=RequestStatus.WAITING)
     finish_reason: FinishReason | None = field(init=False, default=None)
@@ -70,6 +71,7 @@ class Request:
     def __post_init__(self) -> None:
         self.prompt_token_ids = list(self.prompt_token_ids)
         self._all_token_ids = list(self.prompt_token_ids)
+        self.num_tokens = len(self._all_token_ids)
         if self.arrival_time is None:
             self.arrival_time = time.monotonic()
         keys = tuple(self.extra_keys)
@@ -81,10 +83,6 @@ class Request:
     def all_token_ids(self) -> list[int]:
         """Prompt + output token ids (the live list: read, do not modify)."""
         return self._all_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self._all_token_ids)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -101,3 +99,4 @@ class Request:
     def append_output(self, token_ids: list[int]) -> None:
         self.output_token_ids.extend(token_ids)
         self._all_token_ids.extend(token_ids)
+        self.num_tokens += len(token_ids)

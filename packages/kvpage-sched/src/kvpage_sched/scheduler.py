@@ -40,11 +40,14 @@ class _Step:
         return (self.max_loras is None or req.lora_id is None or req.lora_id in self.loras
                 or len(self.loras) < self.max_loras)
 
-    def add(self, s: ScheduledRequest) -> None:
-        self.scheduled[s.request.request_id] = s
-        self.token_budget -= s.num_tokens + s.num_lookahead_tokens
+    def add(self, req: Request, n: int, lookahead: int, new_blocks: list[int],
+            block_ids: list[int]) -> None:
+        start = req.num_computed_tokens
+        self.scheduled[req.request_id] = ScheduledRequest(
+            req, start, n, block_ids, new_blocks, start + n < req.num_tokens, lookahead)
+        self.token_budget -= n + lookahead
         self.seq_budget -= 1
-        if (lora := s.request.lora_id) is not None:
+        if self.max_loras is not None and (lora := req.lora_id) is not None:
             self.loras[lora] = self.loras.get(lora, 0) + 1
 
     def drop(self, request_id: str) -> None:
@@ -54,7 +57,7 @@ class _Step:
             return
         self.token_budget += s.num_tokens + s.num_lookahead_tokens
         self.seq_budget += 1
-        if (lora := s.request.lora_id) is not None:
+        if self.max_loras is not None and (lora := s.request.lora_id) is not None:
             self.loras[lora] -= 1
             if not self.loras[lora]:
                 del self.loras[lora]
@@ -74,6 +77,7 @@ class Scheduler:
         self._pending_copies: list[tuple[int, int]] = []
         self._seq = itertools.count()
         self._block_size = cache_manager.block_size
+        self._max_model_len = self.config.max_model_len
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -160,16 +164,25 @@ class Scheduler:
 
     def _schedule_running(self, step: _Step) -> list[Request]:
         skipped = []
+        allocate, block_ids = self.cache.allocate_slots, self.cache.block_ids
+        plain_decode = (1, 0) if not self.config.num_lookahead_tokens else None
         for req in list(self.running):
             if req.status is not RUNNING:  # preempted earlier in this loop
                 continue
-            n, lookahead = self._running_tokens(req, step.token_budget)
-            if n == 0 or step.seq_budget == 0 or not step.lora_allows(req):
+            if plain_decode and req.num_tokens - req.num_computed_tokens == 1 and step.token_budget:
+                n, lookahead = plain_decode  # the common case, without a call
+            else:
+                n, lookahead = self._running_tokens(req, step.token_budget)
+            if n == 0 or step.seq_budget == 0 or (
+                    step.max_loras is not None and not step.lora_allows(req)):
                 skipped.append(req)
                 continue
-            new_blocks = self._allocate(req, n, lookahead, step)
-            if new_blocks is not None:
-                step.add(self._scheduled(req, n, lookahead, new_blocks))
+            new_blocks = allocate(req.request_id, n, (), lookahead)
+            if new_blocks is None:
+                new_blocks = self._allocate_preempting(req, n, lookahead, step)
+                if new_blocks is None:  # req preempted itself
+                    continue
+            step.add(req, n, lookahead, new_blocks, block_ids(req.request_id))
         return [r for r in skipped if r.status is RUNNING]
 
     def _schedule_waiting(self, step: _Step, free_seqs: int) -> None:
@@ -200,17 +213,20 @@ class Scheduler:
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = hit.num_tokens
         step.hit_tokens += hit.num_tokens
-        step.add(self._scheduled(req, n, 0, new_blocks))
+        step.add(req, n, 0, new_blocks, self.cache.block_ids(req.request_id))
         return True
 
-    def _allocate(self, req: Request, n: int, lookahead: int, step: _Step) -> list[int] | None:
+    def _allocate_preempting(self, req: Request, n: int, lookahead: int,
+                             step: _Step) -> list[int] | None:
         """Slots for `req`, preempting until they fit; None when `req` itself was preempted."""
-        while (new_blocks := self.cache.allocate_slots(req.request_id, n, (), lookahead)) is None:
+        while True:
             victim = max((r for r in self.running if r.status is RUNNING), key=self._victim_key)
             self._preempt(victim, step)
             if victim is req:
                 return None
-        return new_blocks
+            new_blocks = self.cache.allocate_slots(req.request_id, n, (), lookahead)
+            if new_blocks is not None:
+                return new_blocks
 
     def _preempt(self, victim: Request, step: _Step) -> None:
         """Recompute later: give back every block, go to the front of the waiting queue."""
@@ -231,10 +247,12 @@ class Scheduler:
         remaining = req.num_tokens - req.num_computed_tokens
         if remaining > 1:
             return self._prefill_tokens(remaining, budget), 0
-        if not self.config.num_lookahead_tokens or budget < 2:
-            return min(1, budget), 0
-        return 1, max(min(self.config.num_lookahead_tokens, budget - 1,
-                          self._tokens_left(req) - 1), 0)
+        if budget == 0:
+            return 0, 0
+        lookahead = self.config.num_lookahead_tokens
+        if lookahead:  # never more drafts than the budget or the tokens left to produce
+            lookahead = max(min(lookahead, budget - 1, self._tokens_left(req) - 1), 0)
+        return 1, lookahead
 
     def _prefill_tokens(self, remaining: int, budget: int) -> int:
         """Prompt tokens to compute now, or 0 to wait.
@@ -246,12 +264,6 @@ class Scheduler:
         if not cfg.enable_chunked_prefill and remaining <= cfg.max_num_batched_tokens:
             return remaining if remaining <= budget else 0
         return min(remaining, budget, cfg.max_prefill_chunk or remaining)
-
-    def _scheduled(self, req: Request, n: int, lookahead: int,
-                   new_blocks: list[int]) -> ScheduledRequest:
-        start = req.num_computed_tokens
-        return ScheduledRequest(req, start, n, self.cache.block_ids(req.request_id), new_blocks,
-                                start + n < req.num_tokens, lookahead)
 
     def _output(self, step: _Step) -> SchedulerOutput:
         copies = self._pending_copies + step.copies + self.cache.take_block_copies()
@@ -275,9 +287,11 @@ class Scheduler:
         """Record a step's results.
 
         new_token_ids: sampled tokens of the requests whose step reached the end of their known
-        tokens (with lookahead: the accepted drafts plus the bonus token). finished: requests
-        the runtime stopped (EOS, stop string), with their reason. Requests reaching max_tokens
-        or max_model_len finish with "length" here; extra tokens past those limits are dropped.
+        tokens, usually one; with lookahead, the accepted drafts plus the bonus token (their KV
+        is kept, the other lookahead slots are rolled back). Without lookahead, tokens beyond
+        the first are computed next step. finished: requests the runtime stopped (EOS, stop
+        string), with their reason. Requests reaching max_tokens or max_model_len finish with
+        "length" here; tokens past those limits are dropped.
         """
         finished = finished or {}
         for s in output.scheduled:
@@ -302,10 +316,12 @@ class Scheduler:
         left = 1
         if not s.is_prefill_chunk:
             left = self._tokens_left(req)
-            tokens = tokens[:left] if tokens else []
-            if s.num_lookahead_tokens:  # accepted drafts have their KV; roll back the rest
-                tokens = tokens[:s.num_lookahead_tokens + 1]
-                req.num_computed_tokens += max(len(tokens) - 1, 0)
+            if tokens is None:
+                tokens = []
+            elif len(tokens) > left:
+                tokens = tokens[:left]
+            if s.num_lookahead_tokens:  # accepted drafts have their KV: keep it, drop the rest
+                req.num_computed_tokens += min(max(len(tokens) - 1, 0), s.num_lookahead_tokens)
                 self.cache.truncate(req.request_id, req.num_computed_tokens)
             req.append_output(tokens)
             left -= len(tokens)
@@ -316,11 +332,11 @@ class Scheduler:
         return left
 
     def _tokens_left(self, req: Request) -> int:
-        """Output tokens `req` may still produce before finishing with "length"."""
-        by_len = self.config.max_model_len - req.num_tokens
-        if req.num_output_tokens == 0:  # a prompt of max_model_len tokens still gets one
-            by_len = max(by_len, 1)
-        return min(req.max_tokens - req.num_output_tokens, by_len)
+        """Output tokens `req` may still produce before finishing with "length" (a prompt of
+        max_model_len tokens still gets one)."""
+        left = min(req.max_tokens - len(req.output_token_ids),
+                   self._max_model_len - req.num_tokens)
+        return left if left > 0 or req.output_token_ids else 1
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         if req.status is RUNNING:
