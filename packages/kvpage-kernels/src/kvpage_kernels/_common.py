@@ -52,4 +52,6 @@ def swap_blocks_indexed(src_cache: torch.Tensor, dst_cache: torch.Tensor, mappin
     src, dst = pairs_to_tensors(mapping, src_cache.device)
     if src.numel() == 0:
         return
-    dst_cache[dst.to(dst_cache.device)] = src_cache[src].to(dst_cache.device, non_blocking=True)
+    # a device-to-host copy must complete before the host reads it: non_blocking only to CUDA
+    blocks = src_cache[src].to(dst_cache.device, non_blocking=dst_cache.is_cuda)
+    dst_cache[dst.to(dst_cache.device)] = blocks

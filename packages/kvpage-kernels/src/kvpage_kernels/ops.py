@@ -23,12 +23,12 @@ _MODULES = {"reference": "reference", "torch": "torch_backend", "triton": "trito
             "cupy": "cupy_backend"}
 
 
-def _triton_missing(device: torch.device) -> str | None:
+def _triton_missing(device: torch.device, interpret: bool) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
         return "the 'triton' package is not installed (pip install 'kvpage-kernels[triton]')"
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or interpret:
         return None
     return f"triton needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before import"
 
@@ -45,28 +45,29 @@ def _cupy_missing(device: torch.device) -> str | None:
     return None
 
 
-def _missing(name: str, device: torch.device) -> str | None:
+def _missing(name: str, device: torch.device, interpret: bool) -> str | None:
     """Why backend `name` cannot run on `device`, or None when it can."""
     if name == "triton":
-        return _triton_missing(device)
+        return _triton_missing(device, interpret)
     if name == "cupy":
         return _cupy_missing(device)
     return None
 
 
 @functools.lru_cache(maxsize=64)
-def _select(device_type: str, device_index: int | None, forced: str | None) -> str:
+def _select(device_type: str, device_index: int | None, forced: str | None,
+            interpret: bool) -> str:
     device = torch.device(device_type, device_index)
     if forced is not None:
         if forced not in BACKENDS:
             raise KernelInputError(f"unknown kernel backend {forced!r}; choose one of {BACKENDS}")
-        reason = _missing(forced, device)
+        reason = _missing(forced, device, interpret)
         if reason is not None:
             raise KernelBackendUnavailable(f"kernel backend {forced!r} is unavailable: {reason}")
         return forced
     if device.type == "cuda":
         for name in ("triton", "cupy"):
-            if _missing(name, device) is None:
+            if _missing(name, device, interpret) is None:
                 return name
     return "torch"
 
@@ -77,7 +78,8 @@ def select_backend(device: torch.device | str, prefer: str | None = None) -> str
     A forced backend that cannot run raises KernelBackendUnavailable naming what is missing."""
     device = torch.device(device)
     forced = prefer or os.environ.get(ENV_VAR) or None
-    return _select(device.type, device.index, forced)
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    return _select(device.type, device.index, forced, interpret)
 
 
 @functools.cache
