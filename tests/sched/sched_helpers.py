@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvpage_cache import BlockPool, KVCacheManager
-
 from kvpage_sched import Request, Scheduler, SchedulerConfig, SchedulerOutput
 
 BLOCK_SIZE = 4

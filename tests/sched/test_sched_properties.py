@@ -9,10 +9,15 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from kvpage_sched import (
+    FinishReason,
+    Request,
+    RequestRejectedError,
+    RequestStatus,
+    Scheduler,
+    SchedulerOutput,
+)
 from sched_helpers import BLOCK_SIZE, make_sched
-
-from kvpage_sched import (FinishReason, Request, RequestRejectedError, RequestStatus, Scheduler,
-                          SchedulerOutput)
 
 MAX_MODEL_LEN = 64
 

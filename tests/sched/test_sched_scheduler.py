@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from kvpage_sched import (
+    FinishReason,
+    Request,
+    RequestNotFoundError,
+    RequestRejectedError,
+    RequestStatus,
+    SchedulerConfig,
+    SchedulerConfigError,
+)
 from sched_helpers import BLOCK_SIZE, ids, make_sched, req, run_until_done, step
-
-from kvpage_sched import (FinishReason, Request, RequestNotFoundError, RequestRejectedError,
-                          RequestStatus, SchedulerConfig, SchedulerConfigError)
 
 
 def test_fcfs_admits_in_arrival_order():
