@@ -332,6 +332,21 @@ def test_fork_of_a_waiting_parent_waits_too():
     assert sched.get_request("c").num_output_tokens == 4
 
 
+def test_fork_of_a_parent_that_just_finished():
+    sched, cache = make_sched()
+    sched.add_request(req("p", max_tokens=1))
+    step(sched, token=1)
+    assert sched.get_request("p").finish_reason is FinishReason.LENGTH
+    done = sched.fork_request("p", "c1", [2])  # already has max_tokens tokens
+    assert done.finish_reason is FinishReason.LENGTH
+    sched.add_request(req("q", max_tokens=3))
+    step(sched, token=1, finished={"q": "stop"})
+    child = sched.fork_request("q", "c2", [3])  # q holds no KV any more: c2 recomputes
+    assert child.status is RequestStatus.WAITING
+    run_until_done(sched)
+    assert child.output_token_ids == [3, 7, 7] and cache.usage() == 0.0
+
+
 def test_fork_rejects_tokens_that_contradict_the_parent():
     sched, _ = make_sched()
     sched.add_request(req("p", max_tokens=8))

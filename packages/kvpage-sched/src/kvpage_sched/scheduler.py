@@ -130,6 +130,8 @@ class Scheduler:
             self.running.append(child)
         else:
             self.waiting.push_front(child)
+        if self._tokens_left(child) <= 0:  # born complete: nothing to compute
+            self._finish(child, FinishReason.LENGTH)
         return child
 
     def get_request(self, request_id: str) -> Request:
