@@ -29,7 +29,7 @@ class TokenLogprobs:
 
     def entries(self) -> dict[int, tuple[float, int]]:
         """token id -> (logprob, rank) for the top-k tokens and the chosen one."""
-        out = {t: (lp, r) for r, (t, lp) in enumerate(zip(self.top_ids, self.top_logprobs), 1)}
+        out = {t: (lp, r) for r, (t, lp) in enumerate(zip(self.top_ids, self.top_logprobs, strict=True), 1)}
         out.setdefault(self.token_id, (self.logprob, self.rank))
         return out
 

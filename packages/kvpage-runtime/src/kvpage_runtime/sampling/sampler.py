@@ -46,13 +46,10 @@ class Sampler:
         logprobs = self._logprobs(logits, rows)
         logits = _apply_logits_processors(logits, rows)
         greedy = [r.params.is_greedy for r in rows]
-        if all(greedy):
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, rows, greedy)
+        tokens = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, rows, greedy)
         token_list = tokens.tolist()
         if any(lp is not None for lp in logprobs):
-            logprobs = [None if lp is None else lp.with_sampled(t) for lp, t in zip(logprobs, token_list)]
+            logprobs = [None if lp is None else lp.with_sampled(t) for lp, t in zip(logprobs, token_list, strict=True)]
         return SamplerOutput(token_list, logprobs)
 
     @staticmethod
@@ -61,7 +58,7 @@ class Sampler:
         out: list[TokenLogprobs | None] = [None] * len(rows)
         if wanted:
             ks = [rows[i].params.logprobs for i in wanted]
-            for i, lp in zip(wanted, top_logprobs(logits[wanted], ks)):
+            for i, lp in zip(wanted, top_logprobs(logits[wanted], ks), strict=True):
                 out[i] = lp
         return out
 
@@ -70,7 +67,7 @@ class Sampler:
         device = logits.device
         greedy_mask = torch.tensor(greedy, device=device)
         argmax = logits.argmax(dim=-1)
-        temps = torch.tensor([1.0 if g else r.params.temperature for r, g in zip(rows, greedy)],
+        temps = torch.tensor([1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)],
                              device=device)
         logits = logits / temps.unsqueeze(1)
         logits = _apply_top_k_top_p(logits, rows)
@@ -99,12 +96,12 @@ def _apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) 
         return logits
     logits = logits.clone()
     if bias:
-        ri, ti, bv = zip(*bias)
+        ri, ti, bv = zip(*bias, strict=True)
         logits[list(ri), list(ti)] += torch.tensor(bv, device=logits.device)
     if penalized:
         logits[penalized] = _apply_penalties(logits[penalized], [rows[i] for i in penalized])
     if blocked:
-        ri, ti = zip(*blocked)
+        ri, ti = zip(*blocked, strict=True)
         logits[list(ri), list(ti)] = float("-inf")
     return logits
 

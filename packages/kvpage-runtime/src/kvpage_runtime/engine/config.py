@@ -1,0 +1,57 @@
+"""EngineConfig: everything the engine needs to start, with the defaults of the offline API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpage_runtime.errors import EngineConfigError
+
+CPU_MAX_MODEL_LEN = 8192
+
+
+@dataclass
+class EngineConfig:
+    """Engine settings.
+
+    ``model`` None serves the default model (SmolLM2-135M-Instruct GGUF). ``kv_cache_memory``
+    is a byte count, or on a GPU a float fraction of the free device memory; None picks a
+    default (see ``engine.kv_budget``). ``max_model_len`` None takes the model's context length,
+    capped to 8192 on the CPU.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | float | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    device: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise EngineConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        mem = self.kv_cache_memory
+        if mem is not None and (mem <= 0 or (isinstance(mem, float) and mem > 1.0)):
+            raise EngineConfigError(
+                f"kv_cache_memory must be a positive byte count or a fraction in (0, 1], got {mem}")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolve_max_model_len(self, model_max: int) -> int:
+        """The context length served: asked for, or the model's (capped on the CPU)."""
+        if self.max_model_len is not None:
+            return self.max_model_len
+        if torch.device(self.device).type == "cpu":
+            return min(model_max, CPU_MAX_MODEL_LEN)
+        return model_max

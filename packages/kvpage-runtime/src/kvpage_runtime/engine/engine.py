@@ -1,0 +1,356 @@
+"""LLMEngine: tokenize -> schedule -> run the model -> sample -> detokenize -> check stops -> update.
+
+One ``step()`` is one forward pass over whatever the scheduler picked (prompt chunks and
+decode tokens together). The engine is synchronous and single-threaded; ``LLM`` drives it to
+completion and ``AsyncLLM`` drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from kvpage_cache import BlockPool, KVCacheManager
+from kvpage_sched import (
+    FinishReason,
+    Request,
+    RequestRejectedError,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+)
+
+from kvpage_runtime.engine.config import EngineConfig
+from kvpage_runtime.engine.detokenizer import IncrementalDetokenizer, make_token_decoder
+from kvpage_runtime.engine.kv_budget import plan_kv_cache
+from kvpage_runtime.engine.outputs import (
+    EngineStats,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+    StepTimings,
+)
+from kvpage_runtime.engine.sequence import RequestGroup, Sequence
+from kvpage_runtime.engine.stop import stop_by_length, stop_by_string, stop_by_token
+from kvpage_runtime.errors import InvalidRequestError, ModelLoadError
+from kvpage_runtime.loaders import load_model
+from kvpage_runtime.loaders.hf import load_tokenizer
+from kvpage_runtime.model_runner import ModelRunner
+from kvpage_runtime.sampling import (
+    Sampler,
+    SamplingParams,
+    SamplingRow,
+    TokenLogprobs,
+    top_logprobs,
+)
+
+logger = logging.getLogger("kvpage_runtime")
+
+
+@dataclass
+class _StepPlan:
+    """Which rows of the step's flat hidden states get logits, and what each is for."""
+
+    logits_indices: list[int] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)
+    sample_logit_rows: list[int] = field(default_factory=list)
+    forking: list[RequestGroup] = field(default_factory=list)
+    # (group, first prompt position, end position, first logits row)
+    prompt_logprob_jobs: list[tuple[RequestGroup, int, int, int]] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        started = time.perf_counter()
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        self.load_seconds = time.perf_counter() - started
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        if config.tokenizer is not None:
+            self.tokenizer = load_tokenizer(Path(config.tokenizer))
+        if self.tokenizer is None:
+            raise ModelLoadError(f"no tokenizer found for {config.model!r}: pass tokenizer=...")
+        self.chat_template = loaded.chat_template
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+        self.model_name = config.served_model_name or config.model or "SmolLM2-135M-Instruct"
+        self.max_model_len = config.resolve_max_model_len(self.model_config.max_position_embeddings)
+        self.device = torch.device(config.device)
+        budget = plan_kv_cache(
+            bytes_per_token=self.model_config.kv_cache_bytes_per_token(),
+            block_size=config.block_size, max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs, kv_cache_memory=config.kv_cache_memory,
+            device=self.device)
+        pool = BlockPool(budget.num_blocks, config.block_size,
+                         enable_prefix_caching=config.enable_prefix_caching)
+        self.cache = KVCacheManager(pool)
+        self.scheduler = Scheduler(self.cache, self._scheduler_config())
+        self.runner = ModelRunner(loaded.model, self.model_config, budget.num_blocks,
+                                  config.block_size, self.device, self.model_config.dtype)
+        self.sampler = Sampler(config.seed)
+        self.timings = StepTimings()
+        self.num_preemptions = 0
+        self._decode_token = make_token_decoder(self.tokenizer)
+        self._groups: dict[str, RequestGroup] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._salt = itertools.count()
+
+    def _scheduler_config(self) -> SchedulerConfig:
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens
+        if not cfg.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        return SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
+                               max_model_len=self.max_model_len,
+                               enable_chunked_prefill=cfg.enable_chunked_prefill)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def add_request(self, request_id: str, prompt: str | Seq[int],
+                    params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> RequestGroup:
+        """Validates and queues a request; raises InvalidRequestError when it cannot be served."""
+        params = params or SamplingParams()
+        if request_id in self._groups or request_id in self._seqs:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        token_ids = self.tokenize(prompt)
+        self._validate(token_ids, params)
+        group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids,
+                             params, RequestMetrics(arrival_time or time.time()))
+        if params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
+        group.seqs = [self._new_sequence(group, i) for i in range(params.n)]
+        request = Request(request_id, token_ids,
+                          max_tokens=min(params.max_tokens, self.max_model_len - len(token_ids)),
+                          extra_keys=self._cache_keys(group))
+        try:
+            self.scheduler.add_request(request)
+        except RequestRejectedError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        self._groups[request_id] = group
+        self._seqs[request_id] = group.seqs[0]
+        return group
+
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens, max_model_len is "
+                                      f"{self.max_model_len} (prompt + output must fit)")
+        vocab = self.model_config.vocab_size
+        if max(token_ids) >= vocab or min(token_ids) < 0:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        params.validate_vocab(vocab)
+
+    def _cache_keys(self, group: RequestGroup) -> tuple:
+        """Prompt logprobs need every prompt position computed: a unique salt avoids prefix hits."""
+        if group.prompt_logprobs is None:
+            return ()
+        return (("salt", f"prompt-logprobs-{next(self._salt)}"),)
+
+    def _new_sequence(self, group: RequestGroup, index: int) -> Sequence:
+        seq_id = group.request_id if index == 0 else f"{group.request_id}#{index}"
+        params = group.params
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator().manual_seed(params.seed + index)
+        detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
+                                       params.skip_special_tokens)
+        return Sequence(seq_id, index, group, detok, generator,
+                        logprobs=[] if params.logprobs is not None else None)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request now; its blocks go back to the pool. Returns its final output."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return None
+        for seq in group.seqs:
+            if self._seqs.pop(seq.seq_id, None) is not None and not seq.finished:
+                self.scheduler.abort_request(seq.seq_id)
+            if not seq.finished:
+                seq.finish_reason = "abort"
+        group.metrics.finished_time = time.time()
+        return group.to_output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._groups)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; returns the outputs of requests that got tokens or finished."""
+        t0 = time.perf_counter()
+        out = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        self.timings.schedule += t1 - t0
+        self.num_preemptions += len(out.preempted_ids)
+        if out.is_empty:
+            return []
+        self.runner.copy_blocks(out.block_copies)
+        plan = self._plan(out.scheduled)
+        batch = self.runner.prepare(out.scheduled)
+        t2 = time.perf_counter()
+        logits = self.runner.execute(batch, plan.logits_indices)
+        t3 = time.perf_counter()
+        rows = [self._sampling_row(seq) for seq in plan.sample_seqs]
+        sampled = self.sampler(logits[plan.sample_logit_rows], rows) if rows else None
+        self._prompt_logprobs(plan, logits)
+        t4 = time.perf_counter()
+        touched = self._apply_samples(out, plan, sampled)
+        outputs = [self._finish_output(g) for g in touched]
+        t5 = time.perf_counter()
+        self._record(t1, t2, t3, t4, t5, len(plan.sample_seqs))
+        return outputs
+
+    def _plan(self, scheduled: list[ScheduledRequest]) -> _StepPlan:
+        plan = _StepPlan()
+        offset = 0
+        now = time.time()
+        for sr in scheduled:
+            seq = self._seqs[sr.request_id]
+            group = seq.group
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
+            if group.wants_prompt_logprobs:
+                self._plan_prompt_logprobs(plan, group, sr, offset)
+            if not sr.is_prefill_chunk:
+                row = len(plan.logits_indices)
+                plan.logits_indices.append(offset + sr.num_tokens - 1)
+                targets = [seq]
+                if len(group.seqs) > 1 and not group.forked:
+                    targets = group.seqs
+                    plan.forking.append(group)
+                plan.sample_seqs += targets
+                plan.sample_logit_rows += [row] * len(targets)
+            offset += sr.num_tokens
+        return plan
+
+    @staticmethod
+    def _plan_prompt_logprobs(plan: _StepPlan, group: RequestGroup, sr: ScheduledRequest,
+                              offset: int) -> None:
+        """Positions lo..hi-1 of this chunk predict prompt tokens lo+1..hi."""
+        lo = sr.start
+        hi = min(sr.start + sr.num_tokens, len(group.prompt_token_ids) - 1)
+        if hi <= lo or lo + 1 != len(group.prompt_logprobs):
+            return
+        plan.prompt_logprob_jobs.append((group, lo, hi, len(plan.logits_indices)))
+        plan.logits_indices += range(offset, offset + hi - lo)
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        params = seq.group.params
+        blocked: list[int] = []
+        if len(seq.token_ids) < params.min_tokens:
+            blocked = list(params.stop_token_ids)
+            if not params.ignore_eos:
+                blocked += self.eos_token_ids
+        return SamplingRow(params, seq.group.prompt_token_ids, seq.token_ids, seq.generator,
+                           blocked)
+
+    def _prompt_logprobs(self, plan: _StepPlan, logits: torch.Tensor) -> None:
+        for group, lo, hi, row in plan.prompt_logprob_jobs:
+            k = group.params.prompt_logprobs
+            entries = top_logprobs(logits[row : row + hi - lo], [k] * (hi - lo))
+            targets = group.prompt_token_ids[lo + 1 : hi + 1]
+            group.prompt_logprobs += [self._position(e.with_sampled(t))
+                                      for e, t in zip(entries, targets, strict=True)]
+
+    def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
+        return {t: Logprob(v, r, self._decode_token(t)) for t, (v, r) in lp.entries().items()}
+
+    def _apply_samples(self, out, plan: _StepPlan, sampled) -> list[RequestGroup]:
+        """Appends sampled tokens, checks stops, updates the scheduler, forks n > 1 requests."""
+        new_tokens: dict[str, list[int]] = {}
+        finished: dict[str, FinishReason] = {}
+        touched: dict[str, RequestGroup] = {}
+        now = time.time()
+        if sampled is not None:
+            for seq, token, lp in zip(plan.sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+                self._append_token(seq, token, lp)
+                touched[seq.group.request_id] = seq.group
+                if seq.seq_id in self._seqs:
+                    new_tokens[seq.seq_id] = [token]
+                    if seq.finished:
+                        finished[seq.seq_id] = FinishReason(seq.finish_reason)
+        forking_parents = {g.request_id for g in plan.forking}
+        deferred = {rid: finished.pop(rid) for rid in forking_parents if rid in finished}
+        self.scheduler.update_from_output(out, new_tokens, finished)
+        for group in plan.forking:
+            self._fork(group)
+        for rid in deferred:
+            self.scheduler.abort_request(rid)
+        for group in touched.values():
+            metrics = group.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.last_token_time = now
+        return list(touched.values())
+
+    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> None:
+        seq.token_ids.append(token)
+        if lp is not None:
+            seq.logprobs.append(self._position(lp))
+            seq.cumulative_logprob += lp.logprob
+        params = seq.group.params
+        n_out = len(seq.token_ids)
+        decision = stop_by_token(params, token, n_out, self.eos_token_ids)
+        delta = ""
+        if decision is None or params.include_stop_str_in_output:
+            delta = seq.detokenizer.push(token)
+        decision = (decision or stop_by_string(params, seq.detokenizer.text, len(delta), n_out)
+                    or stop_by_length(params, n_out, len(seq.group.prompt_token_ids) + n_out,
+                                      self.max_model_len))
+        if decision is not None:
+            seq.finish_reason = decision.finish_reason
+            seq.stop_reason = decision.stop_reason
+            seq.text_end = decision.truncate_to
+
+    def _fork(self, group: RequestGroup) -> None:
+        """After the prompt: children share the parent's blocks, each with its own first token."""
+        group.forked = True
+        parent_id = group.seqs[0].seq_id
+        for child in group.seqs[1:]:
+            if child.finished:
+                continue
+            self.scheduler.fork_request(parent_id, child.seq_id, list(child.token_ids))
+            self._seqs[child.seq_id] = child
+
+    def _finish_output(self, group: RequestGroup) -> RequestOutput:
+        if group.finished:
+            group.metrics.finished_time = time.time()
+            self._groups.pop(group.request_id, None)
+            for seq in group.seqs:
+                self._seqs.pop(seq.seq_id, None)
+        return group.to_output()
+
+    def _record(self, t1: float, t2: float, t3: float, t4: float, t5: float, n: int) -> None:
+        tm = self.timings
+        tm.prepare_inputs += t2 - t1
+        tm.forward += t3 - t2
+        tm.sample += t4 - t3
+        tm.update += t5 - t4
+        tm.steps += 1
+        tm.output_tokens += n
+
+    # ---- introspection --------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        cache = self.cache
+        total, free = cache.num_blocks, cache.num_free_blocks
+        return EngineStats(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=cache.usage(), prefix_cache_hit_rate=cache.stats.hit_rate,
+            num_free_blocks=free, num_total_blocks=total, num_blocks_held=total - free)

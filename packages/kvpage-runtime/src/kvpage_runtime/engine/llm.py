@@ -1,0 +1,104 @@
+"""LLM: the offline API. Queue every prompt, step the engine until all are done."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvpage_runtime.engine.config import EngineConfig
+from kvpage_runtime.engine.engine import LLMEngine
+from kvpage_runtime.engine.outputs import RequestOutput
+from kvpage_runtime.errors import InvalidRequestError
+from kvpage_runtime.sampling import SamplingParams
+
+Prompt = str | Sequence[int]
+Messages = list[dict[str, Any]]
+
+
+class LLM:
+    """``LLM(model=None, **EngineConfig fields).generate(prompts, SamplingParams(...))``."""
+
+    def __init__(self, model: str | None = None, **config: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **config))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt] | None = None,
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generates for every prompt (text or token ids); outputs come back in input order."""
+        batch = _as_prompt_list(prompts, prompt_token_ids)
+        params = _as_params_list(sampling_params, len(batch))
+        ids = [f"{next(self._ids)}" for _ in batch]
+        try:
+            for rid, prompt, p in zip(ids, batch, params, strict=True):
+                self.engine.add_request(rid, prompt, p)
+        except InvalidRequestError:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        finals = self._run(len(batch), use_tqdm)
+        return [finals[rid] for rid in ids]
+
+    def chat(self, messages: Messages | Sequence[Messages],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Applies the tokenizer's chat template to each conversation, then generates."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        kwargs = {}
+        if self.engine.chat_template is not None and getattr(tokenizer, "chat_template", None) is None:
+            kwargs["chat_template"] = self.engine.chat_template
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                            tokenize=True, return_dict=False, **kwargs)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+    def _run(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        finals: dict[str, RequestOutput] = {}
+        bar = tqdm(total=total, desc="Generating", unit="req", disable=not use_tqdm)
+        started, out_tokens = time.perf_counter(), 0
+        while self.engine.has_unfinished_requests():
+            for output in self.engine.step():
+                if output.finished:
+                    finals[output.request_id] = output
+                    out_tokens += sum(len(c.token_ids) for c in output.outputs)
+                    bar.update(1)
+                    rate = out_tokens / max(time.perf_counter() - started, 1e-9)
+                    bar.set_postfix_str(f"output {rate:.1f} tok/s", refresh=False)
+        bar.close()
+        return finals
+
+
+def _as_prompt_list(prompts: Prompt | Sequence[Prompt] | None,
+                    prompt_token_ids: Sequence[Sequence[int]] | None) -> list[Prompt]:
+    if prompt_token_ids is not None:
+        return [list(p) for p in prompt_token_ids]
+    if prompts is None:
+        raise InvalidRequestError("give prompts or prompt_token_ids")
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], int):
+        return [prompts]
+    return prompts
+
+
+def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,
+                    n: int) -> list[SamplingParams]:
+    if params is None or isinstance(params, SamplingParams):
+        return [params or SamplingParams()] * n
+    params = list(params)
+    if len(params) != n:
+        raise InvalidRequestError(f"got {len(params)} sampling_params for {n} prompts")
+    return params

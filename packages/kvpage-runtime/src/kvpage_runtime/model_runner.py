@@ -1,0 +1,88 @@
+"""ModelRunner: owns the paged KV cache, turns a scheduled step into a ForwardBatch, runs the model.
+
+Per step the Python work is one short loop over the scheduled requests (their token slices and
+block tables); positions and slot mappings are computed with numpy over all tokens at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from kvpage_kernels import copy_blocks
+
+from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.forward_batch import ForwardBatch
+
+
+class ScheduledLike(Protocol):
+    """The fields of kvpage_sched.ScheduledRequest the runner reads."""
+
+    request: Any  # has all_token_ids
+    start: int
+    num_tokens: int
+    block_ids: Sequence[int]
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
+                 block_size: int, device: torch.device, kv_dtype: torch.dtype) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=kv_dtype, device=device),
+             torch.zeros(shape, dtype=kv_dtype, device=device))
+            for _ in range(config.num_layers)
+        ]
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        if pairs:
+            copy_blocks(self.kv_caches, list(pairs))
+
+    def prepare(self, scheduled: Sequence[ScheduledLike]) -> ForwardBatch:
+        """Builds the flat batch: sequence i's tokens are all_token_ids[start:start+num_tokens]."""
+        num_seqs = len(scheduled)
+        starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=num_seqs)
+        q_lens = np.fromiter((s.num_tokens for s in scheduled), dtype=np.int64, count=num_seqs)
+        tables = [s.block_ids for s in scheduled]
+        max_blocks = max(len(t) for t in tables)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
+        ids: list[int] = []
+        for i, s in enumerate(scheduled):
+            block_tables[i, : len(tables[i])] = tables[i]
+            ids += s.request.all_token_ids[s.start : s.start + s.num_tokens]
+        query_start = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=query_start[1:])
+        total = int(query_start[-1])
+        seq_index = np.repeat(np.arange(num_seqs), q_lens)
+        positions = np.arange(total, dtype=np.int64) + np.repeat(starts - query_start[:-1], q_lens)
+        slots = (block_tables[seq_index, positions // self.block_size] * self.block_size
+                 + positions % self.block_size)
+        seq_lens = starts + q_lens
+        return ForwardBatch(
+            input_ids=self._tensor(np.asarray(ids, dtype=np.int64)),
+            positions=self._tensor(positions),
+            slot_mapping=self._tensor(slots),
+            block_tables=self._tensor(block_tables.astype(np.int32)),
+            seq_lens=self._tensor(seq_lens.astype(np.int32)),
+            query_start_loc=self._tensor(query_start.astype(np.int32)),
+            max_seq_len=int(seq_lens.max()),
+            max_query_len=int(q_lens.max()),
+        )
+
+    @torch.inference_mode()
+    def execute(self, batch: ForwardBatch, logits_indices: Sequence[int]) -> torch.Tensor:
+        """Runs the model; returns fp32 logits for the flat token indices asked for."""
+        hidden = self.model(batch, self.kv_caches)
+        if not len(logits_indices):
+            return torch.empty(0, self.config.vocab_size, device=self.device)
+        index = torch.as_tensor(np.asarray(logits_indices, dtype=np.int64), device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, index)).float()
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
