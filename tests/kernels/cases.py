@@ -48,7 +48,7 @@ def make_problem(seq_lens: list[int], q_lens: list[int], *, num_kv_heads=2, grou
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
-    for i, (n, nb) in enumerate(zip(seq_lens, needed)):
+    for i, (n, nb) in enumerate(zip(seq_lens, needed, strict=True)):
         blocks = [ids.pop() for _ in range(nb)]
         tables[i, :nb] = torch.tensor(blocks, dtype=torch.int32)
         for p in range(n):

@@ -7,10 +7,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import kvpage_kernels
 import pytest
 import torch
-
-import kvpage_kernels
 from kvpage_kernels import KernelBackendUnavailable, paged_attention, select_backend, write_kv
 
 from .cases import assert_close, make_problem, poisoned_like

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvpage_kernels import (
     KernelBackendUnavailable,
     KernelInputError,
@@ -65,7 +64,7 @@ def test_copy_blocks(backend, as_tensor):
         for src, dst in pairs:
             k[dst], v[dst] = k[src], v[src]
     copy_blocks(caches, torch.tensor(pairs) if as_tensor else pairs, backend=backend)
-    for (k, v), (ek, ev) in zip(caches, expected):
+    for (k, v), (ek, ev) in zip(caches, expected, strict=True):
         assert torch.equal(k, ek) and torch.equal(v, ev)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvpage_kernels import paged_attention, write_kv
 
 from .cases import assert_close, make_problem, poisoned_like

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kvpage_kernels import copy_blocks, paged_attention, select_backend, write_kv
 
 from .cases import assert_close, make_problem, poisoned_like
@@ -98,7 +97,7 @@ def test_copy_blocks():
     pairs = [(0, 3), (5, 1)]
     copy_blocks(caches, pairs, backend="triton")
     copy_blocks(expected, pairs, backend="reference")
-    for (k, v), (ek, ev) in zip(caches, expected):
+    for (k, v), (ek, ev) in zip(caches, expected, strict=True):
         assert torch.equal(k, ek) and torch.equal(v, ev)
 
 

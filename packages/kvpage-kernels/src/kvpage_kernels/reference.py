@@ -54,12 +54,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
 
 
 def copy_blocks(kv_caches, src_dst) -> None:
-    for src, dst in zip(*pairs_to_lists(src_dst)):
+    for src, dst in zip(*pairs_to_lists(src_dst), strict=True):
         for k_cache, v_cache in kv_caches:
             k_cache[dst] = k_cache[src]
             v_cache[dst] = v_cache[src]
 
 
 def swap_blocks(src_cache, dst_cache, mapping) -> None:
-    for src, dst in zip(*pairs_to_lists(mapping)):
+    for src, dst in zip(*pairs_to_lists(mapping), strict=True):
         dst_cache[dst] = src_cache[src].to(dst_cache.device)

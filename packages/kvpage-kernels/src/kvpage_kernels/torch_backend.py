@@ -10,6 +10,8 @@ a real slot of the same sequence and are masked, so no unused (possibly NaN) slo
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -30,12 +32,34 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
 # Decode batches on the CPU are cut into chunks of this many sequences, sorted by length: each
 # chunk pads only to its own longest context and its gathered K/V stay in the CPU cache.
 DECODE_CHUNK = 32
+# Gathers of up to this many bytes reuse a per-thread buffer (larger ones are allocated).
+WORKSPACE_MAX_BYTES = 64 << 20
+_workspace = threading.local()
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def _buffer(which: int, numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A reusable per-thread CPU buffer (which: 0 for keys, 1 for values). Fresh multi-MB
+    allocations on every call cost more in page faults than the gather itself."""
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    key = (which, like.dtype)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=like.dtype)
+    return buf[:numel]
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, which: int) -> torch.Tensor:
     """cache rows at `slots` [seqs, ctx] as a [seqs, kv_heads, ctx, d] view."""
     num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    rows = cache.view(-1, num_kv_heads, head_dim).index_select(0, slots.reshape(-1))
+    flat = cache.view(-1, num_kv_heads, head_dim)
+    index = slots.reshape(-1)
+    if cache.device.type == "cpu" and cache[0, 0].nbytes * index.numel() <= WORKSPACE_MAX_BYTES:
+        out = _buffer(which, index.numel() * num_kv_heads * head_dim, cache)
+        rows = torch.index_select(flat, 0, index, out=out.view(-1, num_kv_heads, head_dim))
+    else:
+        rows = flat.index_select(0, index)
     return rows.view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
 
 
@@ -72,7 +96,7 @@ def _decode_chunk(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_wi
         ctx = min(ctx, sliding_window)
         first = (seq_lens - sliding_window).clamp(min=0)
     slots, _, valid = _slots(block_tables, first, seq_lens, ctx, k_cache.shape[1])
-    keys, values = _gather(k_cache, slots), _gather(v_cache, slots)
+    keys, values = _gather(k_cache, slots, 0), _gather(v_cache, slots, 1)
     grouped = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = _attend(grouped, keys, values, valid.view(num_seqs, 1, 1, ctx), scale, softcap)
     return out.reshape(num_seqs, num_heads, head_dim)
@@ -109,7 +133,7 @@ def _prefill_one(q, k_cache, v_cache, table, seq_len: int, scale, sliding_window
     seq_len_t = torch.tensor([seq_len], device=q.device)
     first_t = torch.tensor([first_k], device=q.device)
     slots, k_pos, _ = _slots(table.unsqueeze(0), first_t, seq_len_t, ctx, k_cache.shape[1])
-    keys, values = _gather(k_cache, slots), _gather(v_cache, slots)
+    keys, values = _gather(k_cache, slots, 0), _gather(v_cache, slots, 1)
     q_pos = torch.arange(first_q, seq_len, device=q.device).unsqueeze(1)
     mask = k_pos <= q_pos
     if sliding_window is not None:

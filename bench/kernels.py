@@ -1,0 +1,283 @@
+"""Paged attention kernels: speed against the reference and against SDPA on contiguous K/V.
+
+CPU (always): the torch backend against the reference backend and against
+F.scaled_dot_product_attention on contiguous (padded) K/V, for decode and prefill at a few
+shapes including SmolLM2-135M's (9 q heads, 3 kv heads, head_dim 64) at 64 sequences.
+GPU (when CUDA is present): device copy bandwidth; paged decode achieved bandwidth at
+Llama-3-8B shapes (32 q heads, 8 kv heads, d 128, block 16) for each GPU backend, batch
+1/16/64/256 x context 512/2k/8k, against SDPA on contiguous K/V; prefill TFLOP/s.
+
+    python bench/kernels.py [--json] [--append-results bench/RESULTS.md] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from kvpage_kernels import paged_attention, select_backend
+
+
+@dataclass
+class Shape:
+    name: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 16
+
+
+SMOLLM2 = Shape("SmolLM2-135M", 9, 3, 64)
+LLAMA3_8B = Shape("Llama-3-8B", 32, 8, 128)
+
+
+@dataclass
+class Batch:
+    """A paged batch plus the same K/V laid out contiguously ([seqs, kv_heads, ctx, d],
+    padded to the longest context) for the SDPA baseline."""
+    q: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_seq_len: int
+    max_query_len: int
+    keys: torch.Tensor
+    values: torch.Tensor
+
+    def paged(self, backend: str) -> torch.Tensor:
+        return paged_attention(self.q, self.k_cache, self.v_cache, self.block_tables,
+                               self.seq_lens, self.query_start_loc, self.q.shape[-1] ** -0.5,
+                               max_seq_len=self.max_seq_len, max_query_len=self.max_query_len,
+                               backend=backend)
+
+
+def make_batch(shape: Shape, seq_lens: list[int], q_lens: list[int], dtype, device) -> Batch:
+    bs, hkv, d = shape.block_size, shape.num_kv_heads, shape.head_dim
+    blocks_per_seq = [(n + bs - 1) // bs for n in seq_lens]
+    num_blocks = sum(blocks_per_seq)
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    max_blocks = max(blocks_per_seq)
+    tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32, device=device)
+    k_cache = torch.randn(num_blocks, bs, hkv, d, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    max_len = max(seq_lens)
+    keys = torch.zeros(len(seq_lens), hkv, max_len, d, dtype=dtype, device=device)
+    values = torch.zeros_like(keys)
+    used = 0
+    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
+        ids = perm[used:used + nb]
+        used += nb
+        tables[i, :nb] = ids
+        keys[i, :, :n] = k_cache[ids.long()].flatten(0, 1)[:n].transpose(0, 1)
+        values[i, :, :n] = v_cache[ids.long()].flatten(0, 1)[:n].transpose(0, 1)
+    q = torch.randn(sum(q_lens), shape.num_heads, d, dtype=dtype, device=device)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32,
+                          device=device)
+    return Batch(q, k_cache, v_cache, tables, torch.tensor(seq_lens, dtype=torch.int32,
+                 device=device), starts, max_len, max(q_lens), keys, values)
+
+
+def sdpa_decode(batch: Batch) -> Callable[[], torch.Tensor]:
+    """Baseline: one SDPA call over contiguous padded K/V with a length mask."""
+    seqs, hkv, ctx, d = batch.keys.shape
+    group = batch.q.shape[1] // hkv
+    q = batch.q.view(seqs, hkv, group, d)
+    mask = (torch.arange(ctx, device=q.device) < batch.seq_lens[:, None]).view(seqs, 1, 1, ctx)
+    return lambda: F.scaled_dot_product_attention(q, batch.keys, batch.values, attn_mask=mask)
+
+
+def sdpa_prefill(batch: Batch) -> Callable[[], torch.Tensor]:
+    """Baseline: causal SDPA per sequence over contiguous K/V (whole prompts, no cache)."""
+    starts = batch.query_start_loc.tolist()
+    lens = batch.seq_lens.tolist()
+
+    def run():
+        for i, n in enumerate(lens):
+            q = batch.q[starts[i]:starts[i + 1]].transpose(0, 1).unsqueeze(0)
+            F.scaled_dot_product_attention(q, batch.keys[i:i + 1, :, :n],
+                                           batch.values[i:i + 1, :, :n], is_causal=True,
+                                           enable_gqa=True)
+    return run
+
+
+def time_cpu(fns: dict[str, Callable[[], object]], min_reps: int = 3,
+             budget_s: float = 2.0) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved round-robin so that a
+    change of load on a shared machine hits every contender alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    deadline = time.perf_counter() + budget_s
+    while min(map(len, times.values())) < min_reps or (
+            time.perf_counter() < deadline and len(times[next(iter(fns))]) < 50):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def time_cuda(fn: Callable[[], object], reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def cpu_cases(quick: bool) -> list[tuple[str, Shape, list[int], list[int], torch.dtype]]:
+    rng = random.Random(0)
+    smol_ctx = [rng.randint(100, 300) for _ in range(64)]
+    cases = [
+        ("decode 64 seqs ctx 100-300", SMOLLM2, smol_ctx, [1] * 64, torch.float32),
+        ("decode 64 seqs ctx 100-300", SMOLLM2, smol_ctx, [1] * 64, torch.bfloat16),
+        ("prefill 1 x 512", SMOLLM2, [512], [512], torch.float32),
+        ("prefill 4 x 256", SMOLLM2, [256] * 4, [256] * 4, torch.float32),
+    ]
+    if not quick:
+        cases += [
+            ("decode 16 seqs ctx 1024", LLAMA3_8B, [1024] * 16, [1] * 16, torch.float32),
+            ("prefill 1 x 1024", LLAMA3_8B, [1024], [1024], torch.bfloat16),
+        ]
+    return cases
+
+
+def run_cpu(quick: bool) -> list[dict]:
+    rows = []
+    for label, shape, seq_lens, q_lens, dtype in cpu_cases(quick):
+        batch = make_batch(shape, seq_lens, q_lens, dtype, "cpu")
+        decode = max(q_lens) == 1
+        baseline = sdpa_decode(batch) if decode else sdpa_prefill(batch)
+        fast = time_cpu({"torch": lambda b=batch: b.paged("torch"), "sdpa": baseline})
+        t_torch, t_sdpa = fast["torch"], fast["sdpa"]
+        t_ref = time_cpu({"ref": lambda b=batch: b.paged("reference")}, 1, 0)["ref"]
+        rows.append({"case": label, "model_shape": shape.name, "dtype": str(dtype)[6:],
+                     "torch_ms": t_torch * 1e3, "sdpa_contiguous_ms": t_sdpa * 1e3,
+                     "reference_ms": t_ref * 1e3, "torch_vs_sdpa": t_torch / t_sdpa,
+                     "reference_vs_torch": t_ref / t_torch})
+    return rows
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / time_cuda(lambda: dst.copy_(src)) / 1e9
+
+
+def gpu_backends() -> list[str]:
+    names = []
+    for name in ("triton", "cupy", "torch"):
+        try:
+            select_backend("cuda", name)
+            names.append(name)
+        except Exception:  # an unavailable backend is simply not measured
+            continue
+    return names
+
+
+def run_gpu(quick: bool) -> dict:
+    copy_gbs = copy_bandwidth()
+    decode = []
+    batches = [1, 16, 64] if quick else [1, 16, 64, 256]
+    for num_seqs in batches:
+        for ctx in (512, 2048, 8192):
+            batch = make_batch(LLAMA3_8B, [ctx] * num_seqs, [1] * num_seqs, torch.bfloat16,
+                               "cuda")
+            kv_bytes = 2 * batch.keys.numel() * batch.keys.element_size()
+            row = {"batch": num_seqs, "ctx": ctx,
+                   "sdpa_contiguous_gbs": kv_bytes / time_cuda(sdpa_decode(batch)) / 1e9}
+            for name in gpu_backends():
+                gbs = kv_bytes / time_cuda(lambda b=batch, n=name: b.paged(n)) / 1e9
+                row[f"{name}_gbs"] = gbs
+                row[f"{name}_of_copy"] = gbs / copy_gbs
+            decode.append(row)
+            del batch
+    prefill = []
+    for num_seqs, length in ((1, 4096), (8, 1024)):
+        batch = make_batch(LLAMA3_8B, [length] * num_seqs, [length] * num_seqs,
+                           torch.bfloat16, "cuda")
+        flops = 4 * num_seqs * LLAMA3_8B.num_heads * LLAMA3_8B.head_dim * length * length / 2
+        row = {"seqs": num_seqs, "len": length,
+               "sdpa_contiguous_tflops": flops / time_cuda(sdpa_prefill(batch)) / 1e12}
+        for name in gpu_backends():
+            row[f"{name}_tflops"] = flops / time_cuda(lambda b=batch, n=name: b.paged(n)) / 1e12
+        prefill.append(row)
+    return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "decode": decode,
+            "prefill": prefill}
+
+
+def print_table(rows: list[dict]) -> None:
+    if not rows:
+        return
+    keys = list(rows[0])
+    print(" | ".join(keys))
+    for row in rows:
+        print(" | ".join(f"{row.get(k, ''):.3g}" if isinstance(row.get(k), float)
+                         else str(row.get(k, "")) for k in keys))
+
+
+def markdown_section(result: dict, command: str) -> str:
+    lines = [f"\n## kvpage-kernels: paged attention ({result['date']})\n",
+             f"- Machine: {result['machine']}", f"- Command: `{command}`",
+             f"- torch {result['torch']}, {result['threads']} threads\n",
+             "| case | shape | dtype | torch backend ms | SDPA contiguous ms | reference ms "
+             "| torch / SDPA | reference / torch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["cpu"]:
+        lines.append(f"| {r['case']} | {r['model_shape']} | {r['dtype']} | {r['torch_ms']:.2f} "
+                     f"| {r['sdpa_contiguous_ms']:.2f} | {r['reference_ms']:.1f} "
+                     f"| {r['torch_vs_sdpa']:.2f} | {r['reference_vs_torch']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes")
+    parser.add_argument("--machine", default=platform.processor() or platform.machine(),
+                        help="machine description recorded with the results")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--append-results", metavar="PATH",
+                        help="append the CPU figures as a markdown section to PATH")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    result = {"date": datetime.date.today().isoformat(), "machine": args.machine,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": run_cpu(args.quick)}
+    print_table(result["cpu"])
+    if torch.cuda.is_available():
+        result["gpu"] = run_gpu(args.quick)
+        print(f"\n{result['gpu']['device']}: copy {result['gpu']['copy_gbs']:.0f} GB/s")
+        print_table(result["gpu"]["decode"])
+        print_table(result["gpu"]["prefill"])
+    if args.append_results:
+        command = "python bench/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        with open(args.append_results, "a") as f:
+            f.write(markdown_section(result, command))
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
