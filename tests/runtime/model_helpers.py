@@ -109,19 +109,32 @@ class PagedGreedyDriver:
             seq.top5.append(top.indices.tolist())
 
     def generate(
-        self, prompts: list[list[int]], max_new_tokens: int, prefill_chunks: int = 1
+        self, prompts: list[list[int]], max_new_tokens: int, prefill_chunks: int = 1, stagger: bool = False
     ) -> list[Sequence]:
-        """Prefill all prompts together (split into ``prefill_chunks`` calls), then decode in lockstep."""
+        """Greedy-decode ``max_new_tokens`` tokens for every prompt.
+
+        All prompts are prefilled together in one varlen call, or split over ``prefill_chunks``
+        calls; with ``stagger`` the first prompt is prefilled alone first and then decodes in
+        the same calls that prefill the others. Decoding then runs in lockstep.
+        """
         seqs = self.new_sequences(prompts)
+        waiting = list(range(len(seqs)))
+        if stagger:
+            self.step([(seqs[0], len(seqs[0].tokens))])
+            waiting = waiting[1:]
         for chunk in range(prefill_chunks):
-            work = []
-            for seq in seqs:
-                end = len(seq.tokens) * (chunk + 1) // prefill_chunks
-                work.append((seq, end - seq.num_computed))
+            work = [(s, 1) for i, s in enumerate(seqs) if i not in waiting and _generated(s) < max_new_tokens]
+            for i in waiting:
+                end = len(seqs[i].tokens) * (chunk + 1) // prefill_chunks
+                work.append((seqs[i], end - seqs[i].num_computed))
             self.step(work)
-        for _ in range(max_new_tokens - 1):
-            self.step([(seq, 1) for seq in seqs])
+        while unfinished := [s for s in seqs if _generated(s) < max_new_tokens]:
+            self.step([(s, 1) for s in unfinished])
         return seqs
+
+
+def _generated(seq: Sequence) -> int:
+    return len(seq.logprobs)
 
 
 @dataclass
@@ -175,3 +188,8 @@ def compare_greedy(
                 f"sequence {i} step {step}: logprob {seq.logprobs[step]} vs {ref.logprobs[step]}"
             )
     return near_ties
+
+
+def hf_reference(folder: Path, prompts: list[list[int]], max_new_tokens: int) -> list[Reference]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return [hf_greedy(model, p, max_new_tokens) for p in prompts]

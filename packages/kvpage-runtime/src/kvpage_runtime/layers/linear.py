@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpage_runtime.errors import ModelLoadError
+from kvpage_runtime.layers.weight_copy import copy_weight
 
 
 class LinearMethod(Protocol):
@@ -44,16 +44,10 @@ class UnquantizedLinearMethod:
 
     def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int) -> None:
         param = getattr(layer, name)
-        _copy_checked(param.data[offset : offset + size], tensor, f"{name} shard at {offset}")
+        copy_weight(param.data[offset : offset + size], tensor, f"{name} shard at {offset}")
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
-
-
-def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
-    if dst.shape != src.shape:
-        raise ModelLoadError(f"{what}: checkpoint shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
-    dst.copy_(src)
 
 
 class Linear(nn.Module):
@@ -86,7 +80,7 @@ class Linear(nn.Module):
         """Load checkpoint tensor ``name`` ("weight", "bias", or a quantized method's names) for one shard."""
         offset, size = self.shard_offsets[shard], self.output_sizes[shard]
         if name == "bias":
-            _copy_checked(self.bias.data[offset : offset + size], tensor, f"bias shard {shard}")
+            copy_weight(self.bias.data[offset : offset + size], tensor, f"bias shard {shard}")
         else:
             self.method.load_shard(self, name, tensor, offset, size)
 

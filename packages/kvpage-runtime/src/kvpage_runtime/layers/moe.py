@@ -14,7 +14,8 @@ class SparseMoE(nn.Module):
 
     Expert weights are stacked: ``w13`` [num_experts, 2 * intermediate, hidden] (gate then up),
     ``w2`` [num_experts, hidden, intermediate]. Tokens are grouped by expert with one sort, so
-    the work is one pair of matmuls per expert that received tokens.
+    the work is one pair of matmuls per expert that received tokens; the expert count per
+    expert is read back to the host once per layer.
     """
 
     def __init__(
@@ -62,19 +63,16 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
         flat_experts = experts.flatten()
-        order = flat_experts.argsort(stable=True)
+        order = flat_experts.argsort(stable=True)  # (token, choice) pairs grouped by expert
         counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        token_of = order // self.top_k
-        weight_of = weights.flatten()[order]
-        out = torch.zeros_like(x)
+        inputs = x.index_select(0, order // self.top_k)
+        outputs = []
         start = 0
         for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of[start : start + count]
-            gate, up = F.linear(x[tokens], self.w13[expert]).split(self.intermediate_size, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.w2[expert])
-            h = h * weight_of[start : start + count, None]
-            out.index_add_(0, tokens, h.to(out.dtype))
+            if count:
+                gate, up = F.linear(inputs[start : start + count], self.w13[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(F.silu(gate) * up, self.w2[expert]))
             start += count
-        return out
+        per_choice = torch.cat(outputs).index_select(0, order.argsort())  # back to (token, choice) order
+        mixed = per_choice.view(*experts.shape, -1) * weights.unsqueeze(-1)
+        return mixed.sum(dim=1).to(x.dtype)

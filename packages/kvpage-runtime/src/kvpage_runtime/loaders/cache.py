@@ -1,7 +1,7 @@
 """On-disk cache of converted GGUF models, so that a second load skips parsing and dequantizing.
 
 An entry is keyed by the GGUF file's name, size and modification time and holds the config
-(JSON), the dequantized fp32 weights with Hugging Face names (safetensors) and the converted
+(JSON), the dequantized fp32 weights in the model's parameter layout (safetensors) and the converted
 tokenizer (``save_pretrained``). Entries are written to a temporary folder and renamed into
 place, so a reader never sees a partial entry.
 """
@@ -22,7 +22,7 @@ import torch
 from kvpage_runtime.config import ModelConfig
 
 CACHE_ENV = "KVPAGE_CACHE_DIR"
-_FORMAT = 1
+_FORMAT = 2
 CONFIG_FILE = "kvpage_model.json"
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"

@@ -1,20 +1,24 @@
 """Loading a GGUF file (llama.cpp's format): weights dequantized at load, tokenizer via transformers.
 
-The first load of a file converts it and stores the result in the cache (see ``cache``); later
-loads read the cached safetensors weights and tokenizer, which is several times faster.
+The first load of a file converts it and stores the result in the cache (see ``cache``): the
+weights in the model's own fused layout, in fp32. Later loads memory-map those weights and
+use them as the parameters directly (no copy in fp32), and read the saved tokenizer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.loaders import cache
 from kvpage_runtime.loaders.gguf_file import GGUFModelFile
-from kvpage_runtime.loaders.hf import iter_safetensors, load_tokenizer
+from kvpage_runtime.loaders.hf import load_tokenizer
 from kvpage_runtime.loaders.loaded import LoadedModel
 from kvpage_runtime.models.registry import build_model
 
@@ -32,37 +36,44 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, use_cache: b
 
 def _load_cached(entry: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     config, extra = cache.config_from_json((entry / cache.CONFIG_FILE).read_text(), dtype)
+    with safe_open(entry / cache.WEIGHTS_FILE, framework="pt") as f:
+        state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
     model = build_model(config, device)
-    model.load_weights(iter_safetensors([entry / cache.WEIGHTS_FILE]))
+    model.adopt_state(state)
     tokenizer = load_tokenizer(entry / cache.TOKENIZER_DIR)
     return _loaded(model, config, tokenizer, set(extra["eos_token_ids"]))
 
 
 def _convert(path: Path, entry: Path | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """Dequantize into an fp32 model (cached as is), then cast it to ``dtype``."""
     gguf_file = GGUFModelFile(path)
     config = gguf_file.model_config(dtype)
     eos = gguf_file.eos_token_ids()
-    weights = dict(gguf_file.hf_tensors(config))
-    model = build_model(config, device)
-    model.load_weights(weights.items())
+    model = build_model(dataclasses.replace(config, dtype=torch.float32), device)
+    model.load_weights(gguf_file.hf_tensors(config))
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     if entry is not None:
-        try:
-            extra = {"eos_token_ids": sorted(eos)}
-            cache.write_entry(entry, cache.config_to_json(config, extra), weights, tokenizer)
-        except OSError as e:
-            logger.warning("could not cache the converted model in %s: %s", entry, e)
+        _write_cache(entry, config, eos, model, tokenizer)
+    model.to(dtype)
+    model.config = config
     return _loaded(model, config, tokenizer, eos)
+
+
+def _write_cache(entry: Path, config: ModelConfig, eos: set[int], model, tokenizer) -> None:
+    try:
+        config_json = cache.config_to_json(config, {"eos_token_ids": sorted(eos)})
+        cache.write_entry(entry, config_json, model.export_state(), tokenizer)
+    except OSError as e:
+        logger.warning("could not cache the converted model in %s: %s", entry, e)
 
 
 def _loaded(model, config, tokenizer, eos: set[int]) -> LoadedModel:
     model.eval()
-    generation_config = {"eos_token_id": sorted(eos)}
     return LoadedModel(
         model=model,
         config=config,
         tokenizer=tokenizer,
-        generation_config=generation_config,
+        generation_config={"eos_token_id": sorted(eos)},
         eos_token_ids=eos,
         chat_template=getattr(tokenizer, "chat_template", None),
     )

@@ -15,8 +15,8 @@ import torch
 from safetensors import safe_open
 
 from kvpage_runtime.errors import ModelLoadError
-from kvpage_runtime.loaders.loaded import LoadedModel
 from kvpage_runtime.loaders.hf_config import model_config_from_hf
+from kvpage_runtime.loaders.loaded import LoadedModel
 from kvpage_runtime.models.registry import build_model
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

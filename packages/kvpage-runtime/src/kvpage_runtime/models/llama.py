@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.forward_batch import ForwardBatch
 from kvpage_runtime.layers.attention import KVCache, PagedAttention
 from kvpage_runtime.layers.embedding import LMHead, VocabEmbedding
@@ -157,6 +158,22 @@ class LlamaForCausalLM(nn.Module):
                 continue
             self.load_tensor(loader, name, tensor)
         loader.check_complete()
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Parameters in this model's own (fused) layout, each stored once (no tied duplicate)."""
+        state = self.state_dict()
+        if self.config.tie_word_embeddings:
+            del state["lm_head.weight"]
+        return {name: t.contiguous() for name, t in state.items()}
+
+    def adopt_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Use the tensors of ``state`` (from ``export_state``) as parameters, without copying them."""
+        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.tie_to(self.model.embed_tokens)
+            missing = [name for name in missing if name != "lm_head.weight"]
+        if missing or unexpected:
+            raise ModelLoadError(f"cached weights do not fit the model: missing {missing}, unexpected {unexpected}")
 
     def load_tensor(self, loader: WeightLoader, name: str, tensor: torch.Tensor) -> None:
         loader.load(name, tensor)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+
 import torch
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
-from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.linear import LinearMethod
 from kvpage_runtime.layers.moe import SparseMoE
+from kvpage_runtime.layers.weight_copy import copy_weight
 from kvpage_runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from kvpage_runtime.models.weights import WeightLoader
 
@@ -43,9 +44,5 @@ class MixtralForCausalLM(LlamaForCausalLM):
             return
         moe = loader.modules[match["moe"]]
         slot = moe.expert_slot(int(match["expert"]), match["proj"])
-        if slot.shape != tensor.shape:
-            raise ModelLoadError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(slot.shape)}"
-            )
-        slot.copy_(tensor)
+        copy_weight(slot, tensor, name)
         loader.mark_loaded(name.removesuffix(".weight"))

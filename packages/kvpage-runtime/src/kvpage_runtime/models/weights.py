@@ -7,6 +7,7 @@ from torch import nn
 
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.layers.weight_copy import copy_weight
 
 
 class WeightLoader:
@@ -51,12 +52,7 @@ class WeightLoader:
             module.load(param_name, tensor, shard)
             self.mark_loaded(_key(f"{path}.{param_name}", shard, len(module.output_sizes)))
             return
-        param = getattr(module, param_name)
-        if param.shape != tensor.shape:
-            raise ModelLoadError(
-                f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-            )
-        param.data.copy_(tensor)
+        copy_weight(getattr(module, param_name).data, tensor, name)
         self.mark_loaded(f"{path}.{param_name}")
 
     def mark_loaded(self, key: str) -> None:
