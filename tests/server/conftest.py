@@ -65,7 +65,7 @@ class LiveServer:
             return f.read()
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log_path: str) -> None:
+def wait_healthy(proc: subprocess.Popen, url: str, log_path: str) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -94,7 +94,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, url, log_path)
+        wait_healthy(proc, url, log_path)
         yield LiveServer(url, proc, log_path)
     finally:
         if proc.poll() is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from tests.server.conftest import API_KEY
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "serving.py"
 _spec = importlib.util.spec_from_file_location("bench_serving", _PATH)
 serving = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = serving  # dataclasses look their module up there
 _spec.loader.exec_module(serving)
 
 

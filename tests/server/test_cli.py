@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import subprocess
 import time
 
-from tests.server.conftest import cli, free_port
+import httpx
+
+from tests.server.conftest import cli, free_port, wait_healthy
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -51,3 +55,30 @@ def test_unloadable_model_fails_with_one_line(tmp_path):
 def test_bench_names_its_scripts():
     r = _run("bench", "--help")
     assert r.returncode == 0 and "serving" in r.stdout
+
+
+def test_sigterm_with_streams_in_flight_shuts_down_cleanly(tmp_path):
+    """In-flight streams get the grace period, then are aborted; the process exits 0."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cli("serve", "--port", str(port), "--max-model-len", "256", "--kv-cache-memory",
+                                    "16MiB", "--graceful-shutdown-timeout", "1", "--log-level", "info"),
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, url, str(log_path))
+        body = {"prompt": "Count to one hundred:", "max_tokens": 200, "ignore_eos": True, "stream": True}
+        with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", "/v1/completions",
+                                                                            json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(httpx.HTTPError):
+                for _ in lines:
+                    pass
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in log_path.read_text()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import re
 import runpy
+import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +187,48 @@ def _log_startup(engine: Any, args: argparse.Namespace) -> None:
                 " (API key required)" if args.api_key else "")
 
 
+# After the grace period, aborted streams get this long to send their last events.
+_ABORT_DRAIN_S = 5.0
+
+
+def _uvicorn_server(config: Any, grace_s: float, abort_all: Callable[[], Awaitable[None]]) -> Any:
+    """A uvicorn server that shuts down gracefully on SIGINT/SIGTERM and then exits with status 0.
+
+    In-flight requests get ``grace_s`` seconds to finish; then the engine aborts them, so their
+    streams end with finish_reason "abort" and ``[DONE]`` rather than a cut connection. (Plain
+    uvicorn re-raises the signal once it has shut down, which ends the process with a signal
+    status.) A second SIGINT forces the exit.
+    """
+    import uvicorn
+
+    config.timeout_graceful_shutdown = grace_s + _ABORT_DRAIN_S
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            aborter = asyncio.create_task(_abort_after(grace_s, abort_all))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                aborter.cancel()
+
+    return Server(config)
+
+
+async def _abort_after(delay_s: float, abort_all: Callable[[], Awaitable[None]]) -> None:
+    await asyncio.sleep(delay_s)
+    logger.info("grace period over: aborting the requests still running")
+    await abort_all()
+
+
 async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> None:
     import uvicorn
 
@@ -193,9 +238,9 @@ async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> None:
     _log_startup(engine, args)
     settings = ServerSettings(api_key=args.api_key, max_body_bytes=args.max_request_body_bytes,
                               served_model_names=[args.served_model_name] if args.served_model_name else [])
-    config = uvicorn.Config(build_app(engine, settings), log_level=args.log_level,
-                            timeout_graceful_shutdown=args.graceful_shutdown_timeout)
-    await uvicorn.Server(config).serve(sockets=[sock])
+    app = build_app(engine, settings)
+    config = uvicorn.Config(app, log_level=args.log_level)
+    await _uvicorn_server(config, args.graceful_shutdown_timeout, app.state.server.abort_all).serve(sockets=[sock])
 
 
 def serve(args: argparse.Namespace) -> int:

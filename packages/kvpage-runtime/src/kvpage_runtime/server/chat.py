@@ -67,8 +67,7 @@ class _Chat:
         self.k = req.top_logprobs or 0
         params = sampling_params(req, max_tokens=_max_tokens(state, req, len(prompt_ids)),
                                  logprobs=self.k if req.logprobs else None, vocab_size=state.vocab_size)
-        self.requests = EngineRequests(state.engine, state.metrics,
-                                       [EngineCall(prompt_ids, params, self.id)])
+        self.requests = EngineRequests(state, [EngineCall(prompt_ids, params, self.id)])
 
     def _logprobs(self, ids: list[int], positions: list[Any]) -> ChatLogprobs | None:
         if not self.req.logprobs:

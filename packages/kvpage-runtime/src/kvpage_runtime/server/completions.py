@@ -71,7 +71,7 @@ class _Completion:
             logprobs=logprobs, prompt_logprobs=logprobs if req.echo else None,
             vocab_size=state.vocab_size,
         )
-        self.requests = EngineRequests(state.engine, state.metrics, [
+        self.requests = EngineRequests(state, [
             EngineCall(p, params, f"{self.id}-{i}") for i, p in enumerate(self.prompts)
         ])
 

@@ -24,6 +24,12 @@ class ServerState:
     engine: Any
     settings: ServerSettings
     metrics: ServerMetrics
+    active: set[str] = field(default_factory=set)  # engine request ids in flight
+
+    async def abort_all(self) -> None:
+        """Aborts every request in flight; their streams end with finish_reason "abort"."""
+        for request_id in list(self.active):
+            await self.engine.abort(request_id)
 
     @property
     def tokenizer(self) -> Any:

@@ -20,7 +20,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Send
 
 from kvpage_runtime.server.errors import error_body, to_api_error
-from kvpage_runtime.server.metrics import ServerMetrics
+from kvpage_runtime.server.state import ServerState
 
 T = TypeVar("T")
 _DONE = object()
@@ -38,8 +38,8 @@ class EngineCall:
 class EngineRequests:
     """Runs several engine requests at once and yields ``(index, RequestOutput)`` as they come."""
 
-    def __init__(self, engine: Any, metrics: ServerMetrics, calls: list[EngineCall]) -> None:
-        self._engine, self._metrics, self._calls = engine, metrics, calls
+    def __init__(self, state: ServerState, calls: list[EngineCall]) -> None:
+        self._state, self._calls = state, calls
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._buffer: list[tuple[int, Any]] = []
@@ -85,14 +85,16 @@ class EngineRequests:
         return None
 
     async def _pump(self, index: int, call: EngineCall) -> None:
-        tracker = self._metrics.track()
+        tracker = self._state.metrics.track()
+        self._state.active.add(call.request_id)
         try:
-            async for output in self._engine.generate(call.prompt, call.params, call.request_id):
+            async for output in self._state.engine.generate(call.prompt, call.params, call.request_id):
                 tracker.observe(output)
                 self._queue.put_nowait((index, output))
         except Exception as exc:  # handed to the consumer, which raises it
             self._queue.put_nowait((index, exc))
         finally:
+            self._state.active.discard(call.request_id)
             tracker.close()
             self._queue.put_nowait((index, _DONE))
 
