@@ -126,3 +126,16 @@ def test_large_num_blocks_uses_64bit_offsets():
             0.125)
     expected = paged_attention(*args, backend="reference")
     assert_close(paged_attention(*args, backend="torch", out=poisoned_like(q)), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_strided_q_k_v_from_a_fused_projection(backend):
+    """The runtime's q, k, v are views into one qkv projection output."""
+    problem = make_problem([9, 30], [9, 1], num_kv_heads=1, group=2, head_dim=64)
+    qkv = torch.randn(10, 4, 64)
+    q, k, v = qkv[:, :2], qkv[:, 2:3], qkv[:, 3:]
+    slots = torch.tensor([problem.block_tables[0, p // 16] * 16 + p % 16 for p in range(9)]
+                         + [problem.block_tables[1, 1] * 16 + 13], dtype=torch.int64)
+    write_kv(k, v, problem.k_cache, problem.v_cache, slots, backend=backend)
+    problem.q = q
+    _check(problem, backend=backend)

@@ -27,7 +27,7 @@ def _split(problem, num_splits, **kwargs):
                                backend="reference", **kwargs)
     actual = triton_backend.paged_attention(
         *problem.args(), out=poisoned_like(problem.q), max_query_len=1, num_splits=num_splits,
-        partition=16, sliding_window=kwargs.get("sliding_window"),
+        partition=32, sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"))
     assert_close(actual, expected)
 

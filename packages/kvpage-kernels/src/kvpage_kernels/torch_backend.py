@@ -97,7 +97,7 @@ def _decode_chunk(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_wi
         first = (seq_lens - sliding_window).clamp(min=0)
     slots, _, valid = _slots(block_tables, first, seq_lens, ctx, k_cache.shape[1])
     keys, values = _gather(k_cache, slots, 0), _gather(v_cache, slots, 1)
-    grouped = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    grouped = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = _attend(grouped, keys, values, valid.view(num_seqs, 1, 1, ctx), scale, softcap)
     return out.reshape(num_seqs, num_heads, head_dim)
 
@@ -139,7 +139,7 @@ def _prefill_one(q, k_cache, v_cache, table, seq_len: int, scale, sliding_window
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     # rows ordered (token, group member) so that each kv head sees its own query rows
-    grouped = q.view(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
+    grouped = q.reshape(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
     grouped = grouped.reshape(1, num_kv_heads, q_len * group, head_dim)
     mask = mask.repeat_interleave(group, dim=0).view(1, 1, q_len * group, ctx)
     out = _attend(grouped, keys, values, mask, scale, softcap)

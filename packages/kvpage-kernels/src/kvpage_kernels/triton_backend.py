@@ -21,7 +21,10 @@ import triton.language as tl
 from ._common import pairs_to_tensors, swap_blocks_indexed
 
 swap_blocks = swap_blocks_indexed
-# Split-KV decode: each program covers this many key positions of one sequence.
+# Keys per attention step, independent of the cache block size (each position's block is
+# looked up on its own). Split-KV decode: each program covers PARTITION_SIZE key positions
+# (a multiple of TILE_N) of one sequence.
+TILE_N = 32
 PARTITION_SIZE = 512
 
 
@@ -250,7 +253,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 def _common_meta(q, k_cache, sliding_window, softcap) -> dict:
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     return dict(HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
-                BLOCK_SIZE=k_cache.shape[1], TILE_N=max(16, min(32, k_cache.shape[1])),
+                BLOCK_SIZE=k_cache.shape[1], TILE_N=TILE_N,
                 USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 GROUP=q.shape[1] // num_kv_heads)
@@ -260,7 +263,7 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
                     sliding_window=None, softcap=None, max_seq_len=None, max_query_len=None,
                     out, num_splits: int | None = None,
                     partition: int = PARTITION_SIZE) -> torch.Tensor:
-    """num_splits and partition override the split-KV choice (tests use small values)."""
+    """num_splits and partition override the automatic split-KV choice."""
     num_seqs = block_tables.shape[0]
     if num_seqs == 0 or q.shape[0] == 0:
         return out
