@@ -37,8 +37,17 @@ def test_backend_is_selectable():
 
 
 def test_mixed_batch_gqa4_block8_head80():
-    _check(make_problem([21, 1, 35, 12], [21, 1, 3, 1], num_kv_heads=1, group=4, head_dim=80,
-                        block_size=8, device=DEVICE))
+    _check(make_problem([21, 1, 35, 12, 6], [21, 1, 3, 1, 0], num_kv_heads=1, group=4,
+                        head_dim=80, block_size=8, device=DEVICE))
+
+
+def test_long_context_decode_unified_and_split():
+    problem = make_problem([1030, 1], [1, 1], num_kv_heads=1, group=4, device=DEVICE)
+    _check(problem)
+    expected = paged_attention(*problem.args(), backend="reference")
+    actual = triton_backend.paged_attention(*problem.args(), out=poisoned_like(problem.q),
+                                            max_query_len=1, num_splits=4, partition=288)
+    assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
