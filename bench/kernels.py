@@ -176,53 +176,63 @@ def run_cpu(quick: bool) -> list[dict]:
     return rows
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+def timer(device: str) -> Callable[[Callable[[], object]], float]:
+    if device == "cuda":
+        return time_cuda
+    return lambda fn: time_cpu({"fn": fn}, 1, 0.2)["fn"]
+
+
+def copy_bandwidth(device: str, numel: int = 2**30) -> float:
+    """GB/s of a device-to-device copy (bytes read + written)."""
+    src = torch.empty(numel, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / time_cuda(lambda: dst.copy_(src)) / 1e9
+    return 2 * src.numel() / timer(device)(lambda: dst.copy_(src)) / 1e9
 
 
-def gpu_backends() -> list[str]:
+def gpu_backends(device: str) -> list[str]:
     names = []
     for name in ("triton", "cupy", "torch"):
         try:
-            select_backend("cuda", name)
+            select_backend(device, name)
             names.append(name)
         except Exception:  # an unavailable backend is simply not measured
             continue
     return names
 
 
-def run_gpu(quick: bool) -> dict:
-    copy_gbs = copy_bandwidth()
+def run_gpu(batches: list[int], contexts: list[int], prefills: list[tuple[int, int]],
+            device: str = "cuda", shape: Shape = LLAMA3_8B) -> dict:
+    """Decode bandwidth and prefill TFLOP/s of each available backend and of SDPA on
+    contiguous K/V (bf16). The sizes are arguments so that a CPU run can smoke-test it."""
+    measure = timer(device)
+    backends = gpu_backends(device)
+    copy_gbs = copy_bandwidth(device, 2**30 if device == "cuda" else 2**24)
     decode = []
-    batches = [1, 16, 64] if quick else [1, 16, 64, 256]
     for num_seqs in batches:
-        for ctx in (512, 2048, 8192):
-            batch = make_batch(LLAMA3_8B, [ctx] * num_seqs, [1] * num_seqs, torch.bfloat16,
-                               "cuda")
+        for ctx in contexts:
+            batch = make_batch(shape, [ctx] * num_seqs, [1] * num_seqs, torch.bfloat16, device)
             kv_bytes = 2 * batch.keys.numel() * batch.keys.element_size()
             row = {"batch": num_seqs, "ctx": ctx,
-                   "sdpa_contiguous_gbs": kv_bytes / time_cuda(sdpa_decode(batch)) / 1e9}
-            for name in gpu_backends():
-                gbs = kv_bytes / time_cuda(lambda b=batch, n=name: b.paged(n)) / 1e9
+                   "sdpa_contiguous_gbs": kv_bytes / measure(sdpa_decode(batch)) / 1e9}
+            for name in backends:
+                gbs = kv_bytes / measure(lambda b=batch, n=name: b.paged(n)) / 1e9
                 row[f"{name}_gbs"] = gbs
                 row[f"{name}_of_copy"] = gbs / copy_gbs
             decode.append(row)
             del batch
     prefill = []
-    for num_seqs, length in ((1, 4096), (8, 1024)):
-        batch = make_batch(LLAMA3_8B, [length] * num_seqs, [length] * num_seqs,
-                           torch.bfloat16, "cuda")
-        flops = 4 * num_seqs * LLAMA3_8B.num_heads * LLAMA3_8B.head_dim * length * length / 2
+    for num_seqs, length in prefills:
+        batch = make_batch(shape, [length] * num_seqs, [length] * num_seqs, torch.bfloat16,
+                           device)
+        flops = 4 * num_seqs * shape.num_heads * shape.head_dim * length * length / 2
         row = {"seqs": num_seqs, "len": length,
-               "sdpa_contiguous_tflops": flops / time_cuda(sdpa_prefill(batch)) / 1e12}
-        for name in gpu_backends():
-            row[f"{name}_tflops"] = flops / time_cuda(lambda b=batch, n=name: b.paged(n)) / 1e12
+               "sdpa_contiguous_tflops": flops / measure(sdpa_prefill(batch)) / 1e12}
+        for name in backends:
+            row[f"{name}_tflops"] = flops / measure(lambda b=batch, n=name: b.paged(n)) / 1e12
         prefill.append(row)
-    return {"device": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "decode": decode,
-            "prefill": prefill}
+        del batch
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    return {"device": name, "copy_gbs": copy_gbs, "decode": decode, "prefill": prefill}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -267,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
               "cpu": run_cpu(args.quick)}
     print_table(result["cpu"])
     if torch.cuda.is_available():
-        result["gpu"] = run_gpu(args.quick)
+        batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]
+        result["gpu"] = run_gpu(batches, [512, 2048, 8192], [(1, 4096), (8, 1024)])
         print(f"\n{result['gpu']['device']}: copy {result['gpu']['copy_gbs']:.0f} GB/s")
         print_table(result["gpu"]["decode"])
         print_table(result["gpu"]["prefill"])
