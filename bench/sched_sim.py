@@ -1,7 +1,9 @@
 """Scheduler simulation: kvpage-sched + kvpage-cache driven by a fake model.
 
 Reports, per concurrency level, the Python time of one schedule() + update_from_output() round
-(median over the measured steps, in microseconds), the tokens scheduled per step and the
+(CPU time of the thread, median over the measured steps, in microseconds; the wall-clock median
+too, which other processes on a shared machine inflate; then the same for rounds where every
+request only decodes, over the real cache and over a do-nothing cache: the scheduler's own part), the tokens scheduled per step and the
 preemptions; then, under overload (arrivals outpace service, KV cache short), the p50/p99
 waiting time from arrival to first schedule, in steps, for the fcfs and priority policies.
 
@@ -19,7 +21,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from kvpage_cache import BlockPool, KVCacheManager
+from kvpage_cache import BlockPool, CacheStats, KVCacheManager, PrefixHit
 from kvpage_sched import Request, Scheduler, SchedulerConfig
 
 
@@ -58,6 +60,39 @@ def make_scheduler(num_blocks: int, **cfg) -> Scheduler:
     return Scheduler(KVCacheManager(BlockPool(num_blocks, 16)), SchedulerConfig(**cfg))
 
 
+class NullCache:
+    """A cache manager that does nothing and never runs out: isolates the scheduler's own cost."""
+
+    block_size = 16
+    stats = CacheStats()
+
+    def lookup_prefix(self, request_id, token_ids, extra_keys=()) -> PrefixHit:
+        return PrefixHit([], 0)
+
+    def allocate_slots(self, request_id, num_new_tokens, computed_blocks=(),
+                       num_lookahead_tokens=0) -> list[int]:
+        return []
+
+    def block_ids(self, request_id) -> list[int]:
+        return []
+
+    def take_block_copies(self) -> list:
+        return []
+
+    def commit_full_blocks(self, request_id, token_ids, extra_keys=()) -> None: ...
+    def free(self, request_id) -> None: ...
+    def fork(self, parent_id, child_id) -> list:
+        return []
+
+    def truncate(self, request_id, num_tokens) -> None: ...
+
+    def can_ever_fit(self, num_tokens) -> bool:
+        return True
+
+    def usage(self) -> float:
+        return 0.0
+
+
 def steady_state(concurrency: int, steps: int) -> dict:
     """Keep `concurrency` requests in flight (a finished one is replaced at once), once every
     first prompt is computed: mostly decodes, with the newcomers' prompts in between."""
@@ -70,25 +105,48 @@ def steady_state(concurrency: int, steps: int) -> dict:
     while sched.num_waiting or any(r.num_output_tokens == 0 for r in sched.running):
         sched.update_from_output(out := sched.schedule(), *wl.model_step(out))
         warmup += 1
-    times, tokens = [], []
+    cpu, wall, tokens = [], [], []
+    clocks = (time.thread_time_ns, time.perf_counter_ns)
     for step in range(warmup, warmup + steps):
-        t0 = time.perf_counter_ns()
+        c0, w0 = (clock() for clock in clocks)
         out = sched.schedule()
-        t1 = time.perf_counter_ns()
+        c1, w1 = (clock() for clock in clocks)
         new_tokens, stops = wl.model_step(out)
-        t2 = time.perf_counter_ns()
+        c2, w2 = (clock() for clock in clocks)
         sched.update_from_output(out, new_tokens, stops)
-        t3 = time.perf_counter_ns()
+        c3, w3 = (clock() for clock in clocks)
         for _ in out.finished_ids:
             sched.add_request(wl.request(step))
-        times.append((t1 - t0 + t3 - t2) / 1000)
+        cpu.append((c1 - c0 + c3 - c2) / 1000)
+        wall.append((w1 - w0 + w3 - w2) / 1000)
         tokens.append(out.stats.num_scheduled_tokens)
-    return {"step_us": statistics.median(times), "step_us_mean": statistics.fmean(times),
-            "tokens_per_step": statistics.fmean(tokens), "preemptions": sched.num_preemptions}
+    return {"step_us": statistics.median(cpu), "step_us_mean": statistics.fmean(cpu),
+            "step_wall_us": statistics.median(wall), "tokens_per_step": statistics.fmean(tokens),
+            "running": sched.num_running, "preemptions": sched.num_preemptions}
 
 
-def overload(policy: str, steps: int) -> dict:
-    """Arrivals outpace service and the KV cache is short: measure preemptions and waiting."""
+def decode_only(concurrency: int, steps: int, cache=None) -> float:
+    """Median CPU microseconds of a round where every request decodes one token (no arrivals,
+    no stops), over a real KVCacheManager or the given `cache`."""
+    cfg = SchedulerConfig(max_num_seqs=concurrency, max_num_batched_tokens=max(2048, 4 * concurrency))
+    sched = Scheduler(cache or KVCacheManager(BlockPool(concurrency * 70, 16)), cfg)
+    for i in range(concurrency):
+        sched.add_request(Request(f"d{i}", list(range(i, i + 200)), max_tokens=100_000))
+    times = []
+    for _ in range(steps + 20):  # 200-token prompts: admitted and computed within 20 steps
+        c0 = time.thread_time_ns()
+        out = sched.schedule()
+        c1 = time.thread_time_ns()
+        sampled = {s.request_id: [1] for s in out.scheduled if not s.is_prefill_chunk}
+        c2 = time.thread_time_ns()
+        sched.update_from_output(out, sampled)
+        times.append((c1 - c0 + time.thread_time_ns() - c2) / 1000)
+    return statistics.median(times[20:])
+
+
+def overload(policy: str, steps: int, rate: float = 0.6) -> dict:
+    """`rate` arrivals per step for `steps` steps, about 1.5 times what the short KV cache
+    serves: measure preemptions and the wait from arrival to first schedule, in steps."""
     wl = Workload(seed=7, prompt_len=(32, 512), max_tokens=(32, 256), stop_prob=0.0,
                   num_priorities=4)
     sched = make_scheduler(1500, max_num_seqs=128, max_num_batched_tokens=1024,
@@ -97,7 +155,7 @@ def overload(policy: str, steps: int) -> dict:
     step = 0
     while step < steps or sched.has_unfinished_requests():
         if step < steps:
-            for _ in range(2 if step % 3 else 1):  # ~1.67 requests per step
+            for _ in range(int((step + 1) * rate) - int(step * rate)):
                 req = wl.request(step)
                 arrival[req.request_id], prio[req.request_id] = step, req.priority
                 sched.add_request(req)
@@ -124,13 +182,19 @@ def main() -> None:
     args = ap.parse_args()
     steps, over_steps = (20, 60) if args.small else (300, 600)
     result: dict = {}
-    print(f"{'concurrency':>11} {'step_us(median)':>15} {'step_us(mean)':>13} "
+    print(f"{'concurrency':>11} {'cpu_us(median)':>14} {'cpu_us(mean)':>12} "
+          f"{'wall_us(median)':>15} {'decode_only_us':>14} {'null_cache_us':>13} "
           f"{'tokens/step':>11} {'preemptions':>11}")
     for n in (64, 256, 1024):
         r = steady_state(n, steps)
-        print(f"{n:>11} {r['step_us']:>15.0f} {r['step_us_mean']:>13.0f} "
+        decode_us, null_us = decode_only(n, steps), decode_only(n, steps, NullCache())
+        print(f"{n:>11} {r['step_us']:>14.0f} {r['step_us_mean']:>12.0f} "
+              f"{r['step_wall_us']:>15.0f} {decode_us:>14.0f} {null_us:>13.0f} "
               f"{r['tokens_per_step']:>11.0f} {r['preemptions']:>11}")
         result[f"step_us_{n}"] = round(r["step_us"], 1)
+        result[f"step_wall_us_{n}"] = round(r["step_wall_us"], 1)
+        result[f"decode_step_us_{n}"] = round(decode_us, 1)
+        result[f"null_cache_step_us_{n}"] = round(null_us, 1)
         result[f"tokens_per_step_{n}"] = round(r["tokens_per_step"], 1)
     print(f"\noverload (waiting time in steps): {'policy':>8} {'p50':>5} {'p99':>5} "
           f"{'p99 prio 0':>10} {'preemptions':>11}")

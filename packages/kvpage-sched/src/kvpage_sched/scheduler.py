@@ -318,7 +318,7 @@ class Scheduler:
         left = 1
         if not s.is_prefill_chunk:
             left = self._tokens_left(req)
-            if tokens is None:
+            if not tokens:
                 tokens = []
             elif len(tokens) > left:
                 tokens = tokens[:left]
