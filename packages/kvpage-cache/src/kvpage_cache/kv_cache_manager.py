@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from .block_hash import BlockHash, ExtraKeys, encode_extra_keys
 from .block_pool import BlockPool
+from .free_queue import Block
 from .errors import (
     DoubleFreeError,
     DuplicateRequestError,
@@ -189,18 +190,18 @@ class KVCacheManager:
         if num_needed - state.num_released > self.pool.num_blocks:
             raise RequestTooLargeError(num_needed, self.pool.num_blocks, self.block_size)
         num_new_blocks = max(0, num_needed - len(state.block_ids))
-        writes = num_new_tokens + num_lookahead_tokens > 0
-        shared_partial = writes and self._shared_partial_block(state)
+        partial = self._partial_block(state) if num_new_tokens or num_lookahead_tokens else None
+        copy_partial = partial is not None and partial.ref_count > 1
         num_revived = self._num_free(state.block_ids) if is_new else 0
-        if num_new_blocks + shared_partial + num_revived > self.pool.num_free_blocks:
+        if num_new_blocks + copy_partial + num_revived > self.pool.num_free_blocks:
             return None
         if is_new:
             self.pool.touch(state.block_ids)
             self._requests[request_id] = state
             self._freed_ids.pop(request_id, None)
-        if writes:
-            self._prepare_partial_block_for_write(state)
-        new_block_ids = self.pool.allocate(num_new_blocks)
+        if partial is not None:
+            self._make_private(state, partial)
+        new_block_ids = self.pool.allocate(num_new_blocks) if num_new_blocks else []
         state.block_ids.extend(new_block_ids)
         state.num_tokens += num_new_tokens
         state.slots_end = state.num_tokens + num_lookahead_tokens
@@ -227,28 +228,23 @@ class KVCacheManager:
         blocks = self.pool.blocks
         return sum(1 for block_id in block_ids if blocks[block_id].ref_count == 0)
 
-    def _shared_partial_block(self, state: _RequestState) -> bool:
-        """True when the next token goes into a partially filled block that others hold too."""
+    def _partial_block(self, state: _RequestState) -> Block | None:
+        """The partially filled block the next token goes into, if any."""
         if state.num_tokens % self.block_size == 0:
-            return False
-        block_id = state.block_ids[state.num_tokens // self.block_size]
-        return self.pool.blocks[block_id].ref_count > 1
+            return None
+        return self.pool.blocks[state.block_ids[state.num_tokens // self.block_size]]
 
-    def _prepare_partial_block_for_write(self, state: _RequestState) -> None:
-        """Make the partially filled last block private and uncached before it is written:
-        copy it if it is shared; drop it from the prefix cache if a roll-back left it there."""
-        if state.num_tokens % self.block_size == 0:
-            return
-        index = state.num_tokens // self.block_size
-        block_id = state.block_ids[index]
-        if self.pool.blocks[block_id].ref_count > 1:
+    def _make_private(self, state: _RequestState, partial: Block) -> None:
+        """Before the partial block is written: copy it if others hold it too (copy-on-write);
+        drop it from the prefix cache if a roll-back left it there."""
+        if partial.ref_count > 1:
             (copy_id,) = self.pool.allocate(1)
-            self.pool.free((block_id,))
-            state.block_ids[index] = copy_id
-            self._copies.append((block_id, copy_id))
+            self.pool.free((partial.block_id,))
+            state.block_ids[state.num_tokens // self.block_size] = copy_id
+            self._copies.append((partial.block_id, copy_id))
             self.stats.cow_copies += 1
-        else:
-            self.pool.uncache(block_id)
+        elif partial.block_hash is not None:
+            self.pool.uncache(partial.block_id)
 
     # ---- sharing, roll-back, release ---------------------------------------------------
 
