@@ -28,3 +28,18 @@ def make_tiny_model_dir(folder: Path) -> tuple[Path, transformers.PreTrainedMode
     tokenizer.save_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     return folder, model.eval()
+
+
+def hf_model_from_gguf(path: Path, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """The GGUF model dequantized by transformers (without the accelerate package that
+    ``from_pretrained(gguf_file=...)`` asks for)."""
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = transformers.AutoConfig.for_model(**load_gguf_checkpoint(str(path))["config"])
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)["tensors"]
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.load_state_dict(tensors, strict=False)
+    model.tie_weights()
+    return model.eval()

@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_fixtures import make_tiny_model_dir
-from model_helpers import hf_greedy, random_prompts
-
 from kvpage_runtime import LLM, InvalidRequestError, SamplingParams
 from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.engine import LLMEngine
 from kvpage_runtime.errors import EngineConfigError
+from model_helpers import hf_greedy, random_prompts
 
 VOCAB = 640
 MAX_NEW = 12
