@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_fixtures import default_gguf, hf_model_from_gguf
-
 from kvpage_runtime import LLM, SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:\n1."]

@@ -7,7 +7,6 @@ import asyncio
 
 import pytest
 from engine_fixtures import make_tiny_model_dir
-
 from kvpage_runtime import AsyncLLM, EngineConfig, InvalidRequestError, SamplingParams
 
 
