@@ -46,7 +46,8 @@ class Request:
 
     `num_computed_tokens` counts the leading tokens of `all_token_ids` whose KV is in the cache.
     `extra_keys` are prefix-cache keys such as (("salt", "tenant1"),); a `lora_id` adds
-    ("lora", lora_id) to them so that two adapters never share KV.
+    ("lora", lora_id) to them so that two adapters never share KV. `arrival_time` orders
+    requests (any clock, the same for all; default time.monotonic()).
     """
 
     request_id: str

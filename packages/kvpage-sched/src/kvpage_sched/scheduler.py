@@ -168,7 +168,7 @@ class Scheduler:
         skipped = []
         allocate, block_ids = self.cache.allocate_slots, self.cache.block_ids
         plain_decode = (1, 0) if not self.config.num_lookahead_tokens else None
-        for req in list(self.running):
+        for req in self.running:  # rebuilt by schedule(); preemption only changes statuses
             if req.status is not RUNNING:  # preempted earlier in this loop
                 continue
             if plain_decode and req.num_tokens - req.num_computed_tokens == 1 and step.token_budget:
