@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from kvpage_sched import (
+    CacheManagerProtocol,
     FinishReason,
     Request,
     RequestNotFoundError,
@@ -376,3 +380,14 @@ def test_config_validation():
     with pytest.raises(SchedulerConfigError):
         SchedulerConfig(max_num_batched_tokens=4, num_lookahead_tokens=4)
     assert Request("x", [1], 1).arrival_time is not None
+
+
+def test_kv_cache_manager_has_what_the_protocol_names():
+    _, cache = make_sched()
+    members = [m for m in vars(CacheManagerProtocol) if not m.startswith("_")]
+    assert "allocate_slots" in members and all(hasattr(cache, m) for m in members)
+
+
+def test_import_pulls_in_nothing_heavy():
+    code = "import sys, kvpage_sched; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
