@@ -139,3 +139,12 @@ def test_strided_q_k_v_from_a_fused_projection(backend):
     write_kv(k, v, problem.k_cache, problem.v_cache, slots, backend=backend)
     problem.q = q
     _check(problem, backend=backend)
+
+
+def test_step_plan_follows_in_place_metadata_changes():
+    """The plan computed once per step must not survive an in-place change of the metadata."""
+    problem = make_problem([40, 30, 3], [1, 1, 1], num_kv_heads=1, group=2)
+    _check(problem)
+    problem.seq_lens[0] -= 5
+    problem.max_seq_len = 35
+    _check(problem)

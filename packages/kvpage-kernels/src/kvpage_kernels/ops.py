@@ -161,7 +161,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     seq_lens[i]-q_len .. seq_lens[i]-1 (seq_lens counts this step's tokens). A query at
     position p attends keys at positions in (p - sliding_window, p]. Softcap is applied to the
     scaled scores before masking. max_seq_len and max_query_len are optional host-side hints
-    that spare device syncs. Returns `out` (allocated when None) in q's dtype."""
+    that spare device syncs. Returns `out` (allocated when None) in q's dtype.
+
+    The torch backend plans a step once and reuses the plan while the very same
+    block_tables / seq_lens / query_start_loc tensors come back unchanged (every layer of a
+    step); a change made through torch is seen, one made through a numpy view of their
+    memory is not: pass new tensors for a new step."""
     _check_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
     if out is None:
         out = torch.empty_like(q)

@@ -11,6 +11,7 @@ a real slot of the same sequence and are masked, so no unused (possibly NaN) slo
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,99 +85,144 @@ def _attend(q, keys, values, mask, scale, softcap):
     return torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
 
 
-def _decode_chunk(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
-                  softcap, max_seq_len: int) -> torch.Tensor:
-    """Decode tokens q [seqs, heads, d] of sequences whose longest context is max_seq_len."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
+@dataclass(frozen=True)
+class _Work:
+    """One attention call: keys at `slots` [b, ctx] and a mask broadcastable to
+    [b, kv_heads, rows, ctx]. Decode work serves q rows `rows` (None: every row, in order);
+    prefill work (b = 1) serves the chunk q[start:end]."""
+
+    slots: torch.Tensor
+    mask: torch.Tensor
+    rows: torch.Tensor | None = None
+    start: int = 0
+    end: int = 0
+    prefill: bool = False
+
+
+def _decode_work(block_tables, seq_lens, rows, sliding_window, block_size: int,
+                 max_seq_len: int | None) -> list[_Work]:
+    """Decode tokens of the given sequences; on the CPU in chunks of similar length."""
+    if seq_lens.device.type != "cpu" or seq_lens.shape[0] <= DECODE_CHUNK:
+        if max_seq_len is None:
+            max_seq_len = int(seq_lens.max())
+        return [_decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size,
+                              max_seq_len)]
+    lens, order = seq_lens.sort()
+    lens_host = lens.tolist()
+    work = []
+    for begin in range(0, len(lens_host), DECODE_CHUNK):
+        end = min(begin + DECODE_CHUNK, len(lens_host))
+        chunk = order[begin:end]
+        work.append(_decode_chunk(block_tables.index_select(0, chunk), lens[begin:end],
+                                  chunk if rows is None else rows.index_select(0, chunk),
+                                  sliding_window, block_size, lens_host[end - 1]))
+    return work
+
+
+def _decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size: int,
+                  max_seq_len: int) -> _Work:
     seq_lens = seq_lens.long()
     ctx = max_seq_len
     first = torch.zeros_like(seq_lens)
     if sliding_window is not None:
         ctx = min(ctx, sliding_window)
         first = (seq_lens - sliding_window).clamp(min=0)
-    slots, _, valid = _slots(block_tables, first, seq_lens, ctx, k_cache.shape[1])
-    keys, values = _gather(k_cache, slots, 0), _gather(v_cache, slots, 1)
-    grouped = q.reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    out = _attend(grouped, keys, values, valid.view(num_seqs, 1, 1, ctx), scale, softcap)
-    return out.reshape(num_seqs, num_heads, head_dim)
+    slots, _, valid = _slots(block_tables, first, seq_lens, ctx, block_size)
+    return _Work(slots, valid.view(-1, 1, 1, ctx), rows)
 
 
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-            max_seq_len: int | None, out) -> None:
-    """All-decode batch: writes attention of q [seqs, heads, d] into out."""
-    args = (k_cache, v_cache)
-    opts = (scale, sliding_window, softcap)
-    if q.device.type != "cpu" or q.shape[0] <= DECODE_CHUNK:
-        if max_seq_len is None:
-            max_seq_len = int(seq_lens.max())
-        out.copy_(_decode_chunk(q, *args, block_tables, seq_lens, *opts, max_seq_len))
-        return
-    lens, order = seq_lens.sort()
-    lens_host = lens.tolist()
-    for begin in range(0, len(lens_host), DECODE_CHUNK):
-        end = min(begin + DECODE_CHUNK, len(lens_host))
-        rows = order[begin:end]
-        result = _decode_chunk(q.index_select(0, rows), *args, block_tables.index_select(0, rows),
-                               lens[begin:end], *opts, lens_host[end - 1])
-        out.index_copy_(0, rows, result)
-
-
-def _prefill_one(q, k_cache, v_cache, table, seq_len: int, scale, sliding_window, softcap):
-    """One sequence's chunk q [q_len, heads, d] at positions seq_len-q_len .. seq_len-1."""
-    q_len, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
-    first_q = seq_len - q_len
+def _prefill_work(table, seq_len: int, start: int, end: int, group: int, sliding_window,
+                  block_size: int) -> _Work:
+    """The chunk q[start:end] of one sequence, at positions seq_len-q_len .. seq_len-1.
+    Its mask rows are ordered (token, group member), as _run lays out the queries."""
+    device = table.device
+    first_q = seq_len - (end - start)
     first_k = 0 if sliding_window is None else max(0, first_q - sliding_window + 1)
-    ctx = seq_len - first_k
-    seq_len_t = torch.tensor([seq_len], device=q.device)
-    first_t = torch.tensor([first_k], device=q.device)
-    slots, k_pos, _ = _slots(table.unsqueeze(0), first_t, seq_len_t, ctx, k_cache.shape[1])
-    keys, values = _gather(k_cache, slots, 0), _gather(v_cache, slots, 1)
-    q_pos = torch.arange(first_q, seq_len, device=q.device).unsqueeze(1)
+    slots, k_pos, _ = _slots(table.unsqueeze(0), torch.tensor([first_k], device=device),
+                             torch.tensor([seq_len], device=device), seq_len - first_k,
+                             block_size)
+    q_pos = torch.arange(first_q, seq_len, device=device).unsqueeze(1)
     mask = k_pos <= q_pos
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
-    # rows ordered (token, group member) so that each kv head sees its own query rows
-    grouped = q.reshape(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
-    grouped = grouped.reshape(1, num_kv_heads, q_len * group, head_dim)
-    mask = mask.repeat_interleave(group, dim=0).view(1, 1, q_len * group, ctx)
-    out = _attend(grouped, keys, values, mask, scale, softcap)
-    return out.view(num_kv_heads, q_len, group, head_dim).transpose(0, 1).reshape(q.shape)
+    mask = mask.repeat_interleave(group, dim=0).view(1, 1, -1, mask.shape[1])
+    return _Work(slots, mask, start=start, end=end, prefill=True)
+
+
+def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: int,
+          sliding_window, max_seq_len, max_query_len) -> list[_Work]:
+    num_seqs = seq_lens.shape[0]
+    if max_query_len == 1 and q.shape[0] == num_seqs:
+        return _decode_work(block_tables, seq_lens, None, sliding_window, block_size,
+                            max_seq_len)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
+    work = []
+    if decode:
+        seqs = torch.tensor(decode, device=q.device)
+        rows = torch.tensor([starts[i] for i in decode], device=q.device)
+        work = _decode_work(block_tables.index_select(0, seqs), seq_lens.index_select(0, seqs),
+                            rows, sliding_window, block_size, max(lens[i] for i in decode))
+    for i, seq_len in enumerate(lens):
+        if starts[i + 1] - starts[i] > 1:
+            work.append(_prefill_work(block_tables[i], seq_len, starts[i], starts[i + 1],
+                                      group, sliding_window, block_size))
+    return work
+
+
+_plans = threading.local()
+
+
+def _cached_plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: int,
+                 sliding_window, max_seq_len, max_query_len) -> list[_Work]:
+    """Every layer of a model step passes the same metadata tensors: the plan is computed
+    once per step. The last key holds the tensors themselves (so their identity cannot be
+    reused while cached) and their versions (an in-place change invalidates it)."""
+    metadata = (block_tables, seq_lens, query_start_loc)
+    key = (tuple(t._version for t in metadata), q.shape[0], group, block_size, sliding_window,
+           max_seq_len, max_query_len)
+    cached = getattr(_plans, "last", None)
+    if cached is not None and cached[1] == key and all(
+            a is b for a, b in zip(cached[0], metadata, strict=True)):
+        return cached[2]
+    plan = _plan(q, block_tables, seq_lens, query_start_loc, group, block_size,
+                 sliding_window, max_seq_len, max_query_len)
+    _plans.last = (metadata, key, plan)
+    return plan
+
+
+def _run(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    keys, values = _gather(k_cache, work.slots, 0), _gather(v_cache, work.slots, 1)
+    if work.prefill:
+        chunk = q[work.start:work.end]
+        q_len, num_heads = chunk.shape[0], chunk.shape[1]
+        group = num_heads // num_kv_heads
+        grouped = chunk.reshape(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
+        grouped = grouped.reshape(1, num_kv_heads, q_len * group, head_dim)
+        result = _attend(grouped, keys, values, work.mask, scale, softcap)
+        result = result.view(num_kv_heads, q_len, group, head_dim).transpose(0, 1)
+        out[work.start:work.end] = result.reshape(chunk.shape)
+        return
+    part = q if work.rows is None else q.index_select(0, work.rows)
+    num_heads = part.shape[1]
+    grouped = part.reshape(part.shape[0], num_kv_heads, num_heads // num_kv_heads, head_dim)
+    result = _attend(grouped, keys, values, work.mask, scale, softcap).reshape(part.shape)
+    if work.rows is None:
+        out.copy_(result)
+    else:
+        out.index_copy_(0, work.rows, result)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
                     sliding_window=None, softcap=None, max_seq_len=None, max_query_len=None,
                     out) -> torch.Tensor:
-    num_seqs = seq_lens.shape[0]
-    if num_seqs == 0 or q.shape[0] == 0:
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0:
         return out
-    if max_query_len == 1 and q.shape[0] == num_seqs:
-        _decode(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, softcap,
-                max_seq_len, out)
-        return out
-    _mixed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-           sliding_window, softcap, out)
+    group = q.shape[1] // k_cache.shape[2]
+    plan = _cached_plan(q, block_tables, seq_lens, query_start_loc, group, k_cache.shape[1],
+                        sliding_window, max_seq_len, max_query_len)
+    for work in plan:
+        _run(work, q, k_cache, v_cache, scale, softcap, out)
     return out
-
-
-def _mixed(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
-           sliding_window, softcap, out) -> None:
-    """A batch with prefill chunks: decode rows batched, each chunk on its own."""
-    starts = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    decode = [i for i in range(len(lens)) if starts[i + 1] - starts[i] == 1]
-    if decode:
-        rows = torch.tensor([starts[i] for i in decode], device=q.device)
-        seqs = torch.tensor(decode, device=q.device)
-        result = torch.empty(len(decode), *q.shape[1:], dtype=q.dtype, device=q.device)
-        _decode(q.index_select(0, rows), k_cache, v_cache, block_tables.index_select(0, seqs),
-                seq_lens.index_select(0, seqs), scale, sliding_window, softcap,
-                max(lens[i] for i in decode), result)
-        out.index_copy_(0, rows, result)
-    for i, seq_len in enumerate(lens):
-        if starts[i + 1] - starts[i] > 1:
-            out[starts[i]:starts[i + 1]] = _prefill_one(
-                q[starts[i]:starts[i + 1]], k_cache, v_cache, block_tables[i], seq_len,
-                scale, sliding_window, softcap)
