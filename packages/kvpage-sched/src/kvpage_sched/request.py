@@ -65,8 +65,8 @@ class Request:
     num_preemptions: int = field(init=False, default=0)
     num_cached_tokens: int = field(init=False, default=-1)  # prefix hit at first admission
     cache_keys: tuple = field(init=False, default=())
-    seq: int = field(init=False, default=0)  # admission order, breaks arrival-time ties
-    num_committed_blocks: int = field(init=False, default=0)
+    seq: int = field(init=False, default=0)  # order of add_request, breaks arrival-time ties
+    num_committed_blocks: int = field(init=False, default=0)  # full blocks published to the prefix cache
     _all_token_ids: list[int] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
