@@ -42,7 +42,7 @@ def test_pure_python_layers_install_and_import_alone(tmp_path, packages, module,
     _install_alone(tmp_path, *packages)
     installed = {p.name.split("-")[0] for p in tmp_path.glob("*.dist-info")}
     assert installed == {p.replace("-", "_") for p in packages}
-    assert _import_isolated(tmp_path, module) == allowed
+    assert _import_isolated(tmp_path, module) <= allowed
 
 
 def test_sched_alone_is_refused_without_cache(tmp_path):
