@@ -1,7 +1,6 @@
 import hashlib
 
 import pytest
-
 from kvpage_cache import CACHE_SALT, LORA, InvalidArgumentError, encode_extra_keys, sha256
 from kvpage_cache.block_hash import BlockHasher
 

@@ -1,5 +1,4 @@
 import pytest
-
 from kvpage_cache import (
     BlockPool,
     DoubleFreeError,

@@ -14,7 +14,6 @@ from collections import Counter
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
-
 from kvpage_cache import NULL_BLOCK, BlockPool, KVCacheManager, RequestTooLargeError
 
 NUM_BLOCKS = 10
@@ -60,7 +59,9 @@ class CacheMachine(RuleBasedStateMachine):
             self.memory[dst] = list(self.memory[src])
         table = self.mgr.block_ids(request_id)
         for position in range(start, len(tokens)):
-            self.memory[table[position // BS]][position % BS] = self.kv(request_id, tokens, position)
+            self.memory[table[position // BS]][position % BS] = self.kv(
+                request_id, tokens, position
+            )
 
     def maybe_commit(self, request_id: str, commit: bool) -> None:
         if commit:

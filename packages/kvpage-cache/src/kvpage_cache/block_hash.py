@@ -49,10 +49,7 @@ def _encode_pair(kind: str, value: object) -> bytes:
             f"extra key must be (non-empty str kind, str | int | bytes value), got {(kind, value)!r}"
         )
     kind_bytes = kind.encode()
-    if isinstance(value, bytes):
-        payload = value
-    else:
-        payload = str(value).encode()
+    payload = value if isinstance(value, bytes) else str(value).encode()
     return _with_length(kind_bytes) + tag + _with_length(payload)
 
 
@@ -74,4 +71,6 @@ class BlockHasher:
 
     def hash_block(self, parent: bytes, token_key: bytes, extra: bytes) -> BlockHash:
         """Hash of a block whose parent hash is ``parent`` (b"" for the first block)."""
-        return BlockHash(self._hash_fn(len(parent).to_bytes(2, "little") + parent + token_key + extra))
+        return BlockHash(
+            self._hash_fn(len(parent).to_bytes(2, "little") + parent + token_key + extra)
+        )

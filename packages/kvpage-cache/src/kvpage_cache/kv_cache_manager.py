@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 from .block_hash import BlockHash, ExtraKeys, encode_extra_keys
 from .block_pool import BlockPool
-from .free_queue import Block
 from .errors import (
     DoubleFreeError,
     DuplicateRequestError,
@@ -24,6 +23,7 @@ from .errors import (
     StaleHitError,
     UnknownRequestError,
 )
+from .free_queue import Block
 from .stats import CacheStats
 
 NULL_BLOCK = -1
