@@ -50,6 +50,12 @@ class BlockPool:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
+    def block(self, block_id: int) -> Block:
+        """The block with this id (read it, change it only through the pool)."""
+        if not 0 <= block_id < self.num_blocks:
+            raise InvalidArgumentError(f"block id {block_id} is not in 0..{self.num_blocks - 1}")
+        return self.blocks[block_id]
+
     def ref_count(self, block_id: int) -> int:
         return self.block(block_id).ref_count
 
@@ -134,9 +140,3 @@ class BlockPool:
         del self._cached[block.block_hash]
         block.clear_cached()
         self.stats.evictions += 1
-
-    def block(self, block_id: int) -> Block:
-        """The block with this id (read it, change it only through the pool)."""
-        if not 0 <= block_id < self.num_blocks:
-            raise InvalidArgumentError(f"block id {block_id} is not in 0..{self.num_blocks - 1}")
-        return self.blocks[block_id]
