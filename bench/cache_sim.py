@@ -349,7 +349,9 @@ def record(path: str, command: str, text: str) -> None:
             f"Python {platform.python_version()}, kvpage-cache 0.1.0.\n"
             f"- Command: `{command}`\n"
             f"- Request mix: log-normal prompt (mu 4.58, sigma 1.0) and output (mu 5.32, "
-            f"sigma 1.0) lengths clipped to 1..1024, seed 0; max_model_len {MAX_MODEL_LEN}.\n\n"
+            f"sigma 1.0) lengths clipped to 1..1024, seed 0; max_model_len {MAX_MODEL_LEN}.\n"
+            f"- Memory and sharing figures are exact for the seed; speed figures (best of 5) "
+            f"depend on the load (1-minute load average {os.getloadavg()[0]:.1f} at the end).\n\n"
             f"```\n{text}\n```\n"
         )
 
