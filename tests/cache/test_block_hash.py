@@ -59,3 +59,9 @@ def test_no_extra_keys_encode_to_nothing():
 def test_bad_extra_keys_raise(pair):
     with pytest.raises(InvalidArgumentError):
         encode_extra_keys([pair])
+
+
+@pytest.mark.parametrize("token", [1.5, 2**63, "7"])
+def test_token_ids_that_are_not_int64_raise(token):
+    with pytest.raises(InvalidArgumentError, match="64-bit"):
+        BlockHasher(block_size=2).token_key([1, token])

@@ -67,7 +67,10 @@ class BlockHasher:
 
     def token_key(self, token_ids: Sequence[int]) -> bytes:
         """Fixed-width encoding of one block's token ids: what a cached block stores and compares."""
-        return self._pack(*token_ids)
+        try:
+            return self._pack(*token_ids)
+        except struct.error as error:
+            raise InvalidArgumentError(f"token ids must be 64-bit integers: {error}") from None
 
     def hash_block(self, parent: bytes, token_key: bytes, extra: bytes) -> BlockHash:
         """Hash of a block whose parent hash is ``parent`` (b"" for the first block)."""
