@@ -19,8 +19,9 @@ Building llama-server (CPU, no network features) from the llama-cpp-python sourc
         -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release
     cmake --build build --target llama-server     # -> build/bin/llama-server
 
-The script runs it as ``llama-server -m <gguf> -np <clients> -c <clients * ctx>`` on 127.0.0.1
-(one slot per client, each with the full context).
+The script runs it as ``llama-server -m <gguf> -np <clients> -c <clients * ctx> --no-repack`` on
+127.0.0.1 (one slot per client, each with the full context; ``--no-repack`` because a native
+build's AMX weight-repacking path crashes on CPUs that have AVX-512 but no AMX).
 
 Metrics (as in vLLM's serving benchmark): TTFT is the time to the first content chunk; TPOT is
 (latency - TTFT) / (output tokens - 1) per request; ITL is the gap between consecutive content
@@ -65,13 +66,14 @@ FALLBACK_TOPICS = (
 def load_workload(path: Path | None, num_prompts: int) -> list[list[dict]]:
     """Chat conversations from a JSON file, or built-in ones when the file is absent.
 
-    Accepted file shapes: a list (or ``{"prompts": [...]}``) whose items are strings, ``{"prompt":
-    str}`` or ``{"messages": [...]}``.
+    Accepted file shapes: a list, or an object with a ``conversations`` or ``prompts`` list, whose
+    items are message lists, strings, ``{"prompt": str}`` or ``{"messages": [...]}``.
     """
     if path is not None and path.is_file():
         data = json.loads(path.read_text())
-        items = data.get("prompts", data.get("requests", [])) if isinstance(data, dict) else data
-        conversations = [_conversation(item) for item in items]
+        if isinstance(data, dict):
+            data = data.get("conversations") or data.get("prompts") or []
+        conversations = [_conversation(item) for item in data]
     else:
         conversations = [[{"role": "user", "content": f"Explain {topic} in detail."}]
                          for topic in FALLBACK_TOPICS]
@@ -81,6 +83,8 @@ def load_workload(path: Path | None, num_prompts: int) -> list[list[dict]]:
 
 
 def _conversation(item: object) -> list[dict]:
+    if isinstance(item, list):
+        return item
     if isinstance(item, str):
         return [{"role": "user", "content": item}]
     if isinstance(item, dict) and "messages" in item:
@@ -288,9 +292,9 @@ def kvpage_command(port: int, gguf: Path, extra: list[str]) -> list[str]:
             "--log-level", "warning", *extra]
 
 
-def llama_command(binary: str, port: int, gguf: Path, slots: int, ctx: int) -> list[str]:
+def llama_command(binary: str, port: int, gguf: Path, slots: int, ctx: int, extra: list[str]) -> list[str]:
     return [binary, "-m", str(gguf), "-np", str(slots), "-c", str(slots * ctx),
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
 # ------------------------------------------------------------------------- reporting
@@ -361,6 +365,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--start-kvpage", action="store_true", help="start `kvpage serve` on the GGUF and measure it")
     p.add_argument("--kvpage-args", default="", help="extra arguments for kvpage serve (one string)")
     p.add_argument("--llama-server", default=None, help="path of a llama-server binary to start and measure")
+    p.add_argument("--llama-args", default="--no-repack",
+                   help="extra llama-server arguments (default: %(default)s: on CPUs without AMX, the "
+                        "AMX weight-repacking path of a native build crashes)")
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: the SmolLM2-135M GGUF)")
     p.add_argument("--ctx", type=int, default=1024, help="context per llama-server slot (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name sent in requests to --target endpoints")
@@ -406,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_server:
         port = free_port()
         slots = args.concurrency or 16
-        with launched("llama-server", llama_command(args.llama_server, port, gguf, slots, args.ctx), port) as url:
+        command = llama_command(args.llama_server, port, gguf, slots, args.ctx, args.llama_args.split())
+        with launched("llama-server", command, port) as url:
             rows["llama-server"] = measure("llama-server", url, None, workload, args)
     for spec in args.target:
         name, _, url = spec.partition("=")
