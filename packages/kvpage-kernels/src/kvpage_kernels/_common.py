@@ -6,7 +6,15 @@ from collections.abc import Sequence
 
 import torch
 
+from .errors import KernelInputError
+
 Pairs = Sequence[tuple[int, int]] | torch.Tensor
+
+
+def check_inner_contiguous(t: torch.Tensor, name: str) -> None:
+    """Raw kernels address the last (head_dim) dimension with unit stride."""
+    if t.stride(-1) != 1:
+        raise KernelInputError(f"{name} must have a unit stride in its last (head_dim) dimension")
 
 
 def apply_softcap(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import torch_backend
-from ._common import copy_blocks_indexed, swap_blocks_indexed
+from ._common import check_inner_contiguous, copy_blocks_indexed, swap_blocks_indexed
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("write_kv.cu", "paged_decode.cu")
@@ -39,6 +39,7 @@ def _kernel(source: str, name: str) -> cupy.RawKernel:
     return _module(source).get_function(name)
 
 
+
 def _ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())
 
@@ -54,6 +55,8 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
+    check_inner_contiguous(k, "k")
+    check_inner_contiguous(v, "v")
     name = "write_kv_16" if k.element_size() == 2 else "write_kv_32"
     args = (_ptr(k), _ptr(v), _ptr(k_cache), _ptr(v_cache), _ptr(slot_mapping),
             np.int64(k.stride(0)), np.int64(k.stride(1)), np.int64(v.stride(0)),
@@ -72,8 +75,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
             q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window=sliding_window, softcap=softcap, max_seq_len=max_seq_len,
             max_query_len=max_query_len, out=out)
-    if q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError("q and out must have a unit stride in their last (head_dim) dimension")
+    check_inner_contiguous(q, "q")
+    check_inner_contiguous(out, "out")
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
     args = (_ptr(out), _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(block_tables),
             _ptr(seq_lens), np.float32(scale), np.float32(softcap or 0.0),
             np.int32(sliding_window or 0), np.int32(k_cache.shape[2]), np.int32(head_dim),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import pairs_to_tensors, swap_blocks_indexed
+from ._common import check_inner_contiguous, pairs_to_tensors, swap_blocks_indexed
 
 swap_blocks = swap_blocks_indexed
 # Keys per attention step, independent of the cache block size (each position's block is
@@ -221,17 +221,13 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
-    _check_inner_contiguous(k, "k")
-    _check_inner_contiguous(v, "v")
+    check_inner_contiguous(k, "k")
+    check_inner_contiguous(v, "v")
     _write_kv_kernel[(num_tokens,)](
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), k_cache.stride(1), k_cache.stride(2), HEAD_DIM=head_dim,
         NUM_KV_HEADS=num_kv_heads, BLOCK=triton.next_power_of_2(num_kv_heads * head_dim))
 
-
-def _check_inner_contiguous(t: torch.Tensor, name: str) -> None:
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must have a unit stride in its last (head_dim) dimension")
 
 
 @functools.cache
@@ -267,8 +263,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     num_seqs = block_tables.shape[0]
     if num_seqs == 0 or q.shape[0] == 0:
         return out
-    _check_inner_contiguous(q, "q")
-    _check_inner_contiguous(out, "out")
+    check_inner_contiguous(q, "q")
+    check_inner_contiguous(out, "out")
+    block_tables, seq_lens = block_tables.contiguous(), seq_lens.contiguous()
+    query_start_loc = query_start_loc.contiguous()
     if max_query_len is None:
         max_query_len = int(query_start_loc.diff().max())
     decode_only = max_query_len == 1 and q.shape[0] == num_seqs
