@@ -62,3 +62,20 @@ def test_many_streams_with_disconnects_leave_nothing_behind(server):
     assert ended == CLIENTS
     abort = 'kvpage:request_success_total{finished_reason="abort"}'
     assert m.get(abort, 0) - before.get(abort, 0) >= CLIENTS // 8
+
+
+def test_non_streaming_client_that_gives_up_aborts_its_request(server):
+    before = server.metrics()
+    body = {"prompt": "Count slowly:", "max_tokens": 400, "ignore_eos": True}
+    with server.http() as http:
+        try:
+            http.post("/v1/completions", json=body, timeout=1.0)
+        except httpx.TimeoutException:
+            pass
+        else:
+            raise AssertionError("expected the client to time out first")
+    m = _wait_idle(server)
+    assert m["kvpage:num_requests_running"] == 0 and m["kvpage:kv_blocks_held"] == 0
+    abort = 'kvpage:request_success_total{finished_reason="abort"}'
+    assert m.get(abort, 0) - before.get(abort, 0) == 1
+    assert m["kvpage:generation_tokens_total"] - before["kvpage:generation_tokens_total"] < 400
