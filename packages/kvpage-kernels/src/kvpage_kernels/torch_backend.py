@@ -57,8 +57,9 @@ def _gather(cache: torch.Tensor, slots: torch.Tensor, which: int) -> torch.Tenso
     num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
     flat = cache.view(-1, num_kv_heads, head_dim)
     index = slots.reshape(-1)
-    if cache.device.type == "cpu" and cache[0, 0].nbytes * index.numel() <= WORKSPACE_MAX_BYTES:
-        out = _buffer(which, index.numel() * num_kv_heads * head_dim, cache)
+    numel = index.numel() * num_kv_heads * head_dim
+    if cache.device.type == "cpu" and numel * cache.element_size() <= WORKSPACE_MAX_BYTES:
+        out = _buffer(which, numel, cache)
         rows = torch.index_select(flat, 0, index, out=out.view(-1, num_kv_heads, head_dim))
     else:
         rows = flat.index_select(0, index)
@@ -76,19 +77,25 @@ def _slots(block_tables, first_pos, seq_lens, ctx: int, block_size: int):
     return blocks * block_size + pos % block_size, pos, valid
 
 
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where allowed, -inf elsewhere (SDPA would convert a boolean mask on every call)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, float("-inf"))
+
+
 def _attend(q, keys, values, mask, scale, softcap):
-    """q [b, kvh, m, d]; keys/values [b, kvh, n, d]; mask broadcastable to [b, kvh, m, n]
-    (True = attend). Returns [b, kvh, m, d] in q's dtype."""
+    """q [b, kvh, m, d]; keys/values [b, kvh, n, d]; additive mask broadcastable to
+    [b, kvh, m, n]. Returns [b, kvh, m, d] in q's dtype."""
     if softcap is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
     scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * scale
-    scores = apply_softcap(scores, softcap).masked_fill(~mask, float("-inf"))
+    scores = apply_softcap(scores, softcap) + mask
     return torch.matmul(torch.softmax(scores, dim=-1), values.float()).to(q.dtype)
 
 
 @dataclass(frozen=True)
 class _Work:
-    """One attention call: keys at `slots` [b, ctx] and a mask broadcastable to
+    """One attention call: keys at `slots` [b, ctx] and an additive mask broadcastable to
     [b, kv_heads, rows, ctx]. Decode work serves q rows `rows` (None: every row, in order);
     prefill work (b = 1) serves the chunk q[start:end]."""
 
@@ -101,13 +108,13 @@ class _Work:
 
 
 def _decode_work(block_tables, seq_lens, rows, sliding_window, block_size: int,
-                 max_seq_len: int | None) -> list[_Work]:
+                 max_seq_len: int | None, dtype: torch.dtype) -> list[_Work]:
     """Decode tokens of the given sequences; on the CPU in chunks of similar length."""
     if seq_lens.device.type != "cpu" or seq_lens.shape[0] <= DECODE_CHUNK:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
         return [_decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size,
-                              max_seq_len)]
+                              max_seq_len, dtype)]
     lens, order = seq_lens.sort()
     lens_host = lens.tolist()
     work = []
@@ -116,12 +123,12 @@ def _decode_work(block_tables, seq_lens, rows, sliding_window, block_size: int,
         chunk = order[begin:end]
         work.append(_decode_chunk(block_tables.index_select(0, chunk), lens[begin:end],
                                   chunk if rows is None else rows.index_select(0, chunk),
-                                  sliding_window, block_size, lens_host[end - 1]))
+                                  sliding_window, block_size, lens_host[end - 1], dtype))
     return work
 
 
 def _decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size: int,
-                  max_seq_len: int) -> _Work:
+                  max_seq_len: int, dtype: torch.dtype) -> _Work:
     seq_lens = seq_lens.long()
     ctx = max_seq_len
     first = torch.zeros_like(seq_lens)
@@ -129,11 +136,11 @@ def _decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size: int,
         ctx = min(ctx, sliding_window)
         first = (seq_lens - sliding_window).clamp(min=0)
     slots, _, valid = _slots(block_tables, first, seq_lens, ctx, block_size)
-    return _Work(slots, valid.view(-1, 1, 1, ctx), rows)
+    return _Work(slots, _additive(valid.view(-1, 1, 1, ctx), dtype), rows)
 
 
 def _prefill_work(table, seq_len: int, start: int, end: int, group: int, sliding_window,
-                  block_size: int) -> _Work:
+                  block_size: int, dtype: torch.dtype) -> _Work:
     """The chunk q[start:end] of one sequence, at positions seq_len-q_len .. seq_len-1.
     Its mask rows are ordered (token, group member), as _run lays out the queries."""
     device = table.device
@@ -147,7 +154,7 @@ def _prefill_work(table, seq_len: int, start: int, end: int, group: int, sliding
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     mask = mask.repeat_interleave(group, dim=0).view(1, 1, -1, mask.shape[1])
-    return _Work(slots, mask, start=start, end=end, prefill=True)
+    return _Work(slots, _additive(mask, dtype), start=start, end=end, prefill=True)
 
 
 def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: int,
@@ -155,7 +162,7 @@ def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: in
     num_seqs = seq_lens.shape[0]
     if max_query_len == 1 and q.shape[0] == num_seqs:
         return _decode_work(block_tables, seq_lens, None, sliding_window, block_size,
-                            max_seq_len)
+                            max_seq_len, q.dtype)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
@@ -164,11 +171,12 @@ def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: in
         seqs = torch.tensor(decode, device=q.device)
         rows = torch.tensor([starts[i] for i in decode], device=q.device)
         work = _decode_work(block_tables.index_select(0, seqs), seq_lens.index_select(0, seqs),
-                            rows, sliding_window, block_size, max(lens[i] for i in decode))
+                            rows, sliding_window, block_size, max(lens[i] for i in decode),
+                            q.dtype)
     for i, seq_len in enumerate(lens):
         if starts[i + 1] - starts[i] > 1:
             work.append(_prefill_work(block_tables[i], seq_len, starts[i], starts[i + 1],
-                                      group, sliding_window, block_size))
+                                      group, sliding_window, block_size, q.dtype))
     return work
 
 
@@ -181,8 +189,8 @@ def _cached_plan(q, block_tables, seq_lens, query_start_loc, group: int, block_s
     once per step. The last key holds the tensors themselves (so their identity cannot be
     reused while cached) and their versions (an in-place change invalidates it)."""
     metadata = (block_tables, seq_lens, query_start_loc)
-    key = (tuple(t._version for t in metadata), q.shape[0], group, block_size, sliding_window,
-           max_seq_len, max_query_len)
+    key = (tuple(t._version for t in metadata), q.shape[0], q.dtype, group, block_size,
+           sliding_window, max_seq_len, max_query_len)
     cached = getattr(_plans, "last", None)
     if cached is not None and cached[1] == key and all(
             a is b for a, b in zip(cached[0], metadata, strict=True)):
