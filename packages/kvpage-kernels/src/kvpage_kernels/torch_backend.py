@@ -1,12 +1,13 @@
 """Fast batched torch backend (any device; the CPU path of the runtime).
 
 Decode tokens (q_len 1) of all sequences are served together: the keys and values each one
-needs are gathered through the block tables into a padded [seqs, kv_heads, ctx, d] tensor and
-the queries are viewed as [seqs, kv_heads, group, d], so GQA costs no copy of K/V. On the
-CPU the decode batch is cut into chunks of sequences of similar length. Prefill
-chunks are served one sequence at a time (they are few and large). Padding positions point at
-a real slot of the same sequence and are masked, so no unused (possibly NaN) slot is read.
-"""
+needs are gathered through the block tables into a padded [seqs, kv_heads, ctx, d] view and
+the queries are viewed as [seqs, kv_heads, group, d], so GQA costs no copy of K/V, and one
+SDPA call does the rest. On the CPU the decode batch is cut into chunks of sequences of
+similar length, gathered into reused buffers. Prefill chunks are served one sequence at a
+time (they are few and large). Padding positions point at a real slot of the same sequence
+and are masked, so no unused (possibly NaN) slot is read. The slots and masks of a step are
+planned once and reused by every layer."""
 
 from __future__ import annotations
 
