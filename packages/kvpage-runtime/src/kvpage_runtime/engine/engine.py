@@ -65,6 +65,13 @@ class _StepPlan:
     prompt_logprob_jobs: list[tuple[RequestGroup, int, int, int]] = field(default_factory=list)
 
 
+def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """logits[rows], without a copy in the common case where rows are 0..n-1."""
+    if len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+        return logits
+    return logits[rows]
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -208,7 +215,7 @@ class LLMEngine:
         logits = self.runner.execute(batch, plan.logits_indices)
         t3 = time.perf_counter()
         rows = [self._sampling_row(seq) for seq in plan.sample_seqs]
-        sampled = self.sampler(logits[plan.sample_logit_rows], rows) if rows else None
+        sampled = self.sampler(_rows(logits, plan.sample_logit_rows), rows) if rows else None
         self._prompt_logprobs(plan, logits)
         t4 = time.perf_counter()
         touched = self._apply_samples(out, plan, sampled)

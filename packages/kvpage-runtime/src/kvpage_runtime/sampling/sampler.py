@@ -46,7 +46,7 @@ class Sampler:
         logprobs = self._logprobs(logits, rows)
         logits = _apply_logits_processors(logits, rows)
         greedy = [r.params.is_greedy for r in rows]
-        tokens = logits.argmax(dim=-1) if all(greedy) else self._sample(logits, rows, greedy)
+        tokens = _argmax(logits) if all(greedy) else self._sample(logits, rows, greedy)
         token_list = tokens.tolist()
         if any(lp is not None for lp in logprobs):
             logprobs = [None if lp is None else lp.with_sampled(t) for lp, t in zip(logprobs, token_list, strict=True)]
@@ -66,7 +66,7 @@ class Sampler:
                 greedy: list[bool]) -> torch.Tensor:
         device = logits.device
         greedy_mask = torch.tensor(greedy, device=device)
-        argmax = logits.argmax(dim=-1)
+        argmax = _argmax(logits)
         temps = torch.tensor([1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)],
                              device=device)
         logits = logits / temps.unsqueeze(1)
@@ -74,7 +74,7 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         probs = _apply_min_p(probs, rows)
         noise = self._noise(probs, rows)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = _argmax(probs / noise)
         return torch.where(greedy_mask, argmax, sampled)
 
     def _noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -85,6 +85,11 @@ class Sampler:
         for i in seeded:
             noise[i].exponential_(generator=rows[i].generator)
         return noise
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first maximum); max().indices is several times faster than argmax on CPU."""
+    return x.max(dim=-1).indices
 
 
 def _apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
