@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import API_KEY
+from .live_server import API_KEY
 
 _PATH = Path(__file__).resolve().parents[2] / "bench" / "serving.py"
 _spec = importlib.util.spec_from_file_location("bench_serving", _PATH)

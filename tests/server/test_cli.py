@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import cli, free_port, wait_healthy
+from .live_server import cli, free_port, wait_healthy
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

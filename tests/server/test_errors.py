@@ -7,7 +7,7 @@ import re
 import httpx
 import pytest
 
-from tests.server.conftest import MAX_MODEL_LEN
+from .live_server import MAX_MODEL_LEN
 
 OK_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
