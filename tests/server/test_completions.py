@@ -111,3 +111,16 @@ def test_vllm_sampling_extras_are_accepted(server):
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 6,
                     "stop_token_ids": [0], "skip_special_tokens": True})
     assert r.usage.completion_tokens == 6
+
+
+def test_streaming_n_with_logprobs(server):
+    chunks = list(server.client().completions.create(
+        model=None, prompt=PROMPT, n=2, max_tokens=6, temperature=1.0, seed=5, logprobs=1, stream=True,
+        extra_body={"ignore_eos": True}))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
+        text = "".join(c.text for c in mine)
+        tokens = [t for c in mine if c.logprobs for t in c.logprobs.tokens]
+        offsets = [o for c in mine if c.logprobs for o in c.logprobs.text_offset]
+        assert mine[-1].finish_reason == "length" and len(tokens) == 6
+        assert "".join(tokens) == text and offsets == sorted(offsets) and offsets[0] == 0

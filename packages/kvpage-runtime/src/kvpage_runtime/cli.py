@@ -328,14 +328,15 @@ def bench(args: argparse.Namespace) -> int:
     script = folder / BENCH_SCRIPTS[args.name]
     if not script.is_file():
         raise CLIError(f"{script} does not exist in this checkout")
-    saved = sys.argv
+    saved_argv, saved_path = sys.argv, list(sys.path)
     sys.argv = [str(script), *args.args]
+    sys.path.insert(0, str(folder))  # as `python bench/<script>.py` would have it
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     finally:
-        sys.argv = saved
+        sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
 
 
