@@ -65,10 +65,9 @@ class _Completion:
         self.model = state.check_model(req.model)
         self.id = random_id("cmpl")
         self.prompts = _prompts(state, req.prompt)
-        logprobs = req.logprobs
         params = sampling_params(
             req, max_tokens=req.max_tokens if req.max_tokens is not None else 16,
-            logprobs=logprobs, prompt_logprobs=logprobs if req.echo else None,
+            logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
             vocab_size=state.vocab_size,
         )
         self.requests = EngineRequests(state, [
