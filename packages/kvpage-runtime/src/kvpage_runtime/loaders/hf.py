@@ -25,8 +25,8 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     raw = read_json(folder / "config.json", "model configuration")
-    files = safetensors_files(folder)
     config = model_config_from_hf(raw, dtype)
+    files = safetensors_files(folder)
     if not config.tie_word_embeddings and "lm_head.weight" not in tensor_names(files):
         config.tie_word_embeddings = True
     model = build_model(config, device)

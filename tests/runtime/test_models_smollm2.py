@@ -1,0 +1,119 @@
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers loading the same file."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import transformers
+from model_helpers import PagedGreedyDriver
+
+from kvpage_runtime.loaders import load_model
+from kvpage_runtime.loaders.default_model import default_model_path
+
+pytestmark = pytest.mark.slow
+
+NEW_TOKENS = 64
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain what a hash table is in two sentences.",
+    "List three fruits that are red.",
+    "How do I reverse a list in Python?",
+    "Why is the sky blue?",
+    "Give me a short motivational quote.",
+    "What is 12 times 13?",
+]
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    try:
+        return default_model_path()
+    except Exception as e:  # the optional default model is not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def kvpage_fp32(gguf_path):
+    """Loaded twice: the first load converts the GGUF unless the cache has it, the second reads the cache."""
+    start = time.perf_counter()
+    first = load_model(None, dtype="float32")
+    first_s = time.perf_counter() - start
+    start = time.perf_counter()
+    cached = load_model(None, dtype="float32")
+    print(f"default model load: first {first_s:.1f} s, cached {time.perf_counter() - start:.1f} s")
+    return first, cached
+
+
+@pytest.fixture(scope="module")
+def hf_reference(gguf_path):
+    """transformers' tokenizer and batched greedy continuations (left padding), computed once."""
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
+    width = max(map(len, prompts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad
+        )
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return tokenizer, prompts, [_until_eos(row[width:].tolist(), eos) for row in out]
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def test_tokenizer_and_template_match_transformers(kvpage_fp32, hf_reference):
+    hf_tokenizer, prompts, _ = hf_reference
+    for loaded in kvpage_fp32:
+        assert loaded.chat_template == hf_tokenizer.chat_template
+        assert loaded.eos_token_ids == {hf_tokenizer.eos_token_id}
+        ours = [
+            loaded.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            for q in QUESTIONS
+        ]
+        ours = [p["input_ids"] if hasattr(p, "keys") else p for p in ours]
+        assert ours == prompts
+
+
+def test_cached_weights_equal_first_load(kvpage_fp32):
+    first, cached = kvpage_fp32
+    assert first.config == cached.config
+    ours, theirs = first.model.state_dict(), cached.model.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_greedy_matches_transformers(kvpage_fp32, hf_reference):
+    _, prompts, expected = hf_reference
+    loaded = kvpage_fp32[1]
+    seqs = PagedGreedyDriver(loaded, block_size=16, max_len=256, max_seqs=len(prompts)).generate(
+        prompts, NEW_TOKENS
+    )
+    for prompt, seq, reference in zip(prompts, seqs, expected):
+        generated = _until_eos(seq.tokens[len(prompt) :], loaded.eos_token_ids)
+        assert generated == reference
+
+
+def test_bfloat16_generates_text(kvpage_fp32):
+    loaded = load_model(None, dtype="bfloat16")
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    prompt = loaded.tokenizer.encode("The capital of France is")
+    seq = PagedGreedyDriver(loaded, max_len=64, max_seqs=1).generate([prompt], 8)[0]
+    assert "Paris" in loaded.tokenizer.decode(seq.tokens[len(prompt) :])
