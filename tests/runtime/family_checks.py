@@ -7,9 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from model_helpers import PagedGreedyDriver, compare_greedy, hf_reference, random_prompts, save_tiny_model
-
 from kvpage_runtime.loaders import load_model
+from model_helpers import (
+    PagedGreedyDriver,
+    compare_greedy,
+    hf_reference,
+    random_prompts,
+    save_tiny_model,
+)
 
 PROMPT_LENGTHS = [5, 17, 33, 9, 2]
 NEW_TOKENS = 16
@@ -29,7 +34,9 @@ class FamilyCase:
 
     def check(self, block_size: int, prefill_chunks: int, stagger: bool) -> int:
         driver = PagedGreedyDriver(self.loaded, block_size=block_size)
-        seqs = driver.generate(self.prompts, NEW_TOKENS, prefill_chunks=prefill_chunks, stagger=stagger)
+        seqs = driver.generate(
+            self.prompts, NEW_TOKENS, prefill_chunks=prefill_chunks, stagger=stagger
+        )
         return compare_greedy(seqs, self.references, self.prompts)
 
 

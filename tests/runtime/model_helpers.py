@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from kvpage_runtime.forward_batch import ForwardBatch
 from kvpage_runtime.loaders import LoadedModel
 
@@ -54,7 +53,9 @@ class Sequence:
 class PagedGreedyDriver:
     """Greedy decoding of several sequences at once over a paged KV cache."""
 
-    def __init__(self, loaded: LoadedModel, block_size: int = 16, max_len: int = 256, max_seqs: int = 16):
+    def __init__(
+        self, loaded: LoadedModel, block_size: int = 16, max_len: int = 256, max_seqs: int = 16
+    ):
         cfg = loaded.config
         self.model = loaded.model
         self.block_size = block_size
@@ -68,7 +69,10 @@ class PagedGreedyDriver:
     def new_sequences(self, prompts: list[list[int]]) -> list[Sequence]:
         # Sequence i owns blocks in reverse order, so block ids are not just positions.
         n = self.blocks_per_seq
-        return [Sequence(list(p), list(range((i + 1) * n - 1, i * n - 1, -1))) for i, p in enumerate(prompts)]
+        return [
+            Sequence(list(p), list(range((i + 1) * n - 1, i * n - 1, -1)))
+            for i, p in enumerate(prompts)
+        ]
 
     def build_batch(self, work: list[tuple[Sequence, int]]) -> ForwardBatch:
         """Batch computing ``count`` more tokens of each ``(sequence, count)``."""
@@ -78,7 +82,9 @@ class PagedGreedyDriver:
             for pos in range(start, start + count):
                 ids.append(seq.tokens[pos])
                 positions.append(pos)
-                slots.append(seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
+                slots.append(
+                    seq.blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+                )
             q_lens.append(q_lens[-1] + count)
             seq_lens.append(start + count)
         tables = torch.tensor([seq.blocks for seq, _ in work], dtype=torch.int32)
@@ -90,7 +96,7 @@ class PagedGreedyDriver:
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
             query_start_loc=torch.tensor(q_lens, dtype=torch.int32),
             max_seq_len=max(seq_lens),
-            max_query_len=max(b - a for a, b in zip(q_lens, q_lens[1:])),
+            max_query_len=max(b - a for a, b in zip(q_lens, q_lens[1:], strict=False)),
         )
 
     def step(self, work: list[tuple[Sequence, int]]) -> None:
@@ -99,7 +105,7 @@ class PagedGreedyDriver:
         hidden = self.model(batch, self.kv_caches)
         ends = batch.query_start_loc[1:].long() - 1
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[ends]), dim=-1)
-        for (seq, count), row in zip(work, logprobs):
+        for (seq, count), row in zip(work, logprobs, strict=True):
             seq.num_computed += count
             if seq.num_computed < len(seq.tokens):
                 continue  # a prefill chunk: nothing to sample
@@ -109,7 +115,11 @@ class PagedGreedyDriver:
             seq.top5.append(top.indices.tolist())
 
     def generate(
-        self, prompts: list[list[int]], max_new_tokens: int, prefill_chunks: int = 1, stagger: bool = False
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        prefill_chunks: int = 1,
+        stagger: bool = False,
     ) -> list[Sequence]:
         """Greedy-decode ``max_new_tokens`` tokens for every prompt.
 
@@ -123,7 +133,11 @@ class PagedGreedyDriver:
             self.step([(seqs[0], len(seqs[0].tokens))])
             waiting = waiting[1:]
         for chunk in range(prefill_chunks):
-            work = [(s, 1) for i, s in enumerate(seqs) if i not in waiting and _generated(s) < max_new_tokens]
+            work = [
+                (s, 1)
+                for i, s in enumerate(seqs)
+                if i not in waiting and _generated(s) < max_new_tokens
+            ]
             for i in waiting:
                 end = len(seqs[i].tokens) * (chunk + 1) // prefill_chunks
                 work.append((seqs[i], end - seqs[i].num_computed))
@@ -146,7 +160,9 @@ class Reference:
 
 
 @torch.inference_mode()
-def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int) -> Reference:
+def hf_greedy(
+    model: transformers.PreTrainedModel, prompt: list[int], max_new_tokens: int
+) -> Reference:
     """Greedy continuation by transformers, recomputing the full sequence each step (no KV cache)."""
     tokens = list(prompt)
     ref = Reference([], [], [], [])
@@ -172,10 +188,10 @@ def compare_greedy(
     and then each side's token must be in the other's top 5; the comparison stops there.
     """
     near_ties = 0
-    for i, (seq, ref) in enumerate(zip(ours, refs)):
+    for i, (seq, ref) in enumerate(zip(ours, refs, strict=True)):
         generated = seq.tokens[len(prompts[i]) :]
         assert len(generated) == len(ref.tokens)
-        for step, (a, b) in enumerate(zip(generated, ref.tokens)):
+        for step, (a, b) in enumerate(zip(generated, ref.tokens, strict=True)):
             if a != b:
                 assert ref.top2_gap[step] < atol, (
                     f"sequence {i} step {step}: kvpage chose {a}, transformers {b} "

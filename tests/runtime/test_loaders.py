@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from model_helpers import TINY, save_tiny_model
-
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
 from kvpage_runtime.forward_batch import ForwardBatch
-from kvpage_runtime.loaders import load_model, resolve_dtype
 from kvpage_runtime.loaders import default_model as default_model_module
+from kvpage_runtime.loaders import load_model, resolve_dtype
 from kvpage_runtime.loaders.gguf_file import unpermute_rotary_rows
 from kvpage_runtime.models import SUPPORTED_ARCHITECTURES
+from model_helpers import TINY, save_tiny_model
 
 SMALL = {**TINY, "num_hidden_layers": 2}
 
@@ -31,7 +30,10 @@ def _last_logits(loaded, prompt: list[int]) -> torch.Tensor:
     n, block_size = len(prompt), 16
     num_blocks = -(-n // block_size)
     shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-    caches = [(torch.zeros(shape, dtype=cfg.dtype), torch.zeros(shape, dtype=cfg.dtype)) for _ in range(cfg.num_layers)]
+    caches = [
+        (torch.zeros(shape, dtype=cfg.dtype), torch.zeros(shape, dtype=cfg.dtype))
+        for _ in range(cfg.num_layers)
+    ]
     batch = ForwardBatch(
         input_ids=torch.tensor(prompt),
         positions=torch.arange(n),

@@ -15,7 +15,9 @@ LLAMA3_ROPE = {
 
 llama2 = family_fixture(transformers.LlamaConfig(**TINY, head_dim=32))
 llama3 = family_fixture(
-    transformers.LlamaConfig(**TINY, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True)
+    transformers.LlamaConfig(
+        **TINY, rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=True
+    )
 )
 llama_linear_rope = family_fixture(
     transformers.LlamaConfig(**TINY, rope_scaling={"rope_type": "linear", "factor": 2.0})

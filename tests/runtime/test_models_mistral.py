@@ -6,7 +6,7 @@ from family_checks import NEW_TOKENS, PROMPT_LENGTHS, SCHEDULES, family_fixture
 from model_helpers import TINY
 
 WINDOW = 12
-assert WINDOW < max(PROMPT_LENGTHS) and WINDOW < NEW_TOKENS
+assert max(PROMPT_LENGTHS) > WINDOW and WINDOW < NEW_TOKENS
 
 mistral = family_fixture(transformers.MistralConfig(**TINY, sliding_window=WINDOW))
 

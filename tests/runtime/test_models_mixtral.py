@@ -5,7 +5,9 @@ import transformers
 from family_checks import SCHEDULES, family_fixture
 from model_helpers import TINY
 
-mixtral = family_fixture(transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2))
+mixtral = family_fixture(
+    transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)
+)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

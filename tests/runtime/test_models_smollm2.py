@@ -7,10 +7,9 @@ import time
 import pytest
 import torch
 import transformers
-from model_helpers import PagedGreedyDriver
-
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.default_model import default_model_path
+from model_helpers import PagedGreedyDriver
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +52,9 @@ def hf_reference(gguf_path):
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, dtype=torch.float32
+    )
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
         for q in QUESTIONS
@@ -65,7 +66,11 @@ def hf_reference(gguf_path):
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad,
         )
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -85,7 +90,9 @@ def test_tokenizer_and_template_match_transformers(kvpage_fp32, hf_reference):
         assert loaded.chat_template == hf_tokenizer.chat_template
         assert loaded.eos_token_ids == {hf_tokenizer.eos_token_id}
         ours = [
-            loaded.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+            loaded.tokenizer.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True
+            )
             for q in QUESTIONS
         ]
         ours = [p["input_ids"] if hasattr(p, "keys") else p for p in ours]
@@ -106,7 +113,7 @@ def test_greedy_matches_transformers(kvpage_fp32, hf_reference):
     seqs = PagedGreedyDriver(loaded, block_size=16, max_len=256, max_seqs=len(prompts)).generate(
         prompts, NEW_TOKENS
     )
-    for prompt, seq, reference in zip(prompts, seqs, expected):
+    for prompt, seq, reference in zip(prompts, seqs, expected, strict=True):
         generated = _until_eos(seq.tokens[len(prompt) :], loaded.eos_token_ids)
         assert generated == reference
 

@@ -26,7 +26,9 @@ class LinearMethod(Protocol):
     ) -> None:
         """Register the layer's weight parameters (uninitialized)."""
 
-    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int) -> None:
+    def load_shard(
+        self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int
+    ) -> None:
         """Copy checkpoint tensor ``name`` (e.g. "weight") into output rows ``offset:offset+size``."""
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -42,7 +44,9 @@ class UnquantizedLinearMethod:
         weight = torch.empty(output_size, input_size, dtype=dtype, device=device)
         layer.weight = nn.Parameter(weight, requires_grad=False)
 
-    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int) -> None:
+    def load_shard(
+        self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int
+    ) -> None:
         param = getattr(layer, name)
         copy_weight(param.data[offset : offset + size], tensor, f"{name} shard at {offset}")
 
@@ -71,7 +75,9 @@ class Linear(nn.Module):
         self.method = method or UnquantizedLinearMethod()
         self.method.create_weights(self, input_size, self.output_size, dtype, device)
         self.bias = (
-            nn.Parameter(torch.empty(self.output_size, dtype=dtype, device=device), requires_grad=False)
+            nn.Parameter(
+                torch.empty(self.output_size, dtype=dtype, device=device), requires_grad=False
+            )
             if bias
             else None
         )

@@ -25,7 +25,9 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = Linear(
             hidden_size, [intermediate_size] * 2, dtype=dtype, device=device, method=method
         )
-        self.down_proj = Linear(intermediate_size, [hidden_size], dtype=dtype, device=device, method=method)
+        self.down_proj = Linear(
+            intermediate_size, [hidden_size], dtype=dtype, device=device, method=method
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)

@@ -32,7 +32,9 @@ class SparseMoE(nn.Module):
         self.top_k = top_k
         self.intermediate_size = intermediate_size
         self.gate = Linear(hidden_size, [num_experts], dtype=dtype, device=device)
-        w13 = torch.empty(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device)
+        w13 = torch.empty(
+            num_experts, 2 * intermediate_size, hidden_size, dtype=dtype, device=device
+        )
         w2 = torch.empty(num_experts, hidden_size, intermediate_size, dtype=dtype, device=device)
         self.w13 = nn.Parameter(w13, requires_grad=False)
         self.w2 = nn.Parameter(w2, requires_grad=False)
@@ -40,7 +42,9 @@ class SparseMoE(nn.Module):
     def weight_keys(self, path: str) -> list[str]:
         """Checkpoint names this block loads itself (the router ``gate`` is a regular Linear)."""
         return [
-            f"{path}.experts.{e}.{proj}" for e in range(self.num_experts) for proj in ("w1", "w2", "w3")
+            f"{path}.experts.{e}.{proj}"
+            for e in range(self.num_experts)
+            for proj in ("w1", "w2", "w3")
         ]
 
     def expert_slot(self, expert: int, proj: str) -> torch.Tensor:
@@ -70,9 +74,13 @@ class SparseMoE(nn.Module):
         start = 0
         for expert, count in enumerate(counts):
             if count:
-                gate, up = F.linear(inputs[start : start + count], self.w13[expert]).chunk(2, dim=-1)
+                gate, up = F.linear(inputs[start : start + count], self.w13[expert]).chunk(
+                    2, dim=-1
+                )
                 outputs.append(F.linear(F.silu(gate) * up, self.w2[expert]))
             start += count
-        per_choice = torch.cat(outputs).index_select(0, order.argsort())  # back to (token, choice) order
+        per_choice = torch.cat(outputs).index_select(
+            0, order.argsort()
+        )  # back to (token, choice) order
         mixed = per_choice.view(*experts.shape, -1) * weights.unsqueeze(-1)
         return mixed.sum(dim=1).to(x.dtype)

@@ -16,7 +16,9 @@ class RMSNorm(nn.Module):
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device=None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
         self.eps = eps
         self.shape = (hidden_size,)
 

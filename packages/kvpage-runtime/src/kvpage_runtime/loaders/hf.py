@@ -64,7 +64,9 @@ def safetensors_files(folder: Path) -> list[Path]:
         shards = sorted(set(read_json(index, "weight index").get("weight_map", {}).values()))
         missing = [name for name in shards if not (folder / name).is_file()]
         if missing:
-            raise ModelLoadError(f"{folder} lacks weight shards named in {index.name}: {', '.join(missing)}")
+            raise ModelLoadError(
+                f"{folder} lacks weight shards named in {index.name}: {', '.join(missing)}"
+            )
         return [folder / name for name in shards]
     files = sorted(folder.glob("*.safetensors"))
     if files:
@@ -75,7 +77,9 @@ def safetensors_files(folder: Path) -> list[Path]:
             f"{folder} has only pickle weights ({', '.join(pickled)}); kvpage never unpickles "
             "checkpoints. Convert them to safetensors (model.save_pretrained(..., safe_serialization=True))."
         )
-    raise ModelLoadError(f"{folder} has no weights: expected *.safetensors or model.safetensors.index.json")
+    raise ModelLoadError(
+        f"{folder} has no weights: expected *.safetensors or model.safetensors.index.json"
+    )
 
 
 def tensor_names(files: list[Path]) -> set[str]:
@@ -89,7 +93,7 @@ def tensor_names(files: list[Path]) -> set[str]:
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (not a dict)
                 yield name, f.get_tensor(name)
 
 
@@ -105,7 +109,9 @@ def load_tokenizer(folder: Path, **kwargs: Any) -> Any | None:
         raise ModelLoadError(f"cannot load the tokenizer from {folder}: {e}") from e
 
 
-def eos_ids(generation_config: dict[str, Any], config: dict[str, Any], tokenizer: Any | None) -> set[int]:
+def eos_ids(
+    generation_config: dict[str, Any], config: dict[str, Any], tokenizer: Any | None
+) -> set[int]:
     """End-of-sequence ids: generation_config.json first, then config.json, then the tokenizer."""
     for source in (generation_config, config):
         value = source.get("eos_token_id")

@@ -17,8 +17,12 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
     architecture = _architecture(raw)
     model_class(architecture)  # fails early, listing the supported architectures
     if raw.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')")
-    if architecture not in _QKV_BIAS_ARCHITECTURES and (raw.get("attention_bias") or raw.get("mlp_bias")):
+        raise UnsupportedModelError(
+            f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')"
+        )
+    if architecture not in _QKV_BIAS_ARCHITECTURES and (
+        raw.get("attention_bias") or raw.get("mlp_bias")
+    ):
         raise UnsupportedModelError(f"{architecture} with attention_bias/mlp_bias is not supported")
     try:
         num_heads = raw["num_attention_heads"]
@@ -50,7 +54,9 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
 def _architecture(raw: dict[str, Any]) -> str:
     architectures = raw.get("architectures") or []
     if not architectures:
-        raise ModelLoadError("config.json names no architecture (the 'architectures' field is empty)")
+        raise ModelLoadError(
+            "config.json names no architecture (the 'architectures' field is empty)"
+        )
     return architectures[0]
 
 
@@ -73,7 +79,9 @@ def _sliding_window(raw: dict[str, Any]) -> int | None:
     if "layer_types" in raw and raw["layer_types"]:
         sliding = sum(kind == "sliding_attention" for kind in raw["layer_types"])
     elif "use_sliding_window" in raw:  # Qwen2: layers from max_window_layers on slide
-        first = raw.get("max_window_layers", num_layers) if raw["use_sliding_window"] else num_layers
+        first = (
+            raw.get("max_window_layers", num_layers) if raw["use_sliding_window"] else num_layers
+        )
         sliding = max(0, num_layers - first)
     else:
         sliding = num_layers
@@ -81,4 +89,6 @@ def _sliding_window(raw: dict[str, Any]) -> int | None:
         return None
     if sliding == num_layers:
         return window
-    raise UnsupportedModelError("models mixing sliding-window and full-attention layers are not supported")
+    raise UnsupportedModelError(
+        "models mixing sliding-window and full-attention layers are not supported"
+    )

@@ -24,7 +24,9 @@ from kvpage_runtime.models.weights import WeightLoader
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, device=None, method: LinearMethod | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -38,7 +40,9 @@ class LlamaAttention(nn.Module):
             device=device,
             method=method,
         )
-        self.o_proj = Linear(config.q_size, [config.hidden_size], dtype=config.dtype, device=device, method=method)
+        self.o_proj = Linear(
+            config.q_size, [config.hidden_size], dtype=config.dtype, device=device, method=method
+        )
         self.attn = PagedAttention(
             config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_window
         )
@@ -61,9 +65,13 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, device=None, method: LinearMethod | None = None
+    ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
+        self.input_layernorm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, config.dtype, device
+        )
         self.self_attn = LlamaAttention(config, device, method)
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, config.dtype, device
@@ -95,10 +103,16 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
-    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, device=None, method: LinearMethod | None = None
+    ) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, config.dtype, device)
-        self.layers = nn.ModuleList(self.layer_class(config, device, method) for _ in range(config.num_layers))
+        self.embed_tokens = VocabEmbedding(
+            config.vocab_size, config.hidden_size, config.dtype, device
+        )
+        self.layers = nn.ModuleList(
+            self.layer_class(config, device, method) for _ in range(config.num_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
         self.rotary = RotaryEmbedding(
             config.head_dim,
@@ -113,7 +127,7 @@ class LlamaModel(nn.Module):
         hidden = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.lookup(batch.positions)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
         hidden, _ = self.norm(hidden, residual)
         return hidden
@@ -132,7 +146,9 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config: ModelConfig, device=None, method: LinearMethod | None = None) -> None:
+    def __init__(
+        self, config: ModelConfig, device=None, method: LinearMethod | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.model = self.model_class(config, device, method)
@@ -173,7 +189,9 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.tie_to(self.model.embed_tokens)
             missing = [name for name in missing if name != "lm_head.weight"]
         if missing or unexpected:
-            raise ModelLoadError(f"cached weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            raise ModelLoadError(
+                f"cached weights do not fit the model: missing {missing}, unexpected {unexpected}"
+            )
 
     def load_tensor(self, loader: WeightLoader, name: str, tensor: torch.Tensor) -> None:
         loader.load(name, tensor)

@@ -61,7 +61,9 @@ class WeightLoader:
     def check_complete(self) -> None:
         if self.pending:
             missing = sorted(self.pending)
-            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            shown = ", ".join(missing[:8]) + (
+                f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            )
             raise ModelLoadError(f"checkpoint is missing {len(missing)} weights: {shown}")
 
 
