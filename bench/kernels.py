@@ -17,6 +17,7 @@ import datetime
 import json
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -248,15 +249,31 @@ def print_table(rows: list[dict]) -> None:
 def markdown_section(result: dict, command: str) -> str:
     lines = [f"\n## kvpage-kernels: paged attention ({result['date']})\n",
              f"- Machine: {result['machine']}", f"- Command: `{command}`",
-             f"- torch {result['torch']}, {result['threads']} threads\n",
+             f"- torch {result['torch']}, {result['threads']} thread(s); median times, torch "
+             "backend and SDPA interleaved call by call\n",
              "| case | shape | dtype | torch backend ms | SDPA contiguous ms | reference ms "
              "| torch / SDPA | reference / torch |",
              "|---|---|---|---|---|---|---|---|"]
     for r in result["cpu"]:
         lines.append(f"| {r['case']} | {r['model_shape']} | {r['dtype']} | {r['torch_ms']:.2f} "
                      f"| {r['sdpa_contiguous_ms']:.2f} | {r['reference_ms']:.1f} "
-                     f"| {r['torch_vs_sdpa']:.2f} | {r['reference_vs_torch']:.0f} |")
+                     f"| {r['torch_vs_sdpa']:.2f} | {r['reference_vs_torch']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+RESULTS_HEADER = ("# Benchmark results\n\nEach benchmark in bench/ appends a section: date, "
+                  "machine, command, versions and its figures.\n")
+
+
+def append_results(path: str, section: str) -> None:
+    """Appends `section`, creating the file with a short header if it does not exist."""
+    try:
+        with open(path, "x") as f:
+            f.write(RESULTS_HEADER)
+    except FileExistsError:
+        pass
+    with open(path, "a") as f:
+        f.write(section)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -283,9 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         print_table(result["gpu"]["decode"])
         print_table(result["gpu"]["prefill"])
     if args.append_results:
-        command = "python bench/kernels.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        with open(args.append_results, "a") as f:
-            f.write(markdown_section(result, command))
+        command = shlex.join(["python", "bench/kernels.py",
+                              *(argv if argv is not None else sys.argv[1:])])
+        append_results(args.append_results, markdown_section(result, command))
     if args.json:
         print(json.dumps(result))
 

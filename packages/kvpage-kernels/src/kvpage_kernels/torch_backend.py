@@ -53,18 +53,25 @@ def _buffer(which: int, numel: int, like: torch.Tensor) -> torch.Tensor:
     return buf[:numel]
 
 
-def _gather(cache: torch.Tensor, slots: torch.Tensor, which: int) -> torch.Tensor:
-    """cache rows at `slots` [seqs, ctx] as a [seqs, kv_heads, ctx, d] view."""
-    num_kv_heads, head_dim = cache.shape[2], cache.shape[3]
-    flat = cache.view(-1, num_kv_heads, head_dim)
-    index = slots.reshape(-1)
-    numel = index.numel() * num_kv_heads * head_dim
+def _head_rows(slots: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """Rows of the cache viewed as [slots * kv_heads, d] for slots [seqs, ctx]:
+    [seqs, kv_heads, ctx], so that the gather lays K/V out head-major (what SDPA reads best)."""
+    heads = torch.arange(num_kv_heads, device=slots.device).view(1, -1, 1)
+    return slots.unsqueeze(1) * num_kv_heads + heads
+
+
+def _gather(cache: torch.Tensor, rows: torch.Tensor, which: int) -> torch.Tensor:
+    """cache rows `rows` [seqs, kv_heads, ctx] (see _head_rows) as [seqs, kv_heads, ctx, d]."""
+    head_dim = cache.shape[3]
+    flat = cache.view(-1, head_dim)
+    index = rows.view(-1)
+    numel = index.numel() * head_dim
     if cache.device.type == "cpu" and numel * cache.element_size() <= WORKSPACE_MAX_BYTES:
-        out = _buffer(which, numel, cache)
-        rows = torch.index_select(flat, 0, index, out=out.view(-1, num_kv_heads, head_dim))
+        out = _buffer(which, numel, cache).view(-1, head_dim)
+        gathered = torch.index_select(flat, 0, index, out=out)
     else:
-        rows = flat.index_select(0, index)
-    return rows.view(*slots.shape, num_kv_heads, head_dim).transpose(1, 2)
+        gathered = flat.index_select(0, index)
+    return gathered.view(*rows.shape, head_dim)
 
 
 def _slots(block_tables, first_pos, seq_lens, ctx: int, block_size: int):
@@ -96,26 +103,27 @@ def _attend(q, keys, values, mask, scale, softcap):
 
 @dataclass(frozen=True)
 class _Work:
-    """One attention call: keys at `slots` [b, ctx] and an additive mask broadcastable to
-    [b, kv_heads, rows, ctx]. Decode work serves q rows `rows` (None: every row, in order);
-    prefill work (b = 1) serves the chunk q[start:end]."""
+    """One attention call: K/V at cache rows `rows` [b, kv_heads, ctx] (_head_rows) and an
+    additive mask broadcastable to
+    [b, kv_heads, queries, ctx]. Decode work serves the q rows `q_rows` (None: every row, in
+    order); prefill work (b = 1) serves the chunk q[start:end]."""
 
-    slots: torch.Tensor
+    rows: torch.Tensor
     mask: torch.Tensor
-    rows: torch.Tensor | None = None
+    q_rows: torch.Tensor | None = None
     start: int = 0
     end: int = 0
     prefill: bool = False
 
 
-def _decode_work(block_tables, seq_lens, rows, sliding_window, block_size: int,
-                 max_seq_len: int | None, dtype: torch.dtype) -> list[_Work]:
+def _decode_work(block_tables, seq_lens, q_rows, sliding_window, block_size: int,
+                 num_kv_heads: int, max_seq_len: int | None, dtype: torch.dtype) -> list[_Work]:
     """Decode tokens of the given sequences; on the CPU in chunks of similar length."""
     if seq_lens.device.type != "cpu" or seq_lens.shape[0] <= DECODE_CHUNK:
         if max_seq_len is None:
             max_seq_len = int(seq_lens.max())
-        return [_decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size,
-                              max_seq_len, dtype)]
+        return [_decode_chunk(block_tables, seq_lens, q_rows, sliding_window, block_size,
+                              num_kv_heads, max_seq_len, dtype)]
     lens, order = seq_lens.sort()
     lens_host = lens.tolist()
     work = []
@@ -123,13 +131,14 @@ def _decode_work(block_tables, seq_lens, rows, sliding_window, block_size: int,
         end = min(begin + DECODE_CHUNK, len(lens_host))
         chunk = order[begin:end]
         work.append(_decode_chunk(block_tables.index_select(0, chunk), lens[begin:end],
-                                  chunk if rows is None else rows.index_select(0, chunk),
-                                  sliding_window, block_size, lens_host[end - 1], dtype))
+                                  chunk if q_rows is None else q_rows.index_select(0, chunk),
+                                  sliding_window, block_size, num_kv_heads,
+                                  lens_host[end - 1], dtype))
     return work
 
 
-def _decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size: int,
-                  max_seq_len: int, dtype: torch.dtype) -> _Work:
+def _decode_chunk(block_tables, seq_lens, q_rows, sliding_window, block_size: int,
+                  num_kv_heads: int, max_seq_len: int, dtype: torch.dtype) -> _Work:
     seq_lens = seq_lens.long()
     ctx = max_seq_len
     first = torch.zeros_like(seq_lens)
@@ -137,11 +146,12 @@ def _decode_chunk(block_tables, seq_lens, rows, sliding_window, block_size: int,
         ctx = min(ctx, sliding_window)
         first = (seq_lens - sliding_window).clamp(min=0)
     slots, _, valid = _slots(block_tables, first, seq_lens, ctx, block_size)
-    return _Work(slots, _additive(valid.view(-1, 1, 1, ctx), dtype), rows)
+    return _Work(_head_rows(slots, num_kv_heads), _additive(valid.view(-1, 1, 1, ctx), dtype),
+                 q_rows)
 
 
 def _prefill_work(table, seq_len: int, start: int, end: int, group: int, sliding_window,
-                  block_size: int, dtype: torch.dtype) -> _Work:
+                  block_size: int, num_kv_heads: int, dtype: torch.dtype) -> _Work:
     """The chunk q[start:end] of one sequence, at positions seq_len-q_len .. seq_len-1.
     Its mask rows are ordered (token, group member), as _run lays out the queries."""
     device = table.device
@@ -155,29 +165,32 @@ def _prefill_work(table, seq_len: int, start: int, end: int, group: int, sliding
     if sliding_window is not None:
         mask &= k_pos > q_pos - sliding_window
     mask = mask.repeat_interleave(group, dim=0).view(1, 1, -1, mask.shape[1])
-    return _Work(slots, _additive(mask, dtype), start=start, end=end, prefill=True)
+    return _Work(_head_rows(slots, num_kv_heads), _additive(mask, dtype), start=start, end=end,
+                 prefill=True)
 
 
 def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: int,
           sliding_window, max_seq_len, max_query_len) -> list[_Work]:
     num_seqs = seq_lens.shape[0]
+    num_kv_heads = q.shape[1] // group
     if max_query_len == 1 and q.shape[0] == num_seqs:
         return _decode_work(block_tables, seq_lens, None, sliding_window, block_size,
-                            max_seq_len, q.dtype)
+                            num_kv_heads, max_seq_len, q.dtype)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
     work = []
     if decode:
         seqs = torch.tensor(decode, device=q.device)
-        rows = torch.tensor([starts[i] for i in decode], device=q.device)
+        q_rows = torch.tensor([starts[i] for i in decode], device=q.device)
         work = _decode_work(block_tables.index_select(0, seqs), seq_lens.index_select(0, seqs),
-                            rows, sliding_window, block_size, max(lens[i] for i in decode),
-                            q.dtype)
+                            q_rows, sliding_window, block_size, num_kv_heads,
+                            max(lens[i] for i in decode), q.dtype)
     for i, seq_len in enumerate(lens):
         if starts[i + 1] - starts[i] > 1:
             work.append(_prefill_work(block_tables[i], seq_len, starts[i], starts[i + 1],
-                                      group, sliding_window, block_size, q.dtype))
+                                      group, sliding_window, block_size, num_kv_heads,
+                                      q.dtype))
     return work
 
 
@@ -190,7 +203,7 @@ def _cached_plan(q, block_tables, seq_lens, query_start_loc, group: int, block_s
     once per step. The last key holds the tensors themselves (so their identity cannot be
     reused while cached) and their versions (an in-place change invalidates it)."""
     metadata = (block_tables, seq_lens, query_start_loc)
-    key = (tuple(t._version for t in metadata), q.shape[0], q.dtype, group, block_size,
+    key = (tuple(t._version for t in metadata), q.shape[:2], q.dtype, group, block_size,
            sliding_window, max_seq_len, max_query_len)
     cached = getattr(_plans, "last", None)
     if cached is not None and cached[1] == key and all(
@@ -204,7 +217,7 @@ def _cached_plan(q, block_tables, seq_lens, query_start_loc, group: int, block_s
 
 def _run(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    keys, values = _gather(k_cache, work.slots, 0), _gather(v_cache, work.slots, 1)
+    keys, values = _gather(k_cache, work.rows, 0), _gather(v_cache, work.rows, 1)
     if work.prefill:
         chunk = q[work.start:work.end]
         q_len, num_heads = chunk.shape[0], chunk.shape[1]
@@ -215,14 +228,14 @@ def _run(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
         result = result.view(num_kv_heads, q_len, group, head_dim).transpose(0, 1)
         out[work.start:work.end] = result.reshape(chunk.shape)
         return
-    part = q if work.rows is None else q.index_select(0, work.rows)
+    part = q if work.q_rows is None else q.index_select(0, work.q_rows)
     num_heads = part.shape[1]
     grouped = part.reshape(part.shape[0], num_kv_heads, num_heads // num_kv_heads, head_dim)
     result = _attend(grouped, keys, values, work.mask, scale, softcap).reshape(part.shape)
-    if work.rows is None:
+    if work.q_rows is None:
         out.copy_(result)
     else:
-        out.index_copy_(0, work.rows, result)
+        out.index_copy_(0, work.q_rows, result)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
