@@ -189,3 +189,14 @@ def test_invalid_requests_raise(llm):
 def test_kv_cache_too_small_for_max_model_len(tiny):
     with pytest.raises(EngineConfigError, match=r"max_model_len=256 needs 16 KV blocks .*lower max_model_len"):
         LLMEngine(EngineConfig(str(tiny[0]), **{**BASE, "kv_cache_memory": 4096}))
+
+
+def test_n_edge_cases(llm, prompts):
+    one = SamplingParams(n=3, temperature=1.0, max_tokens=1, seed=3)
+    (out,) = llm.generate([prompts[5]], one, use_tqdm=False)
+    assert [len(c.token_ids) for c in out.outputs] == [1, 1, 1]
+    greedy_first = _tokens(llm.generate([prompts[5]], GREEDY, use_tqdm=False))[0][0]
+    stop_first = SamplingParams(n=2, temperature=0.0, max_tokens=5, stop_token_ids=[greedy_first])
+    (out,) = llm.generate([prompts[5]], stop_first, use_tqdm=False)
+    assert [c.token_ids for c in out.outputs] == [[greedy_first]] * 2
+    assert llm.engine.cache.num_free_blocks == llm.engine.cache.num_blocks
