@@ -120,7 +120,7 @@ def _decode_work(block_tables, seq_lens, q_rows, sliding_window, block_size: int
                  num_kv_heads: int, max_seq_len: int | None, dtype: torch.dtype) -> list[_Work]:
     """Decode tokens of the given sequences; on the CPU in chunks of similar length."""
     if seq_lens.device.type != "cpu" or seq_lens.shape[0] <= DECODE_CHUNK:
-        if max_seq_len is None:
+        if max_seq_len is None or seq_lens.device.type == "cpu":  # free on the CPU: exact
             max_seq_len = int(seq_lens.max())
         return [_decode_chunk(block_tables, seq_lens, q_rows, sliding_window, block_size,
                               num_kv_heads, max_seq_len, dtype)]
