@@ -148,3 +148,32 @@ def test_unpermute_inverts_llama_cpp_rotary_permutation():
     permuted = weight.reshape(heads, 2, head_dim // 2, cols).swapaxes(1, 2).reshape(weight.shape)
     assert not np.array_equal(permuted, weight)
     assert np.array_equal(unpermute_rotary_rows(permuted, heads), weight)
+
+
+def test_unsupported_rope_type_is_named(llama_folder, tmp_path):
+    folder = _copy_config_only(
+        llama_folder, tmp_path / "yarn", rope_parameters={"rope_type": "yarn", "factor": 4.0}
+    )
+    (folder / "model.safetensors").symlink_to(llama_folder / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="yarn.*llama3"):
+        load_model(str(folder))
+
+
+def test_mixed_sliding_window_layers_are_refused(tmp_path):
+    config = transformers.Qwen2Config(
+        **SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=1
+    )
+    folder = save_tiny_model(config, tmp_path / "qwen2")
+    with pytest.raises(UnsupportedModelError, match="sliding-window and full-attention"):
+        load_model(str(folder))
+
+
+def test_unexpected_tensor_is_named(llama_folder, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_config_only(llama_folder, tmp_path / "extra")
+    tensors = load_file(llama_folder / "model.safetensors")
+    tensors["model.layers.0.self_attn.rogue_proj.weight"] = torch.zeros(2, 2)
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="rogue_proj"):
+        load_model(str(folder))

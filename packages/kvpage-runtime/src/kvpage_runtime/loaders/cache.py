@@ -68,6 +68,7 @@ def write_entry(
         (tmp / CONFIG_FILE).write_text(config_json)
         save_file(weights, str(tmp / WEIGHTS_FILE))
         tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        os.replace(tmp, entry)
+        if not entry.exists():  # another process may have written the same entry meanwhile
+            os.replace(tmp, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -49,7 +50,12 @@ def _load_cached(entry: Path, dtype: torch.dtype, device: torch.device) -> Loade
 def _convert(
     path: Path, entry: Path | None, dtype: torch.dtype, device: torch.device
 ) -> LoadedModel:
-    """Dequantize into an fp32 model (cached as is), then cast it to ``dtype``."""
+    """Dequantize into an fp32 model (cached as is), then cast it to ``dtype``.
+
+    The cache is written by a background thread once the model is ready. (Overlapping the
+    tokenizer conversion with dequantization in threads was tried: both hold the GIL most of the
+    time, and contention made the load slower.)
+    """
     gguf_file = GGUFModelFile(path)
     config = gguf_file.model_config(dtype)
     eos = gguf_file.eos_token_ids()
@@ -57,16 +63,17 @@ def _convert(
     model.load_weights(gguf_file.hf_tensors(config))
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
     if entry is not None:
-        _write_cache(entry, config, eos, model, tokenizer)
+        config_json = cache.config_to_json(config, {"eos_token_ids": sorted(eos)})
+        args = (entry, config_json, model.export_state(), tokenizer)
+        threading.Thread(target=_write_cache, args=args, name="kvpage-cache-writer").start()
     model.to(dtype)
     model.config = config
     return _loaded(model, config, tokenizer, eos)
 
 
-def _write_cache(entry: Path, config: ModelConfig, eos: set[int], model, tokenizer) -> None:
+def _write_cache(entry: Path, config_json: str, state: dict[str, torch.Tensor], tokenizer) -> None:
     try:
-        config_json = cache.config_to_json(config, {"eos_token_ids": sorted(eos)})
-        cache.write_entry(entry, config_json, model.export_state(), tokenizer)
+        cache.write_entry(entry, config_json, state, tokenizer)
     except OSError as e:
         logger.warning("could not cache the converted model in %s: %s", entry, e)
 
