@@ -229,7 +229,6 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         NUM_KV_HEADS=num_kv_heads, BLOCK=triton.next_power_of_2(num_kv_heads * head_dim))
 
 
-
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -284,7 +283,10 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
                       partition, meta)
         return out
     group_pad = triton.next_power_of_2(meta["GROUP"])
-    block_q = max(1, (16 if max_query_len == 1 else 64) // group_pad)
+    # query rows per program: 16 (the smallest dot) for decode, 64 for prefill (32 for the
+    # widest heads, to keep the fp32 query and accumulator tiles in registers)
+    rows = 16 if max_query_len == 1 else (64 if meta["HEAD_PAD"] <= 128 else 32)
+    block_q = max(1, rows // group_pad)
     grid = (num_seqs, k_cache.shape[2], triton.cdiv(max_query_len, block_q))
     _unified_kernel[grid](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, *scalars,
