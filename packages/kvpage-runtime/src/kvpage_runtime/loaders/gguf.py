@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.loaders import cache
 from kvpage_runtime.loaders.gguf_file import GGUFModelFile
@@ -24,6 +23,7 @@ from kvpage_runtime.loaders.loaded import LoadedModel
 from kvpage_runtime.models.registry import build_model
 
 logger = logging.getLogger(__name__)
+_writers: dict[Path, threading.Thread] = {}  # cache entries being written by this process
 
 
 def load_gguf(
@@ -32,6 +32,9 @@ def load_gguf(
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     entry = cache.entry_dir(path)
+    writer = _writers.pop(entry, None)
+    if writer is not None:
+        writer.join()
     if use_cache and cache.is_complete(entry):
         return _load_cached(entry, dtype, device)
     return _convert(path, entry if use_cache else None, dtype, device)
@@ -65,7 +68,9 @@ def _convert(
     if entry is not None:
         config_json = cache.config_to_json(config, {"eos_token_ids": sorted(eos)})
         args = (entry, config_json, model.export_state(), tokenizer)
-        threading.Thread(target=_write_cache, args=args, name="kvpage-cache-writer").start()
+        writer = threading.Thread(target=_write_cache, args=args, name="kvpage-cache-writer")
+        writer.start()
+        _writers[entry] = writer
     model.to(dtype)
     model.config = config
     return _loaded(model, config, tokenizer, eos)
