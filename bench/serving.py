@@ -20,8 +20,9 @@ Building llama-server (CPU, no network features) from the llama-cpp-python sourc
     cmake --build build --target llama-server     # -> build/bin/llama-server
 
 The script runs it as ``llama-server -m <gguf> -np <clients> -c <clients * ctx> --no-repack`` on
-127.0.0.1 (one slot per client, each with the full context; ``--no-repack`` because a native
-build's AMX weight-repacking path crashes on CPUs that have AVX-512 but no AMX).
+127.0.0.1 (one slot per client, each with the full context). ``--no-repack`` keeps it off the
+AMX weight-repacking path, which crashed a native build (SIGSEGV in ggml_backend_amx_mul_mat)
+on the AMX-capable Xeon where these figures were taken; drop it with ``--llama-args ""``.
 
 Metrics (as in vLLM's serving benchmark): TTFT is the time to the first content chunk; TPOT is
 (latency - TTFT) / (output tokens - 1) per request; ITL is the gap between consecutive content
@@ -331,17 +332,26 @@ def _versions(llama_server: str | None) -> str:
     return ", ".join(parts)
 
 
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_name: str) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {platform.system()}".strip()
-    load = f"{args.concurrency} concurrent clients" if args.concurrency else f"Poisson {args.request_rate} req/s"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} (load average {load} at the end)"
+    clients = f"{args.concurrency} concurrent clients" if args.concurrency else f"Poisson {args.request_rate} req/s"
     section = [
         f"\n## Serving: OpenAI endpoint load test ({when})\n",
         f"- machine: {machine}",
         f"- command: `python bench/{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
         f"- versions: {_versions(args.llama_server)}",
         f"- workload: {workload_name}, {args.num_prompts} prompts x {args.max_tokens} output tokens "
-        f"(ignore_eos, greedy), streaming chat completions, {load}",
+        f"(ignore_eos, greedy), streaming chat completions, {clients}",
         "",
         table(rows),
     ]
@@ -366,8 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kvpage-args", default="", help="extra arguments for kvpage serve (one string)")
     p.add_argument("--llama-server", default=None, help="path of a llama-server binary to start and measure")
     p.add_argument("--llama-args", default="--no-repack",
-                   help="extra llama-server arguments (default: %(default)s: on CPUs without AMX, the "
-                        "AMX weight-repacking path of a native build crashes)")
+                   help="extra llama-server arguments (default: %(default)s, which avoids the AMX "
+                        "repacking path that crashed a native build)")
     p.add_argument("--gguf", type=Path, default=None, help="model file (default: the SmolLM2-135M GGUF)")
     p.add_argument("--ctx", type=int, default=1024, help="context per llama-server slot (default: %(default)s)")
     p.add_argument("--model", default=None, help="model name sent in requests to --target endpoints")
