@@ -86,7 +86,9 @@ class GGUFModelFile:
             num_layers=self.arch_field("block_count"),
             num_heads=num_heads,
             num_kv_heads=self.arch_field("attention.head_count_kv") or num_heads,
-            head_dim=self.arch_field("attention.key_length") or hidden // num_heads,
+            head_dim=self.arch_field("attention.key_length")
+            or self.arch_field("rope.dimension_count")
+            or hidden // num_heads,
             intermediate_size=self.arch_field("feed_forward_length"),
             rms_norm_eps=float(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(self.arch_field("rope.freq_base", 10000.0)),
