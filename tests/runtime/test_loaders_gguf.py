@@ -14,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from model_helpers import TINY, save_tiny_model
-from safetensors.numpy import load_file
-
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.gguf_file import GGUFModelFile
 from kvpage_runtime.models import build_model
+from model_helpers import TINY, save_tiny_model
+from safetensors.numpy import load_file
 
 SMALL = {**TINY, "num_hidden_layers": 2}
 _BLOCK = {
