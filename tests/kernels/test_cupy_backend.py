@@ -12,7 +12,7 @@ import pytest
 import torch
 from kvpage_kernels import KernelBackendUnavailable, paged_attention, select_backend, write_kv
 
-from .cases import assert_close, make_problem, poisoned_like
+from .cases import assert_close, check_large_num_blocks, make_problem, poisoned_like
 
 CSRC = Path(kvpage_kernels.__file__).parent / "csrc"
 ENTRIES = {"write_kv.cu": ["write_kv_16", "write_kv_32"],
@@ -86,3 +86,9 @@ def test_write_kv_against_reference(dtype):
     write_kv(k, v, k_cache, v_cache, slots, backend="cupy")
     write_kv(k, v, expected_k, expected_v, slots, backend="reference")
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.gpu
+@needs_cupy_gpu
+def test_large_num_blocks_uses_64bit_offsets():
+    check_large_num_blocks("cupy", "cuda")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from kvpage_kernels import paged_attention, write_kv
 
-from .cases import assert_close, make_problem, poisoned_like
+from .cases import assert_close, check_large_num_blocks, make_problem, poisoned_like
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -104,28 +104,7 @@ def test_write_kv_skips_padding(backend, dtype):
 
 
 def test_large_num_blocks_uses_64bit_offsets():
-    """Block ids whose element offset exceeds 2**31: the cache is allocated but untouched,
-    only the used blocks are written."""
-    block_size, heads, dim = 32, 1, 64
-    num_blocks = 2**31 // (block_size * heads * dim) + 64
-    k_cache = torch.empty(num_blocks, block_size, heads, dim, dtype=torch.float16)
-    v_cache = torch.empty_like(k_cache)
-    blocks = [num_blocks - 1, num_blocks - 40, 3]
-    for b in blocks:
-        k_cache[b].fill_(float("nan"))
-        v_cache[b].fill_(float("nan"))
-    seq_len = 70
-    slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size
-                          for p in range(seq_len)], dtype=torch.int64)
-    k = torch.randn(seq_len, heads, dim).half()
-    v = torch.randn(seq_len, heads, dim).half()
-    write_kv(k, v, k_cache, v_cache, slots, backend="torch")
-    q = torch.randn(1, 4, dim).half()
-    args = (q, k_cache, v_cache, torch.tensor([blocks], dtype=torch.int32),
-            torch.tensor([seq_len], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
-            0.125)
-    expected = paged_attention(*args, backend="reference")
-    assert_close(paged_attention(*args, backend="torch", out=poisoned_like(q)), expected)
+    check_large_num_blocks("torch", "cpu")
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])

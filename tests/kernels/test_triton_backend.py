@@ -7,7 +7,7 @@ import pytest
 import torch
 from kvpage_kernels import copy_blocks, paged_attention, select_backend, write_kv
 
-from .cases import assert_close, make_problem, poisoned_like
+from .cases import assert_close, check_large_num_blocks, make_problem, poisoned_like
 
 triton_backend = pytest.importorskip("kvpage_kernels.triton_backend",
                                      reason="triton is not installed")
@@ -111,25 +111,4 @@ def test_copy_blocks():
 
 
 def test_large_num_blocks_uses_64bit_offsets():
-    """Block ids whose element offset exceeds 2**31 (cache allocated, mostly untouched)."""
-    block_size, dim = 16, 64
-    num_blocks = 2**31 // (block_size * dim) + 8
-    k_cache = torch.empty(num_blocks, block_size, 1, dim, dtype=torch.float16, device=DEVICE)
-    v_cache = torch.empty_like(k_cache)
-    blocks = [num_blocks - 1, 2]
-    for b in blocks:
-        k_cache[b].fill_(float("nan"))
-        v_cache[b].fill_(float("nan"))
-    seq_len = 20
-    slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size
-                          for p in range(seq_len)], dtype=torch.int64, device=DEVICE)
-    k = torch.randn(seq_len, 1, dim, device=DEVICE).half()
-    v = torch.randn(seq_len, 1, dim, device=DEVICE).half()
-    write_kv(k, v, k_cache, v_cache, slots, backend="triton")
-    assert torch.equal(k_cache[num_blocks - 1], k[:16]) and torch.equal(v_cache[2, :4], v[16:])
-    q = torch.randn(1, 2, dim, device=DEVICE).half()
-    args = (q, k_cache, v_cache, torch.tensor([blocks], dtype=torch.int32, device=DEVICE),
-            torch.tensor([seq_len], dtype=torch.int32, device=DEVICE),
-            torch.tensor([0, 1], dtype=torch.int32, device=DEVICE), 0.125)
-    expected = paged_attention(*args, backend="reference")
-    assert_close(paged_attention(*args, backend="triton", out=poisoned_like(q)), expected)
+    check_large_num_blocks("triton", DEVICE)
