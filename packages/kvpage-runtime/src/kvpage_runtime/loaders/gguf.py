@@ -78,7 +78,8 @@ def _convert(
 
 def _write_cache(entry: Path, config_json: str, state: dict[str, torch.Tensor], tokenizer) -> None:
     try:
-        cache.write_entry(entry, config_json, state, tokenizer)
+        cpu_state = {name: t.cpu() for name, t in state.items()}
+        cache.write_entry(entry, config_json, cpu_state, tokenizer)
     except OSError as e:
         logger.warning("could not cache the converted model in %s: %s", entry, e)
 
