@@ -102,28 +102,46 @@ def _attend(q, keys, values, mask, scale, softcap):
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """What a plan depends on besides the metadata tensors."""
+
+    block_size: int
+    num_kv_heads: int
+    group: int
+    dtype: torch.dtype
+    sliding_window: int | None
+
+    @property
+    def bags(self) -> bool:
+        """fp32 decode on the CPU: P @ V as an embedding bag straight from the cache (no V
+        gather). Half types keep SDPA, whose scores stay fp32."""
+        return self.dtype == torch.float32
+
+
+@dataclass(frozen=True)
 class _Work:
     """One attention call: K/V at cache rows `rows` [b, kv_heads, ctx] (_head_rows) and an
-    additive mask broadcastable to
-    [b, kv_heads, queries, ctx]. Decode work serves the q rows `q_rows` (None: every row, in
-    order); prefill work (b = 1) serves the chunk q[start:end]."""
+    additive mask broadcastable to [b, kv_heads, queries, ctx]. Decode work serves the q rows
+    `q_rows` (None: every row, in order), with `bag_rows` ([b * kv_heads * group, ctx], the
+    rows repeated per query head) when V is read as embedding bags; prefill work (b = 1)
+    serves the chunk q[start:end]."""
 
     rows: torch.Tensor
     mask: torch.Tensor
     q_rows: torch.Tensor | None = None
+    bag_rows: torch.Tensor | None = None
     start: int = 0
     end: int = 0
     prefill: bool = False
 
 
-def _decode_work(block_tables, seq_lens, q_rows, sliding_window, block_size: int,
-                 num_kv_heads: int, max_seq_len: int | None, dtype: torch.dtype) -> list[_Work]:
+def _decode_work(block_tables, seq_lens, q_rows, layout: _Layout,
+                 max_seq_len: int | None) -> list[_Work]:
     """Decode tokens of the given sequences; on the CPU in chunks of similar length."""
     if seq_lens.device.type != "cpu" or seq_lens.shape[0] <= DECODE_CHUNK:
         if max_seq_len is None or seq_lens.device.type == "cpu":  # free on the CPU: exact
             max_seq_len = int(seq_lens.max())
-        return [_decode_chunk(block_tables, seq_lens, q_rows, sliding_window, block_size,
-                              num_kv_heads, max_seq_len, dtype)]
+        return [_decode_chunk(block_tables, seq_lens, q_rows, layout, max_seq_len)]
     lens, order = seq_lens.sort()
     lens_host = lens.tolist()
     work = []
@@ -132,50 +150,48 @@ def _decode_work(block_tables, seq_lens, q_rows, sliding_window, block_size: int
         chunk = order[begin:end]
         work.append(_decode_chunk(block_tables.index_select(0, chunk), lens[begin:end],
                                   chunk if q_rows is None else q_rows.index_select(0, chunk),
-                                  sliding_window, block_size, num_kv_heads,
-                                  lens_host[end - 1], dtype))
+                                  layout, lens_host[end - 1]))
     return work
 
 
-def _decode_chunk(block_tables, seq_lens, q_rows, sliding_window, block_size: int,
-                  num_kv_heads: int, max_seq_len: int, dtype: torch.dtype) -> _Work:
+def _decode_chunk(block_tables, seq_lens, q_rows, layout: _Layout, max_seq_len: int) -> _Work:
     seq_lens = seq_lens.long()
     ctx = max_seq_len
     first = torch.zeros_like(seq_lens)
-    if sliding_window is not None:
-        ctx = min(ctx, sliding_window)
-        first = (seq_lens - sliding_window).clamp(min=0)
-    slots, _, valid = _slots(block_tables, first, seq_lens, ctx, block_size)
-    return _Work(_head_rows(slots, num_kv_heads), _additive(valid.view(-1, 1, 1, ctx), dtype),
-                 q_rows)
+    if layout.sliding_window is not None:
+        ctx = min(ctx, layout.sliding_window)
+        first = (seq_lens - layout.sliding_window).clamp(min=0)
+    slots, _, valid = _slots(block_tables, first, seq_lens, ctx, layout.block_size)
+    rows = _head_rows(slots, layout.num_kv_heads)
+    bag_rows = None
+    if layout.bags and rows.device.type == "cpu":
+        bag_rows = rows.unsqueeze(2).expand(-1, -1, layout.group, -1).reshape(-1, ctx)
+    return _Work(rows, _additive(valid.view(-1, 1, 1, ctx), layout.dtype), q_rows, bag_rows)
 
 
-def _prefill_work(table, seq_len: int, start: int, end: int, group: int, sliding_window,
-                  block_size: int, num_kv_heads: int, dtype: torch.dtype) -> _Work:
+def _prefill_work(table, seq_len: int, start: int, end: int, layout: _Layout) -> _Work:
     """The chunk q[start:end] of one sequence, at positions seq_len-q_len .. seq_len-1.
-    Its mask rows are ordered (token, group member), as _run lays out the queries."""
-    device = table.device
+    Its mask rows are ordered (token, group member), as _run_prefill lays out the queries."""
+    device, window = table.device, layout.sliding_window
     first_q = seq_len - (end - start)
-    first_k = 0 if sliding_window is None else max(0, first_q - sliding_window + 1)
+    first_k = 0 if window is None else max(0, first_q - window + 1)
     slots, k_pos, _ = _slots(table.unsqueeze(0), torch.tensor([first_k], device=device),
                              torch.tensor([seq_len], device=device), seq_len - first_k,
-                             block_size)
+                             layout.block_size)
     q_pos = torch.arange(first_q, seq_len, device=device).unsqueeze(1)
     mask = k_pos <= q_pos
-    if sliding_window is not None:
-        mask &= k_pos > q_pos - sliding_window
-    mask = mask.repeat_interleave(group, dim=0).view(1, 1, -1, mask.shape[1])
-    return _Work(_head_rows(slots, num_kv_heads), _additive(mask, dtype), start=start, end=end,
-                 prefill=True)
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    mask = mask.repeat_interleave(layout.group, dim=0).view(1, 1, -1, mask.shape[1])
+    return _Work(_head_rows(slots, layout.num_kv_heads), _additive(mask, layout.dtype),
+                 start=start, end=end, prefill=True)
 
 
-def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: int,
-          sliding_window, max_seq_len, max_query_len) -> list[_Work]:
+def _plan(q, block_tables, seq_lens, query_start_loc, layout: _Layout, max_seq_len,
+          max_query_len) -> list[_Work]:
     num_seqs = seq_lens.shape[0]
-    num_kv_heads = q.shape[1] // group
     if max_query_len == 1 and q.shape[0] == num_seqs:
-        return _decode_work(block_tables, seq_lens, None, sliding_window, block_size,
-                            num_kv_heads, max_seq_len, q.dtype)
+        return _decode_work(block_tables, seq_lens, None, layout, max_seq_len)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
@@ -184,54 +200,68 @@ def _plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: in
         seqs = torch.tensor(decode, device=q.device)
         q_rows = torch.tensor([starts[i] for i in decode], device=q.device)
         work = _decode_work(block_tables.index_select(0, seqs), seq_lens.index_select(0, seqs),
-                            q_rows, sliding_window, block_size, num_kv_heads,
-                            max(lens[i] for i in decode), q.dtype)
+                            q_rows, layout, max(lens[i] for i in decode))
     for i, seq_len in enumerate(lens):
         if starts[i + 1] - starts[i] > 1:
             work.append(_prefill_work(block_tables[i], seq_len, starts[i], starts[i + 1],
-                                      group, sliding_window, block_size, num_kv_heads,
-                                      q.dtype))
+                                      layout))
     return work
 
 
 _plans = threading.local()
 
 
-def _cached_plan(q, block_tables, seq_lens, query_start_loc, group: int, block_size: int,
-                 sliding_window, max_seq_len, max_query_len) -> list[_Work]:
+def _cached_plan(q, block_tables, seq_lens, query_start_loc, layout: _Layout, max_seq_len,
+                 max_query_len) -> list[_Work]:
     """Every layer of a model step passes the same metadata tensors: the plan is computed
     once per step. The last key holds the tensors themselves (so their identity cannot be
     reused while cached) and their versions (an in-place change invalidates it)."""
     metadata = (block_tables, seq_lens, query_start_loc)
-    key = (tuple(t._version for t in metadata), q.shape[:2], q.dtype, group, block_size,
-           sliding_window, max_seq_len, max_query_len)
+    key = (tuple(t._version for t in metadata), q.shape[0], layout, max_seq_len, max_query_len)
     cached = getattr(_plans, "last", None)
     if cached is not None and cached[1] == key and all(
             a is b for a, b in zip(cached[0], metadata, strict=True)):
         return cached[2]
-    plan = _plan(q, block_tables, seq_lens, query_start_loc, group, block_size,
-                 sliding_window, max_seq_len, max_query_len)
+    plan = _plan(q, block_tables, seq_lens, query_start_loc, layout, max_seq_len,
+                 max_query_len)
     _plans.last = (metadata, key, plan)
     return plan
 
 
-def _run(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
+def _run_prefill(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     keys, values = _gather(k_cache, work.rows, 0), _gather(v_cache, work.rows, 1)
-    if work.prefill:
-        chunk = q[work.start:work.end]
-        q_len, num_heads = chunk.shape[0], chunk.shape[1]
-        group = num_heads // num_kv_heads
-        grouped = chunk.reshape(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
-        grouped = grouped.reshape(1, num_kv_heads, q_len * group, head_dim)
-        result = _attend(grouped, keys, values, work.mask, scale, softcap)
-        result = result.view(num_kv_heads, q_len, group, head_dim).transpose(0, 1)
-        out[work.start:work.end] = result.reshape(chunk.shape)
-        return
+    chunk = q[work.start:work.end]
+    q_len, num_heads = chunk.shape[0], chunk.shape[1]
+    group = num_heads // num_kv_heads
+    grouped = chunk.reshape(q_len, num_kv_heads, group, head_dim).transpose(0, 1)
+    grouped = grouped.reshape(1, num_kv_heads, q_len * group, head_dim)
+    result = _attend(grouped, keys, values, work.mask, scale, softcap)
+    result = result.view(num_kv_heads, q_len, group, head_dim).transpose(0, 1)
+    out[work.start:work.end] = result.reshape(chunk.shape)
+
+
+def _attend_bags(q, keys, v_cache, work: _Work, scale, softcap) -> torch.Tensor:
+    """Decode attention reading V as embedding bags: out row (seq, head) is the sum over
+    positions of p * V[row] (fp32; grouped q [b, kv_heads, group, d])."""
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale)
+    probs = torch.softmax(apply_softcap(scores, softcap).add_(work.mask), dim=-1)
+    flat_v = v_cache.view(-1, v_cache.shape[3])
+    return F.embedding_bag(work.bag_rows, flat_v, per_sample_weights=probs.view(
+        work.bag_rows.shape), mode="sum")
+
+
+def _run_decode(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     part = q if work.q_rows is None else q.index_select(0, work.q_rows)
-    num_heads = part.shape[1]
-    grouped = part.reshape(part.shape[0], num_kv_heads, num_heads // num_kv_heads, head_dim)
-    result = _attend(grouped, keys, values, work.mask, scale, softcap).reshape(part.shape)
+    grouped = part.reshape(part.shape[0], num_kv_heads, part.shape[1] // num_kv_heads, head_dim)
+    keys = _gather(k_cache, work.rows, 0)
+    if work.bag_rows is not None:
+        result = _attend_bags(grouped, keys, v_cache, work, scale, softcap)
+    else:
+        result = _attend(grouped, keys, _gather(v_cache, work.rows, 1), work.mask, scale,
+                         softcap)
+    result = result.reshape(part.shape)
     if work.q_rows is None:
         out.copy_(result)
     else:
@@ -243,9 +273,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
                     out) -> torch.Tensor:
     if seq_lens.shape[0] == 0 or q.shape[0] == 0:
         return out
-    group = q.shape[1] // k_cache.shape[2]
-    plan = _cached_plan(q, block_tables, seq_lens, query_start_loc, group, k_cache.shape[1],
-                        sliding_window, max_seq_len, max_query_len)
+    num_kv_heads = k_cache.shape[2]
+    layout = _Layout(k_cache.shape[1], num_kv_heads, q.shape[1] // num_kv_heads, q.dtype,
+                     sliding_window)
+    plan = _cached_plan(q, block_tables, seq_lens, query_start_loc, layout, max_seq_len,
+                        max_query_len)
     for work in plan:
-        _run(work, q, k_cache, v_cache, scale, softcap, out)
+        run = _run_prefill if work.prefill else _run_decode
+        run(work, q, k_cache, v_cache, scale, softcap, out)
     return out
