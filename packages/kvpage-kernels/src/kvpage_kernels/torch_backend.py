@@ -4,7 +4,8 @@ Decode tokens (q_len 1) of all sequences are served together: the keys and value
 needs are gathered through the block tables into a padded [seqs, kv_heads, ctx, d] view and
 the queries are viewed as [seqs, kv_heads, group, d], so GQA costs no copy of K/V, and one
 SDPA call does the rest. On the CPU the decode batch is cut into chunks of sequences of
-similar length, gathered into reused buffers. Prefill chunks are served one sequence at a
+similar length, gathered into reused buffers, and in fp32 the values are not gathered at all:
+P @ V runs as an embedding bag over the cache rows. Prefill chunks are served one sequence at a
 time (they are few and large). Padding positions point at a real slot of the same sequence
 and are masked, so no unused (possibly NaN) slot is read. The slots and masks of a step are
 planned once and reused by every layer."""
