@@ -76,6 +76,9 @@ class NullCache:
     def block_ids(self, request_id) -> list[int]:
         return []
 
+    def block_table(self, request_id) -> list[int]:
+        return []
+
     def take_block_copies(self) -> list:
         return []
 

@@ -11,6 +11,7 @@ from kvpage_cache import (
     RequestTooLargeError,
     StaleHitError,
     UnknownRequestError,
+    sha256,
 )
 
 BS = 4
@@ -414,3 +415,65 @@ def test_a_hash_blind_to_the_parent_never_serves_a_block_computed_after_another_
     assert hit.block_ids == mgr.block_ids("a")[:1]
     hit = mgr.lookup_prefix("c", head_b + tail + [0])
     assert hit.block_ids == mgr.block_ids("b")[:2]
+
+
+def test_a_lookup_counts_once_when_its_request_is_first_allocated():
+    mgr = make(3)
+    prefill(mgr, "a", list(range(9)))  # holds all 3 blocks
+    for _ in range(3):  # a prompt waiting for room is looked up at every step
+        hit = mgr.lookup_prefix("b", list(range(9)))
+        assert mgr.allocate_slots("b", 9 - hit.num_tokens, hit.block_ids) is None
+    assert (mgr.stats.queries, mgr.stats.query_tokens) == (1, 9)  # only "a" so far
+    mgr.free("a")
+    hit = mgr.lookup_prefix("b", list(range(9)))
+    mgr.allocate_slots("b", 9 - hit.num_tokens, hit.block_ids)
+    stats = mgr.stats
+    assert (stats.queries, stats.query_tokens, stats.hits, stats.hit_tokens) == (2, 18, 1, 8)
+    mgr.allocate_slots("b", 1)  # later allocations count nothing
+    mgr.lookup_prefix("c", list(range(9)))  # a lookup no allocation adopts counts nothing
+    assert (stats.queries, stats.query_tokens) == (2, 18)
+
+
+def test_a_repeated_lookup_of_a_request_reuses_its_block_hashes():
+    hashed = []
+
+    def counting_sha(data: bytes) -> bytes:
+        hashed.append(data)
+        return sha256(data)
+
+    mgr = make(16, hash_fn=counting_sha)
+    tokens = list(range(13))
+    prefill(mgr, "a", tokens)
+    hashed.clear()
+    first = mgr.lookup_prefix("b", tokens)
+    assert len(hashed) == 3 and first.num_tokens == 12
+    again = mgr.lookup_prefix("b", tokens)
+    assert len(hashed) == 3 and again == first  # nothing hashed again
+    other = mgr.lookup_prefix("b", tokens[:4] + [99] + tokens[5:])  # same id, other tokens
+    assert len(hashed) == 4 and other.num_tokens == 4  # hashed from the block that differs
+    salted = mgr.lookup_prefix("b", tokens, ((CACHE_SALT, "t"),))
+    assert len(hashed) == 5 and salted.num_tokens == 0  # other extra keys: hashed anew
+
+
+def test_block_table_is_the_table_itself():
+    mgr = make()
+    mgr.allocate_slots("a", 5)
+    table = mgr.block_table("a")
+    assert table == mgr.block_ids("a") and mgr.block_ids("a") is not mgr.block_ids("a")
+    mgr.allocate_slots("a", 4)
+    assert len(table) == 3 and table == mgr.block_ids("a")  # it follows the request
+    with pytest.raises(UnknownRequestError):
+        mgr.block_table("x")
+
+
+def test_decoding_into_the_allocated_slots_adds_no_block():
+    mgr = make()
+    mgr.allocate_slots("a", 5, (), 3)  # 8 slots: 5 tokens and 3 lookahead slots
+    table = mgr.block_ids("a")
+    assert [mgr.allocate_slots("a", 1) for _ in range(3)] == [[], [], []]
+    assert mgr.num_tokens("a") == 8 and mgr.block_ids("a") == table
+    assert len(mgr.allocate_slots("a", 1)) == 1 and mgr.num_tokens("a") == 9
+    with pytest.raises(InvalidArgumentError):
+        mgr.allocate_slots("a", -1)
+    with pytest.raises(InvalidArgumentError):
+        mgr.allocate_slots("a", 1, (), -1)

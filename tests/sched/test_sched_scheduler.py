@@ -391,3 +391,19 @@ def test_kv_cache_manager_has_what_the_protocol_names():
 def test_import_pulls_in_nothing_heavy():
     code = "import sys, kvpage_sched; sys.exit('torch' in sys.modules or 'numpy' in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_prompt_waiting_for_memory_counts_once_in_the_prefix_hit_rate():
+    sched, cache = make_sched(num_blocks=8)
+    sched.add_request(req("a", prompt_len=12, max_tokens=1))
+    run_until_done(sched)  # its 3 full blocks stay cached
+    sched.add_request(req("big", prompt_len=21, base=500, max_tokens=3))  # takes 6 blocks
+    sched.add_request(Request("b", list(range(12)) + [99], 1))  # hits a's first blocks
+    stuck = 0
+    while sched.get_request("b").status is RequestStatus.WAITING:
+        step(sched)
+        stuck += 1
+    assert stuck >= 3  # looked up at every one of these steps
+    stats = cache.stats
+    assert (stats.queries, stats.query_tokens) == (3, 12 + 21 + 13)
+    assert (stats.hits, stats.hit_tokens) == (1, 8) and stats.hit_rate == 8 / 46

@@ -10,7 +10,7 @@ partial block copies it (copy-on-write).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .block_hash import BlockHash, ExtraKeys, encode_extra_keys
@@ -42,6 +42,16 @@ class PrefixHit:
 
 
 @dataclass(slots=True)
+class _Lookup:
+    """The latest prefix lookup, kept until ``allocate_slots`` adopts it for the same request."""
+
+    request_id: str
+    extra: bytes  # encoded extra keys
+    num_tokens: int  # tokens looked up
+    chain: list[tuple[bytes, BlockHash]]  # (token key, chained hash) of each block hashed
+
+
+@dataclass(slots=True)
 class _RequestState:
     block_ids: list[int]
     num_tokens: int = 0
@@ -66,6 +76,7 @@ class KVCacheManager:
         self._requests: dict[str, _RequestState] = {}
         self._freed_ids: dict[str, None] = {}  # insertion-ordered set, oldest first
         self._copies: list[tuple[int, int]] = []
+        self._last_lookup: _Lookup | None = None
 
     # ---- sizes -------------------------------------------------------------------------
 
@@ -97,35 +108,80 @@ class KVCacheManager:
         """A copy of the request's block table."""
         return list(self._state(request_id).block_ids)
 
+    def block_table(self, request_id: str) -> Sequence[int]:
+        """The request's block table itself, without a copy: read it, never change it. It
+        follows the request's later ``allocate_slots``, ``truncate`` and
+        ``free_outside_window`` calls; read it before them when the table of now matters."""
+        try:
+            return self._requests[request_id].block_ids
+        except KeyError:
+            raise UnknownRequestError(request_id) from None
+
     # ---- prefix cache ------------------------------------------------------------------
 
     def lookup_prefix(
         self, request_id: str, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
     ) -> PrefixHit:
         """Longest run of cached full blocks holding a prefix of ``token_ids``, never all of
-        them (the last token is always left to compute). Every call counts in ``stats``."""
-        self.stats.queries += 1
-        self.stats.query_tokens += len(token_ids)
+        them (the last token is always left to compute).
+
+        A lookup counts in ``stats`` when ``allocate_slots`` adopts it (the request's first
+        allocation), so a prompt that waits for room, looked up again every step, counts once.
+        Such a repeated lookup of the same request also reuses the block hashes of the last one.
+        """
+        extra = encode_extra_keys(extra_keys)
+        last = self._last_lookup
+        reusable = last is not None and last.request_id == request_id and last.extra == extra
+        lookup = _Lookup(request_id, extra, len(token_ids), [])
+        self._last_lookup = lookup
         if not self.pool.enable_prefix_caching:
             return PrefixHit([], 0)
-        size = self.block_size
-        hasher = self.pool.hasher
-        extra = encode_extra_keys(extra_keys)
-        parent_hash, parent = b"", extra
         block_ids: list[int] = []
-        for start in range(0, (len(token_ids) - 1) // size * size, size):
-            key = hasher.token_key(token_ids[start : start + size])
-            block_hash = hasher.hash_block(parent_hash, key, extra)
+        parent: int | bytes = extra
+        known = last.chain if reusable else []
+        for key, block_hash in self._prompt_hashes(token_ids, extra, known, lookup.chain):
             block = self.pool.cached_block(block_hash)
             if block is None or not block.holds(key, parent):
                 break
             block_ids.append(block.block_id)
-            parent_hash, parent = block_hash, block.content_id
-        num_hit_tokens = len(block_ids) * size
-        if block_ids:
-            self.stats.hits += 1
-            self.stats.hit_tokens += num_hit_tokens
-        return PrefixHit(block_ids, num_hit_tokens)
+            parent = block.content_id
+        return PrefixHit(block_ids, len(block_ids) * self.block_size)
+
+    def _prompt_hashes(
+        self,
+        token_ids: Sequence[int],
+        extra: bytes,
+        known: list[tuple[bytes, BlockHash]],
+        chain: list[tuple[bytes, BlockHash]],
+    ) -> Iterator[tuple[bytes, BlockHash]]:
+        """(token key, chained hash) of each full block before the last token, computed as they
+        are asked for and appended to ``chain``. Hashes in ``known`` (an earlier chain under the
+        same extra keys) are reused for as long as its token keys match."""
+        size, hasher = self.block_size, self.pool.hasher
+        parent_hash = b""
+        for index, start in enumerate(range(0, (len(token_ids) - 1) // size * size, size)):
+            key = hasher.token_key(token_ids[start : start + size])
+            if index < len(known) and known[index][0] == key:
+                block_hash = known[index][1]
+            else:
+                known = []  # the chains part here: no later hash of `known` applies
+                block_hash = hasher.hash_block(parent_hash, key, extra)
+            chain.append((key, block_hash))
+            yield key, block_hash
+            parent_hash = block_hash
+
+    def _count_lookup(self, request_id: str, num_hit_blocks: int) -> None:
+        """Count the request's last lookup in the stats, now that its first allocation adopts it."""
+        lookup = self._last_lookup
+        if lookup is None or lookup.request_id != request_id:
+            return
+        self._last_lookup = None
+        stats = self.stats
+        stats.queries += 1
+        stats.query_tokens += lookup.num_tokens
+        if num_hit_blocks:
+            stats.hits += 1
+            stats.hit_tokens += num_hit_blocks * self.block_size
 
     def commit_full_blocks(
         self, request_id: str, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
@@ -171,12 +227,37 @@ class KVCacheManager:
         which are not counted as tokens). On the first call the table starts as
         ``computed_blocks`` (a prefix hit). Returns the new block ids, or None when they do not
         fit, in which case nothing changed."""
+        state = self._requests.get(request_id)
+        if state is not None and not computed_blocks and num_new_tokens >= 0:
+            # The common decode: the table has the slots, and the block the next token goes
+            # into is a fresh one or a partial block private to the request and not cached.
+            size = self.block_size
+            num_tokens = state.num_tokens + num_new_tokens
+            slots_end = num_tokens + num_lookahead_tokens
+            if num_tokens <= slots_end <= len(state.block_ids) * size:
+                partial = None
+                if state.num_tokens % size:
+                    partial = self.pool.blocks[state.block_ids[state.num_tokens // size]]
+                if partial is None or (partial.ref_count == 1 and partial.block_hash is None):
+                    state.num_tokens, state.slots_end = num_tokens, slots_end
+                    return []
+        return self._allocate(request_id, state, num_new_tokens, computed_blocks,
+                              num_lookahead_tokens)
+
+    def _allocate(
+        self,
+        request_id: str,
+        state: _RequestState | None,
+        num_new_tokens: int,
+        computed_blocks: Sequence[int],
+        num_lookahead_tokens: int,
+    ) -> list[int] | None:
+        """``allocate_slots`` when blocks are added, copied or revived, or the request is new."""
         if num_new_tokens < 0 or num_lookahead_tokens < 0:
             raise InvalidArgumentError(
                 f"token counts must be >= 0, got num_new_tokens={num_new_tokens}, "
                 f"num_lookahead_tokens={num_lookahead_tokens}"
             )
-        state = self._requests.get(request_id)
         is_new = state is None
         if is_new:
             state = self._state_from_hit(computed_blocks)
@@ -199,6 +280,7 @@ class KVCacheManager:
             self.pool.touch(state.block_ids)
             self._requests[request_id] = state
             self._freed_ids.pop(request_id, None)
+            self._count_lookup(request_id, len(state.block_ids))
         if partial is not None:
             self._make_private(state, partial)
         new_block_ids = self.pool.allocate(num_new_blocks) if num_new_blocks else []

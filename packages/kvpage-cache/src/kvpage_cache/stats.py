@@ -7,9 +7,9 @@ from dataclasses import dataclass, fields
 
 @dataclass(slots=True)
 class CacheStats:
-    queries: int = 0  # lookup_prefix calls
-    query_tokens: int = 0  # prompt tokens those calls looked up
-    hits: int = 0  # lookups that hit at least one block
+    queries: int = 0  # lookups adopted by a first allocate_slots: one per admitted request
+    query_tokens: int = 0  # prompt tokens those lookups covered
+    hits: int = 0  # adopted lookups that hit at least one block
     hit_tokens: int = 0  # tokens served from the cache
     evictions: int = 0  # cached blocks reused for other content
     cow_copies: int = 0  # copy-on-write block copies queued

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .request import Request
@@ -11,7 +12,9 @@ from .request import Request
 class ScheduledRequest:
     """Compute `request.all_token_ids[start:start + num_tokens]` (positions start..start+num_tokens-1).
 
-    block_ids is the request's whole block table, new_block_ids the blocks allocated this step.
+    block_ids is the request's whole block table: the cache's own list, not a copy, so read it
+    before update_from_output() (which may roll lookahead slots back) and never change it.
+    new_block_ids are the blocks allocated this step.
     num_lookahead_tokens speculative slots follow the computed tokens (decode steps only).
     is_prefill_chunk: the step stops short of the known tokens, so nothing is sampled for it.
     """
@@ -19,7 +22,7 @@ class ScheduledRequest:
     request: Request
     start: int
     num_tokens: int
-    block_ids: list[int]
+    block_ids: Sequence[int]
     new_block_ids: list[int]
     is_prefill_chunk: bool
     num_lookahead_tokens: int = 0

@@ -10,7 +10,7 @@ latest-arrived running request is preempted by recompute.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
@@ -30,7 +30,7 @@ class _Step:
     token_budget: int
     seq_budget: int
     max_loras: int | None
-    scheduled: dict[str, ScheduledRequest] = field(default_factory=dict)
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
     loras: dict[str, int] = field(default_factory=dict)
     copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
@@ -41,23 +41,24 @@ class _Step:
                 or len(self.loras) < self.max_loras)
 
     def add(self, req: Request, n: int, lookahead: int, new_blocks: list[int],
-            block_ids: list[int]) -> None:
+            block_ids: Sequence[int]) -> None:
         start = req.num_computed_tokens
-        self.scheduled[req.request_id] = ScheduledRequest(
-            req, start, n, block_ids, new_blocks, start + n < req.num_tokens, lookahead)
+        self.scheduled.append(ScheduledRequest(
+            req, start, n, block_ids, new_blocks, start + n < req.num_tokens, lookahead))
         self.token_budget -= n + lookahead
         self.seq_budget -= 1
         if self.max_loras is not None and (lora := req.lora_id) is not None:
             self.loras[lora] = self.loras.get(lora, 0) + 1
 
-    def drop(self, request_id: str) -> None:
+    def drop(self, req: Request) -> None:
         """Undo `add` for a request preempted after it was scheduled."""
-        s = self.scheduled.pop(request_id, None)
-        if s is None:
+        index = next((i for i, s in enumerate(self.scheduled) if s.request is req), None)
+        if index is None:
             return
+        s = self.scheduled.pop(index)
         self.token_budget += s.num_tokens + s.num_lookahead_tokens
         self.seq_budget += 1
-        if self.max_loras is not None and (lora := s.request.lora_id) is not None:
+        if self.max_loras is not None and (lora := req.lora_id) is not None:
             self.loras[lora] -= 1
             if not self.loras[lora]:
                 del self.loras[lora]
@@ -161,12 +162,12 @@ class Scheduler:
         if not step.preempted:  # memory is short: let the running requests drain first
             self._schedule_waiting(step, cfg.max_num_seqs - len(skipped) - len(step.scheduled))
         # Requests skipped this step (budget, cap, LoRA cap) go first next step.
-        self.running = skipped + [s.request for s in step.scheduled.values()]
+        self.running = skipped + [s.request for s in step.scheduled]
         return self._output(step)
 
     def _schedule_running(self, step: _Step) -> list[Request]:
         skipped = []
-        allocate, block_ids = self.cache.allocate_slots, self.cache.block_ids
+        allocate, block_table = self.cache.allocate_slots, self.cache.block_table
         plain_decode = (1, 0) if not self.config.num_lookahead_tokens else None
         for req in self.running:  # rebuilt by schedule(); preemption only changes statuses
             if req.status is not RUNNING:  # preempted earlier in this loop
@@ -184,7 +185,7 @@ class Scheduler:
                 new_blocks = self._allocate_preempting(req, n, lookahead, step)
                 if new_blocks is None:  # req preempted itself
                     continue
-            step.add(req, n, lookahead, new_blocks, block_ids(req.request_id))
+            step.add(req, n, lookahead, new_blocks, block_table(req.request_id))
         return [r for r in skipped if r.status is RUNNING]
 
     def _schedule_waiting(self, step: _Step, free_seqs: int) -> None:
@@ -215,7 +216,7 @@ class Scheduler:
         if req.num_cached_tokens < 0:
             req.num_cached_tokens = hit.num_tokens
         step.hit_tokens += hit.num_tokens
-        step.add(req, n, 0, new_blocks, self.cache.block_ids(req.request_id))
+        step.add(req, n, 0, new_blocks, self.cache.block_table(req.request_id))
         return True
 
     def _allocate_preempting(self, req: Request, n: int, lookahead: int,
@@ -232,10 +233,10 @@ class Scheduler:
 
     def _preempt(self, victim: Request, step: _Step) -> None:
         """Recompute later: give back every block, go to the front of the waiting queue."""
-        lost = set(self.cache.block_ids(victim.request_id))
+        lost = set(self.cache.block_table(victim.request_id))
         step.copies = [c for c in step.copies + self.cache.take_block_copies() if c[1] not in lost]
         self.cache.free(victim.request_id)
-        step.drop(victim.request_id)
+        step.drop(victim)
         step.preempted.append(victim.request_id)
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
@@ -273,7 +274,7 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, []
         for rid in finished:
             del self._requests[rid]
-        scheduled = list(step.scheduled.values())
+        scheduled = step.scheduled
         stats = StepStats(
             num_scheduled_tokens=self.config.max_num_batched_tokens - step.token_budget,
             num_scheduled_requests=len(scheduled), num_running=len(self.running),
@@ -312,11 +313,13 @@ class Scheduler:
                 self._finish(req, FinishReason(reason))
 
     def _advance(self, req: Request, s: ScheduledRequest, tokens: list[int] | None) -> int:
-        """Advance `req` past step `s`; returns the output tokens it may still produce
-        (1 after a prefill chunk, which samples nothing)."""
+        """Advance `req` past step `s`, publish the blocks it filled and record its sampled
+        `tokens`; returns the output tokens it may still produce (1 after a prefill chunk,
+        which samples nothing)."""
         req.num_computed_tokens = s.start + s.num_tokens
-        left = 1
-        if not s.is_prefill_chunk:
+        if s.is_prefill_chunk:
+            tokens, left = [], 1
+        else:
             left = self._tokens_left(req)
             if not tokens:
                 tokens = []
@@ -325,13 +328,21 @@ class Scheduler:
             if s.num_lookahead_tokens:  # accepted drafts have their KV: keep it, drop the rest
                 req.num_computed_tokens += min(max(len(tokens) - 1, 0), s.num_lookahead_tokens)
                 self.cache.truncate(req.request_id, req.num_computed_tokens)
-            req.append_output(tokens)
-            left -= len(tokens)
         if req.num_computed_tokens >= (req.num_committed_blocks + 1) * self._block_size:
-            self.cache.commit_full_blocks(
-                req.request_id, req.all_token_ids[:req.num_computed_tokens], req.cache_keys)
-            req.num_committed_blocks = req.num_computed_tokens // self._block_size
-        return left
+            self._commit_full_blocks(req, tokens)
+        req.append_output(tokens)
+        return left - len(tokens)
+
+    def _commit_full_blocks(self, req: Request, pending: list[int]) -> None:
+        """Publish the full blocks of `req`'s computed tokens: all_token_ids, then the first
+        of `pending` (accepted drafts not appended yet). Called before the append, the common
+        decode passes all_token_ids itself, without a copy."""
+        computed = req.num_computed_tokens
+        token_ids = req.all_token_ids
+        if len(token_ids) != computed:
+            token_ids = (token_ids + pending)[:computed]
+        self.cache.commit_full_blocks(req.request_id, token_ids, req.cache_keys)
+        req.num_committed_blocks = computed // self._block_size
 
     def _tokens_left(self, req: Request) -> int:
         """Output tokens `req` may still produce before finishing with "length" (a prompt of
