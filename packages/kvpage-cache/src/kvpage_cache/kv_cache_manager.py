@@ -10,7 +10,7 @@ partial block copies it (copy-on-write).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .block_hash import BlockHash, ExtraKeys, encode_extra_keys
@@ -131,44 +131,29 @@ class KVCacheManager:
         """
         extra = encode_extra_keys(extra_keys)
         last = self._last_lookup
-        reusable = last is not None and last.request_id == request_id and last.extra == extra
-        lookup = _Lookup(request_id, extra, len(token_ids), [])
-        self._last_lookup = lookup
+        again = last is not None and last.request_id == request_id and last.extra == extra
+        known = last.chain if again else []
+        chain: list[tuple[bytes, BlockHash]] = []
+        self._last_lookup = _Lookup(request_id, extra, len(token_ids), chain)
         if not self.pool.enable_prefix_caching:
             return PrefixHit([], 0)
-        block_ids: list[int] = []
-        parent: int | bytes = extra
-        known = last.chain if reusable else []
-        for key, block_hash in self._prompt_hashes(token_ids, extra, known, lookup.chain):
-            block = self.pool.cached_block(block_hash)
-            if block is None or not block.holds(key, parent):
-                break
-            block_ids.append(block.block_id)
-            parent = block.content_id
-        return PrefixHit(block_ids, len(block_ids) * self.block_size)
-
-    def _prompt_hashes(
-        self,
-        token_ids: Sequence[int],
-        extra: bytes,
-        known: list[tuple[bytes, BlockHash]],
-        chain: list[tuple[bytes, BlockHash]],
-    ) -> Iterator[tuple[bytes, BlockHash]]:
-        """(token key, chained hash) of each full block before the last token, computed as they
-        are asked for and appended to ``chain``. Hashes in ``known`` (an earlier chain under the
-        same extra keys) are reused for as long as its token keys match."""
         size, hasher = self.block_size, self.pool.hasher
-        parent_hash = b""
+        block_ids: list[int] = []
+        parent_hash, parent = b"", extra
         for index, start in enumerate(range(0, (len(token_ids) - 1) // size * size, size)):
             key = hasher.token_key(token_ids[start : start + size])
             if index < len(known) and known[index][0] == key:
                 block_hash = known[index][1]
             else:
-                known = []  # the chains part here: no later hash of `known` applies
+                known = []  # the two chains part here: no later hash of the old one applies
                 block_hash = hasher.hash_block(parent_hash, key, extra)
             chain.append((key, block_hash))
-            yield key, block_hash
-            parent_hash = block_hash
+            block = self.pool.cached_block(block_hash)
+            if block is None or not block.holds(key, parent):
+                break
+            block_ids.append(block.block_id)
+            parent_hash, parent = block_hash, block.content_id
+        return PrefixHit(block_ids, len(block_ids) * self.block_size)
 
     def _count_lookup(self, request_id: str, num_hit_blocks: int) -> None:
         """Count the request's last lookup in the stats, now that its first allocation adopts it."""
