@@ -11,10 +11,16 @@ padding), and kvpage. Also reported: kvpage's fraction of the machine's compute 
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import platform
+import os
+
+# On a shared machine, OpenMP threads that spin at barriers while the other core is taken cost
+# milliseconds per op; sleeping waits keep every contender's timings sane. Must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
 import resource
 import time
 from dataclasses import dataclass
@@ -203,7 +209,9 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     report: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"{torch.get_num_threads()} torch threads, "
+                   f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}",
         "versions": f"kvpage-runtime {kvpage_runtime.__version__}, torch {torch.__version__}, "
                     f"transformers {transformers.__version__}, python {platform.python_version()}",
         "workload": f"{len(prompts)} prompts x {s.max_tokens} tokens, greedy, ignore_eos; HF "

@@ -132,7 +132,7 @@ def test_stop_string_spanning_tokens(llm, prompts):
     assert out.outputs[0].text == expected + stop
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def test_logprobs_match_reference_log_softmax(llm, tiny, prompts):
     prompt = prompts[4]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3,

@@ -23,7 +23,7 @@ def hf_model():
 
 
 @pytest.mark.slow
-@torch.inference_mode()
+@torch.no_grad()
 def test_greedy_equals_transformers_generate(llm, hf_model):
     tokenizer = llm.get_tokenizer()
     params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)

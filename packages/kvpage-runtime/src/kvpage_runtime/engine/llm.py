@@ -40,11 +40,11 @@ class LLM:
         try:
             for rid, prompt, p in zip(ids, batch, params, strict=True):
                 self.engine.add_request(rid, prompt, p)
-        except InvalidRequestError:
+            finals = self._run(len(batch), use_tqdm)
+        except BaseException:  # invalid request, interrupt, model error: leave nothing behind
             for rid in ids:
                 self.engine.abort_request(rid)
             raise
-        finals = self._run(len(batch), use_tqdm)
         return [finals[rid] for rid in ids]
 
     def chat(self, messages: Messages | Sequence[Messages],
