@@ -7,7 +7,11 @@ from dataclasses import dataclass, fields
 
 @dataclass(slots=True)
 class CacheStats:
-    queries: int = 0  # lookups adopted by a first allocate_slots: one per admitted request
+    """Prefix lookups count once per admission, at the request's first allocate_slots, however
+    often the request was looked up while it waited. A preempted request admitted again counts
+    again: its hit is what spares the recompute."""
+
+    queries: int = 0  # lookups adopted by a first allocate_slots: one per admission
     query_tokens: int = 0  # prompt tokens those lookups covered
     hits: int = 0  # adopted lookups that hit at least one block
     hit_tokens: int = 0  # tokens served from the cache
