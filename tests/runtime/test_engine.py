@@ -133,8 +133,11 @@ def test_stop_string_spanning_tokens(llm, prompts):
 
 
 @torch.no_grad()
-def test_logprobs_match_reference_log_softmax(llm, tiny, prompts):
-    prompt = prompts[4]
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_logprobs_match_reference_log_softmax(llm, tiny, prompts, chunk):
+    if chunk is not None:  # prompt logprobs gathered over several prefill chunks
+        llm = LLM(str(tiny[0]), **BASE, max_num_batched_tokens=chunk)
+    prompt = prompts[1]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3,
                             prompt_logprobs=2)
     (out,) = llm.generate([prompt], params, use_tqdm=False)

@@ -68,8 +68,7 @@ class RequestGroup:
     params: SamplingParams
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
-    num_prompt_logprobs: int = 0  # positions filled so far (the first is always None)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # filled chunk by chunk
     forked: bool = False
 
     @property
@@ -78,7 +77,8 @@ class RequestGroup:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.prompt_logprobs is not None and self.num_prompt_logprobs < len(self.prompt_token_ids)
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < len(self.prompt_token_ids))
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(
