@@ -1,7 +1,6 @@
 """The batched sampler against straightforward per-row references."""
 
 import torch
-
 from kvpage_runtime.sampling import Sampler, SamplingParams, SamplingRow, top_logprobs
 
 
@@ -106,3 +105,15 @@ def test_logprobs_and_ranks():
     assert out.logprobs[1] is None
     other = top_logprobs(logits[:1], [0])[0].with_sampled(int(ref.argmin()))
     assert other.rank == 20 and set(other.entries()) == {int(ref.argmin())}
+
+
+def test_top_k_row_next_to_unrestricted_row():
+    logits = torch.randn(2, 30)
+    rows = [_row(top_k=2), _row()]
+    seen = set()
+    sampler = Sampler(seed=5)
+    for _ in range(100):
+        out = sampler(logits, rows).token_ids
+        assert out[0] in logits[0].topk(2).indices.tolist()
+        seen.add(out[1])
+    assert len(seen) > 2

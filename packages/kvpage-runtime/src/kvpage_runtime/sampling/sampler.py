@@ -147,10 +147,12 @@ def _apply_top_k_top_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tor
         return logits
     device = logits.device
     if use_k and not use_p:
-        kmax = max(ks)
+        kmax = max(k for k in ks if k < vocab)
         top_vals = logits.topk(kmax, dim=-1).values
         k_idx = torch.tensor(ks, device=device).clamp(max=kmax).sub(1).unsqueeze(1)
         threshold = top_vals.gather(1, k_idx)
+        no_k = torch.tensor([k >= vocab for k in ks], device=device).unsqueeze(1)
+        threshold = threshold.masked_fill(no_k, float("-inf"))
         return logits.masked_fill(logits < threshold, float("-inf"))
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device).unsqueeze(0)
