@@ -407,3 +407,17 @@ def test_a_prompt_waiting_for_memory_counts_once_in_the_prefix_hit_rate():
     stats = cache.stats
     assert (stats.queries, stats.query_tokens) == (3, 12 + 21 + 13)
     assert (stats.hits, stats.hit_tokens) == (1, 8) and stats.hit_rate == 8 / 46
+
+
+@pytest.mark.parametrize("sampled", [[7], [7, 8]])  # [7, 8]: one accepted draft and the bonus
+def test_decoded_tokens_fill_blocks_that_a_later_prompt_hits(sampled):
+    sched, cache = make_sched(num_lookahead_tokens=len(sampled) - 1)
+    sched.add_request(req("a", prompt_len=6, max_tokens=9))
+    a = sched.get_request("a")
+    while sched.has_unfinished_requests():
+        step(sched, token=lambda rid: list(sampled))
+    assert a.num_tokens == 15 and a.num_computed_tokens >= 12
+    sched.add_request(Request("b", list(a.all_token_ids), 1))
+    out = sched.schedule()
+    (s,) = out.scheduled
+    assert out.stats.num_prefix_hit_tokens == 12 and (s.start, s.num_tokens) == (12, 3)
