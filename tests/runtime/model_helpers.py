@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 from kvpage_runtime.forward_batch import ForwardBatch
@@ -26,6 +27,19 @@ TINY = dict(
     # larger than the default 0.02 so that logits are peaked and greedy near-ties rare
     initializer_range=0.15,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run a test module's torch ops on one thread (import this fixture to use it).
+
+    These tests run small matmuls, where a thread pool's hand-offs cost more than they save,
+    and on a machine whose cores are busy with other work each hand-off can cost milliseconds.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def save_tiny_model(config: transformers.PretrainedConfig, folder: Path, seed: int = 0) -> Path:

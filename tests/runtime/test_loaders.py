@@ -14,7 +14,7 @@ from kvpage_runtime.loaders import default_model as default_model_module
 from kvpage_runtime.loaders import load_model, resolve_dtype
 from kvpage_runtime.loaders.gguf_file import unpermute_rotary_rows
 from kvpage_runtime.models import SUPPORTED_ARCHITECTURES
-from model_helpers import TINY, save_tiny_model
+from model_helpers import TINY, one_torch_thread, save_tiny_model  # noqa: F401 (fixture)
 
 SMALL = {**TINY, "num_hidden_layers": 2}
 

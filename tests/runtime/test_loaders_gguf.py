@@ -17,7 +17,7 @@ import transformers
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.gguf_file import GGUFModelFile
 from kvpage_runtime.models import build_model
-from model_helpers import TINY, save_tiny_model
+from model_helpers import TINY, one_torch_thread, save_tiny_model  # noqa: F401 (fixture)
 from safetensors.numpy import load_file
 
 SMALL = {**TINY, "num_hidden_layers": 2}

@@ -3,7 +3,7 @@
 import pytest
 import transformers
 from family_checks import NEW_TOKENS, PROMPT_LENGTHS, SCHEDULES, family_fixture
-from model_helpers import TINY
+from model_helpers import TINY, one_torch_thread  # noqa: F401 (fixture)
 
 WINDOW = 12
 assert max(PROMPT_LENGTHS) > WINDOW and WINDOW < NEW_TOKENS

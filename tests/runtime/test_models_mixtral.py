@@ -3,7 +3,7 @@
 import pytest
 import transformers
 from family_checks import SCHEDULES, family_fixture
-from model_helpers import TINY
+from model_helpers import TINY, one_torch_thread  # noqa: F401 (fixture)
 
 mixtral = family_fixture(
     transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2)

@@ -3,7 +3,7 @@
 import pytest
 import transformers
 from family_checks import SCHEDULES, family_fixture
-from model_helpers import TINY
+from model_helpers import TINY, one_torch_thread  # noqa: F401 (fixture)
 
 qwen2 = family_fixture(transformers.Qwen2Config(**TINY, tie_word_embeddings=True))
 

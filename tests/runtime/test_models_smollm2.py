@@ -9,7 +9,7 @@ import torch
 import transformers
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.default_model import default_model_path
-from model_helpers import PagedGreedyDriver
+from model_helpers import PagedGreedyDriver, one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
