@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 
 import pytest
 import torch
 import transformers
+from engine_fixtures import hf_model_from_gguf
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.default_model import default_model_path
 from model_helpers import PagedGreedyDriver, one_torch_thread  # noqa: F401 (fixture)
@@ -49,12 +51,14 @@ def kvpage_fp32(gguf_path):
 @pytest.fixture(scope="module")
 def hf_reference(gguf_path):
     """transformers' tokenizer and batched greedy continuations (left padding), computed once."""
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF model")
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    )
+    if importlib.util.find_spec("accelerate") is not None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        )
+    else:  # from_pretrained(gguf_file=...) insists on accelerate; same dequantization without it
+        model = hf_model_from_gguf(gguf_path)
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
         for q in QUESTIONS
@@ -72,8 +76,7 @@ def hf_reference(gguf_path):
             do_sample=False,
             pad_token_id=pad,
         )
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
+    eos = {tokenizer.eos_token_id}
     return tokenizer, prompts, [_until_eos(row[width:].tolist(), eos) for row in out]
 
 
