@@ -87,7 +87,11 @@ class AsyncLLM:
         """
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         params = sampling_params or SamplingParams()
-        await self._call(lambda: self._add(request_id, prompt, params, stream))
+        try:
+            await self._call(lambda: self._add(request_id, prompt, params, stream))
+        except asyncio.CancelledError:  # the add may still run: undo it
+            self._submit(lambda: self._abort(request_id))
+            raise
         finished = False
         try:
             while not finished:

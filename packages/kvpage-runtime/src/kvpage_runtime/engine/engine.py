@@ -100,7 +100,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.cache, self._scheduler_config())
         self.runner = ModelRunner(loaded.model, self.model_config, budget.num_blocks,
                                   config.block_size, self.device, self.model_config.dtype)
-        self.sampler = Sampler(config.seed)
+        self.sampler = Sampler(config.seed, self.device)
         self.timings = StepTimings()
         self.num_preemptions = 0
         self._decode_token = make_token_decoder(self.tokenizer)
@@ -171,7 +171,7 @@ class LLMEngine:
         params = group.params
         generator = None
         if params.seed is not None:
-            generator = torch.Generator().manual_seed(params.seed + index)
+            generator = torch.Generator(device=self.device).manual_seed(params.seed + index)
         detok = IncrementalDetokenizer(self.tokenizer, group.prompt_token_ids,
                                        params.skip_special_tokens)
         return Sequence(seq_id, index, group, detok, generator,

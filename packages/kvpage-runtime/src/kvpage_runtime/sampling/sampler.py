@@ -25,7 +25,7 @@ class SamplingRow:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # on the logits' device
     blocked_token_ids: Sequence[int] = ()  # ids masked while min_tokens is not reached
 
 
@@ -38,8 +38,8 @@ class SamplerOutput:
 class Sampler:
     """Stateless apart from the generator that unseeded rows draw from."""
 
-    def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         logits = logits.float()
@@ -49,7 +49,8 @@ class Sampler:
         tokens = _argmax(logits) if all(greedy) else self._sample(logits, rows, greedy)
         token_list = tokens.tolist()
         if any(lp is not None for lp in logprobs):
-            logprobs = [None if lp is None else lp.with_sampled(t) for lp, t in zip(logprobs, token_list, strict=True)]
+            logprobs = [None if lp is None else lp.with_sampled(t)
+                        for lp, t in zip(logprobs, token_list, strict=True)]
         return SamplerOutput(token_list, logprobs)
 
     @staticmethod
@@ -67,8 +68,8 @@ class Sampler:
         device = logits.device
         greedy_mask = torch.tensor(greedy, device=device)
         argmax = _argmax(logits)
-        temps = torch.tensor([1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)],
-                             device=device)
+        temps = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
+        temps = torch.tensor(temps, device=device)
         logits = logits / temps.unsqueeze(1)
         logits = _apply_top_k_top_p(logits, rows)
         probs = logits.softmax(dim=-1)
