@@ -1,4 +1,4 @@
-"""Shared helpers for the model tests: tiny random models, a paged greedy driver, a HF reference.
+"""What the model tests share: tiny random models, a paged greedy driver, a HF reference.
 
 The driver gives each sequence a contiguous run of KV blocks and feeds the model one varlen
 ``ForwardBatch`` per step, so the tests exercise batched prefill, chunked prefill and decode
