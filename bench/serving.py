@@ -59,10 +59,22 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_WORKLOAD = HERE / "workload_chat64.json"
 RESULTS = HERE / "RESULTS.md"
 FALLBACK_TOPICS = (
-    "the water cycle", "how vaccines work", "the history of the printing press", "black holes",
-    "photosynthesis", "the French Revolution", "how a compiler works", "plate tectonics",
-    "the immune system", "renewable energy", "the Roman Empire", "machine learning",
-    "ocean currents", "the theory of evolution", "how the internet works", "volcanoes",
+    "the water cycle",
+    "how vaccines work",
+    "the history of the printing press",
+    "black holes",
+    "photosynthesis",
+    "the French Revolution",
+    "how a compiler works",
+    "plate tectonics",
+    "the immune system",
+    "renewable energy",
+    "the Roman Empire",
+    "machine learning",
+    "ocean currents",
+    "the theory of evolution",
+    "how the internet works",
+    "volcanoes",
 )
 
 
@@ -81,8 +93,10 @@ def load_workload(path: Path | None, num_prompts: int) -> list[list[dict]]:
             data = data.get("conversations") or data.get("prompts") or []
         conversations = [_conversation(item) for item in data]
     else:
-        conversations = [[{"role": "user", "content": f"Explain {topic} in detail."}]
-                         for topic in FALLBACK_TOPICS]
+        conversations = [
+            [{"role": "user", "content": f"Explain {topic} in detail."}]
+            for topic in FALLBACK_TOPICS
+        ]
     if not conversations:
         raise SystemExit(f"no prompts in {path}")
     return [conversations[i % len(conversations)] for i in range(num_prompts)]
@@ -125,8 +139,14 @@ class RequestResult:
 
 
 def _request_body(model: str | None, messages: list[dict], max_tokens: int) -> dict:
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     if model:
         body["model"] = model
     return body
@@ -170,9 +190,17 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict) -> Reque
 # ------------------------------------------------------------------------- load generation
 
 
-async def run_load(url: str, model: str | None, workload: list[list[dict]], max_tokens: int,
-                   concurrency: int | None, request_rate: float, *, api_key: str | None = None,
-                   seed: int = 0) -> tuple[list[RequestResult], float]:
+async def run_load(
+    url: str,
+    model: str | None,
+    workload: list[list[dict]],
+    max_tokens: int,
+    concurrency: int | None,
+    request_rate: float,
+    *,
+    api_key: str | None = None,
+    seed: int = 0,
+) -> tuple[list[RequestResult], float]:
     """Closed loop with ``concurrency`` clients, or open loop at ``request_rate`` (Poisson)."""
     limits = httpx.Limits(max_connections=max(concurrency or 0, len(workload)) + 4)
     timeout = httpx.Timeout(600.0, connect=10.0)
@@ -188,7 +216,9 @@ async def run_load(url: str, model: str | None, workload: list[list[dict]], max_
         return results, time.perf_counter() - started
 
 
-async def _closed_loop(client: httpx.AsyncClient, url: str, bodies: list[dict], clients: int) -> list[RequestResult]:
+async def _closed_loop(
+    client: httpx.AsyncClient, url: str, bodies: list[dict], clients: int
+) -> list[RequestResult]:
     queue = list(enumerate(bodies))
     results: list[RequestResult | None] = [None] * len(bodies)
 
@@ -201,8 +231,9 @@ async def _closed_loop(client: httpx.AsyncClient, url: str, bodies: list[dict], 
     return results  # type: ignore[return-value]
 
 
-async def _open_loop(client: httpx.AsyncClient, url: str, bodies: list[dict], rate: float,
-                     rng: random.Random) -> list[RequestResult]:
+async def _open_loop(
+    client: httpx.AsyncClient, url: str, bodies: list[dict], rate: float, rng: random.Random
+) -> list[RequestResult]:
     tasks = []
     for body in bodies:
         tasks.append(asyncio.create_task(send_request(client, url, body)))
@@ -285,7 +316,9 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str) -
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"{name} exited with status {proc.returncode}; see bench/out/{name}.log")
+            raise SystemExit(
+                f"{name} exited with status {proc.returncode}; see bench/out/{name}.log"
+            )
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2.0).status_code == 200:
                 return
@@ -294,13 +327,37 @@ def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float, name: str) -
 
 
 def kvpage_command(port: int, gguf: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "kvpage_runtime.cli", "serve", str(gguf), "--port", str(port),
-            "--log-level", "warning", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "kvpage_runtime.cli",
+        "serve",
+        str(gguf),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
-def llama_command(binary: str, port: int, gguf: Path, slots: int, ctx: int, extra: list[str]) -> list[str]:
-    return [binary, "-m", str(gguf), "-np", str(slots), "-c", str(slots * ctx),
-            "--host", "127.0.0.1", "--port", str(port), *extra]
+def llama_command(
+    binary: str, port: int, gguf: Path, slots: int, ctx: int, extra: list[str]
+) -> list[str]:
+    return [
+        binary,
+        "-m",
+        str(gguf),
+        "-np",
+        str(slots),
+        "-c",
+        str(slots * ctx),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------------------- reporting
@@ -311,14 +368,17 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| target | ok/failed | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| target | ok/failed | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in rows.items():
         lines.append(
             f"| {name} | {s['completed']}/{s['failed']} | {s['request_throughput']:.2f} | {s['output_tok_s']:.1f} "
             f"| {_fmt(s['ttft_p50_s'], 1e3)} / {_fmt(s['ttft_p99_s'], 1e3)} "
             f"| {_fmt(s['tpot_p50_s'], 1e3)} / {_fmt(s['tpot_p99_s'], 1e3)} "
-            f"| {_fmt(s['itl_p50_s'], 1e3)} / {_fmt(s['itl_p99_s'], 1e3)} |")
+            f"| {_fmt(s['itl_p50_s'], 1e3)} / {_fmt(s['itl_p99_s'], 1e3)} |"
+        )
     return "\n".join(lines)
 
 
@@ -331,8 +391,12 @@ def _versions(llama_server: str | None) -> str:
             parts.append(f"{dist} {metadata.version(dist)}")
     if llama_server:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run([llama_server, "--version"], capture_output=True, text=True, timeout=30)
-            first = next((line for line in (out.stdout + out.stderr).splitlines() if "version" in line), "")
+            out = subprocess.run(
+                [llama_server, "--version"], capture_output=True, text=True, timeout=30
+            )
+            first = next(
+                (line for line in (out.stdout + out.stderr).splitlines() if "version" in line), ""
+            )
             parts.append(f"llama-server {first.strip()}")
     return ", ".join(parts)
 
@@ -349,7 +413,11 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     machine = f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} (load average {load} at the end)"
-    clients = f"{args.concurrency} concurrent clients" if args.concurrency else f"Poisson {args.request_rate} req/s"
+    clients = (
+        f"{args.concurrency} concurrent clients"
+        if args.concurrency
+        else f"Poisson {args.request_rate} req/s"
+    )
     section = [
         f"\n## Serving: OpenAI endpoint load test ({when})\n",
         f"- machine: {machine}",
@@ -363,8 +431,10 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
     if "kvpage" in rows and "llama-server" in rows:
         k, ll = rows["kvpage"], rows["llama-server"]
         if ll["output_tok_s"] and k["ttft_p50_s"] and ll["ttft_p50_s"]:
-            section.append(f"\nkvpage / llama-server: output tok/s x{k['output_tok_s'] / ll['output_tok_s']:.2f}, "
-                           f"TTFT p50 x{k['ttft_p50_s'] / ll['ttft_p50_s']:.2f}")
+            section.append(
+                f"\nkvpage / llama-server: output tok/s x{k['output_tok_s'] / ll['output_tok_s']:.2f}, "
+                f"TTFT p50 x{k['ttft_p50_s'] / ll['ttft_p50_s']:.2f}"
+            )
     with RESULTS.open("a") as f:
         f.write("\n".join(section) + "\n")
 
@@ -373,40 +443,110 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", action="append", default=[], metavar="NAME=URL",
-                   help="an OpenAI-compatible base URL to measure, e.g. vllm=http://127.0.0.1:8000/v1")
-    p.add_argument("--start-kvpage", action="store_true", help="start `kvpage serve` on the GGUF and measure it")
-    p.add_argument("--kvpage-args", default="", help="extra arguments for kvpage serve (one string)")
-    p.add_argument("--llama-server", default=None, help="path of a llama-server binary to start and measure")
-    p.add_argument("--llama-args", default="--no-repack",
-                   help="extra llama-server arguments (default: %(default)s, which avoids the AMX "
-                        "repacking path that crashed a native build)")
-    p.add_argument("--gguf", type=Path, default=None, help="model file (default: the SmolLM2-135M GGUF)")
-    p.add_argument("--ctx", type=int, default=1024, help="context per llama-server slot (default: %(default)s)")
-    p.add_argument("--model", default=None, help="model name sent in requests to --target endpoints")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help="an OpenAI-compatible base URL to measure, e.g. vllm=http://127.0.0.1:8000/v1",
+    )
+    p.add_argument(
+        "--start-kvpage",
+        action="store_true",
+        help="start `kvpage serve` on the GGUF and measure it",
+    )
+    p.add_argument(
+        "--kvpage-args", default="", help="extra arguments for kvpage serve (one string)"
+    )
+    p.add_argument(
+        "--llama-server", default=None, help="path of a llama-server binary to start and measure"
+    )
+    p.add_argument(
+        "--llama-args",
+        default="--no-repack",
+        help="extra llama-server arguments (default: %(default)s, which avoids the AMX "
+        "repacking path that crashed a native build)",
+    )
+    p.add_argument(
+        "--gguf", type=Path, default=None, help="model file (default: the SmolLM2-135M GGUF)"
+    )
+    p.add_argument(
+        "--ctx", type=int, default=1024, help="context per llama-server slot (default: %(default)s)"
+    )
+    p.add_argument(
+        "--model", default=None, help="model name sent in requests to --target endpoints"
+    )
     p.add_argument("--api-key", default=None, help="bearer token for --target endpoints")
-    p.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="prompts file (default: %(default)s)")
-    p.add_argument("--num-prompts", type=int, default=64, help="requests to send (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default: %(default)s)")
-    p.add_argument("--concurrency", type=int, default=16,
-                   help="concurrent clients (default: %(default)s); 0 to use --request-rate")
-    p.add_argument("--request-rate", type=float, default=float("inf"),
-                   help="Poisson arrivals per second when --concurrency is 0 (default: all at once)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed requests before each target (default: %(default)s)")
+    p.add_argument(
+        "--workload",
+        type=Path,
+        default=DEFAULT_WORKLOAD,
+        help="prompts file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--num-prompts", type=int, default=64, help="requests to send (default: %(default)s)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=128,
+        help="output tokens per request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="concurrent clients (default: %(default)s); 0 to use --request-rate",
+    )
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="Poisson arrivals per second when --concurrency is 0 (default: all at once)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed requests before each target (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print {target: figures} as JSON")
-    p.add_argument("--append-results", action="store_true", help="append a section to bench/RESULTS.md")
+    p.add_argument(
+        "--append-results", action="store_true", help="append a section to bench/RESULTS.md"
+    )
     return p.parse_args(argv)
 
 
-def measure(name: str, url: str, model: str | None, workload: list[list[dict]], args: argparse.Namespace) -> dict:
+def measure(
+    name: str, url: str, model: str | None, workload: list[list[dict]], args: argparse.Namespace
+) -> dict:
     chat_url = url.rstrip("/") + "/chat/completions"
     if args.warmup:
-        asyncio.run(run_load(chat_url, model, workload[: args.warmup], 8, args.warmup, float("inf"),
-                             api_key=args.api_key))
-    results, duration = asyncio.run(run_load(chat_url, model, workload, args.max_tokens,
-                                             args.concurrency or None, args.request_rate, api_key=args.api_key))
+        asyncio.run(
+            run_load(
+                chat_url,
+                model,
+                workload[: args.warmup],
+                8,
+                args.warmup,
+                float("inf"),
+                api_key=args.api_key,
+            )
+        )
+    results, duration = asyncio.run(
+        run_load(
+            chat_url,
+            model,
+            workload,
+            args.max_tokens,
+            args.concurrency or None,
+            args.request_rate,
+            api_key=args.api_key,
+        )
+    )
     summary = summarize(results, duration)
     errors = [r.error for r in results if r.error]
     if errors:
@@ -428,7 +568,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.llama_server:
         port = free_port()
         slots = args.concurrency or 16
-        command = llama_command(args.llama_server, port, gguf, slots, args.ctx, args.llama_args.split())
+        command = llama_command(
+            args.llama_server, port, gguf, slots, args.ctx, args.llama_args.split()
+        )
         with launched("llama-server", command, port) as url:
             rows["llama-server"] = measure("llama-server", url, None, workload, args)
     for spec in args.target:

@@ -25,9 +25,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """The server runs for the whole session; at the end SIGINT must shut it down cleanly."""
     port = free_port()
     log_path = str(tmp_path_factory.mktemp("server") / "server.log")
-    command = cli("serve", "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-                  "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-                  "--kv-cache-memory", "64MiB", "--log-level", "info")
+    command = cli(
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--max-num-seqs",
+        str(MAX_NUM_SEQS),
+        "--kv-cache-memory",
+        "64MiB",
+        "--log-level",
+        "info",
+    )
     env = {**os.environ, "KVPAGE_API_KEY": ""}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -45,7 +45,9 @@ class LiveServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
     def async_client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120
+        )
 
     def metrics(self) -> dict[str, float]:
         """The samples of /metrics, by name with labels (``name{label="value"}``)."""

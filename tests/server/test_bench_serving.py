@@ -26,10 +26,17 @@ def test_percentile_interpolates():
 
 
 def test_summarize_math():
-    a = serving.RequestResult(ok=True, start=0.0, ttft=0.5, latency=2.5, output_tokens=5,
-                              chunk_times=[0.5, 1.0, 1.5, 2.0, 2.5])
-    b = serving.RequestResult(ok=True, start=0.0, ttft=1.5, latency=3.5, output_tokens=3,
-                              chunk_times=[1.5, 2.5, 3.5])
+    a = serving.RequestResult(
+        ok=True,
+        start=0.0,
+        ttft=0.5,
+        latency=2.5,
+        output_tokens=5,
+        chunk_times=[0.5, 1.0, 1.5, 2.0, 2.5],
+    )
+    b = serving.RequestResult(
+        ok=True, start=0.0, ttft=1.5, latency=3.5, output_tokens=3, chunk_times=[1.5, 2.5, 3.5]
+    )
     failed = serving.RequestResult(ok=False, error="HTTP 500")
     s = serving.summarize([a, b, failed], duration_s=4.0)
     assert (s["completed"], s["failed"], s["output_tokens"]) == (2, 1, 8)
@@ -41,11 +48,34 @@ def test_summarize_math():
 
 
 def test_json_report_against_the_server(server, capsys):
-    code = serving.main(["--target", f"kvpage={server.url}/v1", "--api-key", API_KEY, "--num-prompts", "4",
-                         "--max-tokens", "4", "--concurrency", "2", "--warmup", "0", "--json"])
+    code = serving.main(
+        [
+            "--target",
+            f"kvpage={server.url}/v1",
+            "--api-key",
+            API_KEY,
+            "--num-prompts",
+            "4",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+        ]
+    )
     assert code == 0
     report = json.loads(capsys.readouterr().out)["kvpage"]
-    for key in ("output_tok_s", "request_throughput", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "itl_p99_s", "failed"):
+    for key in (
+        "output_tok_s",
+        "request_throughput",
+        "ttft_p50_s",
+        "ttft_p99_s",
+        "tpot_p50_s",
+        "itl_p99_s",
+        "failed",
+    ):
         assert key in report, key
     assert report["failed"] == 0 and report["completed"] == 4 and report["output_tokens"] == 16
     assert report["ttft_p50_s"] > 0 and report["output_tok_s"] > 0

@@ -20,10 +20,24 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 def test_help_lists_every_serve_option_with_defaults():
     r = _run("serve", "--help")
     assert r.returncode == 0
-    for option in ("--host", "--port", "--api-key", "--served-model-name", "--max-model-len", "--block-size",
-                   "--kv-cache-memory", "--max-num-seqs", "--max-num-batched-tokens", "--enable-prefix-caching",
-                   "--no-enable-prefix-caching", "--enable-chunked-prefill", "--dtype", "--seed", "--log-level",
-                   "--max-request-body-bytes"):
+    for option in (
+        "--host",
+        "--port",
+        "--api-key",
+        "--served-model-name",
+        "--max-model-len",
+        "--block-size",
+        "--kv-cache-memory",
+        "--max-num-seqs",
+        "--max-num-batched-tokens",
+        "--enable-prefix-caching",
+        "--no-enable-prefix-caching",
+        "--enable-chunked-prefill",
+        "--dtype",
+        "--seed",
+        "--log-level",
+        "--max-request-body-bytes",
+    ):
         assert option in r.stdout, option
     assert "127.0.0.1" in r.stdout and "default" in r.stdout
     top = _run("--help")
@@ -62,15 +76,36 @@ def test_sigterm_with_streams_in_flight_shuts_down_cleanly(tmp_path):
     port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cli("serve", "--port", str(port), "--max-model-len", "256", "--kv-cache-memory",
-                                    "16MiB", "--graceful-shutdown-timeout", "1", "--log-level", "info"),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cli(
+                "serve",
+                "--port",
+                str(port),
+                "--max-model-len",
+                "256",
+                "--kv-cache-memory",
+                "16MiB",
+                "--graceful-shutdown-timeout",
+                "1",
+                "--log-level",
+                "info",
+            ),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url, str(log_path))
-        body = {"prompt": "Count to one hundred:", "max_tokens": 200, "ignore_eos": True, "stream": True}
-        with httpx.Client(base_url=url, timeout=60) as client, client.stream("POST", "/v1/completions",
-                                                                            json=body) as r:
+        body = {
+            "prompt": "Count to one hundred:",
+            "max_tokens": 200,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with (
+            httpx.Client(base_url=url, timeout=60) as client,
+            client.stream("POST", "/v1/completions", json=body) as r,
+        ):
             lines = r.iter_lines()
             assert next(line for line in lines if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)

@@ -18,24 +18,41 @@ def test_models_lists_the_served_model(server):
 
 
 def test_completion_usage_matches_the_tokenizer(server):
-    r = server.client().completions.create(model=None, prompt=PROMPT, max_tokens=8, temperature=0,
-                                           extra_body={"ignore_eos": True})
+    r = server.client().completions.create(
+        model=None, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     choice = r.choices[0]
     assert r.object == "text_completion" and choice.finish_reason == "length"
     assert r.usage.prompt_tokens == len(_tokens(server, PROMPT))
     assert r.usage.completion_tokens == 8
     assert r.usage.total_tokens == r.usage.prompt_tokens + 8
-    assert choice.text == server.client().completions.create(
-        model=None, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}).choices[0].text
+    assert (
+        choice.text
+        == server.client()
+        .completions.create(
+            model=None, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
 
 
 def test_streaming_gives_the_same_text_and_usage_last(server):
     client = server.client()
-    full = client.completions.create(model=None, prompt=PROMPT, max_tokens=10, temperature=0,
-                                     extra_body={"ignore_eos": True})
-    chunks = list(client.completions.create(model=None, prompt=PROMPT, max_tokens=10, temperature=0, stream=True,
-                                            stream_options={"include_usage": True},
-                                            extra_body={"ignore_eos": True}))
+    full = client.completions.create(
+        model=None, prompt=PROMPT, max_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
+    chunks = list(
+        client.completions.create(
+            model=None,
+            prompt=PROMPT,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == full.choices[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
@@ -46,8 +63,9 @@ def test_streaming_gives_the_same_text_and_usage_last(server):
 def test_prompt_forms_and_n(server):
     client = server.client()
     ids = _tokens(server, PROMPT)
-    r = client.completions.create(model=None, prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=4,
-                                  temperature=1.0, seed=1)
+    r = client.completions.create(
+        model=None, prompt=[PROMPT, "Once upon a time"], n=2, max_tokens=4, temperature=1.0, seed=1
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
     assert r.usage.prompt_tokens == len(ids) + len(_tokens(server, "Once upon a time"))
     assert 4 <= r.usage.completion_tokens <= 16
@@ -60,20 +78,39 @@ def test_prompt_forms_and_n(server):
 
 def test_stop_string_ends_the_text(server):
     client = server.client()
-    base = client.completions.create(model=None, prompt=PROMPT, max_tokens=16, temperature=0,
-                                     extra_body={"ignore_eos": True}).choices[0].text
+    base = (
+        client.completions.create(
+            model=None, prompt=PROMPT, max_tokens=16, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
     stop = base.strip().split()[1] if len(base.split()) > 2 else base[3:6]
-    r = client.completions.create(model=None, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=None,
+        prompt=PROMPT,
+        max_tokens=16,
+        temperature=0,
+        stop=[stop],
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].text == base[: base.index(stop)]
 
 
 def test_logprobs_in_completions_format(server):
-    r = server.client().completions.create(model=None, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3,
-                                           extra_body={"ignore_eos": True})
+    r = server.client().completions.create(
+        model=None,
+        prompt=PROMPT,
+        max_tokens=5,
+        temperature=0,
+        logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     lp = r.choices[0].logprobs
-    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    assert (
+        len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5
+    )
     assert "".join(lp.tokens) == r.choices[0].text
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
@@ -83,8 +120,9 @@ def test_logprobs_in_completions_format(server):
 
 
 def test_echo_with_logprobs(server):
-    r = server.client().completions.create(model=None, prompt=PROMPT, max_tokens=3, temperature=0, echo=True,
-                                           logprobs=1)
+    r = server.client().completions.create(
+        model=None, prompt=PROMPT, max_tokens=3, temperature=0, echo=True, logprobs=1
+    )
     choice = r.choices[0]
     assert choice.text.startswith(PROMPT)
     n_prompt = len(_tokens(server, PROMPT))
@@ -97,8 +135,18 @@ def test_seed_makes_sampling_reproducible(server):
     client = server.client()
 
     def sample(seed):
-        return client.completions.create(model=None, prompt="My favourite colour is", max_tokens=12,
-                                         temperature=1.0, seed=seed, extra_body={"ignore_eos": True}).choices[0].text
+        return (
+            client.completions.create(
+                model=None,
+                prompt="My favourite colour is",
+                max_tokens=12,
+                temperature=1.0,
+                seed=seed,
+                extra_body={"ignore_eos": True},
+            )
+            .choices[0]
+            .text
+        )
 
     first = sample(1234)
     assert sample(1234) == first
@@ -107,16 +155,37 @@ def test_seed_makes_sampling_reproducible(server):
 
 def test_vllm_sampling_extras_are_accepted(server):
     r = server.client().completions.create(
-        model=None, prompt=PROMPT, max_tokens=6, temperature=0.7, seed=3,
-        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1, "min_tokens": 6,
-                    "stop_token_ids": [0], "skip_special_tokens": True})
+        model=None,
+        prompt=PROMPT,
+        max_tokens=6,
+        temperature=0.7,
+        seed=3,
+        extra_body={
+            "top_k": 20,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "min_tokens": 6,
+            "stop_token_ids": [0],
+            "skip_special_tokens": True,
+        },
+    )
     assert r.usage.completion_tokens == 6
 
 
 def test_streaming_n_with_logprobs(server):
-    chunks = list(server.client().completions.create(
-        model=None, prompt=PROMPT, n=2, max_tokens=6, temperature=1.0, seed=5, logprobs=1, stream=True,
-        extra_body={"ignore_eos": True}))
+    chunks = list(
+        server.client().completions.create(
+            model=None,
+            prompt=PROMPT,
+            n=2,
+            max_tokens=6,
+            temperature=1.0,
+            seed=5,
+            logprobs=1,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     for index in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices[0].index == index]
         text = "".join(c.text for c in mine)

@@ -13,8 +13,14 @@ MAX_TOKENS = 16
 
 
 async def _stream(client: httpx.AsyncClient, index: int, disconnect: bool) -> tuple[bool, str]:
-    body = {"prompt": f"Story number {index}: once upon a time", "max_tokens": MAX_TOKENS, "temperature": 0.8,
-            "seed": index, "stream": True, "ignore_eos": True}
+    body = {
+        "prompt": f"Story number {index}: once upon a time",
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0.8,
+        "seed": index,
+        "stream": True,
+        "ignore_eos": True,
+    }
     text, done = "", False
     async with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200
@@ -32,16 +38,23 @@ async def _stream(client: httpx.AsyncClient, index: int, disconnect: bool) -> tu
 
 async def _run_clients(server) -> list[tuple[bool, str]]:
     limits = httpx.Limits(max_connections=CLIENTS + 4)
-    async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=180, limits=limits) as client:
-        return await asyncio.gather(*(_stream(client, i, disconnect=i % 4 == 0) for i in range(CLIENTS)))
+    async with httpx.AsyncClient(
+        base_url=server.url, headers=server.headers, timeout=180, limits=limits
+    ) as client:
+        return await asyncio.gather(
+            *(_stream(client, i, disconnect=i % 4 == 0) for i in range(CLIENTS))
+        )
 
 
 def _wait_idle(server, timeout: float = 30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = server.metrics()
-        idle = (m["kvpage:num_requests_running"] == 0 and m["kvpage:num_requests_waiting"] == 0
-                and m["kvpage:kv_blocks_held"] == 0)
+        idle = (
+            m["kvpage:num_requests_running"] == 0
+            and m["kvpage:num_requests_waiting"] == 0
+            and m["kvpage:kv_blocks_held"] == 0
+        )
         if idle or time.monotonic() > deadline:
             return m
         time.sleep(0.2)
@@ -58,7 +71,10 @@ def test_many_streams_with_disconnects_leave_nothing_behind(server):
     assert m["kvpage:num_requests_waiting"] == 0
     assert m["kvpage:kv_blocks_held"] == 0
     assert m["kvpage:kv_blocks_free"] == m["kvpage:kv_blocks_total"]
-    ended = m["kvpage:e2e_request_latency_seconds_count"] - before["kvpage:e2e_request_latency_seconds_count"]
+    ended = (
+        m["kvpage:e2e_request_latency_seconds_count"]
+        - before["kvpage:e2e_request_latency_seconds_count"]
+    )
     assert ended == CLIENTS
     abort = 'kvpage:request_success_total{finished_reason="abort"}'
     assert m.get(abort, 0) - before.get(abort, 0) >= CLIENTS // 8

@@ -37,12 +37,22 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "hi", "stream": True, "temperature": -1}, 400, "temperature"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages.0.role"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "messages.0.role",
+    ),
     ("/v1/chat/completions", {"messages": "hello"}, 400, "messages"),
     ("/v1/chat/completions", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {**OK_CHAT, "n": 100}, 400, "n"),
     ("/v1/chat/completions", {**OK_CHAT, "top_logprobs": 2}, 400, "top_logprobs"),
-    ("/v1/chat/completions", {**OK_CHAT, "logprobs": True, "top_logprobs": 50}, 400, "top_logprobs"),
+    (
+        "/v1/chat/completions",
+        {**OK_CHAT, "logprobs": True, "top_logprobs": 50},
+        400,
+        "top_logprobs",
+    ),
     ("/v1/chat/completions", {**OK_CHAT, "stream": True, "max_tokens": -3}, 400, "max_tokens"),
     ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
@@ -65,9 +75,11 @@ def test_bad_request(server, path, body, status, param):
 
 def test_prompt_longer_than_max_model_len(server):
     with server.http() as http:
-        for path, body in [("/v1/completions", {"prompt": "hello " * 700, "max_tokens": 2}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 700}]}),
-                           ("/v1/completions", {"prompt": "hello " * 700, "stream": True})]:
+        for path, body in [
+            ("/v1/completions", {"prompt": "hello " * 700, "max_tokens": 2}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello " * 700}]}),
+            ("/v1/completions", {"prompt": "hello " * 700, "stream": True}),
+        ]:
             error = _assert_openai_error(http.post(path, json=body), 400)
             numbers = [int(n) for n in re.findall(r"\d+", error["message"])]
             assert MAX_MODEL_LEN in numbers and max(numbers) > MAX_MODEL_LEN, error

@@ -5,16 +5,49 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 60000), st.floats(allow_nan=True),
-                     st.text(max_size=8))
-_VALUES = st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3), st.dictionaries(st.text(max_size=3), _SCALARS, max_size=2))
-_FIELDS = ("model", "n", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-           "repetition_penalty", "logit_bias", "seed", "stop", "stream", "stream_options", "min_tokens",
-           "ignore_eos", "stop_token_ids", "skip_special_tokens", "logprobs", "echo", "top_logprobs",
-           "max_completion_tokens", "best_of")
-_PROMPTS = st.one_of(_VALUES, st.just("Hello"), st.lists(st.integers(0, 100), min_size=1, max_size=4))
-_MESSAGES = st.one_of(_VALUES, st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "x"]),
-                                                               "content": _VALUES}), max_size=2))
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 60000), st.floats(allow_nan=True), st.text(max_size=8)
+)
+_VALUES = st.one_of(
+    _SCALARS,
+    st.lists(_SCALARS, max_size=3),
+    st.dictionaries(st.text(max_size=3), _SCALARS, max_size=2),
+)
+_FIELDS = (
+    "model",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "logprobs",
+    "echo",
+    "top_logprobs",
+    "max_completion_tokens",
+    "best_of",
+)
+_PROMPTS = st.one_of(
+    _VALUES, st.just("Hello"), st.lists(st.integers(0, 100), min_size=1, max_size=4)
+)
+_MESSAGES = st.one_of(
+    _VALUES,
+    st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "x"]), "content": _VALUES}),
+        max_size=2,
+    ),
+)
 
 
 @st.composite

@@ -11,7 +11,9 @@ def test_tokenize_round_trip(server):
     with server.http() as http:
         tok = http.post("/tokenize", json={"prompt": "Hello, world!"}).json()
         assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == 512
-        assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": "Hello, world!"}
+        assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {
+            "prompt": "Hello, world!"
+        }
 
 
 def test_health_and_version_are_open(server):
@@ -23,17 +25,34 @@ def test_health_and_version_are_open(server):
 def test_metrics_names(server):
     server.client().completions.create(model=None, prompt="Hi", max_tokens=2)
     metrics = server.metrics()
-    for name in ("kvpage:num_requests_running", "kvpage:num_requests_waiting", "kvpage:kv_cache_usage_perc",
-                 "kvpage:prefix_cache_hit_rate", "kvpage:prompt_tokens_total", "kvpage:generation_tokens_total",
-                 "kvpage:time_to_first_token_seconds_count", "kvpage:inter_token_latency_seconds_count",
-                 "kvpage:e2e_request_latency_seconds_count", "kvpage:kv_blocks_held"):
+    for name in (
+        "kvpage:num_requests_running",
+        "kvpage:num_requests_waiting",
+        "kvpage:kv_cache_usage_perc",
+        "kvpage:prefix_cache_hit_rate",
+        "kvpage:prompt_tokens_total",
+        "kvpage:generation_tokens_total",
+        "kvpage:time_to_first_token_seconds_count",
+        "kvpage:inter_token_latency_seconds_count",
+        "kvpage:e2e_request_latency_seconds_count",
+        "kvpage:kv_blocks_held",
+    ):
         assert name in metrics, name
-    assert metrics["kvpage:prompt_tokens_total"] > 0 and metrics["kvpage:generation_tokens_total"] >= 2
+    assert (
+        metrics["kvpage:prompt_tokens_total"] > 0 and metrics["kvpage:generation_tokens_total"] >= 2
+    )
 
 
-@pytest.mark.parametrize("path,method", [("/v1/models", "GET"), ("/v1/completions", "POST"),
-                                         ("/v1/chat/completions", "POST"), ("/tokenize", "POST"),
-                                         ("/detokenize", "POST")])
+@pytest.mark.parametrize(
+    "path,method",
+    [
+        ("/v1/models", "GET"),
+        ("/v1/completions", "POST"),
+        ("/v1/chat/completions", "POST"),
+        ("/tokenize", "POST"),
+        ("/detokenize", "POST"),
+    ],
+)
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "test-key", "Basic test-key"])
 def test_api_key_required(server, path, method, header):
     headers = {"Authorization": header} if header else {}

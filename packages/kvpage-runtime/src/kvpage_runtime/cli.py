@@ -50,94 +50,191 @@ def parse_memory(text: str) -> int | float:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--dtype", default="auto",
-                   help="weights and activations dtype: auto, float32, bfloat16, float16 (default: %(default)s)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="context length served (default: the model's, capped to 8192 on the CPU)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block (default: %(default)s)")
-    g.add_argument("--kv-cache-memory", type=parse_memory, default=None,
-                   help="KV-cache size: bytes with an optional unit (2GiB, 512MiB), or on a GPU a "
-                        "fraction of free memory (0.9) (default: 1 GiB cap on the CPU, 0.85 on a GPU)")
-    g.add_argument("--max-num-seqs", type=int, default=256,
-                   help="most requests in the running batch (default: %(default)s)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one engine step (default: %(default)s)")
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse the KV blocks of shared prompt prefixes (default: on)")
-    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True,
-                   help="split long prompts across steps, mixed with decodes (default: on)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="weights and activations dtype: auto, float32, bfloat16, float16 (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="context length served (default: the model's, capped to 8192 on the CPU)",
+    )
+    g.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="tokens per KV-cache block (default: %(default)s)",
+    )
+    g.add_argument(
+        "--kv-cache-memory",
+        type=parse_memory,
+        default=None,
+        help="KV-cache size: bytes with an optional unit (2GiB, 512MiB), or on a GPU a "
+        "fraction of free memory (0.9) (default: 1 GiB cap on the CPU, 0.85 on a GPU)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="most requests in the running batch (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="token budget of one engine step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV blocks of shared prompt prefixes (default: on)",
+    )
+    g.add_argument(
+        "--enable-chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="split long prompts across steps, mixed with decodes (default: on)",
+    )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--tokenizer", default=None, help="tokenizer folder or name (default: the model's)")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="log level (default: %(default)s)")
+    g.add_argument(
+        "--tokenizer", default=None, help="tokenizer folder or name (default: the model's)"
+    )
+    g.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default: %(default)s)",
+    )
 
 
 def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any]:
     """``EngineConfig`` fields from the engine options."""
     return dict(
-        model=model, dtype=args.dtype, max_model_len=args.max_model_len, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        model=model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
-        enable_chunked_prefill=args.enable_chunked_prefill, seed=args.seed, device=args.device,
-        tokenizer=args.tokenizer, served_model_name=getattr(args, "served_model_name", None),
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        seed=args.seed,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        served_model_name=getattr(args, "served_model_name", None),
     )
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     from kvpage_runtime.server.state import DEFAULT_MAX_BODY_BYTES
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                       description="Serve a model over an OpenAI-compatible HTTP API "
-                                   "(/v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
-                                   "/detokenize, /health, /version, /metrics).")
-    p.add_argument("model", nargs="?", default=None,
-                   help="GGUF file or Hugging Face model folder (default: SmolLM2-135M-Instruct GGUF)")
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
+        "/detokenize, /health, /version, /metrics).",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="GGUF file or Hugging Face model folder (default: SmolLM2-135M-Instruct GGUF)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
-    p.add_argument("--api-key", default=os.environ.get("KVPAGE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
-                        "(default: $KVPAGE_API_KEY, else no key)")
-    p.add_argument("--served-model-name", default=None,
-                   help="model name the API answers to (default: the model's name)")
-    p.add_argument("--max-request-body-bytes", type=parse_memory, default=DEFAULT_MAX_BODY_BYTES,
-                   help="larger request bodies get a 413 (default: 4MiB)")
-    p.add_argument("--graceful-shutdown-timeout", type=float, default=10.0,
-                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they "
-                        "are aborted (default: %(default)s)")
+    p.add_argument(
+        "--port", type=int, default=8000, help="port to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("KVPAGE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize "
+        "(default: $KVPAGE_API_KEY, else no key)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name the API answers to (default: the model's name)",
+    )
+    p.add_argument(
+        "--max-request-body-bytes",
+        type=parse_memory,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="larger request bodies get a 413 (default: 4MiB)",
+    )
+    p.add_argument(
+        "--graceful-shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGINT/SIGTERM before they "
+        "are aborted (default: %(default)s)",
+    )
     _add_engine_args(p)
     p.set_defaults(run=serve)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate completions for prompts given on the command line or in a file",
-                       description="Generate completions offline (no server) with the LLM API.")
+    p = sub.add_parser(
+        "generate",
+        help="generate completions for prompts given on the command line or in a file",
+        description="Generate completions offline (no server) with the LLM API.",
+    )
     p.add_argument("prompts", nargs="*", help="prompts to complete")
-    p.add_argument("--file", type=Path, default=None,
-                   help='JSONL file: one prompt per line, a JSON string or {"prompt": ...}')
-    p.add_argument("--model", default=None, help="GGUF file or model folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--chat", action="store_true", help="send each prompt as a user message through the chat template")
-    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
+    p.add_argument(
+        "--file",
+        type=Path,
+        default=None,
+        help='JSONL file: one prompt per line, a JSON string or {"prompt": ...}',
+    )
+    p.add_argument(
+        "--model", default=None, help="GGUF file or model folder (default: SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message through the chat template",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64,
+        help="tokens to generate per prompt (default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 is greedy (default: %(default)s)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)"
+    )
     p.add_argument("--top-k", type=int, default=0, help="0 is off (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of text")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per prompt instead of text"
+    )
     _add_engine_args(p)
     p.set_defaults(run=generate)
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="run a benchmark script from the source checkout's bench/ folder",
-                       description="Run one of bench/*.py; arguments after the name go to the script "
-                                   "(e.g. kvpage bench serving --help).")
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script from the source checkout's bench/ folder",
+        description="Run one of bench/*.py; arguments after the name go to the script "
+        "(e.g. kvpage bench serving --help).",
+    )
     p.add_argument("name", choices=sorted(BENCH_SCRIPTS), help="which benchmark")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
     p.set_defaults(run=bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpage", description="kvpage: PagedAttention LLM inference.")
+    parser = argparse.ArgumentParser(
+        prog="kvpage", description="kvpage: PagedAttention LLM inference."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,generate,bench}")
     _add_serve(sub)
     _add_generate(sub)
@@ -146,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 # ------------------------------------------------------------------------- serve
@@ -179,12 +278,24 @@ def _load_async_engine(args: argparse.Namespace) -> Any:
 
 def _log_startup(engine: Any, args: argparse.Namespace) -> None:
     stats = engine.stats()
-    logger.info("model %s (served as %s), max_model_len %d", args.model or "SmolLM2-135M-Instruct (default)",
-                args.served_model_name or engine.model_name, engine.max_model_len)
-    logger.info("KV cache: %d blocks x %d tokens = %d tokens", stats.num_total_blocks, args.block_size,
-                stats.num_total_blocks * args.block_size)
-    logger.info("listening on http://%s:%d%s", args.host, args.port,
-                " (API key required)" if args.api_key else "")
+    logger.info(
+        "model %s (served as %s), max_model_len %d",
+        args.model or "SmolLM2-135M-Instruct (default)",
+        args.served_model_name or engine.model_name,
+        engine.max_model_len,
+    )
+    logger.info(
+        "KV cache: %d blocks x %d tokens = %d tokens",
+        stats.num_total_blocks,
+        args.block_size,
+        stats.num_total_blocks * args.block_size,
+    )
+    logger.info(
+        "listening on http://%s:%d%s",
+        args.host,
+        args.port,
+        " (API key required)" if args.api_key else "",
+    )
 
 
 # After the grace period, aborted streams get this long to send their last events.
@@ -206,7 +317,9 @@ def _uvicorn_server(config: Any, grace_s: float, abort_all: Callable[[], Awaitab
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self):
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            previous = {
+                sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+            }
             try:
                 yield
             finally:
@@ -236,11 +349,16 @@ async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> None:
 
     engine = _load_async_engine(args)
     _log_startup(engine, args)
-    settings = ServerSettings(api_key=args.api_key, max_body_bytes=args.max_request_body_bytes,
-                              served_model_names=[args.served_model_name] if args.served_model_name else [])
+    settings = ServerSettings(
+        api_key=args.api_key,
+        max_body_bytes=args.max_request_body_bytes,
+        served_model_names=[args.served_model_name] if args.served_model_name else [],
+    )
     app = build_app(engine, settings)
     config = uvicorn.Config(app, log_level=args.log_level)
-    await _uvicorn_server(config, args.graceful_shutdown_timeout, app.state.server.abort_all).serve(sockets=[sock])
+    await _uvicorn_server(config, args.graceful_shutdown_timeout, app.state.server.abort_all).serve(
+        sockets=[sock]
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -285,8 +403,13 @@ def generate(args: argparse.Namespace) -> int:
     from kvpage_runtime import LLM, SamplingParams
 
     prompts = _read_prompts(args)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     try:
         llm = LLM(**_engine_fields(args, args.model))
     except Exception as exc:
@@ -298,8 +421,16 @@ def generate(args: argparse.Namespace) -> int:
     for prompt, out in zip(prompts, outputs, strict=True):
         completion = out.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": completion.text,
-                              "tokens": len(completion.token_ids), "finish_reason": completion.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "text": completion.text,
+                        "tokens": len(completion.token_ids),
+                        "finish_reason": completion.finish_reason,
+                    }
+                )
+            )
         else:
             print(f"{prompt}{completion.text}" if not args.chat else completion.text)
             print("-" * 40)
@@ -311,9 +442,11 @@ def generate(args: argparse.Namespace) -> int:
 
 def bench_dir() -> Path | None:
     """``$KVPAGE_BENCH_DIR``, the checkout this file lives in, or ./bench; None if none exists."""
-    candidates = [os.environ.get("KVPAGE_BENCH_DIR"),
-                  Path(__file__).resolve().parents[4] / "bench",
-                  Path.cwd() / "bench"]
+    candidates = [
+        os.environ.get("KVPAGE_BENCH_DIR"),
+        Path(__file__).resolve().parents[4] / "bench",
+        Path.cwd() / "bench",
+    ]
     for candidate in candidates:
         if candidate and (Path(candidate) / "serving.py").is_file():
             return Path(candidate)
@@ -323,8 +456,10 @@ def bench_dir() -> Path | None:
 def bench(args: argparse.Namespace) -> int:
     folder = bench_dir()
     if folder is None:
-        raise CLIError("the benchmarks live in the source repository's bench/ folder, which an installed "
-                       "package does not include: run from a checkout or set KVPAGE_BENCH_DIR")
+        raise CLIError(
+            "the benchmarks live in the source repository's bench/ folder, which an installed "
+            "package does not include: run from a checkout or set KVPAGE_BENCH_DIR"
+        )
     script = folder / BENCH_SCRIPTS[args.name]
     if not script.is_file():
         raise CLIError(f"{script} does not exist in this checkout")

@@ -56,8 +56,12 @@ api = APIRouter(dependencies=[Depends(check_api_key)])
 @api.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
     state = _state(request)
-    return ModelList(data=[ModelCard(id=name, root=name, max_model_len=state.max_model_len)
-                           for name in state.model_names])
+    return ModelList(
+        data=[
+            ModelCard(id=name, root=name, max_model_len=state.max_model_len)
+            for name in state.model_names
+        ]
+    )
 
 
 @api.post("/v1/completions")

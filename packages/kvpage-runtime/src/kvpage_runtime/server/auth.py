@@ -18,5 +18,9 @@ def check_api_key(request: Request) -> None:
     if not expected:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
-        raise APIError("invalid or missing API key", 401, type="authentication_error", code="invalid_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), expected.encode()
+    ):
+        raise APIError(
+            "invalid or missing API key", 401, type="authentication_error", code="invalid_api_key"
+        )

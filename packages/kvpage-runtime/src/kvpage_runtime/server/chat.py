@@ -33,19 +33,28 @@ from kvpage_runtime.server.streams import (
 )
 
 
-def chat_prompt_ids(state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+def chat_prompt_ids(
+    state: ServerState, messages: list[ChatMessage], add_generation_prompt: bool
+) -> list[int]:
     """Renders the conversation with the model's chat template and tokenizes it.
 
     The template writes every special token itself, so the tokenizer adds none.
     """
     tokenizer = state.tokenizer
-    template = getattr(tokenizer, "chat_template", None) or getattr(state.engine, "chat_template", None)
+    template = getattr(tokenizer, "chat_template", None) or getattr(
+        state.engine, "chat_template", None
+    )
     if not template:
         raise APIError("this model has no chat template; use /v1/completions", param="messages")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        ids = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True,
-                                            return_dict=False, add_generation_prompt=add_generation_prompt)
+        ids = tokenizer.apply_chat_template(
+            conversation,
+            chat_template=template,
+            tokenize=True,
+            return_dict=False,
+            add_generation_prompt=add_generation_prompt,
+        )
     except Exception as exc:  # template errors (e.g. roles that must alternate) are bad input
         raise APIError(f"chat template failed: {exc}", param="messages") from exc
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
@@ -65,8 +74,12 @@ class _Chat:
         self.id = random_id("chatcmpl")
         prompt_ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
         self.k = req.top_logprobs or 0
-        params = sampling_params(req, max_tokens=_max_tokens(state, req, len(prompt_ids)),
-                                 logprobs=self.k if req.logprobs else None, vocab_size=state.vocab_size)
+        params = sampling_params(
+            req,
+            max_tokens=_max_tokens(state, req, len(prompt_ids)),
+            logprobs=self.k if req.logprobs else None,
+            vocab_size=state.vocab_size,
+        )
         self.requests = EngineRequests(state, [EngineCall(prompt_ids, params, self.id)])
 
     def _logprobs(self, ids: list[int], positions: list[Any]) -> ChatLogprobs | None:
@@ -78,7 +91,9 @@ class _Chat:
     def _usage(out: Any) -> Usage:
         prompt = len(out.prompt_token_ids)
         completion = sum(len(o.token_ids) for o in out.outputs)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
     async def respond(self) -> ChatCompletionResponse:
         await self.requests.start()
@@ -89,12 +104,18 @@ class _Chat:
         finally:
             await self.requests.aclose()
         choices = [
-            ChatChoice(index=o.index, message=AssistantMessage(content=o.text),
-                       logprobs=self._logprobs(o.token_ids, o.logprobs or []),
-                       finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+            ChatChoice(
+                index=o.index,
+                message=AssistantMessage(content=o.text),
+                logprobs=self._logprobs(o.token_ids, o.logprobs or []),
+                finish_reason=o.finish_reason,
+                stop_reason=o.stop_reason,
+            )
             for o in sorted(final.outputs, key=lambda o: o.index)
         ]
-        return ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=self._usage(final))
+        return ChatCompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=self._usage(final)
+        )
 
     def _chunk(self, choice: ChatChunkChoice) -> str:
         return sse(ChatCompletionChunk(id=self.id, model=self.model, choices=[choice]))
@@ -103,18 +124,33 @@ class _Chat:
         tracker, final = DeltaTracker(), None
         try:
             for index in range(self.req.n):
-                yield self._chunk(ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content="")))
+                yield self._chunk(
+                    ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+                )
             async for _, out in self.requests:
                 final = out
                 for o in out.outputs:
                     delta = tracker.delta(o.index, o)
                     if delta is not None:
-                        yield self._chunk(ChatChunkChoice(
-                            index=o.index, delta=DeltaMessage(content=delta.text),
-                            logprobs=self._logprobs(delta.token_ids, delta.logprobs),
-                            finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
-            if final is not None and self.req.stream_options and self.req.stream_options.include_usage:
-                yield sse(ChatCompletionChunk(id=self.id, model=self.model, choices=[], usage=self._usage(final)))
+                        yield self._chunk(
+                            ChatChunkChoice(
+                                index=o.index,
+                                delta=DeltaMessage(content=delta.text),
+                                logprobs=self._logprobs(delta.token_ids, delta.logprobs),
+                                finish_reason=delta.finish_reason,
+                                stop_reason=delta.stop_reason,
+                            )
+                        )
+            if (
+                final is not None
+                and self.req.stream_options
+                and self.req.stream_options.include_usage
+            ):
+                yield sse(
+                    ChatCompletionChunk(
+                        id=self.id, model=self.model, choices=[], usage=self._usage(final)
+                    )
+                )
         except Exception as exc:
             yield error_event(exc)
         finally:
@@ -126,6 +162,8 @@ class _Chat:
         return SSEResponse(self._events(), on_close=self.requests.aclose)
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest) -> ChatCompletionResponse | SSEResponse:
+async def create_chat_completion(
+    state: ServerState, req: ChatCompletionRequest
+) -> ChatCompletionResponse | SSEResponse:
     chat = _Chat(state, req)
     return await (chat.stream() if req.stream else chat.respond())

@@ -53,7 +53,11 @@ def _check_unsupported(req: CompletionRequest) -> None:
 def _prompt_text(state: ServerState, prompt: Prompt, output: Any) -> str:
     if isinstance(prompt, str):
         return prompt
-    return output.prompt if output.prompt is not None else state.tokenizer.decode(output.prompt_token_ids)
+    return (
+        output.prompt
+        if output.prompt is not None
+        else state.tokenizer.decode(output.prompt_token_ids)
+    )
 
 
 class _Completion:
@@ -66,19 +70,23 @@ class _Completion:
         self.id = random_id("cmpl")
         self.prompts = _prompts(state, req.prompt)
         params = sampling_params(
-            req, max_tokens=req.max_tokens if req.max_tokens is not None else 16,
-            logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
+            req,
+            max_tokens=req.max_tokens if req.max_tokens is not None else 16,
+            logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None,
             vocab_size=state.vocab_size,
         )
-        self.requests = EngineRequests(state, [
-            EngineCall(p, params, f"{self.id}-{i}") for i, p in enumerate(self.prompts)
-        ])
+        self.requests = EngineRequests(
+            state, [EngineCall(p, params, f"{self.id}-{i}") for i, p in enumerate(self.prompts)]
+        )
 
     def _index(self, prompt_index: int, output_index: int) -> int:
         return prompt_index * self.req.n + output_index
 
     def _logprobs(self, ids: list[int], positions: list[Any], offset: int):
-        return completion_logprobs(self.state.tokenizer, ids, positions, self.req.logprobs or 0, offset)
+        return completion_logprobs(
+            self.state.tokenizer, ids, positions, self.req.logprobs or 0, offset
+        )
 
     def _echo_logprobs(self, out: Any) -> tuple[list[int], list[Any]]:
         ids = list(out.prompt_token_ids)
@@ -87,16 +95,25 @@ class _Completion:
     def _usage(self, finals: dict[int, Any]) -> Usage:
         prompt = sum(len(out.prompt_token_ids) for out in finals.values())
         completion = sum(len(o.token_ids) for out in finals.values() for o in out.outputs)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        return Usage(
+            prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+        )
 
     def _final_choice(self, i: int, out: Any, o: Any) -> CompletionChoice:
         prefix = _prompt_text(self.state, self.prompts[i], out) if self.req.echo else ""
         logprobs = None
         if self.req.logprobs is not None:
             ids, positions = self._echo_logprobs(out) if self.req.echo else ([], [])
-            logprobs = self._logprobs(ids + list(o.token_ids), positions + list(o.logprobs or []), 0)
-        return CompletionChoice(index=self._index(i, o.index), text=prefix + o.text, logprobs=logprobs,
-                                finish_reason=o.finish_reason, stop_reason=o.stop_reason)
+            logprobs = self._logprobs(
+                ids + list(o.token_ids), positions + list(o.logprobs or []), 0
+            )
+        return CompletionChoice(
+            index=self._index(i, o.index),
+            text=prefix + o.text,
+            logprobs=logprobs,
+            finish_reason=o.finish_reason,
+            stop_reason=o.stop_reason,
+        )
 
     async def respond(self) -> CompletionResponse:
         await self.requests.start()
@@ -106,9 +123,13 @@ class _Completion:
                 finals[i] = out
         finally:
             await self.requests.aclose()
-        choices = [self._final_choice(i, out, o) for i, out in sorted(finals.items()) for o in out.outputs]
+        choices = [
+            self._final_choice(i, out, o) for i, out in sorted(finals.items()) for o in out.outputs
+        ]
         choices.sort(key=lambda c: c.index)
-        return CompletionResponse(id=self.id, model=self.model, choices=choices, usage=self._usage(finals))
+        return CompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=self._usage(finals)
+        )
 
     def _chunk(self, choice: CompletionChoice) -> str:
         return sse(CompletionResponse(id=self.id, model=self.model, choices=[choice]))
@@ -116,7 +137,9 @@ class _Completion:
     def _echo_chunk(self, i: int, out: Any, index: int) -> tuple[str, int]:
         """The first chunk of an echoed choice: its prompt; returns it and the prompt's length."""
         text = _prompt_text(self.state, self.prompts[i], out)
-        logprobs = self._logprobs(*self._echo_logprobs(out), 0) if self.req.logprobs is not None else None
+        logprobs = (
+            self._logprobs(*self._echo_logprobs(out), 0) if self.req.logprobs is not None else None
+        )
         return self._chunk(CompletionChoice(index=index, text=text, logprobs=logprobs)), len(text)
 
     async def _events(self) -> AsyncIterator[str]:
@@ -134,14 +157,25 @@ class _Completion:
                         continue
                     logprobs = None
                     if self.req.logprobs is not None:
-                        logprobs = self._logprobs(delta.token_ids, delta.logprobs, offsets.get(index, 0))
+                        logprobs = self._logprobs(
+                            delta.token_ids, delta.logprobs, offsets.get(index, 0)
+                        )
                     offsets[index] = offsets.get(index, 0) + len(delta.text)
-                    yield self._chunk(CompletionChoice(
-                        index=index, text=delta.text, logprobs=logprobs,
-                        finish_reason=delta.finish_reason, stop_reason=delta.stop_reason))
+                    yield self._chunk(
+                        CompletionChoice(
+                            index=index,
+                            text=delta.text,
+                            logprobs=logprobs,
+                            finish_reason=delta.finish_reason,
+                            stop_reason=delta.stop_reason,
+                        )
+                    )
             if self.req.stream_options and self.req.stream_options.include_usage:
-                yield sse(CompletionResponse(id=self.id, model=self.model, choices=[],
-                                             usage=self._usage(finals)))
+                yield sse(
+                    CompletionResponse(
+                        id=self.id, model=self.model, choices=[], usage=self._usage(finals)
+                    )
+                )
         except Exception as exc:
             yield error_event(exc)
         finally:
@@ -153,6 +187,8 @@ class _Completion:
         return SSEResponse(self._events(), on_close=self.requests.aclose)
 
 
-async def create_completion(state: ServerState, req: CompletionRequest) -> CompletionResponse | SSEResponse:
+async def create_completion(
+    state: ServerState, req: CompletionRequest
+) -> CompletionResponse | SSEResponse:
     completion = _Completion(state, req)
     return await (completion.stream() if req.stream else completion.respond())

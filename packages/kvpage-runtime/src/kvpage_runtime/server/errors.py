@@ -34,16 +34,26 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = (
-            message, status, type, param, code,
+            message,
+            status,
+            type,
+            param,
+            code,
         )
 
 
-def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
-    return ErrorResponse(error=ErrorInfo(message=message, type=type, param=param, code=code)).model_dump()
+def error_body(
+    message: str, type: str, param: str | None = None, code: str | int | None = None
+) -> dict:
+    return ErrorResponse(
+        error=ErrorInfo(message=message, type=type, param=param, code=code)
+    ).model_dump()
 
 
 def error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err.message, err.type, err.param, err.code), status_code=err.status)
+    return JSONResponse(
+        error_body(err.message, err.type, err.param, err.code), status_code=err.status
+    )
 
 
 def _validation_param(loc: tuple) -> str | None:
@@ -102,7 +112,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         logger.exception("internal error while serving a request")
-        return error_response(APIError(f"internal server error: {type(exc).__name__}", 500, type="internal_error"))
+        return error_response(
+            APIError(f"internal server error: {type(exc).__name__}", 500, type="internal_error")
+        )
 
 
 def to_api_error(exc: BaseException) -> APIError:

@@ -65,12 +65,19 @@ def chat_logprobs(
         sampled = position.get(token_id)
         text = _token_text(tokenizer, token_id, sampled)
         top = [
-            TopLogprob(token=(t_text := _token_text(tokenizer, t, lp)), logprob=_value(lp.logprob),
-                       bytes=list(t_text.encode()))
+            TopLogprob(
+                token=(t_text := _token_text(tokenizer, t, lp)),
+                logprob=_value(lp.logprob),
+                bytes=list(t_text.encode()),
+            )
             for t, lp in _top(position, k)
         ]
-        entries.append(TokenLogprob(
-            token=text, logprob=_value(sampled.logprob) if sampled else _FLOOR,
-            bytes=list(text.encode()), top_logprobs=top,
-        ))
+        entries.append(
+            TokenLogprob(
+                token=text,
+                logprob=_value(sampled.logprob) if sampled else _FLOOR,
+                bytes=list(text.encode()),
+                top_logprobs=top,
+            )
+        )
     return entries

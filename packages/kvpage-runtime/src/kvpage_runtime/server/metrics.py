@@ -15,19 +15,62 @@ from prometheus_client.registry import Collector
 
 PREFIX = "kvpage:"
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
-                0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
 
 # (metric suffix, EngineStats attribute, help)
 _ENGINE_GAUGES = (
     ("num_requests_running", "num_running", "Requests in the running batch."),
     ("num_requests_waiting", "num_waiting", "Requests waiting to be scheduled."),
     ("kv_cache_usage_perc", "kv_cache_usage", "Fraction of KV-cache blocks in use (0..1)."),
-    ("prefix_cache_hit_rate", "prefix_cache_hit_rate", "Prefix-cache hit rate over queried tokens (0..1)."),
+    (
+        "prefix_cache_hit_rate",
+        "prefix_cache_hit_rate",
+        "Prefix-cache hit rate over queried tokens (0..1).",
+    ),
     ("kv_blocks_total", "num_total_blocks", "KV-cache blocks in the pool."),
-    ("kv_blocks_free", "num_free_blocks", "KV-cache blocks free (including evictable cached ones)."),
+    (
+        "kv_blocks_free",
+        "num_free_blocks",
+        "KV-cache blocks free (including evictable cached ones).",
+    ),
     ("kv_blocks_held", "num_blocks_held", "KV-cache blocks referenced by requests."),
 )
 
@@ -51,17 +94,36 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(engine_stats))
         reg = self.registry
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens processed.", registry=reg)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Tokens generated.", registry=reg)
-        self.requests = Counter(PREFIX + "request_success", "Finished requests by finish reason.",
-                                ["finished_reason"], registry=reg)
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=reg)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Time between consecutive outputs of a request.",
-                             buckets=_ITL_BUCKETS, registry=reg)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Request latency, arrival to end.",
-                             buckets=_LATENCY_BUCKETS, registry=reg)
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens", "Prompt tokens processed.", registry=reg
+        )
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens", "Tokens generated.", registry=reg
+        )
+        self.requests = Counter(
+            PREFIX + "request_success",
+            "Finished requests by finish reason.",
+            ["finished_reason"],
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between consecutive outputs of a request.",
+            buckets=_ITL_BUCKETS,
+            registry=reg,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Request latency, arrival to end.",
+            buckets=_LATENCY_BUCKETS,
+            registry=reg,
+        )
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,8 +7,18 @@ from kvpage_runtime.server.errors import APIError
 from kvpage_runtime.server.protocol import _SamplingFields
 
 # Request fields passed through unchanged when the client set them (None means "default").
-_OPTIONAL = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "seed", "stop", "stop_token_ids")
+_OPTIONAL = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+    "stop_token_ids",
+)
 _ALWAYS = ("n", "min_tokens", "ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 
 
@@ -30,10 +40,15 @@ def sampling_params(
     vocab_size: int | None = None,
 ) -> SamplingParams:
     """Builds and validates the parameters; invalid values raise ``InvalidRequestError`` (a 400)."""
-    fields = {name: getattr(request, name) for name in _OPTIONAL if getattr(request, name) is not None}
+    fields = {
+        name: getattr(request, name) for name in _OPTIONAL if getattr(request, name) is not None
+    }
     fields.update({name: getattr(request, name) for name in _ALWAYS})
     params = SamplingParams(
-        **fields, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        **fields,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
         logit_bias=_logit_bias(request.logit_bias),
     )
     if vocab_size is not None:

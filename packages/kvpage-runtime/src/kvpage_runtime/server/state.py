@@ -52,11 +52,17 @@ class ServerState:
         """The name to answer with; 404 for a model this server does not serve."""
         if name is None or name in self.model_names:
             return name or self.model_names[0]
-        raise APIError(f"the model '{name}' does not exist; this server serves {self.model_names}",
-                       404, param="model", code="model_not_found")
+        raise APIError(
+            f"the model '{name}' does not exist; this server serves {self.model_names}",
+            404,
+            param="model",
+            code="model_not_found",
+        )
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = self.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise APIError(f"{param}: token ids must be in [0, {vocab}), got {bad[:5]}", param=param)
+            raise APIError(
+                f"{param}: token ids must be in [0, {vocab}), got {bad[:5]}", param=param
+            )

@@ -88,7 +88,9 @@ class EngineRequests:
         tracker = self._state.metrics.track()
         self._state.active.add(call.request_id)
         try:
-            async for output in self._state.engine.generate(call.prompt, call.params, call.request_id):
+            async for output in self._state.engine.generate(
+                call.prompt, call.params, call.request_id
+            ):
                 tracker.observe(output)
                 self._queue.put_nowait((index, output))
         except Exception as exc:  # handed to the consumer, which raises it
@@ -126,7 +128,9 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]
+    ) -> None:
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
 
@@ -190,5 +194,9 @@ class DeltaTracker:
         if not text and output.finish_reason is None:
             return None  # nothing to show yet (e.g. text held back by a possible stop string)
         positions = (output.logprobs or [])[tokens:]
-        self._sent[index] = (len(output.text), len(output.token_ids), output.finish_reason is not None)
+        self._sent[index] = (
+            len(output.text),
+            len(output.token_ids),
+            output.finish_reason is not None,
+        )
         return Delta(text, list(ids), list(positions), output.finish_reason, output.stop_reason)
