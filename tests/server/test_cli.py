@@ -117,3 +117,21 @@ def test_sigterm_with_streams_in_flight_shuts_down_cleanly(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert "Traceback" not in log_path.read_text()
+
+
+def test_api_key_comes_from_the_environment(monkeypatch):
+    from kvpage_runtime.cli import build_parser
+
+    monkeypatch.setenv("KVPAGE_API_KEY", "from-env")
+    assert build_parser().parse_args(["serve"]).api_key == "from-env"
+    assert build_parser().parse_args(["serve", "--api-key", "flag"]).api_key == "flag"
+    monkeypatch.delenv("KVPAGE_API_KEY")
+    args = build_parser().parse_args(["serve"])
+    assert args.api_key is None and args.host == "127.0.0.1"
+
+
+def test_memory_sizes():
+    from kvpage_runtime.cli import parse_memory
+
+    assert parse_memory("2GiB") == 2 << 30 and parse_memory("512M") == 512 << 20
+    assert parse_memory("1000") == 1000 and parse_memory("0.9") == 0.9
