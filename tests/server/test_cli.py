@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -135,3 +136,33 @@ def test_memory_sizes():
 
     assert parse_memory("2GiB") == 2 << 30 and parse_memory("512M") == 512 << 20
     assert parse_memory("1000") == 1000 and parse_memory("0.9") == 0.9
+
+
+def test_generate_from_arguments_and_a_file(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "The capital of France is"}\n"Once upon a time"\n')
+    r = _run(
+        "generate",
+        "Hello",
+        "--file",
+        str(prompts),
+        "--max-tokens",
+        "4",
+        "--max-model-len",
+        "128",
+        "--kv-cache-memory",
+        "8MiB",
+        "--json",
+        "--log-level",
+        "warning",
+    )
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["prompt"] for rec in records] == [
+        "Hello",
+        "The capital of France is",
+        "Once upon a time",
+    ]
+    assert all(0 < rec["tokens"] <= 4 and rec["text"] for rec in records)
+    bad = _run("generate", "--file", str(tmp_path / "missing.jsonl"))
+    assert bad.returncode == 1 and "cannot read" in bad.stderr
