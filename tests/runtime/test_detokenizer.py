@@ -4,7 +4,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from kvpage_runtime.engine.detokenizer import IncrementalDetokenizer
 from kvpage_runtime.engine.stop import stop_by_string
 from kvpage_runtime.sampling import SamplingParams

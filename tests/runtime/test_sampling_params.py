@@ -1,7 +1,6 @@
 """SamplingParams validation: clear errors naming the field and the allowed range."""
 
 import pytest
-
 from kvpage_runtime.errors import InvalidRequestError
 from kvpage_runtime.sampling import SamplingParams
 
