@@ -80,9 +80,9 @@ class ModelRunner:
         """Runs the model; returns fp32 logits for the flat token indices asked for."""
         hidden = self.model(batch, self.kv_caches)
         if not len(logits_indices):
-            return torch.empty(0, self.config.vocab_size, device=self.device)
+            return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=self.device)
         index = torch.as_tensor(np.asarray(logits_indices, dtype=np.int64), device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, index)).float()
+        return self.model.compute_logits(hidden.index_select(0, index))  # fp32 already
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
