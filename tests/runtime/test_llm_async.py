@@ -1,13 +1,16 @@
 """AsyncLLM: cumulative streaming, validation before the first output, abort by call or by
-leaving the iteration."""
+leaving the iteration, and a dead engine loop (reported, and /health answers 503)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 from engine_fixtures import make_tiny_model_dir
 from kvpage_runtime import AsyncLLM, EngineConfig, InvalidRequestError, SamplingParams
+from kvpage_runtime.engine.async_llm import EngineDeadError
+from kvpage_runtime.server import build_app
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +73,28 @@ def test_abort_by_leaving_and_by_call(engine):
     stats = engine.stats()
     assert stats.num_running == 0 and stats.num_waiting == 0
     assert stats.num_free_blocks == total
+
+
+def test_loop_failure_marks_the_engine_dead(tmp_path, monkeypatch):
+    folder, _ = make_tiny_model_dir(tmp_path)
+    engine = AsyncLLM(EngineConfig(str(folder), dtype="float32", device="cpu", max_model_len=64))
+    assert engine.is_running and not engine.errored and engine.dead_error is None
+
+    def broken_step():
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(engine.engine, "step", broken_step)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def run():
+        with pytest.raises(EngineDeadError, match="step failed"):
+            await _collect(engine, [5, 6, 7], params, "dies")
+        transport = httpx.ASGITransport(app=build_app(engine))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/health")
+
+    health = asyncio.run(run())
+    assert not engine.is_running and engine.errored
+    assert health.status_code == 503 and "step failed" in health.json()["error"]["message"]
+    with pytest.raises(EngineDeadError):
+        asyncio.run(_collect(engine, [5, 6], params, "after"))

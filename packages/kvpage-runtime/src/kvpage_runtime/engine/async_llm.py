@@ -75,6 +75,25 @@ class AsyncLLM:
     def chat_template(self) -> str | None:
         return self.engine.chat_template
 
+    @property
+    def is_running(self) -> bool:
+        """True while the engine loop serves requests: not failed, not shut down."""
+        return self._error is None and not self._stopping and self._thread.is_alive()
+
+    @property
+    def errored(self) -> bool:
+        """True once the engine loop has stopped on an error."""
+        return self._error is not None
+
+    @property
+    def dead_error(self) -> EngineDeadError | None:
+        """Why the engine cannot serve requests, or None while it runs."""
+        if self.is_running:
+            return None
+        if self._error is not None:
+            return EngineDeadError(f"engine loop failed: {self._error!r}")
+        return EngineDeadError("engine is shut down")
+
     def stats(self) -> EngineStats:
         return self._stats
 

@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from kvpage_runtime.server.auth import check_api_key
 from kvpage_runtime.server.chat import chat_prompt_ids, create_chat_completion
 from kvpage_runtime.server.completions import create_completion
-from kvpage_runtime.server.errors import APIError, install_error_handlers
+from kvpage_runtime.server.errors import APIError, error_response, install_error_handlers
 from kvpage_runtime.server.limits import BodySizeLimitMiddleware
 from kvpage_runtime.server.metrics import ServerMetrics
 from kvpage_runtime.server.protocol import (
@@ -99,8 +99,15 @@ public = APIRouter()
 
 
 @public.get("/health")
-async def health() -> Response:
-    return Response(status_code=200)
+async def health(request: Request) -> Response:
+    """200 while the engine serves requests; 503 once its loop has died or shut down."""
+    engine = _state(request).engine
+    if getattr(engine, "is_running", True):
+        return Response(status_code=200)
+    reason = getattr(engine, "dead_error", None) or "engine is not running"
+    return error_response(
+        APIError(str(reason), 503, type="service_unavailable", code="engine_dead")
+    )
 
 
 @public.get("/version")
