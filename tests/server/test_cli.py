@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import httpx
@@ -129,6 +131,64 @@ def test_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv("KVPAGE_API_KEY")
     args = build_parser().parse_args(["serve"])
     assert args.api_key is None and args.host == "127.0.0.1"
+
+
+def _python(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | env
+    command = [sys.executable, "-c", code, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=environ)
+
+
+def test_import_and_help_do_not_load_torch():
+    r = _python(
+        """
+import sys
+import kvpage_runtime, kvpage_runtime.cli
+assert "torch" not in sys.modules, "import"
+for argv in (["--help"], ["serve", "--help"], ["generate", "--help"], ["bench", "--help"]):
+    try:
+        kvpage_runtime.cli.main(argv)
+    except SystemExit as exit:
+        assert exit.code == 0, argv
+    assert "torch" not in sys.modules, argv
+assert set(kvpage_runtime.__all__) <= set(dir(kvpage_runtime))
+from kvpage_runtime import LLM, AsyncLLM, EngineDeadError, KVPageError, SamplingParams
+assert issubclass(EngineDeadError, KVPageError) and "torch" in sys.modules
+try:
+    from kvpage_runtime import NoSuchName
+except ImportError:
+    pass
+else:
+    raise AssertionError("NoSuchName imported")
+"""
+    )
+    assert r.returncode == 0, r.stderr
+
+
+_SERVE_SPY = """
+import json, os, sys
+import kvpage_runtime.cli as cli
+
+def spy(args):
+    print(json.dumps([os.environ.get("OMP_WAIT_POLICY"), "torch" in sys.modules, args.port]))
+    return 0
+
+cli.serve = spy
+sys.exit(cli.main(["serve", "--port", sys.argv[1]]))
+"""
+
+
+def test_serve_sets_omp_wait_policy_before_torch_loads():
+    with socket.socket() as busy:  # had serve restarted itself, it would fail on this port
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        unset = _python(_SERVE_SPY, str(port))
+        kept = _python(_SERVE_SPY, str(port), OMP_WAIT_POLICY="ACTIVE")
+    assert unset.returncode == 0, unset.stderr
+    assert json.loads(unset.stdout) == ["PASSIVE", False, port]
+    assert kept.returncode == 0, kept.stderr
+    assert json.loads(kept.stdout) == ["ACTIVE", False, port]
 
 
 def test_memory_sizes():

@@ -478,24 +478,13 @@ def bench(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------- entry point
 
 
-def _reexec_with_passive_omp(argv: list[str]) -> None:
-    """Restarts ``serve`` with ``OMP_WAIT_POLICY=PASSIVE`` unless the variable is set.
-
-    The server's event loop shares the cores with the engine's OpenMP threads; threads that
-    spin at barriers starve it (and each other on a busy machine). OpenMP reads the variable
-    when torch loads, which importing this package has already done, hence the restart.
-    """
-    if "OMP_WAIT_POLICY" in os.environ:
-        return
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.execv(sys.executable, [sys.executable, "-m", "kvpage_runtime.cli", *argv])
-
-
 def main(argv: list[str] | None = None) -> int:
+    # Before anything imports torch (importing this module does not): OpenMP reads the variable
+    # when torch loads. Threads that spin at barriers starve the server's event loop, and each
+    # other on a busy machine; the benchmarks run kvpage with the same setting.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        _reexec_with_passive_omp(argv)
     if hasattr(args, "log_level"):
         _setup_logging(args.log_level)
     try:
