@@ -221,6 +221,10 @@ def _cached_plan(q, block_tables, seq_lens, query_start_loc, layout: _Layout, ma
     once per step. The last key holds the tensors themselves (so their identity cannot be
     reused while cached) and their versions (an in-place change invalidates it)."""
     metadata = (block_tables, seq_lens, query_start_loc)
+    if any(t.is_inference() for t in metadata):
+        # Inference tensors have no version counter, so an in-place change could not be seen.
+        return _plan(q, block_tables, seq_lens, query_start_loc, layout, max_seq_len,
+                     max_query_len)
     key = (tuple(t._version for t in metadata), q.shape[0], layout, max_seq_len, max_query_len)
     cached = getattr(_plans, "last", None)
     if cached is not None and cached[1] == key and all(
