@@ -50,11 +50,6 @@ from pathlib import Path
 
 import httpx
 
-# Both servers share the cores with this client: OpenMP threads that spin at barriers would
-# starve it and each other, so every process started here sleeps instead (kvpage serve does
-# the same by itself).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 HERE = Path(__file__).resolve().parent
 DEFAULT_WORKLOAD = HERE / "workload_chat64.json"
 RESULTS = HERE / "RESULTS.md"
@@ -422,7 +417,7 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
         f"\n## Serving: OpenAI endpoint load test ({when})\n",
         f"- machine: {machine}",
         f"- command: `python bench/{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
-        f"- versions: {_versions(args.llama_server)}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} for both",
+        f"- versions: {_versions(args.llama_server)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for both",
         f"- workload: {workload_name}, {args.num_prompts} prompts x {args.max_tokens} output tokens "
         f"(ignore_eos, greedy), streaming chat completions, {clients}",
         "",

@@ -11,16 +11,11 @@ padding), and kvpage. Also reported: kvpage's fraction of the machine's compute 
 
 from __future__ import annotations
 
+import argparse
+import gc
+import json
 import os
-
-# On a shared machine, OpenMP threads that spin at barriers while the other core is taken cost
-# milliseconds per op; sleeping waits keep every contender's timings sane. Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
+import platform
 import resource
 import time
 from dataclasses import dataclass
@@ -211,7 +206,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"{torch.get_num_threads()} torch threads, "
-                   f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}",
+                   f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "versions": f"kvpage-runtime {kvpage_runtime.__version__}, torch {torch.__version__}, "
                     f"transformers {transformers.__version__}, python {platform.python_version()}",
         "workload": f"{len(prompts)} prompts x {s.max_tokens} tokens, greedy, ignore_eos; HF "

@@ -479,10 +479,6 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before anything imports torch (importing this module does not): OpenMP reads the variable
-    # when torch loads. Threads that spin at barriers starve the server's event loop, and each
-    # other on a busy machine; the benchmarks run kvpage with the same setting.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     if hasattr(args, "log_level"):
