@@ -23,13 +23,12 @@ from kvpage_runtime.server.protocol import (
 from kvpage_runtime.server.sampling import sampling_params
 from kvpage_runtime.server.state import ServerState
 from kvpage_runtime.server.streams import (
-    SSE_DONE,
     DeltaTracker,
     EngineCall,
     EngineRequests,
     SSEResponse,
-    error_event,
     sse,
+    sse_body,
 )
 
 
@@ -122,44 +121,34 @@ class _Chat:
 
     async def _events(self) -> AsyncIterator[str]:
         tracker, final = DeltaTracker(), None
-        try:
-            for index in range(self.req.n):
-                yield self._chunk(
-                    ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
-                )
-            async for _, out in self.requests:
-                final = out
-                for o in out.outputs:
-                    delta = tracker.delta(o.index, o)
-                    if delta is not None:
-                        yield self._chunk(
-                            ChatChunkChoice(
-                                index=o.index,
-                                delta=DeltaMessage(content=delta.text),
-                                logprobs=self._logprobs(delta.token_ids, delta.logprobs),
-                                finish_reason=delta.finish_reason,
-                                stop_reason=delta.stop_reason,
-                            )
+        for index in range(self.req.n):
+            yield self._chunk(
+                ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
+            )
+        async for _, out in self.requests:
+            final = out
+            for o in out.outputs:
+                delta = tracker.delta(o.index, o)
+                if delta is not None:
+                    yield self._chunk(
+                        ChatChunkChoice(
+                            index=o.index,
+                            delta=DeltaMessage(content=delta.text),
+                            logprobs=self._logprobs(delta.token_ids, delta.logprobs),
+                            finish_reason=delta.finish_reason,
+                            stop_reason=delta.stop_reason,
                         )
-            if (
-                final is not None
-                and self.req.stream_options
-                and self.req.stream_options.include_usage
-            ):
-                yield sse(
-                    ChatCompletionChunk(
-                        id=self.id, model=self.model, choices=[], usage=self._usage(final)
                     )
+        if final is not None and self.req.stream_options and self.req.stream_options.include_usage:
+            yield sse(
+                ChatCompletionChunk(
+                    id=self.id, model=self.model, choices=[], usage=self._usage(final)
                 )
-        except Exception as exc:
-            yield error_event(exc)
-        finally:
-            await self.requests.aclose()
-        yield SSE_DONE
+            )
 
     async def stream(self) -> SSEResponse:
         await self.requests.start()
-        return SSEResponse(self._events(), on_close=self.requests.aclose)
+        return SSEResponse(sse_body(self._events(), self.requests), on_close=self.requests.aclose)
 
 
 async def create_chat_completion(

@@ -17,13 +17,12 @@ from kvpage_runtime.server.protocol import (
 from kvpage_runtime.server.sampling import sampling_params
 from kvpage_runtime.server.state import ServerState
 from kvpage_runtime.server.streams import (
-    SSE_DONE,
     DeltaTracker,
     EngineCall,
     EngineRequests,
     SSEResponse,
-    error_event,
     sse,
+    sse_body,
 )
 
 Prompt = str | list[int]
@@ -144,47 +143,41 @@ class _Completion:
 
     async def _events(self) -> AsyncIterator[str]:
         tracker, finals, offsets = DeltaTracker(), {}, {}
-        try:
-            async for i, out in self.requests:
-                finals[i] = out
-                for o in out.outputs:
-                    index = self._index(i, o.index)
-                    if self.req.echo and index not in offsets:
-                        chunk, offsets[index] = self._echo_chunk(i, out, index)
-                        yield chunk
-                    delta = tracker.delta(index, o)
-                    if delta is None:
-                        continue
-                    logprobs = None
-                    if self.req.logprobs is not None:
-                        logprobs = self._logprobs(
-                            delta.token_ids, delta.logprobs, offsets.get(index, 0)
-                        )
-                    offsets[index] = offsets.get(index, 0) + len(delta.text)
-                    yield self._chunk(
-                        CompletionChoice(
-                            index=index,
-                            text=delta.text,
-                            logprobs=logprobs,
-                            finish_reason=delta.finish_reason,
-                            stop_reason=delta.stop_reason,
-                        )
+        async for i, out in self.requests:
+            finals[i] = out
+            for o in out.outputs:
+                index = self._index(i, o.index)
+                if self.req.echo and index not in offsets:
+                    chunk, offsets[index] = self._echo_chunk(i, out, index)
+                    yield chunk
+                delta = tracker.delta(index, o)
+                if delta is None:
+                    continue
+                logprobs = None
+                if self.req.logprobs is not None:
+                    logprobs = self._logprobs(
+                        delta.token_ids, delta.logprobs, offsets.get(index, 0)
                     )
-            if self.req.stream_options and self.req.stream_options.include_usage:
-                yield sse(
-                    CompletionResponse(
-                        id=self.id, model=self.model, choices=[], usage=self._usage(finals)
+                offsets[index] = offsets.get(index, 0) + len(delta.text)
+                yield self._chunk(
+                    CompletionChoice(
+                        index=index,
+                        text=delta.text,
+                        logprobs=logprobs,
+                        finish_reason=delta.finish_reason,
+                        stop_reason=delta.stop_reason,
                     )
                 )
-        except Exception as exc:
-            yield error_event(exc)
-        finally:
-            await self.requests.aclose()
-        yield SSE_DONE
+        if self.req.stream_options and self.req.stream_options.include_usage:
+            yield sse(
+                CompletionResponse(
+                    id=self.id, model=self.model, choices=[], usage=self._usage(finals)
+                )
+            )
 
     async def stream(self) -> SSEResponse:
         await self.requests.start()
-        return SSEResponse(self._events(), on_close=self.requests.aclose)
+        return SSEResponse(sse_body(self._events(), self.requests), on_close=self.requests.aclose)
 
 
 async def create_completion(

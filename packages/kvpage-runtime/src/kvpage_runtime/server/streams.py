@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -115,6 +115,22 @@ def error_event(exc: BaseException) -> str:
     """An error that happened after the stream started, as an OpenAI error event."""
     err = to_api_error(exc)
     return sse(error_body(err.message, err.type, err.param, err.code or err.status))
+
+
+async def sse_body(
+    events: AsyncGenerator[str, None], requests: EngineRequests
+) -> AsyncIterator[str]:
+    """A streamed response's body: ``events``, an error event if they fail midway, and always
+    ``[DONE]``; the engine requests are closed however the stream ends."""
+    try:
+        async for event in events:
+            yield event
+    except Exception as exc:
+        yield error_event(exc)
+    finally:
+        await events.aclose()
+        await requests.aclose()
+    yield SSE_DONE
 
 
 class SSEResponse(StreamingResponse):
