@@ -22,7 +22,7 @@ from kvpage_runtime.server.streams import (
     EngineRequests,
     SSEResponse,
     sse,
-    sse_body,
+    sse_response,
 )
 
 Prompt = str | list[int]
@@ -176,8 +176,7 @@ class _Completion:
             )
 
     async def stream(self) -> SSEResponse:
-        await self.requests.start()
-        return SSEResponse(sse_body(self._events(), self.requests), on_close=self.requests.aclose)
+        return await sse_response(self.requests, self._events())
 
 
 async def create_completion(

@@ -216,3 +216,9 @@ class DeltaTracker:
             output.finish_reason is not None,
         )
         return Delta(text, list(ids), list(positions), output.finish_reason, output.stop_reason)
+
+
+async def sse_response(requests: EngineRequests, events: AsyncGenerator[str, None]) -> SSEResponse:
+    """Starts the engine requests, then streams ``events`` (see ``sse_body``)."""
+    await requests.start()
+    return SSEResponse(sse_body(events, requests), on_close=requests.aclose)
