@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvpage_runtime.layers.packed_gemm import pack_linear_weight
+
 
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device=None) -> None:
@@ -24,9 +26,15 @@ class LMHead(nn.Module):
         super().__init__()
         weight = torch.empty(vocab_size, hidden_size, dtype=dtype, device=device)
         self.weight = nn.Parameter(weight, requires_grad=False)
+        self.packed = None
 
     def tie_to(self, embedding: VocabEmbedding) -> None:
         self.weight = embedding.weight
 
+    def pack_weights(self) -> None:
+        self.packed = pack_linear_weight(self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(hidden, None).float()
         return F.linear(hidden, self.weight).float()

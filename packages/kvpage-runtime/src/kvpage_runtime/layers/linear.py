@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvpage_runtime.layers.packed_gemm import pack_linear_weight
 from kvpage_runtime.layers.weight_copy import copy_weight
 
 
@@ -31,12 +32,16 @@ class LinearMethod(Protocol):
     ) -> None:
         """Copy checkpoint tensor ``name`` (e.g. "weight") into output rows ``offset:offset+size``."""
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """Final layout for the device, once the weights are loaded, cast and placed."""
+
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias``."""
 
 
 class UnquantizedLinearMethod:
-    """Dense weight [output_size, input_size] in the model dtype."""
+    """Dense weight [output_size, input_size] in the model dtype, packed for the CPU's GEMM
+    library where that is faster (see ``packed_gemm``)."""
 
     def create_weights(
         self, layer: Linear, input_size: int, output_size: int, dtype: torch.dtype, device
@@ -50,7 +55,13 @@ class UnquantizedLinearMethod:
         param = getattr(layer, name)
         copy_weight(param.data[offset : offset + size], tensor, f"{name} shard at {offset}")
 
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        layer.packed = pack_linear_weight(layer.weight)
+
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        packed = getattr(layer, "packed", None)
+        if packed is not None:
+            return packed(x, bias)
         return F.linear(x, layer.weight, bias)
 
 
@@ -89,6 +100,9 @@ class Linear(nn.Module):
             copy_weight(self.bias.data[offset : offset + size], tensor, f"bias shard {shard}")
         else:
             self.method.load_shard(self, name, tensor, offset, size)
+
+    def pack_weights(self) -> None:
+        self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kvpage_runtime.errors import ModelLoadError
+from kvpage_runtime.layers.packed_gemm import pack_model_weights
 from kvpage_runtime.loaders.default_model import default_model_path
 from kvpage_runtime.loaders.gguf import load_gguf
 from kvpage_runtime.loaders.hf import load_hf_folder
@@ -32,15 +33,20 @@ def load_model(
     """Load a Hugging Face model folder, a ``.gguf`` file, or (``model=None``) the default model.
 
     ``dtype``: "auto" (bf16 where the hardware computes it natively, else fp32), "float32",
-    "bfloat16" or "float16"; the whole forward pass runs in it.
+    "bfloat16" or "float16"; the whole forward pass runs in it. Weights end packed for the
+    device's GEMM library where that is faster (``layers.packed_gemm``).
     """
-    device = torch.device(device)
-    resolved = resolve_dtype(dtype, device)
+    loaded = _load(model, resolve_dtype(dtype, device), torch.device(device))
+    pack_model_weights(loaded.model)
+    return loaded
+
+
+def _load(model: str | Path | None, dtype: torch.dtype, device: torch.device) -> LoadedModel:
     path = default_model_path() if model is None else Path(model).expanduser()
     if path.suffix == ".gguf":
-        return load_gguf(path, resolved, device)
+        return load_gguf(path, dtype, device)
     if path.is_dir():
-        return load_hf_folder(path, resolved, device)
+        return load_hf_folder(path, dtype, device)
     if not path.exists():
         raise ModelLoadError(
             f"model {str(model)!r} not found: expected a local model folder or a .gguf file"
