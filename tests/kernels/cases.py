@@ -74,14 +74,14 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
 
 
-def check_large_num_blocks(backend: str, device: str) -> None:
+def check_large_num_blocks(backend: str, device: str, dtype=torch.float16) -> None:
     """write_kv and decode attention on block ids whose element offset exceeds 2**31: the
     cache is allocated but left untouched except for the two blocks in use (NaN-filled)."""
     from kvpage_kernels import paged_attention, write_kv
 
     block_size, dim = 16, 64
     num_blocks = 2**31 // (block_size * dim) + 8
-    k_cache = torch.empty(num_blocks, block_size, 1, dim, dtype=torch.float16, device=device)
+    k_cache = torch.empty(num_blocks, block_size, 1, dim, dtype=dtype, device=device)
     v_cache = torch.empty_like(k_cache)
     blocks = [num_blocks - 1, 2]
     for b in blocks:
@@ -90,11 +90,11 @@ def check_large_num_blocks(backend: str, device: str) -> None:
     seq_len = 20
     slots = torch.tensor([blocks[p // block_size] * block_size + p % block_size
                           for p in range(seq_len)], dtype=torch.int64, device=device)
-    k = torch.randn(seq_len, 1, dim, device=device).half()
-    v = torch.randn(seq_len, 1, dim, device=device).half()
+    k = torch.randn(seq_len, 1, dim, device=device).to(dtype)
+    v = torch.randn(seq_len, 1, dim, device=device).to(dtype)
     write_kv(k, v, k_cache, v_cache, slots, backend=backend)
     assert torch.equal(k_cache[num_blocks - 1], k[:16]) and torch.equal(v_cache[2, :4], v[16:])
-    q = torch.randn(1, 2, dim, device=device).half()
+    q = torch.randn(1, 2, dim, device=device).to(dtype)
     args = (q, k_cache, v_cache, torch.tensor([blocks], dtype=torch.int32, device=device),
             torch.tensor([seq_len], dtype=torch.int32, device=device),
             torch.tensor([0, 1], dtype=torch.int32, device=device), 0.125)

@@ -17,10 +17,21 @@ from kvpage_kernels import (
 from .cases import make_problem
 
 
-def test_cpu_defaults_to_torch(monkeypatch):
+def test_cpu_defaults_to_the_compiled_backend_else_torch(monkeypatch):
+    from kvpage_kernels import cpu_backend, ops
+
     monkeypatch.delenv("KVPAGE_KERNEL_BACKEND", raising=False)
-    assert select_backend("cpu") == "torch"
+    expected = "cpu" if cpu_backend.unavailable_reason() is None else "torch"
+    assert select_backend("cpu") == expected
     assert select_backend(torch.device("cpu"), "reference") == "reference"
+    monkeypatch.setattr(cpu_backend, "unavailable_reason", lambda: "no compiler")
+    ops._select.cache_clear()
+    try:
+        assert select_backend("cpu") == "torch"
+        with pytest.raises(KernelBackendUnavailable, match="no compiler"):
+            select_backend("cpu", "cpu")
+    finally:
+        ops._select.cache_clear()
 
 
 def test_environment_forces_and_argument_wins(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import os
 from types import ModuleType
 
@@ -17,10 +18,11 @@ import torch
 from ._common import Pairs
 from .errors import KernelBackendUnavailable, KernelInputError
 
-BACKENDS = ("reference", "torch", "triton", "cupy")
+BACKENDS = ("reference", "torch", "cpu", "triton", "cupy")
 ENV_VAR = "KVPAGE_KERNEL_BACKEND"
-_MODULES = {"reference": "reference", "torch": "torch_backend", "triton": "triton_backend",
-            "cupy": "cupy_backend"}
+_MODULES = {"reference": "reference", "torch": "torch_backend", "cpu": "cpu_backend",
+            "triton": "triton_backend", "cupy": "cupy_backend"}
+logger = logging.getLogger(__name__)
 
 
 def _triton_missing(device: torch.device, interpret: bool) -> str | None:
@@ -45,8 +47,18 @@ def _cupy_missing(device: torch.device) -> str | None:
     return None
 
 
+def _cpu_missing(device: torch.device) -> str | None:
+    if device.type != "cpu":
+        return f"the cpu backend runs on the CPU (got {device})"
+    from .cpu_backend import unavailable_reason  # builds the kernel library on first use
+
+    return unavailable_reason()
+
+
 def _missing(name: str, device: torch.device, interpret: bool) -> str | None:
     """Why backend `name` cannot run on `device`, or None when it can."""
+    if name == "cpu":
+        return _cpu_missing(device)
     if name == "triton":
         return _triton_missing(device, interpret)
     if name == "cupy":
@@ -69,12 +81,18 @@ def _select(device_type: str, device_index: int | None, forced: str | None,
         for name in ("triton", "cupy"):
             if _missing(name, device, interpret) is None:
                 return name
+    if device.type == "cpu":
+        reason = _cpu_missing(device)
+        if reason is None:
+            return "cpu"
+        logger.warning("using the torch kernel backend on the CPU: %s", reason)
     return "torch"
 
 
 def select_backend(device: torch.device | str, prefer: str | None = None) -> str:
     """Name of the backend to use on `device`: `prefer` if given, else the environment
-    variable KVPAGE_KERNEL_BACKEND if set, else triton, cupy, torch on CUDA and torch elsewhere.
+    variable KVPAGE_KERNEL_BACKEND if set, else triton, cupy, torch on CUDA, cpu (compiled
+    at first use), torch on the CPU, and torch elsewhere.
     A forced backend that cannot run raises KernelBackendUnavailable naming what is missing."""
     device = torch.device(device)
     forced = prefer or os.environ.get(ENV_VAR) or None

@@ -1,0 +1,139 @@
+"""Compiled CPU backend: decode attention read in place from the paged cache.
+
+The torch backend has to gather each sequence's keys and values out of the cache before it
+can call SDPA; this backend's C++ kernel (csrc/cpu_paged_decode.cpp) reads them where they
+lie, once per KV head for all the query heads of its group, on OpenMP threads. It serves the
+decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, fp16 and
+other devices go to the torch backend, as do write_kv and the block copies.
+
+The kernel is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
+c++; ``-O3 -march=native -fopenmp``), about 2 s, and the library is cached under
+``$KVPAGE_CACHE_DIR/kernels`` (default ``~/.cache/kvpage/kernels``), keyed by the source, the
+flags, the compiler and this CPU's feature flags. It links the OpenMP runtime torch has
+already loaded, so it shares torch's threads. Without a compiler the backend is unavailable
+and the CPU default stays the torch backend.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import torch_backend
+from .errors import KernelBackendUnavailable
+
+write_kv = torch_backend.write_kv
+copy_blocks = torch_backend.copy_blocks
+swap_blocks = torch_backend.swap_blocks
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_paged_decode.cpp"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+_i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_ARGTYPES = [_i32, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
+             _i32, _i32, _i32, _i32, _i32, _f32, _i32, _f32]
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return shutil.which(candidate)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KVPAGE_CACHE_DIR") or Path.home() / ".cache" / "kvpage"
+    return Path(root) / "kernels"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise KernelBackendUnavailable(
+                f"compiling {SOURCE.name} with {compiler} failed: {result.stderr.strip()[-800:]}")
+        os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernel library, built on first use. Raises KernelBackendUnavailable
+    (with the compiler's message) when no compiler is found or the build fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise KernelBackendUnavailable(
+            "the cpu backend needs a C++ compiler with OpenMP (g++ or clang++; or set $CXX)")
+    key = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), *FLAGS, compiler, _cpu_flags(), torch.__version__]).encode())
+    target = _cache_dir() / f"cpu_paged_decode-{key.hexdigest()[:16]}.so"
+    if not target.is_file():
+        _build(compiler, target)
+    lib = ctypes.CDLL(str(target))
+    lib.kvpage_paged_decode.argtypes = _ARGTYPES
+    lib.kvpage_paged_decode.restype = ctypes.c_int
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why this backend cannot run here (builds the library if needed), or None."""
+    try:
+        library()
+    except (KernelBackendUnavailable, OSError) as e:
+        return str(e)
+    return None
+
+
+def _decode_in_place(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                     sliding_window, softcap, out) -> None:
+    """Attention of every sequence with exactly one query token, written into out."""
+    tables = block_tables.contiguous()
+    lens, starts = seq_lens.contiguous(), query_start_loc.contiguous()
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    status = library().kvpage_paged_decode(
+        _DTYPE_CODES[q.dtype], q.data_ptr(), q.stride(0), q.stride(1),
+        out.data_ptr(), out.stride(0), out.stride(1), k_cache.data_ptr(), v_cache.data_ptr(),
+        tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr(),
+        lens.shape[0], num_kv_heads, q.shape[1] // num_kv_heads, head_dim, block_size,
+        scale, sliding_window or 0, softcap or 0.0)
+    if status != 0:
+        raise KernelBackendUnavailable(f"the cpu kernel does not support dtype {q.dtype}")
+
+
+def _served(q, out, softcap) -> bool:
+    return (q.device.type == "cpu" and q.dtype in _DTYPE_CODES and q.stride(-1) == 1
+            and out.stride(-1) == 1 and (softcap is None or softcap > 0))
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
+                    sliding_window=None, softcap=None, max_seq_len=None, max_query_len=None,
+                    out) -> torch.Tensor:
+    kwargs = {"sliding_window": sliding_window, "softcap": softcap,
+              "max_seq_len": max_seq_len, "max_query_len": max_query_len, "out": out}
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    if seq_lens.shape[0] == 0 or q.shape[0] == 0:
+        return out
+    if not _served(q, out, softcap):
+        return torch_backend.paged_attention(*args, **kwargs)
+    _decode_in_place(*args, sliding_window, softcap, out)
+    if max_query_len is None or max_query_len > 1:
+        torch_backend.paged_attention(*args, **kwargs, include_decode=False)
+    return out
