@@ -21,10 +21,12 @@ def engine(tmp_path_factory):
     asyncio.run(engine.shutdown())
 
 
-async def _collect(engine, prompt, params, rid, stop_after=None):
+async def _collect(engine, prompt, params, rid, stop_after=None, started=None):
     outputs = []
     async for out in engine.generate(prompt, params, rid):
         outputs.append(out)
+        if started is not None:
+            started.set()
         if stop_after is not None and len(outputs) >= stop_after:
             break
     return outputs
@@ -60,8 +62,10 @@ def test_abort_by_leaving_and_by_call(engine):
 
     async def run():
         early = await _collect(engine, [5, 6, 7, 8], params, "leaves", stop_after=2)
-        consumer = asyncio.create_task(_collect(engine, [7, 8, 9], params, "aborted"))
-        await asyncio.sleep(0.3)
+        started = asyncio.Event()
+        consumer = asyncio.create_task(_collect(engine, [7, 8, 9], params, "aborted",
+                                                started=started))
+        await started.wait()
         await engine.abort("aborted")
         aborted = await consumer
         await asyncio.sleep(0.2)
