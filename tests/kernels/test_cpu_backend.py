@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvpage_kernels import KernelBackendUnavailable, cpu_backend, paged_attention, select_backend
+from kvpage_kernels import (
+    KernelBackendUnavailable,
+    KernelInputError,
+    cpu_backend,
+    paged_attention,
+    rms_norm,
+    select_backend,
+    silu_and_mul,
+)
 
 from .cases import assert_close, check_large_num_blocks, make_problem, poisoned_like
 
@@ -111,3 +119,56 @@ def test_without_a_compiler_the_reason_is_given(monkeypatch):
         assert "C++ compiler" in cpu_backend.unavailable_reason()
     finally:
         cpu_backend.library.cache_clear()
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_bf16_rms_norm_rounds_like_the_torch_ops(with_residual, rows):
+    gen = torch.Generator().manual_seed(rows)
+    wide = torch.randn(rows, 700, generator=gen).bfloat16()
+    x = wide[:, :576]  # rows with a stride, as a slice of a wider output
+    residual = torch.randn(rows, 576, generator=gen).bfloat16() if with_residual else None
+    weight = (torch.rand(576, generator=gen) + 0.5).bfloat16()
+    expected = rms_norm(x, weight, 1e-5, residual, backend="torch")
+    actual = rms_norm(x, weight, 1e-5, residual, backend="cpu")
+    if with_residual:
+        assert torch.equal(actual[1], expected[1])  # the sum is exact
+        actual, expected = actual[0], expected[0]
+    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, 576)
+    # fp32 statistics summed in another order may flip the first rounding (normalized value)
+    # by one bf16 step, which the second rounding (times the weight) can widen a little
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=1e-6)
+    assert (actual == expected).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("rows", [1, 16, 300])
+def test_bf16_silu_and_mul_rounds_like_the_torch_ops(rows):
+    x = torch.randn(rows, 2 * 1536, generator=torch.Generator().manual_seed(rows)) * 4
+    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])
+    x = x.bfloat16()
+    expected = silu_and_mul(x, backend="torch")
+    actual = silu_and_mul(x, backend="cpu")
+    assert actual.shape == (rows, 1536)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=1e-6,
+                               equal_nan=True)
+    assert (actual == expected).float().mean() > 0.98
+
+
+def test_other_dtypes_and_shapes_take_the_torch_ops():
+    x = torch.randn(4, 3, 64)
+    weight = torch.rand(64)
+    assert torch.equal(rms_norm(x, weight, 1e-6, backend="cpu"),
+                       rms_norm(x, weight, 1e-6, backend="torch"))
+    assert torch.equal(silu_and_mul(x, backend="cpu"), silu_and_mul(x, backend="torch"))
+    empty = torch.zeros(0, 64, dtype=torch.bfloat16)
+    assert rms_norm(empty, weight.bfloat16(), 1e-6, backend="cpu").shape == (0, 64)
+    assert silu_and_mul(empty, backend="cpu").shape == (0, 32)
+
+
+def test_rms_norm_and_silu_and_mul_check_their_inputs():
+    with pytest.raises(KernelInputError, match="weight must be"):
+        rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6)
+    with pytest.raises(KernelInputError, match="residual shape"):
+        rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6, torch.randn(3, 8))
+    with pytest.raises(KernelInputError, match="must be even"):
+        silu_and_mul(torch.randn(2, 7))

@@ -1,7 +1,16 @@
 """kvpage-kernels: PagedAttention and KV-cache ops with swappable backends."""
 
 from .errors import KernelBackendUnavailable, KernelError, KernelInputError
-from .ops import BACKENDS, copy_blocks, paged_attention, select_backend, swap_blocks, write_kv
+from .ops import (
+    BACKENDS,
+    copy_blocks,
+    paged_attention,
+    rms_norm,
+    select_backend,
+    silu_and_mul,
+    swap_blocks,
+    write_kv,
+)
 
 __all__ = [
     "BACKENDS",
@@ -10,7 +19,9 @@ __all__ = [
     "KernelInputError",
     "copy_blocks",
     "paged_attention",
+    "rms_norm",
     "select_backend",
+    "silu_and_mul",
     "swap_blocks",
     "write_kv",
 ]

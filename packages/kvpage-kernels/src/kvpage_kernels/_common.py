@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .errors import KernelInputError
 
@@ -63,3 +64,24 @@ def swap_blocks_indexed(src_cache: torch.Tensor, dst_cache: torch.Tensor, mappin
     # a device-to-host copy must complete before the host reads it: non_blocking only to CUDA
     blocks = src_cache[src].to(dst_cache.device, non_blocking=dst_cache.is_cuda)
     dst_cache[dst.to(dst_cache.device)] = blocks
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                   residual: torch.Tensor | None = None):
+    """RMSNorm with Hugging Face's numerics (fp32 statistics; in half types the normalized
+    value is rounded before the weight scales it), after adding `residual` when given:
+    returns norm(x) or (norm(x + residual), x + residual)."""
+    if residual is not None:
+        x = x + residual
+    shape = (x.shape[-1],)
+    if x.dtype == torch.float32:
+        normed = F.rms_norm(x, shape, weight, eps)
+    else:
+        normed = F.rms_norm(x.float(), shape, None, eps).to(x.dtype) * weight
+    return normed if residual is None else (normed, x)
+
+
+def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] along the last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up

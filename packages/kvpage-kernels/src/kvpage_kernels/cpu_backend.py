@@ -1,10 +1,12 @@
-"""Compiled CPU backend: decode attention read in place from the paged cache.
+"""Compiled CPU backend: decode attention read in place from the paged cache, fused bf16 ops.
 
 The torch backend has to gather each sequence's keys and values out of the cache before it
-can call SDPA; this backend's C++ kernel (csrc/cpu_paged_decode.cpp) reads them where they
+can call SDPA; this backend's C++ kernel (csrc/cpu_kernels.cpp) reads them where they
 lie, once per KV head for all the query heads of its group, on OpenMP threads. It serves the
 decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, fp16 and
-other devices go to the torch backend, as do write_kv and the block copies.
+other devices go to the torch backend, as do write_kv and the block copies. In bf16,
+rms_norm (with its residual add) and silu_and_mul run as one vectorized pass each instead
+of a chain of small torch ops, rounding to bf16 where those ops round.
 
 The kernel is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
 c++; ``-O3 -march=native -fopenmp``), about 2 s, and the library is cached under
@@ -28,14 +30,16 @@ from pathlib import Path
 import torch
 
 from . import torch_backend
+from ._common import rms_norm_torch, silu_and_mul_torch
 from .errors import KernelBackendUnavailable
 
 write_kv = torch_backend.write_kv
 copy_blocks = torch_backend.copy_blocks
 swap_blocks = torch_backend.swap_blocks
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_paged_decode.cpp"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared",
+         "-fPIC")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_i32, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
@@ -84,12 +88,17 @@ def library() -> ctypes.CDLL:
             "the cpu backend needs a C++ compiler with OpenMP (g++ or clang++; or set $CXX)")
     key = hashlib.sha256("\0".join(
         [SOURCE.read_text(), *FLAGS, compiler, _cpu_flags(), torch.__version__]).encode())
-    target = _cache_dir() / f"cpu_paged_decode-{key.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.is_file():
         _build(compiler, target)
     lib = ctypes.CDLL(str(target))
     lib.kvpage_paged_decode.argtypes = _ARGTYPES
     lib.kvpage_paged_decode.restype = ctypes.c_int
+    lib.kvpage_rms_norm_bf16.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
+                                         _f32]
+    lib.kvpage_rms_norm_bf16.restype = None
+    lib.kvpage_silu_and_mul_bf16.argtypes = [_ptr, _i64, _ptr, _i64, _i64]
+    lib.kvpage_silu_and_mul_bf16.restype = None
     return lib
 
 
@@ -136,4 +145,34 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     _decode_in_place(*args, sliding_window, softcap, out)
     if max_query_len is None or max_query_len > 1:
         torch_backend.paged_attention(*args, **kwargs, include_decode=False)
+    return out
+
+
+def _bf16_rows(*tensors: torch.Tensor | None) -> bool:
+    """Non-empty 2-D bf16 CPU tensors (None allowed) whose rows are contiguous."""
+    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.bfloat16
+                             and t.dim() == 2 and t.shape[0] > 0 and t.stride(-1) == 1)
+               for t in tensors)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    if not (_bf16_rows(x, residual) and weight.dtype == torch.bfloat16
+            and weight.is_contiguous()):
+        return rms_norm_torch(x, weight, eps, residual)
+    rows, hidden = x.shape
+    out = torch.empty(rows, hidden, dtype=x.dtype)
+    total = None if residual is None else torch.empty_like(out)
+    library().kvpage_rms_norm_bf16(
+        x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+        0 if residual is None else residual.stride(0), weight.data_ptr(), out.data_ptr(),
+        None if total is None else total.data_ptr(), rows, hidden, eps)
+    return out if residual is None else (out, total)
+
+
+def silu_and_mul(x):
+    if not _bf16_rows(x):
+        return silu_and_mul_torch(x)
+    rows, inner = x.shape[0], x.shape[1] // 2
+    out = torch.empty(rows, inner, dtype=x.dtype)
+    library().kvpage_silu_and_mul_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inner)
     return out

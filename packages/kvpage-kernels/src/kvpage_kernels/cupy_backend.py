@@ -16,7 +16,16 @@ import numpy as np
 import torch
 
 from . import torch_backend
-from ._common import check_inner_contiguous, copy_blocks_indexed, swap_blocks_indexed
+from ._common import (
+    check_inner_contiguous,
+    copy_blocks_indexed,
+    rms_norm_torch,
+    silu_and_mul_torch,
+    swap_blocks_indexed,
+)
+
+rms_norm = rms_norm_torch
+silu_and_mul = silu_and_mul_torch
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("write_kv.cu", "paged_decode.cu")

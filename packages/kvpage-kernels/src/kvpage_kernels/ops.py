@@ -216,3 +216,22 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, mapping: Pairs
            f"{tuple(dst_cache.shape)} (all but num_blocks must match)")
     device = src_cache.device if src_cache.device.type != "cpu" else dst_cache.device
     _backend(device, backend).swap_blocks(src_cache, dst_cache, mapping)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None, *, backend: str | None = None):
+    """RMSNorm over the last dimension with Hugging Face's numerics (fp32 statistics; in half
+    types the normalized value is rounded to x's dtype before the weight scales it). With
+    `residual`, normalizes x + residual and returns (normed, x + residual)."""
+    _check(x.dim() >= 1 and weight.shape == (x.shape[-1],),
+           f"weight must be [{x.shape[-1]}] (x's last dimension), got {tuple(weight.shape)}")
+    _check(residual is None or residual.shape == x.shape,
+           f"residual shape {None if residual is None else tuple(residual.shape)} differs "
+           f"from x shape {tuple(x.shape)}")
+    return _backend(x.device, backend).rms_norm(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """silu(gate) * up for x = [gate | up] along the last dimension (the SiLU-gated MLP)."""
+    _check(x.shape[-1] % 2 == 0, f"the last dimension of x must be even, got {x.shape[-1]}")
+    return _backend(x.device, backend).silu_and_mul(x)

@@ -1,7 +1,8 @@
-// Paged decode attention for the CPU: one query token per sequence, read in place from the
-// paged KV cache (no gather). Built at first use by cpu_backend.py with the system C++
-// compiler (-O3 -march=native -fopenmp) and called through ctypes.
+// CPU kernels, built at first use by cpu_backend.py with the system C++ compiler
+// (-O3 -march=native -fopenmp) and called through ctypes.
 //
+// kvpage_paged_decode: paged decode attention, one query token per sequence, read in place
+// from the paged KV cache (no gather).
 // Work item = (sequence, KV head): its `group` query heads share every key and value row
 // they read. Scores go to a per-thread buffer, then softmax, then P @ V, all in fp32; the
 // cache may be fp32 or bf16. Sequences whose query is not exactly one token are skipped
@@ -11,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -24,16 +26,14 @@ inline float to_float(uint16_t x) {
 }
 
 inline void store(float* dst, float x) { *dst = x; }
-inline void store(uint16_t* dst, float x) {  // round to nearest even, NaN kept a NaN
+inline uint16_t to_bf16(float x) {  // round to nearest even, NaN kept a NaN (branch-free)
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {
-        *dst = static_cast<uint16_t>((bits >> 16) | 0x40u);
-        return;
-    }
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    *dst = static_cast<uint16_t>(bits >> 16);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+    const uint32_t quiet_nan = (bits >> 16) | 0x40u;
+    return static_cast<uint16_t>((bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
+inline void store(uint16_t* dst, float x) { *dst = to_bf16(x); }
 
 struct Problem {
     const void* q;
@@ -71,17 +71,51 @@ inline void for_each_row(const Problem& p, const int32_t* table, int first, int 
     }
 }
 
+// exp(x), vectorizable (std::exp is a scalar call): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// its degree-6 Taylor polynomial (relative error below 2e-7 there), 2^n put into the exponent
+// bits. x is clamped to [-87, 88], so tiny results flush to about 1.6e-38 and 0 never appears.
+inline float fast_exp(float x) {
+    x = std::min(std::max(x, -87.f), 88.f);
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two parts
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// The d values at src as fp32: src itself for fp32, else converted once into buf.
+template <typename T>
+inline const float* as_floats(const T* src, float* buf, int d) {
+    if constexpr (std::is_same_v<T, float>) {
+        return src;
+    } else {
+#pragma omp simd
+        for (int j = 0; j < d; ++j) buf[j] = to_float(src[j]);
+        return buf;
+    }
+}
+
 inline void softmax(float* s, int n, float softcap) {
     if (softcap > 0.f)
         for (int t = 0; t < n; ++t) s[t] = std::tanh(s[t] / softcap) * softcap;
     float max_score = s[0];
+#pragma omp simd reduction(max : max_score)
     for (int t = 1; t < n; ++t) max_score = std::max(max_score, s[t]);
+#pragma omp simd
+    for (int t = 0; t < n; ++t) s[t] = fast_exp(s[t] - max_score);
     float sum = 0.f;
-    for (int t = 0; t < n; ++t) {
-        s[t] = std::exp(s[t] - max_score);
-        sum += s[t];
-    }
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < n; ++t) sum += s[t];
     const float inv = 1.f / sum;
+#pragma omp simd
     for (int t = 0; t < n; ++t) s[t] *= inv;
 }
 
@@ -94,10 +128,11 @@ void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scra
     const int first = p.window > 0 ? std::max(0, seq_len - p.window) : 0;
     const int ctx = seq_len - first;
     if (ctx <= 0) return;
-    scratch.resize(static_cast<size_t>(groups) * (ctx + 2 * d));
+    scratch.resize(static_cast<size_t>(groups) * (ctx + 2 * d) + d);
     float* scores = scratch.data();                                 // [group, ctx]
     float* acc = scores + static_cast<size_t>(groups) * ctx;       // [group, d]
     float* qf = acc + static_cast<size_t>(groups) * d;             // [group, d]
+    float* row_buf = qf + static_cast<size_t>(groups) * d;         // [d]
     const T* q = static_cast<const T*>(p.q);
     for (int g = 0; g < groups; ++g) {
         const T* qh = q + row * p.q_token_stride + (kv_head * groups + g) * p.q_head_stride;
@@ -105,24 +140,26 @@ void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scra
     }
     const int32_t* table = p.block_tables + seq * p.table_stride;
     for_each_row(p, table, first, ctx, static_cast<const T*>(p.k_cache), kv_head,
-                 [&](int t, const T* k) {
+                 [&](int t, const T* k_row) {
+                     const float* k = as_floats(k_row, row_buf, d);
                      for (int g = 0; g < groups; ++g) {
                          const float* qg = qf + g * d;
                          float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                         for (int j = 0; j < d; ++j) dot += qg[j] * to_float(k[j]);
+                         for (int j = 0; j < d; ++j) dot += qg[j] * k[j];
                          scores[g * ctx + t] = dot;
                      }
                  });
     for (int g = 0; g < groups; ++g) softmax(scores + g * ctx, ctx, p.softcap);
     std::fill(acc, acc + static_cast<size_t>(groups) * d, 0.f);
     for_each_row(p, table, first, ctx, static_cast<const T*>(p.v_cache), kv_head,
-                 [&](int t, const T* v) {
+                 [&](int t, const T* v_row) {
+                     const float* v = as_floats(v_row, row_buf, d);
                      for (int g = 0; g < groups; ++g) {
                          const float w = scores[g * ctx + t];
                          float* a = acc + g * d;
 #pragma omp simd
-                         for (int j = 0; j < d; ++j) a[j] += w * to_float(v[j]);
+                         for (int j = 0; j < d; ++j) a[j] += w * v[j];
                      }
                  });
     T* out = static_cast<T*>(p.out);
@@ -180,4 +217,52 @@ extern "C" int kvpage_paged_decode(
         return 0;
     }
     return 1;
+}
+
+// ---- bf16 elementwise ops, rounding where the unfused torch ops round -----------------------
+
+// out = round(weight * round(s * rsqrt(mean(s^2) + eps))) with s = round(x + residual) (or x),
+// statistics in fp32; with a residual, the sum s is also written to sum_out.
+extern "C" void kvpage_rms_norm_bf16(const uint16_t* x, int64_t x_stride,
+                                     const uint16_t* residual, int64_t residual_stride,
+                                     const uint16_t* weight, uint16_t* out, uint16_t* sum_out,
+                                     int64_t rows, int64_t hidden, float eps) {
+#pragma omp parallel for if (rows * hidden > (1 << 15))
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* xr = x + r * x_stride;
+        const uint16_t* sr = xr;
+        if (residual != nullptr) {
+            const uint16_t* rr = residual + r * residual_stride;
+            uint16_t* sum_row = sum_out + r * hidden;
+#pragma omp simd
+            for (int64_t j = 0; j < hidden; ++j)
+                sum_row[j] = to_bf16(to_float(xr[j]) + to_float(rr[j]));
+            sr = sum_row;
+        }
+        float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t j = 0; j < hidden; ++j) squares += to_float(sr[j]) * to_float(sr[j]);
+        const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
+        uint16_t* o = out + r * hidden;
+#pragma omp simd
+        for (int64_t j = 0; j < hidden; ++j)
+            o[j] = to_bf16(to_float(to_bf16(to_float(sr[j]) * inv)) * to_float(weight[j]));
+    }
+}
+
+// out[:, j] = round(round(silu(gate[:, j])) * up[:, j]) for rows x = [gate | up], 2 * inner wide.
+extern "C" void kvpage_silu_and_mul_bf16(const uint16_t* x, int64_t x_stride, uint16_t* out,
+                                         int64_t rows, int64_t inner) {
+#pragma omp parallel for if (rows * inner > (1 << 15))
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t* gate = x + r * x_stride;
+        const uint16_t* up = gate + inner;
+        uint16_t* o = out + r * inner;
+#pragma omp simd
+        for (int64_t j = 0; j < inner; ++j) {
+            const float g = to_float(gate[j]);
+            const float activated = to_float(to_bf16(g / (1.f + fast_exp(-g))));
+            o[j] = to_bf16(activated * to_float(up[j]));
+        }
+    }
 }
