@@ -37,7 +37,7 @@ def test_is_the_cpu_default():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("group", [1, 3, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
 def test_decode_batch(dtype, group, block_size):
     lens = [1, 5, 16, 17, 100, 333]

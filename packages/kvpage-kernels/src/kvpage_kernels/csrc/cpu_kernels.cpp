@@ -15,6 +15,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float to_float(float x) { return x; }
@@ -169,6 +173,148 @@ void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scra
     }
 }
 
+#if defined(__AVX512F__)
+// AVX-512 path for head_dim D and group size G known at compile time: a K or V row is loaded
+// once into D / 16 registers and serves the G query heads, whose (scaled) queries and output
+// accumulators stay in registers for the whole sequence; softmax runs 16 scores at a time.
+
+template <typename T>
+inline __m512 load16(const T* src);
+template <>
+inline __m512 load16<float>(const float* src) { return _mm512_loadu_ps(src); }
+template <>
+inline __m512 load16<uint16_t>(const uint16_t* src) {
+    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+inline void store16(float* dst, __m512 x) { _mm512_storeu_ps(dst, x); }
+inline void store16(uint16_t* dst, __m512 x) {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, x);
+    for (int l = 0; l < 16; ++l) dst[l] = to_bf16(tmp[l]);
+}
+
+// fast_exp on 16 lanes; _mm512_scalef_ps applies the 2^n.
+inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 poly = _mm512_set1_ps(1.f / 720.f);
+    for (const float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+        poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
+    return _mm512_scalef_ps(poly, n);
+}
+
+inline __mmask16 tail_mask(int remaining) {
+    return remaining >= 16 ? static_cast<__mmask16>(0xffff)
+                           : static_cast<__mmask16>((1u << remaining) - 1u);
+}
+
+inline void softmax16(float* s, int n, float softcap) {
+    if (softcap > 0.f)
+        for (int t = 0; t < n; ++t) s[t] = std::tanh(s[t] / softcap) * softcap;
+    const __m512 lowest = _mm512_set1_ps(-INFINITY);
+    __m512 m = lowest;
+    for (int t = 0; t < n; t += 16)
+        m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, tail_mask(n - t), s + t));
+    const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    __m512 sum = _mm512_setzero_ps();
+    for (int t = 0; t < n; t += 16) {
+        const __mmask16 mask = tail_mask(n - t);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), max_score));
+        _mm512_mask_storeu_ps(s + t, mask, e);
+        sum = _mm512_mask_add_ps(sum, mask, sum, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
+    for (int t = 0; t < n; t += 16) {
+        const __mmask16 mask = tail_mask(n - t);
+        _mm512_mask_storeu_ps(s + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + t), inv));
+    }
+}
+
+template <typename T, int D, int G>
+void attend_avx512(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
+    constexpr int C = D / 16;
+    const int row = p.query_start_loc[seq];
+    const int seq_len = p.seq_lens[seq];
+    const int first = p.window > 0 ? std::max(0, seq_len - p.window) : 0;
+    const int ctx = seq_len - first;
+    if (ctx <= 0) return;
+    scratch.resize(static_cast<size_t>(G) * ctx);
+    float* scores = scratch.data();  // [G, ctx]
+    const T* q = static_cast<const T*>(p.q);
+    const __m512 scale = _mm512_set1_ps(p.scale);
+    __m512 qv[G][C];
+    for (int g = 0; g < G; ++g) {
+        const T* qh = q + row * p.q_token_stride + (kv_head * G + g) * p.q_head_stride;
+        for (int c = 0; c < C; ++c) qv[g][c] = _mm512_mul_ps(load16(qh + 16 * c), scale);
+    }
+    const int32_t* table = p.block_tables + seq * p.table_stride;
+    for_each_row(p, table, first, ctx, static_cast<const T*>(p.k_cache), kv_head,
+                 [&](int t, const T* k) {
+                     __m512 kv[C];
+                     for (int c = 0; c < C; ++c) kv[c] = load16(k + 16 * c);
+                     for (int g = 0; g < G; ++g) {
+                         __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
+                         for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
+                         scores[g * ctx + t] = _mm512_reduce_add_ps(acc);
+                     }
+                 });
+    for (int g = 0; g < G; ++g) softmax16(scores + g * ctx, ctx, p.softcap);
+    __m512 acc[G][C];
+    for (int g = 0; g < G; ++g)
+        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+    for_each_row(p, table, first, ctx, static_cast<const T*>(p.v_cache), kv_head,
+                 [&](int t, const T* v) {
+                     __m512 vv[C];
+                     for (int c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
+                     for (int g = 0; g < G; ++g) {
+                         const __m512 w = _mm512_set1_ps(scores[g * ctx + t]);
+                         for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+                     }
+                 });
+    T* out = static_cast<T*>(p.out);
+    for (int g = 0; g < G; ++g) {
+        T* oh = out + row * p.out_token_stride + (kv_head * G + g) * p.out_head_stride;
+        for (int c = 0; c < C; ++c) store16(oh + 16 * c, acc[g][c]);
+    }
+}
+
+template <typename T, int D, int G>
+void paged_decode_avx512(const Problem& p) {
+    const int items = p.num_seqs * p.num_kv_heads;
+#pragma omp parallel
+    {
+        std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 4)
+        for (int item = 0; item < items; ++item) {
+            const int seq = item / p.num_kv_heads;
+            if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
+            attend_avx512<T, D, G>(p, seq, item % p.num_kv_heads, scratch);
+        }
+    }
+}
+
+// True when the AVX-512 path served the problem.
+template <typename T, int D>
+bool paged_decode_fast(const Problem& p) {
+    switch (p.group) {
+        case 1: paged_decode_avx512<T, D, 1>(p); return true;
+        case 2: paged_decode_avx512<T, D, 2>(p); return true;
+        case 3: paged_decode_avx512<T, D, 3>(p); return true;
+        case 4: paged_decode_avx512<T, D, 4>(p); return true;
+        case 8: paged_decode_avx512<T, D, 8>(p); return true;
+        default: return false;
+    }
+}
+#else
+template <typename T, int D>
+bool paged_decode_fast(const Problem&) { return false; }
+#endif
+
 template <typename T, int D>
 void paged_decode(const Problem& p) {
     const int items = p.num_seqs * p.num_kv_heads;
@@ -187,8 +333,12 @@ void paged_decode(const Problem& p) {
 template <typename T>
 void dispatch_head_dim(const Problem& p) {
     switch (p.head_dim) {
-        case 64: return paged_decode<T, 64>(p);
-        case 128: return paged_decode<T, 128>(p);
+        case 64:
+            if (!paged_decode_fast<T, 64>(p)) paged_decode<T, 64>(p);
+            return;
+        case 128:
+            if (!paged_decode_fast<T, 128>(p)) paged_decode<T, 128>(p);
+            return;
         default: return paged_decode<T, 0>(p);
     }
 }
