@@ -69,7 +69,14 @@ inline void for_each_row(const Problem& p, const int32_t* table, int first, int 
         const int count = std::min(p.block_size - offset, ctx - t);
         const int64_t slot = static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + offset;
         const T* row = cache + slot * slot_stride + static_cast<int64_t>(kv_head) * p.head_dim;
-        for (int i = 0; i < count; ++i) fn(t + i, row + i * slot_stride);
+        for (int i = 0; i < count; ++i) {
+            if (i + 4 < count) {  // rows of a block lie slot_stride apart: fetch 4 ahead
+                const char* ahead = reinterpret_cast<const char*>(row + (i + 4) * slot_stride);
+                for (int64_t b = 0; b < static_cast<int64_t>(p.head_dim * sizeof(T)); b += 64)
+                    __builtin_prefetch(ahead + b);
+            }
+            fn(t + i, row + i * slot_stride);
+        }
         t += count;
         pos += count;
     }
