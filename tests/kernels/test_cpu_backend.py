@@ -12,6 +12,7 @@ from kvpage_kernels import (
     rms_norm,
     select_backend,
     silu_and_mul,
+    write_kv,
 )
 
 from .cases import assert_close, check_large_num_blocks, make_problem, poisoned_like
@@ -172,3 +173,26 @@ def test_rms_norm_and_silu_and_mul_check_their_inputs():
         rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6, torch.randn(3, 8))
     with pytest.raises(KernelInputError, match="must be even"):
         silu_and_mul(torch.randn(2, 7))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_write_kv_copies_strided_rows_and_skips_padding(dtype):
+    num_blocks, block_size, heads, dim = 6, 8, 2, 80
+    k_cache = torch.randn(num_blocks, block_size, heads, dim).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, heads, dim).to(dtype)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    slots = torch.tensor([3, -1, 47, 8, -1, 21], dtype=torch.int64)
+    fused = torch.randn(6, 5, dim).to(dtype)  # k and v as views of one projection output
+    k, v = fused[:, 1:3], fused[:, 3:5]
+    write_kv(k, v, k_cache, v_cache, slots, backend="cpu")
+    write_kv(k, v, expected_k, expected_v, slots, backend="reference")
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_write_kv_refuses_a_slot_past_the_cache_and_writes_nothing():
+    k_cache = torch.zeros(2, 4, 1, 64)
+    v_cache = torch.zeros_like(k_cache)
+    k = torch.ones(2, 1, 64)
+    with pytest.raises(KernelInputError, match=r"slot_mapping\[1\] = 8 is outside the cache"):
+        write_kv(k, k, k_cache, v_cache, torch.tensor([0, 8]), backend="cpu")
+    assert not k_cache.any() and not v_cache.any()

@@ -4,7 +4,8 @@ The torch backend has to gather each sequence's keys and values out of the cache
 can call SDPA; this backend's C++ kernel (csrc/cpu_kernels.cpp) reads them where they
 lie, once per KV head for all the query heads of its group, on OpenMP threads. It serves the
 decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, fp16 and
-other devices go to the torch backend, as do write_kv and the block copies. In bf16,
+other devices go to the torch backend, as do the block copies. write_kv copies each row
+straight to its slot (no index tensors, no mask pass). In bf16,
 rms_norm (with its residual add) and silu_and_mul run as one vectorized pass each instead
 of a chain of small torch ops, rounding to bf16 where those ops round.
 
@@ -31,9 +32,8 @@ import torch
 
 from . import torch_backend
 from ._common import rms_norm_torch, silu_and_mul_torch
-from .errors import KernelBackendUnavailable
+from .errors import KernelBackendUnavailable, KernelInputError
 
-write_kv = torch_backend.write_kv
 copy_blocks = torch_backend.copy_blocks
 swap_blocks = torch_backend.swap_blocks
 
@@ -94,6 +94,9 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.kvpage_paged_decode.argtypes = _ARGTYPES
     lib.kvpage_paged_decode.restype = ctypes.c_int
+    lib.kvpage_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64,
+                                    _i64, _i64, _i64, _i64]
+    lib.kvpage_write_kv.restype = ctypes.c_int64
     lib.kvpage_rms_norm_bf16.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
                                          _f32]
     lib.kvpage_rms_norm_bf16.restype = None
@@ -108,6 +111,21 @@ def unavailable_reason() -> str | None:
         library()
     except (KernelBackendUnavailable, OSError) as e:
         return str(e)
+    return None
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    if k.device.type != "cpu" or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return torch_backend.write_kv(k, v, k_cache, v_cache, slot_mapping)
+    slots = slot_mapping.contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    bad = library().kvpage_write_kv(
+        k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+        k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[0], num_slots,
+        k_cache.shape[2], k_cache.shape[3], k.element_size())
+    if bad >= 0:
+        raise KernelInputError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the cache "
+                               f"({num_slots} slots = num_blocks x block_size)")
     return None
 
 

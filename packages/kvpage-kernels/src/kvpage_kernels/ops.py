@@ -11,6 +11,7 @@ import functools
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -109,20 +110,22 @@ def _backend(device: torch.device, prefer: str | None) -> ModuleType:
     return _module(select_backend(device, prefer))
 
 
-def _check(condition: bool, message: str) -> None:
+def _check(condition: bool, message: Callable[[], str]) -> None:
+    """Raises KernelInputError(message()) unless condition; the message is only formatted
+    on failure (these checks run on every call of every layer)."""
     if not condition:
-        raise KernelInputError(message)
+        raise KernelInputError(message())
 
 
 def _check_cache_pair(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-    _check(k_cache.dim() == 4, f"k_cache must be [num_blocks, block_size, num_kv_heads, "
+    _check(k_cache.dim() == 4, lambda: f"k_cache must be [num_blocks, block_size, num_kv_heads, "
            f"head_dim], got shape {tuple(k_cache.shape)}")
-    _check(v_cache.shape == k_cache.shape, f"v_cache shape {tuple(v_cache.shape)} differs "
+    _check(v_cache.shape == k_cache.shape, lambda: f"v_cache shape {tuple(v_cache.shape)} differs "
            f"from k_cache shape {tuple(k_cache.shape)}")
-    _check(v_cache.dtype == k_cache.dtype, f"v_cache dtype {v_cache.dtype} differs from "
+    _check(v_cache.dtype == k_cache.dtype, lambda: f"v_cache dtype {v_cache.dtype} differs from "
            f"k_cache dtype {k_cache.dtype}")
     _check(k_cache.is_contiguous() and v_cache.is_contiguous(),
-           "k_cache and v_cache must be contiguous")
+           lambda: "k_cache and v_cache must be contiguous")
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -133,36 +136,38 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     block_id * block_size + offset, or -1 to skip the token (padding)."""
     _check_cache_pair(k_cache, v_cache)
     expected = (slot_mapping.shape[0], *k_cache.shape[2:])
-    _check(k.shape == expected and v.shape == expected, f"k and v must be [num_tokens, "
+    _check(k.shape == expected and v.shape == expected, lambda: f"k and v must be [num_tokens, "
            f"num_kv_heads, head_dim] = {expected}, got {tuple(k.shape)} and {tuple(v.shape)}")
     _check(k.dtype == k_cache.dtype and v.dtype == k_cache.dtype,
-           f"k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {k_cache.dtype}")
+           lambda: f"k/v dtype {k.dtype}/{v.dtype} differs from the cache dtype {k_cache.dtype}")
     _check(slot_mapping.dtype == torch.int64,
-           f"slot_mapping must be int64, got {slot_mapping.dtype}")
+           lambda: f"slot_mapping must be int64, got {slot_mapping.dtype}")
     _backend(k.device, backend).write_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def _check_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out) -> None:
     _check_cache_pair(k_cache, v_cache)
-    _check(q.dim() == 3, f"q must be [num_tokens, num_q_heads, head_dim], got {tuple(q.shape)}")
+    _check(q.dim() == 3,
+           lambda: f"q must be [num_tokens, num_q_heads, head_dim], got {tuple(q.shape)}")
     _check(q.shape[2] == k_cache.shape[3],
-           f"q head_dim {q.shape[2]} differs from the cache head_dim {k_cache.shape[3]}")
-    _check(q.shape[1] % k_cache.shape[2] == 0, f"num_q_heads {q.shape[1]} is not a multiple "
-           f"of num_kv_heads {k_cache.shape[2]}")
+           lambda: f"q head_dim {q.shape[2]} differs from the cache head_dim {k_cache.shape[3]}")
+    _check(q.shape[1] % k_cache.shape[2] == 0, lambda: f"num_q_heads {q.shape[1]} is not a "
+           f"multiple of num_kv_heads {k_cache.shape[2]}")
     _check(q.dtype == k_cache.dtype,
-           f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
+           lambda: f"q dtype {q.dtype} differs from the cache dtype {k_cache.dtype}")
     _check(block_tables.dim() == 2 and block_tables.dtype == torch.int32,
-           f"block_tables must be int32 [num_seqs, max_blocks], got {block_tables.dtype} "
+           lambda: f"block_tables must be int32 [num_seqs, max_blocks], got {block_tables.dtype} "
            f"{tuple(block_tables.shape)}")
     num_seqs = block_tables.shape[0]
     _check(seq_lens.shape == (num_seqs,) and seq_lens.dtype == torch.int32,
-           f"seq_lens must be int32 [{num_seqs}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+           lambda: f"seq_lens must be int32 [{num_seqs}], got {seq_lens.dtype} "
+           f"{tuple(seq_lens.shape)}")
     _check(query_start_loc.shape == (num_seqs + 1,) and query_start_loc.dtype == torch.int32,
-           f"query_start_loc must be int32 [{num_seqs + 1}], got {query_start_loc.dtype} "
+           lambda: f"query_start_loc must be int32 [{num_seqs + 1}], got {query_start_loc.dtype} "
            f"{tuple(query_start_loc.shape)}")
     if out is not None:
         _check(out.shape == q.shape and out.dtype == q.dtype,
-               f"out must match q ({q.dtype} {tuple(q.shape)}), got {out.dtype} "
+               lambda: f"out must match q ({q.dtype} {tuple(q.shape)}), got {out.dtype} "
                f"{tuple(out.shape)}")
 
 
@@ -212,8 +217,8 @@ def swap_blocks(src_cache: torch.Tensor, dst_cache: torch.Tensor, mapping: Pairs
     """Copies blocks of one cache tensor into another, possibly on another device
     (swap out to host memory / swap in); mapping holds (src_block, dst_block) pairs."""
     _check(src_cache.shape[1:] == dst_cache.shape[1:] and src_cache.dtype == dst_cache.dtype,
-           f"caches differ: {src_cache.dtype} {tuple(src_cache.shape)} vs {dst_cache.dtype} "
-           f"{tuple(dst_cache.shape)} (all but num_blocks must match)")
+           lambda: f"caches differ: {src_cache.dtype} {tuple(src_cache.shape)} vs "
+           f"{dst_cache.dtype} {tuple(dst_cache.shape)} (all but num_blocks must match)")
     device = src_cache.device if src_cache.device.type != "cpu" else dst_cache.device
     _backend(device, backend).swap_blocks(src_cache, dst_cache, mapping)
 
@@ -224,14 +229,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     types the normalized value is rounded to x's dtype before the weight scales it). With
     `residual`, normalizes x + residual and returns (normed, x + residual)."""
     _check(x.dim() >= 1 and weight.shape == (x.shape[-1],),
-           f"weight must be [{x.shape[-1]}] (x's last dimension), got {tuple(weight.shape)}")
+           lambda: f"weight must be [{x.shape[-1]}] (x's last dimension), got "
+           f"{tuple(weight.shape)}")
     _check(residual is None or residual.shape == x.shape,
-           f"residual shape {None if residual is None else tuple(residual.shape)} differs "
+           lambda: f"residual shape {None if residual is None else tuple(residual.shape)} differs "
            f"from x shape {tuple(x.shape)}")
     return _backend(x.device, backend).rms_norm(x, weight, eps, residual)
 
 
 def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] along the last dimension (the SiLU-gated MLP)."""
-    _check(x.shape[-1] % 2 == 0, f"the last dimension of x must be even, got {x.shape[-1]}")
+    _check(x.shape[-1] % 2 == 0,
+           lambda: f"the last dimension of x must be even, got {x.shape[-1]}")
     return _backend(x.device, backend).silu_and_mul(x)

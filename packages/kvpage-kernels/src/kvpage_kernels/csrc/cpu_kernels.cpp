@@ -2,7 +2,8 @@
 // (-O3 -march=native -fopenmp) and called through ctypes.
 //
 // kvpage_paged_decode: paged decode attention, one query token per sequence, read in place
-// from the paged KV cache (no gather).
+// from the paged KV cache (no gather). kvpage_write_kv: this step's K/V rows into their
+// slots (any dtype: rows are copied as bytes).
 // Work item = (sequence, KV head): its `group` query heads share every key and value row
 // they read. Scores go to a per-thread buffer, then softmax, then P @ V, all in fp32; the
 // cache may be fp32 or bf16. Sequences whose query is not exactly one token are skipped
@@ -374,6 +375,31 @@ extern "C" int kvpage_paged_decode(
         return 0;
     }
     return 1;
+}
+
+// k/v rows [tokens, heads, head_dim] (element strides given; head_dim contiguous) go to
+// cache slot slot_mapping[i] (skipped when negative) of caches [num_slots, heads, head_dim].
+// Returns -1, or the first token whose slot is past the cache (then nothing is written).
+extern "C" int64_t kvpage_write_kv(const char* k, int64_t k_token_stride, int64_t k_head_stride,
+                                   const char* v, int64_t v_token_stride, int64_t v_head_stride,
+                                   char* k_cache, char* v_cache, const int64_t* slot_mapping,
+                                   int64_t tokens, int64_t num_slots, int64_t heads,
+                                   int64_t head_dim, int64_t element_size) {
+    for (int64_t i = 0; i < tokens; ++i)
+        if (slot_mapping[i] >= num_slots) return i;
+    const int64_t row_bytes = head_dim * element_size;
+    for (int64_t i = 0; i < tokens; ++i) {
+        const int64_t slot = slot_mapping[i];
+        if (slot < 0) continue;
+        for (int64_t h = 0; h < heads; ++h) {
+            const int64_t dst = (slot * heads + h) * row_bytes;
+            std::memcpy(k_cache + dst, k + (i * k_token_stride + h * k_head_stride) * element_size,
+                        row_bytes);
+            std::memcpy(v_cache + dst, v + (i * v_token_stride + h * v_head_stride) * element_size,
+                        row_bytes);
+        }
+    }
+    return -1;
 }
 
 // ---- bf16 elementwise ops, rounding where the unfused torch ops round -----------------------
