@@ -10,6 +10,7 @@ from kvpage_kernels import (
     cpu_backend,
     paged_attention,
     rms_norm,
+    rotary_embedding,
     select_backend,
     silu_and_mul,
     write_kv,
@@ -196,3 +197,25 @@ def test_write_kv_refuses_a_slot_past_the_cache_and_writes_nothing():
     with pytest.raises(KernelInputError, match=r"slot_mapping\[1\] = 8 is outside the cache"):
         write_kv(k, k, k_cache, v_cache, torch.tensor([0, 8]), backend="cpu")
     assert not k_cache.any() and not v_cache.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_rotary_embedding_is_bit_identical_to_the_torch_ops(dtype, tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(tokens, 15, 64, generator=gen).to(dtype)
+    x = qkv[:, :12]  # q and k heads as a view of a fused projection output
+    table = torch.randn(tokens, 64, generator=gen).to(dtype)
+    cos, sin = table.unsqueeze(1).chunk(2, dim=-1)  # [tokens, 1, 32] views, as the model has
+    expected = rotary_embedding(x, cos, sin, backend="torch")
+    actual = rotary_embedding(x, cos, sin, backend="cpu")
+    assert actual.shape == (tokens, 12, 64) and torch.equal(actual, expected)
+    assert torch.equal(rotary_embedding(x, cos[:, 0], sin[:, 0], backend="cpu"), expected)
+
+
+def test_rotary_embedding_checks_its_inputs():
+    x = torch.randn(4, 2, 8)
+    with pytest.raises(KernelInputError, match="even head_dim"):
+        rotary_embedding(torch.randn(4, 2, 7), torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(KernelInputError, match="cos and sin must hold"):
+        rotary_embedding(x, torch.randn(4, 3), torch.randn(4, 3))

@@ -85,3 +85,11 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] along the last dimension."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def rotary_embedding_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [tokens, heads, head_dim] in the half-rotation layout (as Hugging Face Llama):
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); cos, sin [tokens, (1,) head_dim // 2]."""
+    cos, sin = cos.reshape(x.shape[0], 1, -1), sin.reshape(x.shape[0], 1, -1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

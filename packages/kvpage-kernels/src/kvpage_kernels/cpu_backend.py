@@ -5,7 +5,8 @@ can call SDPA; this backend's C++ kernel (csrc/cpu_kernels.cpp) reads them where
 lie, once per KV head for all the query heads of its group, on OpenMP threads. It serves the
 decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, fp16 and
 other devices go to the torch backend, as do the block copies. write_kv copies each row
-straight to its slot (no index tensors, no mask pass). In bf16,
+straight to its slot (no index tensors, no mask pass); rotary_embedding is one pass in fp32
+and bf16, bit-identical to the torch ops. In bf16,
 rms_norm (with its residual add) and silu_and_mul run as one vectorized pass each instead
 of a chain of small torch ops, rounding to bf16 where those ops round.
 
@@ -31,15 +32,16 @@ from pathlib import Path
 import torch
 
 from . import torch_backend
-from ._common import rms_norm_torch, silu_and_mul_torch
+from ._common import rms_norm_torch, rotary_embedding_torch, silu_and_mul_torch
 from .errors import KernelBackendUnavailable, KernelInputError
 
 copy_blocks = torch_backend.copy_blocks
 swap_blocks = torch_backend.swap_blocks
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared",
-         "-fPIC")
+# No FMA contraction: the elementwise ops must round where torch's unfused ops round.
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp",
+         "-std=c++17", "-shared", "-fPIC")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_i32, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
@@ -97,6 +99,9 @@ def library() -> ctypes.CDLL:
     lib.kvpage_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64,
                                     _i64, _i64, _i64, _i64]
     lib.kvpage_write_kv.restype = ctypes.c_int64
+    lib.kvpage_rotary.argtypes = [_i32, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64,
+                                  _i64]
+    lib.kvpage_rotary.restype = ctypes.c_int
     lib.kvpage_rms_norm_bf16.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
                                          _f32]
     lib.kvpage_rms_norm_bf16.restype = None
@@ -193,4 +198,18 @@ def silu_and_mul(x):
     rows, inner = x.shape[0], x.shape[1] // 2
     out = torch.empty(rows, inner, dtype=x.dtype)
     library().kvpage_silu_and_mul_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inner)
+    return out
+
+
+def rotary_embedding(x, cos, sin):
+    tokens, heads, head_dim = x.shape
+    cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
+    if not (x.device.type == "cpu" and x.dtype in _DTYPE_CODES and cos.dtype == x.dtype
+            and sin.dtype == x.dtype and x.stride(-1) == 1 and cos.stride(-1) == 1
+            and sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0) and tokens > 0):
+        return rotary_embedding_torch(x, cos, sin)
+    out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
+    library().kvpage_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1),
+                            cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
+                            tokens, heads, head_dim // 2)
     return out

@@ -20,12 +20,14 @@ from ._common import (
     check_inner_contiguous,
     copy_blocks_indexed,
     rms_norm_torch,
+    rotary_embedding_torch,
     silu_and_mul_torch,
     swap_blocks_indexed,
 )
 
 rms_norm = rms_norm_torch
 silu_and_mul = silu_and_mul_torch
+rotary_embedding = rotary_embedding_torch
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("write_kv.cu", "paged_decode.cu")

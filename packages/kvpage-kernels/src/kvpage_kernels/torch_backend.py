@@ -22,6 +22,7 @@ from ._common import (
     apply_softcap,
     copy_blocks_indexed,
     rms_norm_torch,
+    rotary_embedding_torch,
     silu_and_mul_torch,
     swap_blocks_indexed,
 )
@@ -30,6 +31,7 @@ copy_blocks = copy_blocks_indexed
 swap_blocks = swap_blocks_indexed
 rms_norm = rms_norm_torch
 silu_and_mul = silu_and_mul_torch
+rotary_embedding = rotary_embedding_torch
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:

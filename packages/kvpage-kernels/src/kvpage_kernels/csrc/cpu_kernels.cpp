@@ -1,5 +1,5 @@
 // CPU kernels, built at first use by cpu_backend.py with the system C++ compiler
-// (-O3 -march=native -fopenmp) and called through ctypes.
+// (-O3 -march=native -fopenmp -ffp-contract=off) and called through ctypes.
 //
 // kvpage_paged_decode: paged decode attention, one query token per sequence, read in place
 // from the paged KV cache (no gather). kvpage_write_kv: this step's K/V rows into their
@@ -400,6 +400,53 @@ extern "C" int64_t kvpage_write_kv(const char* k, int64_t k_token_stride, int64_
         }
     }
     return -1;
+}
+
+// Rotary embedding, half-rotation layout: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) per head,
+// each product and sum rounded to T as the unfused torch ops round (built without FMA
+// contraction, so fp32 results are bit-identical too). x [tokens, heads, 2 * half] with
+// element strides; cos/sin rows [tokens, half] at cs_stride; out contiguous.
+template <typename T>
+void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* cos,
+            const T* sin, int64_t cs_stride, T* out, int64_t tokens, int64_t heads,
+            int64_t half) {
+    auto round = [](float v) { T r; store(&r, v); return to_float(r); };
+#pragma omp parallel for if (tokens * heads * half > (1 << 15))
+    for (int64_t i = 0; i < tokens; ++i) {
+        const T* c = cos + i * cs_stride;
+        const T* s = sin + i * cs_stride;
+        for (int64_t h = 0; h < heads; ++h) {
+            const T* x1 = x + i * x_token_stride + h * x_head_stride;
+            const T* x2 = x1 + half;
+            T* o = out + (i * heads + h) * 2 * half;
+#pragma omp simd
+            for (int64_t j = 0; j < half; ++j) {
+                const float a = to_float(x1[j]), b = to_float(x2[j]);
+                const float cj = to_float(c[j]), sj = to_float(s[j]);
+                store(o + j, round(a * cj) - round(b * sj));
+                store(o + half + j, round(b * cj) + round(a * sj));
+            }
+        }
+    }
+}
+
+extern "C" int kvpage_rotary(int32_t dtype, const void* x, int64_t x_token_stride,
+                             int64_t x_head_stride, const void* cos, const void* sin,
+                             int64_t cs_stride, void* out, int64_t tokens, int64_t heads,
+                             int64_t half) {
+    if (dtype == 0) {
+        rotary(static_cast<const float*>(x), x_token_stride, x_head_stride,
+               static_cast<const float*>(cos), static_cast<const float*>(sin), cs_stride,
+               static_cast<float*>(out), tokens, heads, half);
+        return 0;
+    }
+    if (dtype == 1) {
+        rotary(static_cast<const uint16_t*>(x), x_token_stride, x_head_stride,
+               static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), cs_stride,
+               static_cast<uint16_t*>(out), tokens, heads, half);
+        return 0;
+    }
+    return 1;
 }
 
 // ---- bf16 elementwise ops, rounding where the unfused torch ops round -----------------------

@@ -1,4 +1,7 @@
-"""Rotary position embeddings (half-rotation layout, as in Hugging Face Llama) with scaling variants."""
+"""Rotary position embeddings (half-rotation layout, as in Hugging Face Llama) with scaling variants.
+
+The rotation itself is ``kvpage_kernels.rotary_embedding`` (one pass on the compiled CPU
+backend); this module holds the frequencies and the per-position cos/sin table."""
 
 from __future__ import annotations
 
@@ -73,9 +76,3 @@ class RotaryEmbedding(nn.Module):
         """cos and sin for ``positions``, each shaped [num_tokens, 1, head_dim // 2]."""
         cos, sin = self.cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
         return cos, sin
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [num_tokens, num_heads, head_dim]: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

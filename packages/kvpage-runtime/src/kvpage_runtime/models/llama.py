@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from kvpage_kernels import rotary_embedding
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
@@ -19,7 +20,7 @@ from kvpage_runtime.layers.embedding import LMHead, VocabEmbedding
 from kvpage_runtime.layers.linear import Linear, LinearMethod
 from kvpage_runtime.layers.mlp import GatedMLP
 from kvpage_runtime.layers.norm import RMSNorm
-from kvpage_runtime.layers.rotary import RotaryEmbedding, apply_rotary
+from kvpage_runtime.layers.rotary import RotaryEmbedding
 from kvpage_runtime.models.weights import WeightLoader
 
 
@@ -58,7 +59,7 @@ class LlamaAttention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         # q and k heads are rotated together in one pass.
-        qk = apply_rotary(qkv[:, : self.qk_size].view(n, -1, self.head_dim), cos, sin)
+        qk = rotary_embedding(qkv[:, : self.qk_size].view(n, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.qk_size :].view(n, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, batch, kv_cache))
