@@ -123,41 +123,48 @@ def test_without_a_compiler_the_reason_is_given(monkeypatch):
         cpu_backend.library.cache_clear()
 
 
+# fp32: sums and exp in another order than torch's, within a few ulp; bf16: that may flip a
+# rounding by one bf16 step, which a second rounding can widen a little.
+ELEMENTWISE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-6}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("rows", [1, 16, 300])
-def test_bf16_rms_norm_rounds_like_the_torch_ops(with_residual, rows):
+def test_rms_norm_rounds_like_the_torch_ops(dtype, with_residual, rows):
     gen = torch.Generator().manual_seed(rows)
-    wide = torch.randn(rows, 700, generator=gen).bfloat16()
+    wide = torch.randn(rows, 700, generator=gen).to(dtype)
     x = wide[:, :576]  # rows with a stride, as a slice of a wider output
-    residual = torch.randn(rows, 576, generator=gen).bfloat16() if with_residual else None
-    weight = (torch.rand(576, generator=gen) + 0.5).bfloat16()
+    residual = torch.randn(rows, 576, generator=gen).to(dtype) if with_residual else None
+    weight = (torch.rand(576, generator=gen) + 0.5).to(dtype)
     expected = rms_norm(x, weight, 1e-5, residual, backend="torch")
     actual = rms_norm(x, weight, 1e-5, residual, backend="cpu")
     if with_residual:
         assert torch.equal(actual[1], expected[1])  # the sum is exact
         actual, expected = actual[0], expected[0]
-    assert actual.dtype == torch.bfloat16 and actual.shape == (rows, 576)
-    # fp32 statistics summed in another order may flip the first rounding (normalized value)
-    # by one bf16 step, which the second rounding (times the weight) can widen a little
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=1e-6)
-    assert (actual == expected).float().mean() > 0.99
+    assert actual.dtype == dtype and actual.shape == (rows, 576)
+    torch.testing.assert_close(actual, expected, rtol=ELEMENTWISE_RTOL[dtype], atol=1e-6)
+    if dtype == torch.bfloat16:
+        assert (actual == expected).float().mean() > 0.99
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 16, 300])
-def test_bf16_silu_and_mul_rounds_like_the_torch_ops(rows):
+def test_silu_and_mul_rounds_like_the_torch_ops(dtype, rows):
     x = torch.randn(rows, 2 * 1536, generator=torch.Generator().manual_seed(rows)) * 4
     x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])
-    x = x.bfloat16()
+    x = x.to(dtype)
     expected = silu_and_mul(x, backend="torch")
     actual = silu_and_mul(x, backend="cpu")
-    assert actual.shape == (rows, 1536)
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=1e-6,
+    assert actual.shape == (rows, 1536) and actual.dtype == dtype
+    torch.testing.assert_close(actual, expected, rtol=ELEMENTWISE_RTOL[dtype], atol=1e-6,
                                equal_nan=True)
-    assert (actual == expected).float().mean() > 0.98
+    if dtype == torch.bfloat16:
+        assert (actual == expected).float().mean() > 0.98
 
 
 def test_other_dtypes_and_shapes_take_the_torch_ops():
-    x = torch.randn(4, 3, 64)
+    x = torch.randn(4, 3, 64)  # 3-D: the torch ops
     weight = torch.rand(64)
     assert torch.equal(rms_norm(x, weight, 1e-6, backend="cpu"),
                        rms_norm(x, weight, 1e-6, backend="torch"))

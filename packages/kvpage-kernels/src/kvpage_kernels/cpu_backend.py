@@ -6,9 +6,9 @@ lie, once per KV head for all the query heads of its group, on OpenMP threads. I
 decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, fp16 and
 other devices go to the torch backend, as do the block copies. write_kv copies each row
 straight to its slot (no index tensors, no mask pass); rotary_embedding is one pass in fp32
-and bf16, bit-identical to the torch ops. In bf16,
-rms_norm (with its residual add) and silu_and_mul run as one vectorized pass each instead
-of a chain of small torch ops, rounding to bf16 where those ops round.
+and bf16, bit-identical to the torch ops. rms_norm (with its residual add) and silu_and_mul
+run as one vectorized pass each, in fp32 and bf16, instead of a chain of small torch ops,
+rounding where those ops round (their fp32 sums and exp differ from torch's in the last bit).
 
 The kernel is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
 c++; ``-O3 -march=native -fopenmp``), about 2 s, and the library is cached under
@@ -102,11 +102,11 @@ def library() -> ctypes.CDLL:
     lib.kvpage_rotary.argtypes = [_i32, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64,
                                   _i64]
     lib.kvpage_rotary.restype = ctypes.c_int
-    lib.kvpage_rms_norm_bf16.argtypes = [_ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
-                                         _f32]
-    lib.kvpage_rms_norm_bf16.restype = None
-    lib.kvpage_silu_and_mul_bf16.argtypes = [_ptr, _i64, _ptr, _i64, _i64]
-    lib.kvpage_silu_and_mul_bf16.restype = None
+    lib.kvpage_rms_norm.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
+                                    _f32]
+    lib.kvpage_rms_norm.restype = ctypes.c_int
+    lib.kvpage_silu_and_mul.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
+    lib.kvpage_silu_and_mul.restype = ctypes.c_int
     return lib
 
 
@@ -171,33 +171,35 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out
 
 
-def _bf16_rows(*tensors: torch.Tensor | None) -> bool:
-    """Non-empty 2-D bf16 CPU tensors (None allowed) whose rows are contiguous."""
-    return all(t is None or (t.device.type == "cpu" and t.dtype == torch.bfloat16
-                             and t.dim() == 2 and t.shape[0] > 0 and t.stride(-1) == 1)
-               for t in tensors)
+def _rows(*tensors: torch.Tensor | None) -> bool:
+    """Non-empty 2-D fp32 or bf16 CPU tensors of one dtype (None allowed) with contiguous rows."""
+    present = [t for t in tensors if t is not None]
+    return all(t.device.type == "cpu" and t.dtype == present[0].dtype
+               and t.dtype in _DTYPE_CODES and t.dim() == 2 and t.shape[0] > 0
+               and t.stride(-1) == 1 for t in present)
 
 
 def rms_norm(x, weight, eps, residual=None):
-    if not (_bf16_rows(x, residual) and weight.dtype == torch.bfloat16
-            and weight.is_contiguous()):
+    if not (_rows(x, residual) and weight.dtype == x.dtype and weight.is_contiguous()):
         return rms_norm_torch(x, weight, eps, residual)
     rows, hidden = x.shape
     out = torch.empty(rows, hidden, dtype=x.dtype)
     total = None if residual is None else torch.empty_like(out)
-    library().kvpage_rms_norm_bf16(
-        x.data_ptr(), x.stride(0), None if residual is None else residual.data_ptr(),
+    library().kvpage_rms_norm(
+        _DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0),
+        None if residual is None else residual.data_ptr(),
         0 if residual is None else residual.stride(0), weight.data_ptr(), out.data_ptr(),
         None if total is None else total.data_ptr(), rows, hidden, eps)
     return out if residual is None else (out, total)
 
 
 def silu_and_mul(x):
-    if not _bf16_rows(x):
+    if not _rows(x):
         return silu_and_mul_torch(x)
     rows, inner = x.shape[0], x.shape[1] // 2
     out = torch.empty(rows, inner, dtype=x.dtype)
-    library().kvpage_silu_and_mul_bf16(x.data_ptr(), x.stride(0), out.data_ptr(), rows, inner)
+    library().kvpage_silu_and_mul(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0),
+                                  out.data_ptr(), rows, inner)
     return out
 
 

@@ -449,50 +449,83 @@ extern "C" int kvpage_rotary(int32_t dtype, const void* x, int64_t x_token_strid
     return 1;
 }
 
-// ---- bf16 elementwise ops, rounding where the unfused torch ops round -----------------------
+// ---- elementwise ops of a Llama layer, rounding to T where the unfused torch ops round -----
 
 // out = round(weight * round(s * rsqrt(mean(s^2) + eps))) with s = round(x + residual) (or x),
 // statistics in fp32; with a residual, the sum s is also written to sum_out.
-extern "C" void kvpage_rms_norm_bf16(const uint16_t* x, int64_t x_stride,
-                                     const uint16_t* residual, int64_t residual_stride,
-                                     const uint16_t* weight, uint16_t* out, uint16_t* sum_out,
-                                     int64_t rows, int64_t hidden, float eps) {
+template <typename T>
+void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride,
+              const T* weight, T* out, T* sum_out, int64_t rows, int64_t hidden, float eps) {
+    auto round = [](float v) { T r; store(&r, v); return to_float(r); };
 #pragma omp parallel for if (rows * hidden > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t* xr = x + r * x_stride;
-        const uint16_t* sr = xr;
+        const T* xr = x + r * x_stride;
+        const T* sr = xr;
         if (residual != nullptr) {
-            const uint16_t* rr = residual + r * residual_stride;
-            uint16_t* sum_row = sum_out + r * hidden;
+            const T* rr = residual + r * residual_stride;
+            T* sum_row = sum_out + r * hidden;
 #pragma omp simd
-            for (int64_t j = 0; j < hidden; ++j)
-                sum_row[j] = to_bf16(to_float(xr[j]) + to_float(rr[j]));
+            for (int64_t j = 0; j < hidden; ++j) store(sum_row + j, to_float(xr[j]) + to_float(rr[j]));
             sr = sum_row;
         }
         float squares = 0.f;
 #pragma omp simd reduction(+ : squares)
         for (int64_t j = 0; j < hidden; ++j) squares += to_float(sr[j]) * to_float(sr[j]);
         const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
-        uint16_t* o = out + r * hidden;
+        T* o = out + r * hidden;
 #pragma omp simd
         for (int64_t j = 0; j < hidden; ++j)
-            o[j] = to_bf16(to_float(to_bf16(to_float(sr[j]) * inv)) * to_float(weight[j]));
+            store(o + j, to_float(weight[j]) * round(to_float(sr[j]) * inv));
     }
 }
 
+extern "C" int kvpage_rms_norm(int32_t dtype, const void* x, int64_t x_stride,
+                               const void* residual, int64_t residual_stride, const void* weight,
+                               void* out, void* sum_out, int64_t rows, int64_t hidden, float eps) {
+    if (dtype == 0) {
+        rms_norm(static_cast<const float*>(x), x_stride, static_cast<const float*>(residual),
+                 residual_stride, static_cast<const float*>(weight), static_cast<float*>(out),
+                 static_cast<float*>(sum_out), rows, hidden, eps);
+        return 0;
+    }
+    if (dtype == 1) {
+        rms_norm(static_cast<const uint16_t*>(x), x_stride,
+                 static_cast<const uint16_t*>(residual), residual_stride,
+                 static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out),
+                 static_cast<uint16_t*>(sum_out), rows, hidden, eps);
+        return 0;
+    }
+    return 1;
+}
+
 // out[:, j] = round(round(silu(gate[:, j])) * up[:, j]) for rows x = [gate | up], 2 * inner wide.
-extern "C" void kvpage_silu_and_mul_bf16(const uint16_t* x, int64_t x_stride, uint16_t* out,
-                                         int64_t rows, int64_t inner) {
+template <typename T>
+void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t inner) {
+    auto round = [](float v) { T r; store(&r, v); return to_float(r); };
 #pragma omp parallel for if (rows * inner > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
-        const uint16_t* gate = x + r * x_stride;
-        const uint16_t* up = gate + inner;
-        uint16_t* o = out + r * inner;
+        const T* gate = x + r * x_stride;
+        const T* up = gate + inner;
+        T* o = out + r * inner;
 #pragma omp simd
         for (int64_t j = 0; j < inner; ++j) {
             const float g = to_float(gate[j]);
-            const float activated = to_float(to_bf16(g / (1.f + fast_exp(-g))));
-            o[j] = to_bf16(activated * to_float(up[j]));
+            store(o + j, round(g / (1.f + fast_exp(-g))) * to_float(up[j]));
         }
     }
+}
+
+extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_stride, void* out,
+                                   int64_t rows, int64_t inner) {
+    if (dtype == 0) {
+        silu_and_mul(static_cast<const float*>(x), x_stride, static_cast<float*>(out), rows,
+                     inner);
+        return 0;
+    }
+    if (dtype == 1) {
+        silu_and_mul(static_cast<const uint16_t*>(x), x_stride, static_cast<uint16_t*>(out),
+                     rows, inner);
+        return 0;
+    }
+    return 1;
 }

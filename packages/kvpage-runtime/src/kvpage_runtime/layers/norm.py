@@ -1,4 +1,5 @@
-"""RMSNorm, numerically identical to Hugging Face's (statistics in fp32, cast, then scale)."""
+"""RMSNorm with Hugging Face's numerics (statistics in fp32; in half types the normalized value
+is rounded before the weight scales it)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ class RMSNorm(nn.Module):
 
     With a residual, returns ``(norm(x + residual), x + residual)`` so that decoder layers
     carry the running sum without separate add ops. The op is ``kvpage_kernels.rms_norm``
-    (one fused pass in bf16 on the compiled CPU backend).
+    (one fused pass in fp32 and bf16 on the compiled CPU backend).
     """
 
     def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device=None) -> None:
