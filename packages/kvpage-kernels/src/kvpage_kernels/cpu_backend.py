@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -80,6 +81,9 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(built, target)  # atomic: a concurrent build of the same key is harmless
 
 
+_build_lock = threading.Lock()
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernel library, built on first use. Raises KernelBackendUnavailable
@@ -91,8 +95,9 @@ def library() -> ctypes.CDLL:
     key = hashlib.sha256("\0".join(
         [SOURCE.read_text(), *FLAGS, compiler, _cpu_flags(), torch.__version__]).encode())
     target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-    if not target.is_file():
-        _build(compiler, target)
+    with _build_lock:  # two threads asking at once build it once
+        if not target.is_file():
+            _build(compiler, target)
     lib = ctypes.CDLL(str(target))
     lib.kvpage_paged_decode.argtypes = _ARGTYPES
     lib.kvpage_paged_decode.restype = ctypes.c_int

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from kvpage_cache import BlockPool, KVCacheManager
+from kvpage_kernels import select_backend
 from kvpage_sched import (
     FinishReason,
     Request,
@@ -72,11 +74,23 @@ def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return logits[rows]
 
 
+def _prepare_kernels(device: str) -> threading.Thread:
+    """Picks the kernel backend for `device` on a background thread: on the CPU that compiles
+    the cpu backend's library the first time (seconds, in a compiler process), which then
+    overlaps with loading the model."""
+    thread = threading.Thread(target=select_backend, args=(device,), daemon=True,
+                              name="kvpage-kernel-build")
+    thread.start()
+    return thread
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         started = time.perf_counter()
+        kernels = _prepare_kernels(config.device)
         loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        kernels.join()
         self.load_seconds = time.perf_counter() - started
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
