@@ -290,6 +290,11 @@ def default_gguf() -> Path:
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
 
 
+def _portable(arg: str) -> str:
+    """A command-line argument as recorded in RESULTS.md: absolute paths by file name only."""
+    return Path(arg).name if os.path.isabs(arg) else arg
+
+
 @contextlib.contextmanager
 def launched(name: str, command: list[str], port: int, startup_timeout: float = 300.0):
     """Starts a server process, waits for its /health, yields its /v1 base URL, stops it."""
@@ -416,7 +421,7 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
     section = [
         f"\n## Serving: OpenAI endpoint load test ({when})\n",
         f"- machine: {machine}",
-        f"- command: `python bench/{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`",
+        f"- command: `python bench/{' '.join(_portable(a) for a in [sys.argv[0], *sys.argv[1:]])}`",
         f"- versions: {_versions(args.llama_server)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for both",
         f"- workload: {workload_name}, {args.num_prompts} prompts x {args.max_tokens} output tokens "
         f"(ignore_eos, greedy), streaming chat completions, {clients}",
