@@ -181,6 +181,23 @@ void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scra
     }
 }
 
+// Runs attend(p, seq, kv_head, scratch) for every (sequence with one query token, KV head)
+// on OpenMP threads, each with its own scratch buffer.
+template <typename Attend>
+void for_each_decode_item(const Problem& p, Attend attend) {
+    const int items = p.num_seqs * p.num_kv_heads;
+#pragma omp parallel
+    {
+        std::vector<float> scratch;
+#pragma omp for schedule(dynamic, 4)
+        for (int item = 0; item < items; ++item) {
+            const int seq = item / p.num_kv_heads;
+            if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
+            attend(p, seq, item % p.num_kv_heads, scratch);
+        }
+    }
+}
+
 #if defined(__AVX512F__)
 // AVX-512 path for head_dim D and group size G known at compile time: a K or V row is loaded
 // once into D / 16 registers and serves the G query heads, whose (scaled) queries and output
@@ -293,17 +310,7 @@ void attend_avx512(const Problem& p, int seq, int kv_head, std::vector<float>& s
 
 template <typename T, int D, int G>
 void paged_decode_avx512(const Problem& p) {
-    const int items = p.num_seqs * p.num_kv_heads;
-#pragma omp parallel
-    {
-        std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 4)
-        for (int item = 0; item < items; ++item) {
-            const int seq = item / p.num_kv_heads;
-            if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
-            attend_avx512<T, D, G>(p, seq, item % p.num_kv_heads, scratch);
-        }
-    }
+    for_each_decode_item(p, attend_avx512<T, D, G>);
 }
 
 // True when the AVX-512 path served the problem.
@@ -325,17 +332,7 @@ bool paged_decode_fast(const Problem&) { return false; }
 
 template <typename T, int D>
 void paged_decode(const Problem& p) {
-    const int items = p.num_seqs * p.num_kv_heads;
-#pragma omp parallel
-    {
-        std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 4)
-        for (int item = 0; item < items; ++item) {
-            const int seq = item / p.num_kv_heads;
-            if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
-            attend_one<T, D>(p, seq, item % p.num_kv_heads, scratch);
-        }
-    }
+    for_each_decode_item(p, attend_one<T, D>);
 }
 
 template <typename T>
