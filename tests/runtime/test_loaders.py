@@ -63,11 +63,12 @@ def test_sharded_checkpoint_loads_like_single_file(llama_folder, tmp_path):
     assert torch.equal(_last_logits(single, prompt), _last_logits(sharded, prompt))
 
 
-def test_logits_are_fp32_whatever_the_dtype(llama_folder):
+def test_bf16_load_computes_in_bf16_up_to_the_logits(llama_folder):
+    """Logits come in the model dtype; the sampler takes them to fp32 for anything but argmax."""
     loaded = load_model(str(llama_folder), "bfloat16")
     assert loaded.config.dtype == torch.bfloat16
     assert loaded.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
-    assert _last_logits(loaded, [5, 6, 7]).dtype == torch.float32
+    assert _last_logits(loaded, [5, 6, 7]).dtype == torch.bfloat16
 
 
 def test_generation_config_gives_eos_ids(llama_folder):

@@ -117,3 +117,18 @@ def test_top_k_row_next_to_unrestricted_row():
         assert out[0] in logits[0].topk(2).indices.tolist()
         seen.add(out[1])
     assert len(seen) > 2
+
+
+def test_greedy_on_model_dtype_logits_matches_fp32_and_keeps_the_first_maximum():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=gen).bfloat16()
+    logits[2, 7] = logits[2, 400] = 50.0  # a tie: the first index wins
+    greedy = [_row(temperature=0.0) for _ in range(6)]
+    fast = Sampler()(logits, greedy)
+    assert fast.token_ids == logits.float().max(dim=-1).indices.tolist()
+    assert fast.token_ids[2] == 7 and fast.logprobs == [None] * 6
+    with_logprobs = Sampler()(logits, [_row(temperature=0.0, logprobs=2) for _ in range(6)])
+    assert with_logprobs.token_ids == fast.token_ids  # the fp32 path agrees
+    assert with_logprobs.logprobs[0] is not None
+    biased = Sampler()(logits, [_row(temperature=0.0, logit_bias={3: 100.0}) for _ in range(6)])
+    assert biased.token_ids == [3] * 6  # logits processing still applies

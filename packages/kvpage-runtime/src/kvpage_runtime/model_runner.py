@@ -77,12 +77,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch, logits_indices: Sequence[int]) -> torch.Tensor:
-        """Runs the model; returns fp32 logits for the flat token indices asked for."""
+        """Runs the model; returns logits (model dtype) for the flat token indices asked for."""
         hidden = self.model(batch, self.kv_caches)
         if not len(logits_indices):
             return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=self.device)
         index = torch.as_tensor(np.asarray(logits_indices, dtype=np.int64), device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, index))  # fp32 already
+        return self.model.compute_logits(hidden.index_select(0, index))
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)

@@ -20,7 +20,8 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """Projects final hidden states to vocabulary logits, returned in fp32."""
+    """Projects final hidden states to vocabulary logits, in the model dtype (the sampler
+    converts to fp32 where it computes anything but an argmax)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device=None) -> None:
         super().__init__()
@@ -36,5 +37,5 @@ class LMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return self.packed(hidden, None).float()
-        return F.linear(hidden, self.weight).float()
+            return self.packed(hidden, None)
+        return F.linear(hidden, self.weight)

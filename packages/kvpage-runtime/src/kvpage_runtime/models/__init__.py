@@ -1,7 +1,7 @@
 """Model implementations, selected by the Hugging Face architecture name (see registry).
 
 Every model takes ``(config: ModelConfig, device, method: LinearMethod | None)``, returns the
-final hidden states from ``model(batch, kv_caches)`` and fp32 logits from
+final hidden states from ``model(batch, kv_caches)`` and logits (model dtype) from
 ``model.compute_logits(hidden)``, and loads Hugging Face-named tensors with
 ``model.load_weights(iterable of (name, tensor))``. A new Llama-like family usually needs only
 a registry entry and, if its checkpoint names differ, a ``load_tensor`` override.

@@ -135,7 +135,8 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """``model(batch, kv_caches)`` -> final hidden states; ``compute_logits(hidden)`` -> fp32 logits."""
+    """``model(batch, kv_caches)`` -> final hidden states; ``compute_logits(hidden)`` -> logits
+    (model dtype)."""
 
     model_class: type[LlamaModel] = LlamaModel
     # checkpoint projection name -> (fused module name, shard index)

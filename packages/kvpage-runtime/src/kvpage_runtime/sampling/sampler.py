@@ -1,4 +1,7 @@
-"""Batched sampler: one call turns a step's fp32 logits into one token per row.
+"""Batched sampler: one call turns a step's logits into one token per row, computing in fp32.
+
+A batch that is all plain greedy (no logprobs, no logits processing) is an argmax of the
+logits as they come (model dtype: the same tokens, without an fp32 copy of them).
 
 Order (vLLM semantics): min_tokens masking and logit bias, then penalties (repetition over
 prompt + output, presence/frequency over output), then greedy argmax for temperature-0 rows,
@@ -42,6 +45,10 @@ class Sampler:
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        if all(_plain_greedy(r) for r in rows):
+            # argmax of the model-dtype logits: their fp32 values are exact, the first maximum
+            # the same, and the [rows, vocab] fp32 copy is spared
+            return SamplerOutput(_argmax(logits).tolist(), [None] * len(rows))
         logits = logits.float()
         logprobs = self._logprobs(logits, rows)
         logits = _apply_logits_processors(logits, rows)
@@ -86,6 +93,13 @@ class Sampler:
         for i in seeded:
             noise[i].exponential_(generator=rows[i].generator)
         return noise
+
+
+def _plain_greedy(row: SamplingRow) -> bool:
+    """Greedy, and nothing but the argmax is needed: no logprobs, no logits processing."""
+    p = row.params
+    return (p.is_greedy and p.logprobs is None and not row.blocked_token_ids
+            and not p.logit_bias and not p.needs_penalties)
 
 
 def _argmax(x: torch.Tensor) -> torch.Tensor:
