@@ -333,7 +333,7 @@ def test_fork_of_a_waiting_parent_waits_too():
     child = sched.fork_request("p", "c", [])
     assert child.status is RequestStatus.WAITING
     run_until_done(sched)
-    assert sched.get_request("c").num_output_tokens == 4
+    assert child.num_output_tokens == 4 and child.is_finished
 
 
 def test_fork_of_a_parent_that_just_finished():

@@ -24,6 +24,10 @@ class SchedulerConfig:
     policy: "fcfs" (arrival order) or "priority" (lower value first, then arrival order).
     num_lookahead_tokens: speculative slots reserved after each decode token.
     max_loras: most distinct LoRA adapters in one step (None: no cap).
+    defer_shared_prefixes: a waiting request whose first uncached block is computed in this
+        step by a request admitted before it waits for the next step, where that block is a
+        prefix-cache hit, instead of computing it again (a burst of prompts that share a
+        system prompt computes it once). Turn it off when the cache does not cache prefixes.
     """
 
     max_num_seqs: int = 256
@@ -34,6 +38,7 @@ class SchedulerConfig:
     policy: Policy = "fcfs"
     num_lookahead_tokens: int = 0
     max_loras: int | None = None
+    defer_shared_prefixes: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
