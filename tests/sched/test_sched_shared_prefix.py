@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from sched_helpers import BLOCK_SIZE, ids, make_sched, run_until_done, step
-
 from kvpage_sched import Request
+from sched_helpers import BLOCK_SIZE, ids, make_sched, run_until_done, step
 
 
 def shared(rid: str, tail: int, prefix_len: int = 10, **kw) -> Request:
