@@ -1,4 +1,4 @@
-"""Compiled CPU backend: decode attention read in place from the paged cache, fused bf16 ops.
+"""Compiled CPU backend: decode attention read in place from the paged cache, fused layer ops.
 
 The torch backend has to gather each sequence's keys and values out of the cache before it
 can call SDPA; this backend's C++ kernel (csrc/cpu_kernels.cpp) reads them where they
@@ -10,8 +10,9 @@ and bf16, bit-identical to the torch ops. rms_norm (with its residual add) and s
 run as one vectorized pass each, in fp32 and bf16, instead of a chain of small torch ops,
 rounding where those ops round (their fp32 sums and exp differ from torch's in the last bit).
 
-The kernel is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
-c++; ``-O3 -march=native -fopenmp``), about 2 s, and the library is cached under
+The library is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
+c++, else clang++; FLAGS below), about 4 s (the runtime starts it on a background thread
+while the model loads), and cached under
 ``$KVPAGE_CACHE_DIR/kernels`` (default ``~/.cache/kvpage/kernels``), keyed by the source, the
 flags, the compiler and this CPU's feature flags. It links the OpenMP runtime torch has
 already loaded, so it shares torch's threads. Without a compiler the backend is unavailable
