@@ -7,6 +7,7 @@ import torch
 from kvpage_kernels import (
     KernelBackendUnavailable,
     KernelInputError,
+    argmax,
     cpu_backend,
     paged_attention,
     rms_norm,
@@ -226,3 +227,26 @@ def test_rotary_embedding_checks_its_inputs():
         rotary_embedding(torch.randn(4, 2, 7), torch.randn(4, 3), torch.randn(4, 3))
     with pytest.raises(KernelInputError, match="cos and sin must hold"):
         rotary_embedding(x, torch.randn(4, 3), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cols", [1, 15, 16, 17, 49152])
+def test_argmax_finds_the_first_maximum_like_torch_max(dtype, cols):
+    gen = torch.Generator().manual_seed(cols)
+    wide = torch.randn(9, cols + 5, generator=gen).to(dtype)
+    x = wide[:, :cols]  # strided rows
+    x[1, :] = 3.0  # all equal: index 0
+    if cols > 2:
+        x[2, cols - 1] = x[2, 1] = 99.0  # a tie: the first one
+        x[3, cols // 2] = float("nan")  # a NaN counts as the maximum, as in torch.max
+        x[4, :] = float("-inf")
+    expected = x.max(dim=-1).indices
+    assert torch.equal(argmax(x, backend="cpu"), expected)
+    assert torch.equal(argmax(x, backend="torch"), expected)
+
+
+def test_argmax_checks_its_input():
+    with pytest.raises(KernelInputError, match="x must be"):
+        argmax(torch.randn(3))
+    with pytest.raises(KernelInputError, match="x must be"):
+        argmax(torch.randn(3, 0))

@@ -3,6 +3,7 @@
 from .errors import KernelBackendUnavailable, KernelError, KernelInputError
 from .ops import (
     BACKENDS,
+    argmax,
     copy_blocks,
     paged_attention,
     rms_norm,
@@ -18,6 +19,7 @@ __all__ = [
     "KernelBackendUnavailable",
     "KernelError",
     "KernelInputError",
+    "argmax",
     "copy_blocks",
     "paged_attention",
     "rms_norm",

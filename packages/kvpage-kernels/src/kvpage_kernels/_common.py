@@ -93,3 +93,9 @@ def rotary_embedding_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     cos, sin = cos.reshape(x.shape[0], 1, -1), sin.reshape(x.shape[0], 1, -1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def argmax_torch(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise index of the first maximum (max().indices: several times faster than argmax
+    on the CPU)."""
+    return x.max(dim=-1).indices

@@ -9,6 +9,7 @@ straight to its slot (no index tensors, no mask pass); rotary_embedding is one p
 and bf16, bit-identical to the torch ops. rms_norm (with its residual add) and silu_and_mul
 run as one vectorized pass each, in fp32 and bf16, instead of a chain of small torch ops,
 rounding where those ops round (their fp32 sums and exp differ from torch's in the last bit).
+argmax (the greedy sampler's) is one vectorized pass per row.
 
 The library is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
 c++, else clang++; FLAGS below), about 4 s (the runtime starts it on a background thread
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from . import torch_backend
-from ._common import rms_norm_torch, rotary_embedding_torch, silu_and_mul_torch
+from ._common import argmax_torch, rms_norm_torch, rotary_embedding_torch, silu_and_mul_torch
 from .errors import KernelBackendUnavailable, KernelInputError
 
 copy_blocks = torch_backend.copy_blocks
@@ -111,6 +112,8 @@ def library() -> ctypes.CDLL:
     lib.kvpage_rms_norm.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
                                     _f32]
     lib.kvpage_rms_norm.restype = ctypes.c_int
+    lib.kvpage_argmax.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
+    lib.kvpage_argmax.restype = ctypes.c_int
     lib.kvpage_silu_and_mul.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
     lib.kvpage_silu_and_mul.restype = ctypes.c_int
     return lib
@@ -220,4 +223,13 @@ def rotary_embedding(x, cos, sin):
     library().kvpage_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1),
                             cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
                             tokens, heads, head_dim // 2)
+    return out
+
+
+def argmax(x):
+    if not (_rows(x) and x.shape[1] > 0):
+        return argmax_torch(x)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    library().kvpage_argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(),
+                            x.shape[0], x.shape[1])
     return out

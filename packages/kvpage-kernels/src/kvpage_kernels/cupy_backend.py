@@ -17,6 +17,7 @@ import torch
 
 from . import torch_backend
 from ._common import (
+    argmax_torch,
     check_inner_contiguous,
     copy_blocks_indexed,
     rms_norm_torch,
@@ -28,6 +29,7 @@ from ._common import (
 rms_norm = rms_norm_torch
 silu_and_mul = silu_and_mul_torch
 rotary_embedding = rotary_embedding_torch
+argmax = argmax_torch
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("write_kv.cu", "paged_decode.cu")

@@ -257,3 +257,12 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
            lambda: f"cos and sin must hold [{half[0]}, {half[1]}] values, got "
            f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     return _backend(x.device, backend).rotary_embedding(x, cos, sin)
+
+
+def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Row-wise index (int64) of the first maximum of x [rows, cols]: greedy sampling over
+    logits in their own dtype (converting bf16 to fp32 changes no order). A NaN counts as the
+    maximum, as in torch.max."""
+    _check(x.dim() == 2 and x.shape[1] > 0,
+           lambda: f"x must be [rows, cols] with cols > 0, got {tuple(x.shape)}")
+    return _backend(x.device, backend).argmax(x)

@@ -10,6 +10,7 @@ import torch
 
 from ._common import (
     apply_softcap,
+    argmax_torch,
     pairs_to_lists,
     rms_norm_torch,
     rotary_embedding_torch,
@@ -19,6 +20,7 @@ from ._common import (
 rms_norm = rms_norm_torch
 silu_and_mul = silu_and_mul_torch
 rotary_embedding = rotary_embedding_torch
+argmax = argmax_torch
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:

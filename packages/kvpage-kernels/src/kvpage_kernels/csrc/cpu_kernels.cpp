@@ -446,6 +446,67 @@ extern "C" int kvpage_rotary(int32_t dtype, const void* x, int64_t x_token_strid
     return 1;
 }
 
+// ---- greedy sampling ------------------------------------------------------------------------
+
+// Index of the first maximum of row[0..cols) (a NaN counts as the maximum, as in torch.max).
+template <typename T>
+int64_t argmax_row(const T* row, int64_t cols) {
+    float best = to_float(row[0]);
+    bool nan = false;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    __m512 best16 = _mm512_set1_ps(best);
+    __mmask16 unordered = 0;
+    for (; j + 16 <= cols; j += 16) {
+        const __m512 v = load16(row + j);
+        best16 = _mm512_max_ps(best16, v);
+        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    best = _mm512_reduce_max_ps(best16);
+    nan = unordered != 0;
+#endif
+    for (; j < cols; ++j) {
+        const float v = to_float(row[j]);
+        best = std::max(best, v);
+        nan = nan || v != v;
+    }
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 target = _mm512_set1_ps(best);
+    for (; i + 16 <= cols; i += 16) {
+        const __m512 v = load16(row + i);
+        const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                                  : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        if (hit) return i + __builtin_ctz(hit);
+    }
+#endif
+    for (; i < cols; ++i) {
+        const float v = to_float(row[i]);
+        if (nan ? v != v : v == best) return i;
+    }
+    return 0;
+}
+
+// out[r] = argmax_row of row r, rows on OpenMP threads.
+template <typename T>
+void argmax_rows(const T* x, int64_t row_stride, int64_t* out, int64_t rows, int64_t cols) {
+#pragma omp parallel for if (rows * cols > (1 << 17))
+    for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * row_stride, cols);
+}
+
+extern "C" int kvpage_argmax(int32_t dtype, const void* x, int64_t row_stride, int64_t* out,
+                             int64_t rows, int64_t cols) {
+    if (dtype == 0) {
+        argmax_rows(static_cast<const float*>(x), row_stride, out, rows, cols);
+        return 0;
+    }
+    if (dtype == 1) {
+        argmax_rows(static_cast<const uint16_t*>(x), row_stride, out, rows, cols);
+        return 0;
+    }
+    return 1;
+}
+
 // ---- elementwise ops of a Llama layer, rounding to T where the unfused torch ops round -----
 
 // out = round(weight * round(s * rsqrt(mean(s^2) + eps))) with s = round(x + residual) (or x),
