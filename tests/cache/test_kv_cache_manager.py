@@ -63,6 +63,20 @@ def test_committed_blocks_are_hit_by_the_next_request():
     assert hit.block_ids == mgr.block_ids("a")[:2] and hit.num_tokens == 8
 
 
+def test_the_miss_names_the_block_two_prompts_share():
+    mgr = make()
+    a = mgr.lookup_prefix("a", list(range(10)))
+    b = mgr.lookup_prefix("b", list(range(8)) + [99, 98])  # same two blocks, other tail
+    c = mgr.lookup_prefix("c", [7] + list(range(1, 10)))  # another first block
+    salted = mgr.lookup_prefix("d", list(range(10)), ((CACHE_SALT, "t"),))
+    assert a.next_block_hash is not None and a.next_block_hash == b.next_block_hash
+    assert c.next_block_hash != a.next_block_hash != salted.next_block_hash
+    prefill(mgr, "a", list(range(10)))
+    assert mgr.lookup_prefix("e", list(range(9))).next_block_hash is None  # nothing left to miss
+    uncached = make(enable_prefix_caching=False)
+    assert uncached.lookup_prefix("f", list(range(10))).next_block_hash is None
+
+
 def test_a_full_prompt_hit_leaves_the_last_token_to_compute():
     mgr = make()
     prefill(mgr, "a", list(range(8)))

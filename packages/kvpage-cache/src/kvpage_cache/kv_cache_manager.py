@@ -35,10 +35,16 @@ _FREED_IDS_REMEMBERED = 4096  # recently freed request ids kept to tell a double
 @dataclass(slots=True)
 class PrefixHit:
     """Cached full blocks that hold a prompt's prefix. They are not referenced yet: pass them
-    to ``allocate_slots`` as ``computed_blocks`` before the pool allocates anything else."""
+    to ``allocate_slots`` as ``computed_blocks`` before the pool allocates anything else.
+
+    ``next_block_hash`` is the hash of the full block right after the hit, which the lookup
+    found uncached (None when there is no such block to look up): two prompts with the same
+    one need the same block.
+    """
 
     block_ids: list[int]
     num_tokens: int
+    next_block_hash: BlockHash | None = None
 
 
 @dataclass(slots=True)
@@ -150,10 +156,10 @@ class KVCacheManager:
             chain.append((key, block_hash))
             block = self.pool.cached_block(block_hash)
             if block is None or not block.holds(key, parent):
-                break
+                return PrefixHit(block_ids, len(block_ids) * size, block_hash)
             block_ids.append(block.block_id)
             parent_hash, parent = block_hash, block.content_id
-        return PrefixHit(block_ids, len(block_ids) * self.block_size)
+        return PrefixHit(block_ids, len(block_ids) * size)
 
     def _count_lookup(self, request_id: str, num_hit_blocks: int) -> None:
         """Count the request's last lookup in the stats, now that its first allocation adopts it."""

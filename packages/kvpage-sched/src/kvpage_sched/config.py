@@ -27,7 +27,9 @@ class SchedulerConfig:
     defer_shared_prefixes: a waiting request whose first uncached block is computed in this
         step by a request admitted before it waits for the next step, where that block is a
         prefix-cache hit, instead of computing it again (a burst of prompts that share a
-        system prompt computes it once). Turn it off when the cache does not cache prefixes.
+        system prompt computes it once). Blocks are recognized by the cache's block hashes
+        (``PrefixHit.next_block_hash``), so nothing is deferred when the cache keeps no
+        prefixes.
     """
 
     max_num_seqs: int = 256

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 
 class PrefixHitLike(Protocol):
-    """Blocks already holding a prompt prefix (not yet referenced) and the tokens they cover."""
+    """Blocks already holding a prompt prefix (not yet referenced), the tokens they cover, and
+    the hash of the uncached full block that follows (None when there is none to look up)."""
 
     block_ids: list[int]
     num_tokens: int
+    next_block_hash: Hashable | None
 
 
 class CacheStatsLike(Protocol):

@@ -35,7 +35,7 @@ class _Step:
     copies: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
     hit_tokens: int = 0
-    computing_blocks: set[int] = field(default_factory=set)  # prefix keys (_prefix_keys)
+    computing_blocks: set = field(default_factory=set)  # hashes of blocks admissions compute
 
     def lora_allows(self, req: Request) -> bool:
         return (self.max_loras is None or req.lora_id is None or req.lora_id in self.loras
@@ -205,18 +205,17 @@ class Scheduler:
 
     def _admit(self, req: Request, step: _Step) -> bool:
         hit = self.cache.lookup_prefix(req.request_id, req.all_token_ids, req.cache_keys)
-        if self._next_block_computing(req, hit.num_tokens, step):
-            return False  # next step that block is a cache hit
+        shared = self.config.defer_shared_prefixes and hit.next_block_hash is not None
+        if shared and hit.next_block_hash in step.computing_blocks:
+            return False  # an earlier admission computes that block now: next step it is a hit
         n = self._prefill_tokens(req.num_tokens - hit.num_tokens, step.token_budget)
         if n == 0:
             return False
         new_blocks = self.cache.allocate_slots(req.request_id, n, hit.block_ids)
         if new_blocks is None:
             return False
-        if self.config.defer_shared_prefixes:  # the full blocks it computes in this step
-            first = hit.num_tokens // self._block_size
-            end = (hit.num_tokens + n) // self._block_size
-            step.computing_blocks.update(self._prefix_keys(req, end)[first:])
+        if shared and n >= self._block_size:  # it computes (and then caches) that whole block
+            step.computing_blocks.add(hit.next_block_hash)
         req.status = RUNNING
         req.num_computed_tokens = hit.num_tokens
         req.num_committed_blocks = hit.num_tokens // self._block_size
@@ -225,26 +224,6 @@ class Scheduler:
         step.hit_tokens += hit.num_tokens
         step.add(req, n, 0, new_blocks, self.cache.block_table(req.request_id))
         return True
-
-    def _next_block_computing(self, req: Request, hit_tokens: int, step: _Step) -> bool:
-        """True when the first block `req` misses is computed in this step by an admission."""
-        if not step.computing_blocks:
-            return False
-        blocks = hit_tokens // self._block_size + 1
-        if blocks * self._block_size > req.num_tokens:
-            return False
-        return self._prefix_keys(req, blocks)[-1] in step.computing_blocks
-
-    def _prefix_keys(self, req: Request, num_blocks: int) -> list[int]:
-        """A key per full block 0..num_blocks-1 of req's tokens, chained over the blocks before
-        it and the cache keys (LoRA, salt), like the cache's block hashes. A collision only
-        delays a request by a step: the cache verifies every hit."""
-        tokens, size = req.all_token_ids, self._block_size
-        key, keys = hash(req.cache_keys), []
-        for b in range(num_blocks):
-            key = hash((key, tuple(tokens[b * size:(b + 1) * size])))
-            keys.append(key)
-        return keys
 
     def _allocate_preempting(self, req: Request, n: int, lookahead: int,
                              step: _Step) -> list[int] | None:

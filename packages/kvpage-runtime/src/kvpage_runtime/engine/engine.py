@@ -129,8 +129,7 @@ class LLMEngine:
             budget = max(budget, self.max_model_len)
         return SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=self.max_model_len,
-                               enable_chunked_prefill=cfg.enable_chunked_prefill,
-                               defer_shared_prefixes=cfg.enable_prefix_caching)
+                               enable_chunked_prefill=cfg.enable_chunked_prefill)
 
     # ---- requests -------------------------------------------------------------------------
 
