@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import KernelInputError
 
@@ -64,38 +63,3 @@ def swap_blocks_indexed(src_cache: torch.Tensor, dst_cache: torch.Tensor, mappin
     # a device-to-host copy must complete before the host reads it: non_blocking only to CUDA
     blocks = src_cache[src].to(dst_cache.device, non_blocking=dst_cache.is_cuda)
     dst_cache[dst.to(dst_cache.device)] = blocks
-
-
-def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float,
-                   residual: torch.Tensor | None = None):
-    """RMSNorm with Hugging Face's numerics (fp32 statistics; in half types the normalized
-    value is rounded before the weight scales it), after adding `residual` when given:
-    returns norm(x) or (norm(x + residual), x + residual)."""
-    if residual is not None:
-        x = x + residual
-    shape = (x.shape[-1],)
-    if x.dtype == torch.float32:
-        normed = F.rms_norm(x, shape, weight, eps)
-    else:
-        normed = F.rms_norm(x.float(), shape, None, eps).to(x.dtype) * weight
-    return normed if residual is None else (normed, x)
-
-
-def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for x = [gate | up] along the last dimension."""
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
-
-
-def rotary_embedding_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [tokens, heads, head_dim] in the half-rotation layout (as Hugging Face Llama):
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); cos, sin [tokens, (1,) head_dim // 2]."""
-    cos, sin = cos.reshape(x.shape[0], 1, -1), sin.reshape(x.shape[0], 1, -1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-def argmax_torch(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise index of the first maximum (max().indices: several times faster than argmax
-    on the CPU)."""
-    return x.max(dim=-1).indices

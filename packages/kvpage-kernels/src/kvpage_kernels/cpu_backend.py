@@ -34,8 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import torch_backend
-from ._common import argmax_torch, rms_norm_torch, rotary_embedding_torch, silu_and_mul_torch
+from . import layer_ops, torch_backend
 from .errors import KernelBackendUnavailable, KernelInputError
 
 copy_blocks = torch_backend.copy_blocks
@@ -190,7 +189,7 @@ def _rows(*tensors: torch.Tensor | None) -> bool:
 
 def rms_norm(x, weight, eps, residual=None):
     if not (_rows(x, residual) and weight.dtype == x.dtype and weight.is_contiguous()):
-        return rms_norm_torch(x, weight, eps, residual)
+        return layer_ops.rms_norm(x, weight, eps, residual)
     rows, hidden = x.shape
     out = torch.empty(rows, hidden, dtype=x.dtype)
     total = None if residual is None else torch.empty_like(out)
@@ -204,7 +203,7 @@ def rms_norm(x, weight, eps, residual=None):
 
 def silu_and_mul(x):
     if not _rows(x):
-        return silu_and_mul_torch(x)
+        return layer_ops.silu_and_mul(x)
     rows, inner = x.shape[0], x.shape[1] // 2
     out = torch.empty(rows, inner, dtype=x.dtype)
     library().kvpage_silu_and_mul(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0),
@@ -218,7 +217,7 @@ def rotary_embedding(x, cos, sin):
     if not (x.device.type == "cpu" and x.dtype in _DTYPE_CODES and cos.dtype == x.dtype
             and sin.dtype == x.dtype and x.stride(-1) == 1 and cos.stride(-1) == 1
             and sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0) and tokens > 0):
-        return rotary_embedding_torch(x, cos, sin)
+        return layer_ops.rotary_embedding(x, cos, sin)
     out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
     library().kvpage_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1),
                             cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
@@ -228,7 +227,7 @@ def rotary_embedding(x, cos, sin):
 
 def argmax(x):
     if not (_rows(x) and x.shape[1] > 0):
-        return argmax_torch(x)
+        return layer_ops.argmax(x)
     out = torch.empty(x.shape[0], dtype=torch.int64)
     library().kvpage_argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(),
                             x.shape[0], x.shape[1])

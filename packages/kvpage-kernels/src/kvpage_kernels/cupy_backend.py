@@ -16,20 +16,7 @@ import numpy as np
 import torch
 
 from . import torch_backend
-from ._common import (
-    argmax_torch,
-    check_inner_contiguous,
-    copy_blocks_indexed,
-    rms_norm_torch,
-    rotary_embedding_torch,
-    silu_and_mul_torch,
-    swap_blocks_indexed,
-)
-
-rms_norm = rms_norm_torch
-silu_and_mul = silu_and_mul_torch
-rotary_embedding = rotary_embedding_torch
-argmax = argmax_torch
+from ._common import check_inner_contiguous, copy_blocks_indexed, swap_blocks_indexed
 
 SOURCE_DIR = Path(__file__).parent / "csrc"
 SOURCES = ("write_kv.cu", "paged_decode.cu")

@@ -16,6 +16,7 @@ from types import ModuleType
 
 import torch
 
+from . import layer_ops
 from ._common import Pairs
 from .errors import KernelBackendUnavailable, KernelInputError
 
@@ -108,6 +109,12 @@ def _module(name: str) -> ModuleType:
 
 def _backend(device: torch.device, prefer: str | None) -> ModuleType:
     return _module(select_backend(device, prefer))
+
+
+def _layer_op(device: torch.device, prefer: str | None, name: str) -> Callable:
+    """Layer op `name` of the selected backend, or the plain torch one of ``layer_ops`` when
+    the backend has none of its own."""
+    return getattr(_backend(device, prefer), name, None) or getattr(layer_ops, name)
 
 
 def _check(condition: bool, message: Callable[[], str]) -> None:
@@ -234,14 +241,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     _check(residual is None or residual.shape == x.shape,
            lambda: f"residual shape {None if residual is None else tuple(residual.shape)} differs "
            f"from x shape {tuple(x.shape)}")
-    return _backend(x.device, backend).rms_norm(x, weight, eps, residual)
+    return _layer_op(x.device, backend, "rms_norm")(x, weight, eps, residual)
 
 
 def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """silu(gate) * up for x = [gate | up] along the last dimension (the SiLU-gated MLP)."""
     _check(x.shape[-1] % 2 == 0,
            lambda: f"the last dimension of x must be even, got {x.shape[-1]}")
-    return _backend(x.device, backend).silu_and_mul(x)
+    return _layer_op(x.device, backend, "silu_and_mul")(x)
 
 
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
@@ -256,7 +263,7 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
            and sin.shape[-1] == half[1],
            lambda: f"cos and sin must hold [{half[0]}, {half[1]}] values, got "
            f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    return _backend(x.device, backend).rotary_embedding(x, cos, sin)
+    return _layer_op(x.device, backend, "rotary_embedding")(x, cos, sin)
 
 
 def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -265,4 +272,4 @@ def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     maximum, as in torch.max."""
     _check(x.dim() == 2 and x.shape[1] > 0,
            lambda: f"x must be [rows, cols] with cols > 0, got {tuple(x.shape)}")
-    return _backend(x.device, backend).argmax(x)
+    return _layer_op(x.device, backend, "argmax")(x)

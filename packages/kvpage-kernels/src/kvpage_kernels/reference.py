@@ -8,19 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (
-    apply_softcap,
-    argmax_torch,
-    pairs_to_lists,
-    rms_norm_torch,
-    rotary_embedding_torch,
-    silu_and_mul_torch,
-)
-
-rms_norm = rms_norm_torch
-silu_and_mul = silu_and_mul_torch
-rotary_embedding = rotary_embedding_torch
-argmax = argmax_torch
+from ._common import apply_softcap, pairs_to_lists
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:

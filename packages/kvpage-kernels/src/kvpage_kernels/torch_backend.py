@@ -18,22 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._common import (
-    apply_softcap,
-    argmax_torch,
-    copy_blocks_indexed,
-    rms_norm_torch,
-    rotary_embedding_torch,
-    silu_and_mul_torch,
-    swap_blocks_indexed,
-)
+from ._common import apply_softcap, copy_blocks_indexed, swap_blocks_indexed
 
 copy_blocks = copy_blocks_indexed
 swap_blocks = swap_blocks_indexed
-rms_norm = rms_norm_torch
-silu_and_mul = silu_and_mul_torch
-rotary_embedding = rotary_embedding_torch
-argmax = argmax_torch
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:

@@ -18,21 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    argmax_torch,
-    check_inner_contiguous,
-    pairs_to_tensors,
-    rms_norm_torch,
-    rotary_embedding_torch,
-    silu_and_mul_torch,
-    swap_blocks_indexed,
-)
+from ._common import check_inner_contiguous, pairs_to_tensors, swap_blocks_indexed
 
 swap_blocks = swap_blocks_indexed
-rms_norm = rms_norm_torch
-silu_and_mul = silu_and_mul_torch
-rotary_embedding = rotary_embedding_torch
-argmax = argmax_torch
 # Keys per attention step, independent of the cache block size (each position's block is
 # looked up on its own). Split-KV decode: each program covers PARTITION_SIZE key positions
 # (a multiple of TILE_N) of one sequence.
