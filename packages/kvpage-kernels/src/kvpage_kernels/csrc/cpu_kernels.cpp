@@ -40,6 +40,29 @@ inline uint16_t to_bf16(float x) {  // round to nearest even, NaN kept a NaN (br
 }
 inline void store(uint16_t* dst, float x) { *dst = to_bf16(x); }
 
+// v rounded to T and read back (identity for float): where an unfused torch op would round.
+template <typename T>
+inline float rounded(float v) {
+    T r;
+    store(&r, v);
+    return to_float(r);
+}
+
+// Calls fn with a null T* for the element type `dtype` names (0: fp32, 1: bf16, stored as
+// uint16_t); returns 0, or 1 for a dtype the kernels do not know.
+template <typename Fn>
+int with_dtype(int32_t dtype, Fn fn) {
+    if (dtype == 0) {
+        fn(static_cast<float*>(nullptr));
+        return 0;
+    }
+    if (dtype == 1) {
+        fn(static_cast<uint16_t*>(nullptr));
+        return 0;
+    }
+    return 1;
+}
+
 struct Problem {
     const void* q;
     int64_t q_token_stride, q_head_stride;
@@ -363,15 +386,9 @@ extern "C" int kvpage_paged_decode(
                     k_cache, v_cache, block_tables, table_stride, seq_lens, query_start_loc,
                     num_seqs, num_kv_heads, group, head_dim, block_size, scale, window,
                     softcap};
-    if (dtype == 0) {
-        dispatch_head_dim<float>(p);
-        return 0;
-    }
-    if (dtype == 1) {
-        dispatch_head_dim<uint16_t>(p);
-        return 0;
-    }
-    return 1;
+    return with_dtype(dtype, [&](auto* tag) {
+        dispatch_head_dim<std::remove_pointer_t<decltype(tag)>>(p);
+    });
 }
 
 // k/v rows [tokens, heads, head_dim] (element strides given; head_dim contiguous) go to
@@ -407,7 +424,6 @@ template <typename T>
 void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* cos,
             const T* sin, int64_t cs_stride, T* out, int64_t tokens, int64_t heads,
             int64_t half) {
-    auto round = [](float v) { T r; store(&r, v); return to_float(r); };
 #pragma omp parallel for if (tokens * heads * half > (1 << 15))
     for (int64_t i = 0; i < tokens; ++i) {
         const T* c = cos + i * cs_stride;
@@ -420,8 +436,8 @@ void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* 
             for (int64_t j = 0; j < half; ++j) {
                 const float a = to_float(x1[j]), b = to_float(x2[j]);
                 const float cj = to_float(c[j]), sj = to_float(s[j]);
-                store(o + j, round(a * cj) - round(b * sj));
-                store(o + half + j, round(b * cj) + round(a * sj));
+                store(o + j, rounded<T>(a * cj) - rounded<T>(b * sj));
+                store(o + half + j, rounded<T>(b * cj) + rounded<T>(a * sj));
             }
         }
     }
@@ -431,19 +447,11 @@ extern "C" int kvpage_rotary(int32_t dtype, const void* x, int64_t x_token_strid
                              int64_t x_head_stride, const void* cos, const void* sin,
                              int64_t cs_stride, void* out, int64_t tokens, int64_t heads,
                              int64_t half) {
-    if (dtype == 0) {
-        rotary(static_cast<const float*>(x), x_token_stride, x_head_stride,
-               static_cast<const float*>(cos), static_cast<const float*>(sin), cs_stride,
-               static_cast<float*>(out), tokens, heads, half);
-        return 0;
-    }
-    if (dtype == 1) {
-        rotary(static_cast<const uint16_t*>(x), x_token_stride, x_head_stride,
-               static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), cs_stride,
-               static_cast<uint16_t*>(out), tokens, heads, half);
-        return 0;
-    }
-    return 1;
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        rotary(static_cast<const T*>(x), x_token_stride, x_head_stride, static_cast<const T*>(cos),
+               static_cast<const T*>(sin), cs_stride, static_cast<T*>(out), tokens, heads, half);
+    });
 }
 
 // ---- greedy sampling ------------------------------------------------------------------------
@@ -496,15 +504,10 @@ void argmax_rows(const T* x, int64_t row_stride, int64_t* out, int64_t rows, int
 
 extern "C" int kvpage_argmax(int32_t dtype, const void* x, int64_t row_stride, int64_t* out,
                              int64_t rows, int64_t cols) {
-    if (dtype == 0) {
-        argmax_rows(static_cast<const float*>(x), row_stride, out, rows, cols);
-        return 0;
-    }
-    if (dtype == 1) {
-        argmax_rows(static_cast<const uint16_t*>(x), row_stride, out, rows, cols);
-        return 0;
-    }
-    return 1;
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        argmax_rows(static_cast<const T*>(x), row_stride, out, rows, cols);
+    });
 }
 
 // ---- elementwise ops of a Llama layer, rounding to T where the unfused torch ops round -----
@@ -514,7 +517,6 @@ extern "C" int kvpage_argmax(int32_t dtype, const void* x, int64_t row_stride, i
 template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride,
               const T* weight, T* out, T* sum_out, int64_t rows, int64_t hidden, float eps) {
-    auto round = [](float v) { T r; store(&r, v); return to_float(r); };
 #pragma omp parallel for if (rows * hidden > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
         const T* xr = x + r * x_stride;
@@ -533,33 +535,24 @@ void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_
         T* o = out + r * hidden;
 #pragma omp simd
         for (int64_t j = 0; j < hidden; ++j)
-            store(o + j, to_float(weight[j]) * round(to_float(sr[j]) * inv));
+            store(o + j, to_float(weight[j]) * rounded<T>(to_float(sr[j]) * inv));
     }
 }
 
 extern "C" int kvpage_rms_norm(int32_t dtype, const void* x, int64_t x_stride,
                                const void* residual, int64_t residual_stride, const void* weight,
                                void* out, void* sum_out, int64_t rows, int64_t hidden, float eps) {
-    if (dtype == 0) {
-        rms_norm(static_cast<const float*>(x), x_stride, static_cast<const float*>(residual),
-                 residual_stride, static_cast<const float*>(weight), static_cast<float*>(out),
-                 static_cast<float*>(sum_out), rows, hidden, eps);
-        return 0;
-    }
-    if (dtype == 1) {
-        rms_norm(static_cast<const uint16_t*>(x), x_stride,
-                 static_cast<const uint16_t*>(residual), residual_stride,
-                 static_cast<const uint16_t*>(weight), static_cast<uint16_t*>(out),
-                 static_cast<uint16_t*>(sum_out), rows, hidden, eps);
-        return 0;
-    }
-    return 1;
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        rms_norm(static_cast<const T*>(x), x_stride, static_cast<const T*>(residual),
+                 residual_stride, static_cast<const T*>(weight), static_cast<T*>(out),
+                 static_cast<T*>(sum_out), rows, hidden, eps);
+    });
 }
 
 // out[:, j] = round(round(silu(gate[:, j])) * up[:, j]) for rows x = [gate | up], 2 * inner wide.
 template <typename T>
 void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t inner) {
-    auto round = [](float v) { T r; store(&r, v); return to_float(r); };
 #pragma omp parallel for if (rows * inner > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
         const T* gate = x + r * x_stride;
@@ -568,22 +561,15 @@ void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t in
 #pragma omp simd
         for (int64_t j = 0; j < inner; ++j) {
             const float g = to_float(gate[j]);
-            store(o + j, round(g / (1.f + fast_exp(-g))) * to_float(up[j]));
+            store(o + j, rounded<T>(g / (1.f + fast_exp(-g))) * to_float(up[j]));
         }
     }
 }
 
 extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_stride, void* out,
                                    int64_t rows, int64_t inner) {
-    if (dtype == 0) {
-        silu_and_mul(static_cast<const float*>(x), x_stride, static_cast<float*>(out), rows,
-                     inner);
-        return 0;
-    }
-    if (dtype == 1) {
-        silu_and_mul(static_cast<const uint16_t*>(x), x_stride, static_cast<uint16_t*>(out),
-                     rows, inner);
-        return 0;
-    }
-    return 1;
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        silu_and_mul(static_cast<const T*>(x), x_stride, static_cast<T*>(out), rows, inner);
+    });
 }
