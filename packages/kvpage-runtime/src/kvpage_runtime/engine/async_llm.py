@@ -53,12 +53,12 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
         self._stopping = False
-        built: Future[LLMEngine] = Future()
+        self.engine: LLMEngine
+        built: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(config or EngineConfig(**kwargs),
                                         built), name="kvpage-engine", daemon=True)
         self._thread.start()
-        self.engine = built.result()
-        self._stats = self.engine.stats()
+        built.result()  # self.engine is set, or the load error is raised here
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLM:
@@ -147,7 +147,7 @@ class AsyncLLM:
         except BaseException as exc:  # raised by the constructor, in the caller's thread
             built.set_exception(exc)
             return
-        built.set_result(self.engine)
+        built.set_result(None)
         self._loop()
 
     def _add(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,

@@ -48,6 +48,7 @@ class UnquantizedLinearMethod:
     ) -> None:
         weight = torch.empty(output_size, input_size, dtype=dtype, device=device)
         layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.packed = None  # set by process_weights_after_loading where packing pays
 
     def load_shard(
         self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int
@@ -59,9 +60,8 @@ class UnquantizedLinearMethod:
         layer.packed = pack_linear_weight(layer.weight)
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        packed = getattr(layer, "packed", None)
-        if packed is not None:
-            return packed(x, bias)
+        if layer.packed is not None:
+            return layer.packed(x, bias)
         return F.linear(x, layer.weight, bias)
 
 
