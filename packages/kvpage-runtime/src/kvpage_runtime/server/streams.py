@@ -117,11 +117,9 @@ def error_event(exc: BaseException) -> str:
     return sse(error_body(err.message, err.type, err.param, err.code or err.status))
 
 
-async def sse_body(
-    events: AsyncGenerator[str, None], requests: EngineRequests
-) -> AsyncIterator[str]:
+async def sse_body(events: AsyncGenerator[str, None]) -> AsyncIterator[str]:
     """A streamed response's body: ``events``, an error event if they fail midway, and always
-    ``[DONE]``; the engine requests are closed however the stream ends."""
+    ``[DONE]``."""
     try:
         async for event in events:
             yield event
@@ -129,8 +127,14 @@ async def sse_body(
         yield error_event(exc)
     finally:
         await events.aclose()
-        await requests.aclose()
     yield SSE_DONE
+
+
+async def sse_response(requests: EngineRequests, events: AsyncGenerator[str, None]) -> SSEResponse:
+    """Starts the engine requests, then streams ``events`` (see ``sse_body``); the response
+    closes the requests however the stream ends (``SSEResponse``)."""
+    await requests.start()
+    return SSEResponse(sse_body(events), on_close=requests.aclose)
 
 
 class SSEResponse(StreamingResponse):
@@ -216,9 +220,3 @@ class DeltaTracker:
             output.finish_reason is not None,
         )
         return Delta(text, list(ids), list(positions), output.finish_reason, output.stop_reason)
-
-
-async def sse_response(requests: EngineRequests, events: AsyncGenerator[str, None]) -> SSEResponse:
-    """Starts the engine requests, then streams ``events`` (see ``sse_body``)."""
-    await requests.start()
-    return SSEResponse(sse_body(events, requests), on_close=requests.aclose)
