@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kvpage_runtime.layers.packed_gemm import pack_linear_weight
+from kvpage_runtime.layers.linear import UnquantizedLinearMethod
+
+_DENSE = UnquantizedLinearMethod()
 
 
 class VocabEmbedding(nn.Module):
@@ -21,7 +23,8 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(nn.Module):
     """Projects final hidden states to vocabulary logits, in the model dtype (the sampler
-    converts to fp32 where it computes anything but an argmax)."""
+    converts to fp32 where it computes anything but an argmax). A dense linear layer whose
+    weight may be the embedding's, applied (and packed) as ``UnquantizedLinearMethod`` does."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device=None) -> None:
         super().__init__()
@@ -33,9 +36,7 @@ class LMHead(nn.Module):
         self.weight = embedding.weight
 
     def pack_weights(self) -> None:
-        self.packed = pack_linear_weight(self.weight)
+        _DENSE.process_weights_after_loading(self)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed(hidden, None)
-        return F.linear(hidden, self.weight)
+        return _DENSE.apply(self, hidden, None)

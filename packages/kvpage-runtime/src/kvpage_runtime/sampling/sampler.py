@@ -49,12 +49,12 @@ class Sampler:
         if all(_plain_greedy(r) for r in rows):
             # argmax of the model-dtype logits: their fp32 values are exact, the first maximum
             # the same, and the [rows, vocab] fp32 copy is spared
-            return SamplerOutput(_argmax(logits).tolist(), [None] * len(rows))
+            return SamplerOutput(argmax(logits).tolist(), [None] * len(rows))
         logits = logits.float()
         logprobs = self._logprobs(logits, rows)
         logits = _apply_logits_processors(logits, rows)
         greedy = [r.params.is_greedy for r in rows]
-        tokens = _argmax(logits) if all(greedy) else self._sample(logits, rows, greedy)
+        tokens = argmax(logits) if all(greedy) else self._sample(logits, rows, greedy)
         token_list = tokens.tolist()
         if any(lp is not None for lp in logprobs):
             logprobs = [None if lp is None else lp.with_sampled(t)
@@ -75,7 +75,7 @@ class Sampler:
                 greedy: list[bool]) -> torch.Tensor:
         device = logits.device
         greedy_mask = torch.tensor(greedy, device=device)
-        argmax = _argmax(logits)
+        best = argmax(logits)
         temps = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
         temps = torch.tensor(temps, device=device)
         logits = logits / temps.unsqueeze(1)
@@ -83,8 +83,8 @@ class Sampler:
         probs = logits.softmax(dim=-1)
         probs = _apply_min_p(probs, rows)
         noise = self._noise(probs, rows)
-        sampled = _argmax(probs / noise)
-        return torch.where(greedy_mask, argmax, sampled)
+        sampled = argmax(probs / noise)
+        return torch.where(greedy_mask, best, sampled)
 
     def _noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         noise = torch.empty_like(probs)
@@ -98,24 +98,22 @@ class Sampler:
 
 def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy, and nothing but the argmax is needed: no logprobs, no logits processing."""
+    return row.params.is_greedy and row.params.logprobs is None and not _processes_logits(row)
+
+
+def _processes_logits(row: SamplingRow) -> bool:
+    """min_tokens masking, logit bias or penalties apply to this row."""
     p = row.params
-    return (p.is_greedy and p.logprobs is None and not row.blocked_token_ids
-            and not p.logit_bias and not p.needs_penalties)
-
-
-def _argmax(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise index of the first maximum (``kvpage_kernels.argmax``: one vectorized pass per
-    row on the compiled CPU backend)."""
-    return argmax(x)
+    return bool(row.blocked_token_ids or p.logit_bias or p.needs_penalties)
 
 
 def _apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """min_tokens masking, logit bias, penalties: only touches rows that ask for them."""
+    if not any(_processes_logits(r) for r in rows):
+        return logits
     blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
     bias = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
     penalized = [i for i, r in enumerate(rows) if r.params.needs_penalties]
-    if not (blocked or bias or penalized):
-        return logits
     logits = logits.clone()
     if bias:
         ri, ti, bv = zip(*bias, strict=True)
