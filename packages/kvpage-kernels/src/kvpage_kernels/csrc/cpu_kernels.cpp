@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -572,4 +573,131 @@ extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_strid
         using T = std::remove_pointer_t<decltype(tag)>;
         silu_and_mul(static_cast<const T*>(x), x_stride, static_cast<T*>(out), rows, inner);
     });
+}
+
+// ---- the decoder stack of a Llama-family model for one decode step, fp32, in one call ------
+//
+// The same ops the per-layer path runs (rms_norm, MKL packed GEMMs, rotary, write_kv, decode
+// attention, silu_and_mul), in the same order with the same kernels, so the results are
+// bit-identical; what it saves is the Python between them, slow here because each GEMM
+// streams megabytes of weights through the caches the interpreter's own data lives in.
+
+namespace {
+
+// MKL's Fortran sgemm_compute, whose address the caller takes from the MKL inside torch.
+using SgemmCompute = void (*)(const char* transa, const char* transb, const int32_t* m,
+                              const int32_t* n, const int32_t* k, const float* a,
+                              const int32_t* lda, const float* b, const int32_t* ldb,
+                              const float* beta, float* c, const int32_t* ldc);
+
+struct DecoderLayer {  // one layer's weights (MKL-packed where noted) and its KV cache
+    const float* qkv_packed;
+    const float* qkv_bias;  // null: no bias
+    const float* o_packed;
+    const float* gate_up_packed;
+    const float* down_packed;
+    const float* input_norm;
+    const float* post_attention_norm;
+    float* k_cache;
+    float* v_cache;
+};
+
+struct DecoderShape {
+    SgemmCompute sgemm;
+    int64_t num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size,
+        num_slots;
+    float eps, scale;
+    int32_t window;  // 0: none
+};
+
+struct DecodeStep {  // this step's batch: one new token per sequence
+    int64_t rows;
+    const float* cos;  // cos row i at cos + i * cs_stride, sin likewise; head_dim / 2 each
+    const float* sin;
+    int64_t cs_stride;
+    const int64_t* slot_mapping;
+    const int32_t* block_tables;
+    int64_t table_stride;
+    const int32_t* seq_lens;
+    const int32_t* query_start_loc;
+};
+
+// out[rows, n] = x[rows, k] @ W^T (+ bias) for W packed by MKL as the B matrix of a row-major
+// GEMM, computed as torch's mkl_linear does: column-major out^T = W x^T, the bias copied
+// into every row first and added with beta = 1.
+void packed_linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k,
+                   const float* packed, const float* bias, int64_t n, float* out) {
+    if (bias != nullptr)
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * n, bias, n * sizeof(float));
+    const int32_t m32 = static_cast<int32_t>(n), n32 = static_cast<int32_t>(rows),
+                  k32 = static_cast<int32_t>(k);
+    const float beta = bias != nullptr ? 1.f : 0.f;
+    s.sgemm("P", "N", &m32, &n32, &k32, packed, &k32, x, &k32, &beta, out, &m32);
+}
+
+// One layer: hidden [rows, hidden] (this layer's input, the previous MLP's output) and the
+// residual stream are updated in place; `first` means there is no residual yet.
+int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b,
+                     bool first, float* hidden, float* residual, float* scratch) {
+    const int64_t n = b.rows, d = s.head_dim, q_size = s.num_heads * d;
+    const int64_t kv_size = s.num_kv_heads * d, qkv_size = q_size + 2 * kv_size;
+    float* normed = scratch;
+    float* qkv = normed + n * s.hidden;
+    float* qk = qkv + n * qkv_size;
+    float* attn = qk + n * (q_size + kv_size);
+    float* gate_up = attn + n * q_size;
+    float* act = gate_up + n * 2 * s.intermediate;
+    if (first) {
+        std::memcpy(residual, hidden, n * s.hidden * sizeof(float));
+        rms_norm<float>(hidden, s.hidden, nullptr, 0, w.input_norm, normed, nullptr, n, s.hidden,
+                        s.eps);
+    } else {
+        rms_norm<float>(hidden, s.hidden, residual, s.hidden, w.input_norm, normed, residual, n,
+                        s.hidden, s.eps);
+    }
+    packed_linear(s, normed, n, s.hidden, w.qkv_packed, w.qkv_bias, qkv_size, qkv);
+    rotary<float>(qkv, qkv_size, d, b.cos, b.sin, b.cs_stride, qk, n,
+                  s.num_heads + s.num_kv_heads, d / 2);
+    const int64_t qk_stride = q_size + kv_size;
+    const int64_t bad = kvpage_write_kv(
+        reinterpret_cast<const char*>(qk + q_size), qk_stride, d,
+        reinterpret_cast<const char*>(qkv + q_size + kv_size), qkv_size, d,
+        reinterpret_cast<char*>(w.k_cache), reinterpret_cast<char*>(w.v_cache), b.slot_mapping,
+        n, s.num_slots, s.num_kv_heads, d, sizeof(float));
+    if (bad >= 0) return bad;
+    const Problem p{qk, qk_stride, d, attn, q_size, d, w.k_cache, w.v_cache, b.block_tables,
+                    b.table_stride, b.seq_lens, b.query_start_loc, static_cast<int32_t>(n),
+                    static_cast<int32_t>(s.num_kv_heads),
+                    static_cast<int32_t>(s.num_heads / s.num_kv_heads), static_cast<int32_t>(d),
+                    static_cast<int32_t>(s.block_size), s.scale, s.window, 0.f};
+    dispatch_head_dim<float>(p);
+    packed_linear(s, attn, n, q_size, w.o_packed, nullptr, s.hidden, hidden);
+    rms_norm<float>(hidden, s.hidden, residual, s.hidden, w.post_attention_norm, normed, residual,
+                    n, s.hidden, s.eps);
+    packed_linear(s, normed, n, s.hidden, w.gate_up_packed, nullptr, 2 * s.intermediate, gate_up);
+    silu_and_mul<float>(gate_up, 2 * s.intermediate, act, n, s.intermediate);
+    packed_linear(s, act, n, s.intermediate, w.down_packed, nullptr, s.hidden, hidden);
+    return -1;
+}
+
+}  // namespace
+
+// Runs every layer of the stack for one decode step. hidden [rows, hidden] holds the
+// embeddings on entry and the last layer's MLP output on return; residual receives the
+// residual stream (the final norm adds the two). Returns -1, or the first token whose slot
+// lies past the cache (then nothing of that layer's K/V was written).
+extern "C" int64_t kvpage_decoder_stack(const DecoderShape* shape, const DecoderLayer* layers,
+                                        const DecodeStep* step, float* hidden, float* residual) {
+    const DecoderShape& s = *shape;
+    const int64_t n = step->rows, d = s.head_dim;
+    const int64_t q_size = s.num_heads * d, kv_size = s.num_kv_heads * d;
+    const int64_t per_row = s.hidden + (q_size + 2 * kv_size) + (q_size + kv_size) + q_size +
+                            3 * s.intermediate;
+    std::unique_ptr<float[]> scratch(new float[n * per_row]);
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+        const int64_t bad = decode_layer(s, layers[l], *step, l == 0, hidden, residual,
+                                         scratch.get());
+        if (bad >= 0) return bad;
+    }
+    return -1;
 }

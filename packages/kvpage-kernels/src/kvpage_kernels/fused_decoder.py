@@ -1,0 +1,204 @@
+"""A Llama-family decoder stack run for a whole decode step in one call (cpu backend, fp32).
+
+A decode step of a small model on the CPU is dozens of short ops per layer, and between two
+GEMMs, each streaming megabytes of weights through the caches, the Python that dispatches
+the next op runs with cold caches: measured on SmolLM2-135M, the glue and dispatch cost more
+than the norms, rotary and KV writes themselves. ``FusedDecoder`` runs the same ops with the
+same kernels in the same order (``rms_norm`` with the residual add, the QKV GEMM, rotary,
+``write_kv``, decode attention, the output GEMM, ``rms_norm``, the gate/up GEMM,
+``silu_and_mul``, the down GEMM) for every layer inside one C call, so its results are
+bit-identical to the per-layer path's.
+
+The GEMMs are MKL's packed sgemm, the one torch's ``torch.ops.mkl._mkl_linear`` calls, on
+weights packed by ``torch.ops.mkl._mkl_reorder_linear_weight``; its address is taken from
+the MKL inside torch. Where torch has no MKL, or no C++ compiler is found,
+``unavailable_reason()`` says why and callers keep their per-layer path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+from . import cpu_backend
+from .errors import KernelBackendUnavailable, KernelInputError
+
+_ptr, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The dimensions every layer of the stack shares."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    sliding_window: int | None = None
+
+
+@dataclass
+class DecoderLayerWeights:
+    """One layer: fp32 norms, MKL-packed projection weights (q/k/v and gate/up stacked along
+    the output, as one GEMM each) and the layer's KV cache [num_blocks, block_size,
+    num_kv_heads, head_dim]."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_attention_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [("sgemm", _ptr), ("num_layers", _i64), ("hidden", _i64), ("intermediate", _i64),
+                ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
+                ("block_size", _i64), ("num_slots", _i64), ("eps", _f32), ("scale", _f32),
+                ("window", _i32)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [(name, _ptr) for name in ("qkv_packed", "qkv_bias", "o_packed", "gate_up_packed",
+                                          "down_packed", "input_norm", "post_attention_norm",
+                                          "k_cache", "v_cache")]
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("rows", _i64), ("cos", _ptr), ("sin", _ptr), ("cs_stride", _i64),
+                ("slot_mapping", _ptr), ("block_tables", _ptr), ("table_stride", _i64),
+                ("seq_lens", _ptr), ("query_start_loc", _ptr)]
+
+
+@functools.cache
+def _sgemm_compute() -> int:
+    """Address of MKL's Fortran ``SGEMM_COMPUTE`` in torch's CPU library."""
+    if not torch.backends.mkl.is_available():
+        raise KernelBackendUnavailable("the fused decoder needs torch built with MKL")
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        return ctypes.cast(ctypes.CDLL(path).SGEMM_COMPUTE, ctypes.c_void_p).value
+    except (OSError, AttributeError) as e:
+        raise KernelBackendUnavailable(
+            f"MKL's SGEMM_COMPUTE is not exported by torch: {e}") from e
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    lib = cpu_backend.library()
+    lib.kvpage_decoder_stack.argtypes = [ctypes.POINTER(_Shape), ctypes.POINTER(_Layer),
+                                         ctypes.POINTER(_Step), _ptr, _ptr]
+    lib.kvpage_decoder_stack.restype = ctypes.c_int64
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused decoder cannot run here (no compiler, no MKL in torch), or None."""
+    try:
+        _sgemm_compute()
+        _library()
+    except (KernelBackendUnavailable, OSError) as e:
+        return str(e)
+    return None
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()
+
+
+class FusedDecoder:
+    """``decoder(hidden, cos, sin, slot_mapping, block_tables, seq_lens, query_start_loc)``
+    runs every layer for one decode step (each sequence one new token) and returns
+    ``(mlp_output, residual)`` of the last layer; the model's final norm adds the two.
+
+    The layers' tensors must stay alive and in place while the decoder is used (it holds
+    references to them); a KV cache that is reallocated needs a new decoder.
+    """
+
+    def __init__(self, shape: DecoderShape, layers: list[DecoderLayerWeights]) -> None:
+        reason = unavailable_reason()
+        if reason is not None:
+            raise KernelBackendUnavailable(reason)
+        _check_layers(shape, layers)
+        self.shape = shape
+        self._layers = layers
+        cache = layers[0].k_cache
+        self._shape = _Shape(
+            _sgemm_compute(), len(layers), shape.hidden_size, shape.intermediate_size,
+            shape.num_heads, shape.num_kv_heads, shape.head_dim, cache.shape[1],
+            cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
+            shape.sliding_window or 0)
+        self._c_layers = (_Layer * len(layers))(*[
+            _Layer(*(_address(t) for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
+                                           w.input_norm, w.post_attention_norm, w.k_cache,
+                                           w.v_cache)))
+            for w in layers])
+
+    def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                 query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [n, hidden_size] fp32 (the embeddings); cos/sin [n, 1, head_dim // 2] (rows
+        may be strided); slot_mapping int64 [n]; block_tables int32 [n, max_blocks]; seq_lens
+        int32 [n]; query_start_loc int32 [n + 1] = 0, 1, ..., n."""
+        rows = hidden.shape[0]
+        if (hidden.shape != (rows, self.shape.hidden_size) or hidden.dtype != torch.float32
+                or seq_lens.shape[0] != rows or slot_mapping.shape[0] != rows):
+            raise KernelInputError(
+                f"the fused decoder takes one token per sequence: hidden [{rows}, "
+                f"{self.shape.hidden_size}] fp32 and {rows} sequences, got hidden "
+                f"{list(hidden.shape)} {hidden.dtype} and {seq_lens.shape[0]} sequences")
+        out = hidden.contiguous().clone()
+        residual = torch.empty_like(out)
+        if rows == 0:
+            return out, residual
+        cos, sin = cos.reshape(rows, -1), sin.reshape(rows, -1)
+        tables, slots = block_tables.contiguous(), slot_mapping.contiguous()
+        lens, starts = seq_lens.contiguous(), query_start_loc.contiguous()
+        step = _Step(rows, cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(),
+                     tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr())
+        bad = _library().kvpage_decoder_stack(ctypes.byref(self._shape), self._c_layers,
+                                              ctypes.byref(step), out.data_ptr(),
+                                              residual.data_ptr())
+        if bad >= 0:
+            raise KernelInputError(
+                f"slot_mapping[{bad}] = {int(slots[bad])} is outside the cache "
+                f"({self._shape.num_slots} slots = num_blocks x block_size)")
+        return out, residual
+
+
+def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> None:
+    if not layers:
+        raise KernelInputError("the fused decoder needs at least one layer")
+    if shape.num_heads % shape.num_kv_heads != 0:
+        raise KernelInputError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads "
+                               f"{shape.num_kv_heads}")
+    cache_shape = layers[0].k_cache.shape
+    for i, w in enumerate(layers):
+        plain = [w.input_norm, w.post_attention_norm, w.k_cache, w.v_cache]
+        if w.qkv_bias is not None:
+            plain.append(w.qkv_bias)
+        packed = [w.qkv, w.o, w.gate_up, w.down]
+        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
+                   for t in plain):
+            raise KernelInputError(f"layer {i}: norms, bias and KV caches must be contiguous "
+                                   "fp32 CPU tensors")
+        if not all(t.is_mkldnn and t.dtype == torch.float32 for t in packed):
+            raise KernelInputError(f"layer {i}: projection weights must be packed with "
+                                   "torch.ops.mkl._mkl_reorder_linear_weight")
+        if (w.k_cache.shape != cache_shape or w.v_cache.shape != cache_shape
+                or cache_shape[2:] != (shape.num_kv_heads, shape.head_dim)):
+            raise KernelInputError(
+                f"layer {i}: KV caches must be [num_blocks, block_size, {shape.num_kv_heads}, "
+                f"{shape.head_dim}] like layer 0's {list(cache_shape)}, got "
+                f"{list(w.k_cache.shape)} and {list(w.v_cache.shape)}")

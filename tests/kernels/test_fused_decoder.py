@@ -1,0 +1,211 @@
+"""The fused decoder stack against the same ops run one by one: bit-identical results."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import pytest
+import torch
+from kvpage_kernels import (
+    KernelInputError,
+    paged_attention,
+    rms_norm,
+    rotary_embedding,
+    silu_and_mul,
+    write_kv,
+)
+from kvpage_kernels.fused_decoder import (
+    DecoderLayerWeights,
+    DecoderShape,
+    FusedDecoder,
+    unavailable_reason,
+)
+
+if unavailable_reason() is not None:
+    pytest.skip(f"fused decoder unavailable: {unavailable_reason()}", allow_module_level=True)
+
+
+def mkl_pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
+
+
+def mkl_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias=None):
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
+
+
+@dataclass
+class Stack:
+    shape: DecoderShape
+    weights: list[dict[str, torch.Tensor | None]]  # plain weights, for the one-by-one path
+    layers: list[DecoderLayerWeights]
+
+
+def make_stack(shape: DecoderShape, num_layers: int, num_blocks: int, block_size: int,
+               bias: bool, gen: torch.Generator) -> Stack:
+    d, h = shape.head_dim, shape.hidden_size
+    qkv_out = (shape.num_heads + 2 * shape.num_kv_heads) * d
+    weights, layers = [], []
+    for _ in range(num_layers):
+        w = {
+            "input_norm": 1 + 0.1 * torch.randn(h, generator=gen),
+            "qkv": torch.randn(qkv_out, h, generator=gen) * h**-0.5,
+            "qkv_bias": torch.randn(qkv_out, generator=gen) if bias else None,
+            "o": torch.randn(h, shape.num_heads * d, generator=gen) * d**-0.5,
+            "post_attention_norm": 1 + 0.1 * torch.randn(h, generator=gen),
+            "gate_up": torch.randn(2 * shape.intermediate_size, h, generator=gen) * h**-0.5,
+            "down": torch.randn(h, shape.intermediate_size, generator=gen) * h**-0.5,
+        }
+        cache_shape = (num_blocks, block_size, shape.num_kv_heads, d)
+        caches = [torch.randn(cache_shape, generator=gen) for _ in range(2)]
+        weights.append(w)
+        layers.append(DecoderLayerWeights(
+            input_norm=w["input_norm"], qkv=mkl_pack(w["qkv"]), qkv_bias=w["qkv_bias"],
+            o=mkl_pack(w["o"]), post_attention_norm=w["post_attention_norm"],
+            gate_up=mkl_pack(w["gate_up"]), down=mkl_pack(w["down"]),
+            k_cache=caches[0], v_cache=caches[1]))
+    return Stack(shape, weights, layers)
+
+
+@dataclass
+class Step:
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+
+    def args(self):
+        return (self.hidden, self.cos, self.sin, self.slot_mapping, self.block_tables,
+                self.seq_lens, self.query_start_loc)
+
+
+def make_step(shape: DecoderShape, seq_lens: list[int], num_blocks: int, block_size: int,
+              gen: torch.Generator, seed: int = 0) -> Step:
+    """Each sequence's blocks drawn at random from the pool; its new token is its last."""
+    rng = random.Random(seed)
+    per_seq = [-(-n // block_size) for n in seq_lens]
+    blocks = rng.sample(range(num_blocks), sum(per_seq))
+    width = max(per_seq)
+    tables, slots, start = [], [], 0
+    for n, count in zip(seq_lens, per_seq, strict=True):
+        own = blocks[start:start + count]
+        start += count
+        tables.append(own + [0] * (width - count))
+        slots.append(own[(n - 1) // block_size] * block_size + (n - 1) % block_size)
+    rows, half = len(seq_lens), shape.head_dim // 2
+    angles = torch.randn(rows, 1, half, generator=gen)
+    cos_sin = torch.cat((angles.cos(), angles.sin()), dim=-1)  # strided rows, as the model's
+    return Step(
+        hidden=torch.randn(rows, shape.hidden_size, generator=gen),
+        cos=cos_sin[..., :half], sin=cos_sin[..., half:],
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=torch.tensor(tables, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=torch.arange(rows + 1, dtype=torch.int32),
+    )
+
+
+def one_by_one(stack: Stack, step: Step, caches: list[tuple[torch.Tensor, torch.Tensor]]):
+    """The per-layer path of a Llama decoder layer, op by op."""
+    s, rows = stack.shape, step.hidden.shape[0]
+    q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+    hidden, residual = step.hidden, None
+    for w, layer, (k_cache, v_cache) in zip(stack.weights, stack.layers, caches, strict=True):
+        if residual is None:
+            residual, hidden = hidden, rms_norm(hidden, w["input_norm"], s.rms_norm_eps)
+        else:
+            hidden, residual = rms_norm(hidden, w["input_norm"], s.rms_norm_eps, residual)
+        qkv = mkl_linear(hidden, w["qkv"], layer.qkv, w["qkv_bias"])
+        qk = rotary_embedding(qkv[:, :q_size + kv_size].view(rows, -1, s.head_dim),
+                              step.cos, step.sin)
+        q, k = qk.split([s.num_heads, s.num_kv_heads], dim=1)
+        v = qkv[:, q_size + kv_size:].view(rows, s.num_kv_heads, s.head_dim)
+        write_kv(k, v, k_cache, v_cache, step.slot_mapping)
+        attn = paged_attention(q, k_cache, v_cache, step.block_tables, step.seq_lens,
+                               step.query_start_loc, s.head_dim**-0.5,
+                               sliding_window=s.sliding_window, max_query_len=1)
+        hidden = mkl_linear(attn.reshape(rows, q_size), w["o"], layer.o)
+        hidden, residual = rms_norm(hidden, w["post_attention_norm"], s.rms_norm_eps, residual)
+        act = silu_and_mul(mkl_linear(hidden, w["gate_up"], layer.gate_up))
+        hidden = mkl_linear(act, w["down"], layer.down)
+    return hidden, residual
+
+
+SMOLLM2 = DecoderShape(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
+                       head_dim=64, rms_norm_eps=1e-5)
+
+
+@pytest.mark.parametrize("shape, bias, block_size", [
+    (SMOLLM2, False, 16),
+    (DecoderShape(64, 96, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6), True, 1),
+    (DecoderShape(128, 160, num_heads=2, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                  sliding_window=7), False, 32),
+    (DecoderShape(256, 512, num_heads=8, num_kv_heads=1, head_dim=128, rms_norm_eps=1e-6),
+     True, 16),
+])
+def test_bit_identical_to_the_ops_one_by_one(shape, bias, block_size):
+    gen = torch.Generator().manual_seed(0)
+    num_blocks = 200
+    stack = make_stack(shape, 3, num_blocks, block_size, bias, gen)
+    step = make_step(shape, [1, 5, 16, 17, 40, 3, 64, 2], num_blocks, block_size, gen)
+    caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
+    expected = one_by_one(stack, step, caches)
+    hidden_before = step.hidden.clone()
+    actual = FusedDecoder(shape, stack.layers)(*step.args())
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+    for layer, (k_cache, v_cache) in zip(stack.layers, caches, strict=True):
+        assert torch.equal(layer.k_cache, k_cache) and torch.equal(layer.v_cache, v_cache)
+    assert torch.equal(step.hidden, hidden_before)  # the input is not written
+
+
+def test_negative_slots_skip_the_write_and_no_rows_is_a_no_op():
+    gen = torch.Generator().manual_seed(1)
+    shape = DecoderShape(64, 64, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6)
+    stack = make_stack(shape, 2, 8, 4, False, gen)
+    decoder = FusedDecoder(shape, stack.layers)
+    step = make_step(shape, [3, 6], 8, 4, gen)
+    step.slot_mapping[1] = -1
+    caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
+    expected = one_by_one(stack, step, caches)
+    actual = decoder(*step.args())
+    assert torch.equal(actual[0], expected[0])
+    for layer, (k_cache, _) in zip(stack.layers, caches, strict=True):
+        assert torch.equal(layer.k_cache, k_cache)
+    empty = make_step(shape, [3], 8, 4, gen)
+    hidden, residual = decoder(empty.hidden[:0], empty.cos[:0], empty.sin[:0],
+                               empty.slot_mapping[:0], empty.block_tables[:0],
+                               empty.seq_lens[:0], empty.query_start_loc[:1])
+    assert hidden.shape == residual.shape == (0, 64)
+
+
+def test_a_slot_past_the_cache_is_refused_and_nothing_is_written():
+    gen = torch.Generator().manual_seed(2)
+    shape = DecoderShape(64, 64, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6)
+    stack = make_stack(shape, 2, 8, 4, False, gen)
+    step = make_step(shape, [3, 6], 8, 4, gen)
+    step.slot_mapping[1] = 8 * 4
+    before = [layer.k_cache.clone() for layer in stack.layers]
+    with pytest.raises(KernelInputError, match=r"slot_mapping\[1\] = 32 is outside the cache"):
+        FusedDecoder(shape, stack.layers)(*step.args())
+    assert all(torch.equal(layer.k_cache, b) for layer, b in zip(stack.layers, before, strict=True))
+
+
+def test_bad_inputs_are_named():
+    gen = torch.Generator().manual_seed(3)
+    shape = DecoderShape(64, 64, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6)
+    stack = make_stack(shape, 1, 8, 4, False, gen)
+    unpacked = stack.layers[0]
+    with pytest.raises(KernelInputError, match="_mkl_reorder_linear_weight"):
+        FusedDecoder(shape, [DecoderLayerWeights(**{**vars(unpacked),
+                                                    "qkv": stack.weights[0]["qkv"]})])
+    with pytest.raises(KernelInputError, match="KV caches must be"):
+        FusedDecoder(shape, [DecoderLayerWeights(**{**vars(unpacked),
+                                                    "v_cache": unpacked.v_cache[:, :2]})])
+    with pytest.raises(KernelInputError, match="at least one layer"):
+        FusedDecoder(shape, [])
+    step = make_step(shape, [3, 6], 8, 4, gen)
+    with pytest.raises(KernelInputError, match="one token per sequence"):
+        FusedDecoder(shape, stack.layers)(step.hidden[:1], *step.args()[1:])
