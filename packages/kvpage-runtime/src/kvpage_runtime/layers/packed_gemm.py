@@ -38,16 +38,19 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _mkl_packed(weight: torch.Tensor) -> PackedLinear:
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, BATCH_HINT)
+class MklPackedLinear:
+    """``x @ weight.T + bias`` by MKL's packed sgemm; ``mkl_weight`` is the pack (which
+    kvpage_kernels' fused decoder multiplies by too)."""
 
-    def linear(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self.mkl_weight = torch.ops.mkl._mkl_reorder_linear_weight(weight, BATCH_HINT)
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if rows == 0:
-            return F.linear(x, weight, bias)
-        return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
-
-    return linear
+            return F.linear(x, self.weight, bias)
+        return torch.ops.mkl._mkl_linear(x, self.mkl_weight, self.weight, bias, rows)
 
 
 def _onednn_packed(weight: torch.Tensor) -> PackedLinear:
@@ -67,7 +70,7 @@ def pack_linear_weight(weight: torch.Tensor) -> PackedLinear | None:
         return None
     weight = weight.detach()
     if weight.dtype == torch.float32 and _mkl_available():
-        return _mkl_packed(weight)
+        return MklPackedLinear(weight)
     if weight.dtype in (torch.bfloat16, torch.float16) and _onednn_available():
         return _onednn_packed(weight)
     return None

@@ -21,6 +21,7 @@ from kvpage_runtime.layers.linear import Linear, LinearMethod
 from kvpage_runtime.layers.mlp import GatedMLP
 from kvpage_runtime.layers.norm import RMSNorm
 from kvpage_runtime.layers.rotary import RotaryEmbedding
+from kvpage_runtime.models.fused_decode import build_fused_decoder
 from kvpage_runtime.models.weights import WeightLoader
 
 
@@ -108,6 +109,7 @@ class LlamaModel(nn.Module):
         self, config: ModelConfig, device=None, method: LinearMethod | None = None
     ) -> None:
         super().__init__()
+        self.config = config
         self.embed_tokens = VocabEmbedding(
             config.vocab_size, config.hidden_size, config.dtype, device
         )
@@ -123,15 +125,29 @@ class LlamaModel(nn.Module):
             config.dtype,
             device,
         )
+        self._fused = (None, None)  # (KV cache it was built for, fused decoder or None)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.lookup(batch.positions)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
+        fused = self.fused_decoder(kv_caches) if batch.max_query_len == 1 else None
+        if fused is not None and batch.num_tokens == batch.num_seqs:
+            hidden, residual = fused(hidden, cos, sin, batch.slot_mapping, batch.block_tables,
+                                     batch.seq_lens, batch.query_start_loc)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def fused_decoder(self, kv_caches: list[KVCache]):
+        """The whole-stack decode path for these KV caches, or None (see ``fused_decode``)."""
+        built_for, fused = self._fused
+        if built_for is not kv_caches[0][0]:
+            fused = build_fused_decoder(self.config, self.layers, kv_caches)
+            self._fused = (kv_caches[0][0], fused)
+        return fused
 
 
 class LlamaForCausalLM(nn.Module):
