@@ -1,17 +1,19 @@
-"""A Llama-family decoder stack run for a whole decode step in one call (cpu backend, fp32).
+"""A Llama-family decoder stack run for a whole decode step in one call (cpu backend).
 
 A decode step of a small model on the CPU is dozens of short ops per layer, and between two
 GEMMs, each streaming megabytes of weights through the caches, the Python that dispatches
 the next op runs with cold caches: measured on SmolLM2-135M, the glue and dispatch cost more
-than the norms, rotary and KV writes themselves. ``FusedDecoder`` runs the same ops with the
-same kernels in the same order (``rms_norm`` with the residual add, the QKV GEMM, rotary,
-``write_kv``, decode attention, the output GEMM, ``rms_norm``, the gate/up GEMM,
-``silu_and_mul``, the down GEMM) for every layer inside one C call, so its results are
-bit-identical to the per-layer path's.
+than the norms, rotary and KV writes themselves. ``FusedDecoder`` runs the ops of the
+per-layer path with the same kernels in the same order (``rms_norm`` with the residual add,
+the QKV GEMM, rotary, ``write_kv``, decode attention, the output GEMM, ``rms_norm``, the
+gate/up GEMM, ``silu_and_mul``, the down GEMM) for every layer inside one C call.
 
-The GEMMs are MKL's packed sgemm, the one torch's ``torch.ops.mkl._mkl_linear`` calls, on
-weights packed by ``torch.ops.mkl._mkl_reorder_linear_weight``; its address is taken from
-the MKL inside torch. Where torch has no MKL, or no C++ compiler is found,
+The GEMMs are MKL's, their addresses taken from the MKL inside torch. In fp32 it is the packed
+sgemm that torch's ``torch.ops.mkl._mkl_linear`` calls, on weights packed by
+``torch.ops.mkl._mkl_reorder_linear_weight``, so the results are bit-identical to the
+per-layer path's. In bf16 it is ``gemm_bf16bf16f32`` on the plain weights: fp32 products and
+sums rounded to bf16 once, as oneDNN's bf16 linear does, though the summation order may
+differ (results agree to bf16 rounding). Where torch has no MKL, or no C++ compiler is found,
 ``unavailable_reason()`` says why and callers keep their per-layer path.
 """
 
@@ -28,6 +30,7 @@ from . import cpu_backend
 from .errors import KernelBackendUnavailable, KernelInputError
 
 _ptr, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @dataclass(frozen=True)
@@ -45,9 +48,9 @@ class DecoderShape:
 
 @dataclass
 class DecoderLayerWeights:
-    """One layer: fp32 norms, MKL-packed projection weights (q/k/v and gate/up stacked along
-    the output, as one GEMM each) and the layer's KV cache [num_blocks, block_size,
-    num_kv_heads, head_dim]."""
+    """One layer, all in one dtype (fp32 or bf16): norms, projection weights (q/k/v and gate/up
+    stacked along the output, one GEMM each; [out, in], MKL-packed in fp32, plain contiguous
+    in bf16) and the layer's KV cache [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     input_norm: torch.Tensor
     qkv: torch.Tensor
@@ -61,16 +64,15 @@ class DecoderLayerWeights:
 
 
 class _Shape(ctypes.Structure):
-    _fields_ = [("sgemm", _ptr), ("num_layers", _i64), ("hidden", _i64), ("intermediate", _i64),
+    _fields_ = [("sgemm_compute", _ptr), ("gemm_bf16", _ptr), ("num_layers", _i64), ("hidden", _i64), ("intermediate", _i64),
                 ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
                 ("block_size", _i64), ("num_slots", _i64), ("eps", _f32), ("scale", _f32),
                 ("window", _i32)]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _ptr) for name in ("qkv_packed", "qkv_bias", "o_packed", "gate_up_packed",
-                                          "down_packed", "input_norm", "post_attention_norm",
-                                          "k_cache", "v_cache")]
+    _fields_ = [(name, _ptr) for name in ("qkv", "qkv_bias", "o", "gate_up", "down", "input_norm",
+                                          "post_attention_norm", "k_cache", "v_cache")]
 
 
 class _Step(ctypes.Structure):
@@ -80,22 +82,21 @@ class _Step(ctypes.Structure):
 
 
 @functools.cache
-def _sgemm_compute() -> int:
-    """Address of MKL's Fortran ``SGEMM_COMPUTE`` in torch's CPU library."""
+def _mkl_function(name: str) -> int:
+    """Address of MKL's Fortran routine ``name`` in torch's CPU library."""
     if not torch.backends.mkl.is_available():
         raise KernelBackendUnavailable("the fused decoder needs torch built with MKL")
     path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     try:
-        return ctypes.cast(ctypes.CDLL(path).SGEMM_COMPUTE, ctypes.c_void_p).value
+        return ctypes.cast(getattr(ctypes.CDLL(path), name), ctypes.c_void_p).value
     except (OSError, AttributeError) as e:
-        raise KernelBackendUnavailable(
-            f"MKL's SGEMM_COMPUTE is not exported by torch: {e}") from e
+        raise KernelBackendUnavailable(f"MKL's {name} is not exported by torch: {e}") from e
 
 
 @functools.cache
 def _library() -> ctypes.CDLL:
     lib = cpu_backend.library()
-    lib.kvpage_decoder_stack.argtypes = [ctypes.POINTER(_Shape), ctypes.POINTER(_Layer),
+    lib.kvpage_decoder_stack.argtypes = [_i32, ctypes.POINTER(_Shape), ctypes.POINTER(_Layer),
                                          ctypes.POINTER(_Step), _ptr, _ptr]
     lib.kvpage_decoder_stack.restype = ctypes.c_int64
     return lib
@@ -104,7 +105,8 @@ def _library() -> ctypes.CDLL:
 def unavailable_reason() -> str | None:
     """Why the fused decoder cannot run here (no compiler, no MKL in torch), or None."""
     try:
-        _sgemm_compute()
+        _mkl_function("SGEMM_COMPUTE")
+        _mkl_function("GEMM_BF16BF16F32")
         _library()
     except (KernelBackendUnavailable, OSError) as e:
         return str(e)
@@ -134,8 +136,9 @@ class FusedDecoder:
         self.shape = shape
         self._layers = layers
         cache = layers[0].k_cache
+        self.dtype = layers[0].input_norm.dtype
         self._shape = _Shape(
-            _sgemm_compute(), len(layers), shape.hidden_size, shape.intermediate_size,
+            _mkl_function("SGEMM_COMPUTE"), _mkl_function("GEMM_BF16BF16F32"), len(layers), shape.hidden_size, shape.intermediate_size,
             shape.num_heads, shape.num_kv_heads, shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
             shape.sliding_window or 0)
@@ -148,16 +151,18 @@ class FusedDecoder:
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [n, hidden_size] fp32 (the embeddings); cos/sin [n, 1, head_dim // 2] (rows
-        may be strided); slot_mapping int64 [n]; block_tables int32 [n, max_blocks]; seq_lens
-        int32 [n]; query_start_loc int32 [n + 1] = 0, 1, ..., n."""
+        """hidden [n, hidden_size] (the embeddings) and cos/sin [n, 1, head_dim // 2] (rows may
+        be strided) in the layers' dtype; slot_mapping int64 [n]; block_tables int32
+        [n, max_blocks]; seq_lens int32 [n]; query_start_loc int32 [n + 1] = 0, 1, ..., n."""
         rows = hidden.shape[0]
-        if (hidden.shape != (rows, self.shape.hidden_size) or hidden.dtype != torch.float32
-                or seq_lens.shape[0] != rows or slot_mapping.shape[0] != rows):
+        if (hidden.shape != (rows, self.shape.hidden_size) or seq_lens.shape[0] != rows
+                or slot_mapping.shape[0] != rows
+                or not hidden.dtype == cos.dtype == sin.dtype == self.dtype):
             raise KernelInputError(
                 f"the fused decoder takes one token per sequence: hidden [{rows}, "
-                f"{self.shape.hidden_size}] fp32 and {rows} sequences, got hidden "
-                f"{list(hidden.shape)} {hidden.dtype} and {seq_lens.shape[0]} sequences")
+                f"{self.shape.hidden_size}], cos and sin in {self.dtype} and {rows} sequences, "
+                f"got hidden {list(hidden.shape)} {hidden.dtype}, cos {cos.dtype} and "
+                f"{seq_lens.shape[0]} sequences")
         out = hidden.contiguous().clone()
         residual = torch.empty_like(out)
         if rows == 0:
@@ -167,7 +172,8 @@ class FusedDecoder:
         lens, starts = seq_lens.contiguous(), query_start_loc.contiguous()
         step = _Step(rows, cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(),
                      tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr())
-        bad = _library().kvpage_decoder_stack(ctypes.byref(self._shape), self._c_layers,
+        bad = _library().kvpage_decoder_stack(_DTYPE_CODES[self.dtype], ctypes.byref(self._shape),
+                                              self._c_layers,
                                               ctypes.byref(step), out.data_ptr(),
                                               residual.data_ptr())
         if bad >= 0:
@@ -183,19 +189,24 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Non
     if shape.num_heads % shape.num_kv_heads != 0:
         raise KernelInputError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads "
                                f"{shape.num_kv_heads}")
+    dtype = layers[0].input_norm.dtype
+    if dtype not in _DTYPE_CODES:
+        raise KernelInputError(f"the fused decoder runs in fp32 or bf16, not {dtype}")
     cache_shape = layers[0].k_cache.shape
     for i, w in enumerate(layers):
         plain = [w.input_norm, w.post_attention_norm, w.k_cache, w.v_cache]
         if w.qkv_bias is not None:
             plain.append(w.qkv_bias)
-        packed = [w.qkv, w.o, w.gate_up, w.down]
-        if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
-                   for t in plain):
-            raise KernelInputError(f"layer {i}: norms, bias and KV caches must be contiguous "
-                                   "fp32 CPU tensors")
-        if not all(t.is_mkldnn and t.dtype == torch.float32 for t in packed):
-            raise KernelInputError(f"layer {i}: projection weights must be packed with "
+        weights = [w.qkv, w.o, w.gate_up, w.down]
+        if dtype == torch.bfloat16:
+            plain += weights
+        elif not all(t.is_mkldnn and t.dtype == torch.float32 for t in weights):
+            raise KernelInputError(f"layer {i}: fp32 projection weights must be packed with "
                                    "torch.ops.mkl._mkl_reorder_linear_weight")
+        if not all(t.device.type == "cpu" and t.dtype == dtype and not t.is_mkldnn
+                   and t.is_contiguous() for t in plain):
+            raise KernelInputError(f"layer {i}: norms, bias, KV caches (and bf16 weights) must be "
+                                   f"contiguous {dtype} CPU tensors")
         if (w.k_cache.shape != cache_shape or w.v_cache.shape != cache_shape
                 or cache_shape[2:] != (shape.num_kv_heads, shape.head_dim)):
             raise KernelInputError(

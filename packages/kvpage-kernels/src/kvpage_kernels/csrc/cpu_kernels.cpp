@@ -575,35 +575,43 @@ extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_strid
     });
 }
 
-// ---- the decoder stack of a Llama-family model for one decode step, fp32, in one call ------
+// ---- the decoder stack of a Llama-family model for one decode step, in one call -----------
 //
-// The same ops the per-layer path runs (rms_norm, MKL packed GEMMs, rotary, write_kv, decode
-// attention, silu_and_mul), in the same order with the same kernels, so the results are
-// bit-identical; what it saves is the Python between them, slow here because each GEMM
-// streams megabytes of weights through the caches the interpreter's own data lives in.
+// The ops of the per-layer path (rms_norm, GEMMs, rotary, write_kv, decode attention,
+// silu_and_mul) in the same order with the same kernels; what it saves is the Python between
+// them, slow here because each GEMM streams megabytes of weights through the caches the
+// interpreter's own data lives in. GEMMs are MKL's, called through addresses the caller takes
+// from the MKL inside torch: in fp32 the packed sgemm torch's mkl_linear calls (so results are
+// bit-identical to the per-layer path), in bf16 gemm_bf16bf16f32 on the plain weights (fp32
+// accumulation rounded to bf16 once, like oneDNN's, whose summation order may differ).
 
 namespace {
 
-// MKL's Fortran sgemm_compute, whose address the caller takes from the MKL inside torch.
+// MKL's Fortran sgemm_compute and gemm_bf16bf16f32 (column-major).
 using SgemmCompute = void (*)(const char* transa, const char* transb, const int32_t* m,
                               const int32_t* n, const int32_t* k, const float* a,
                               const int32_t* lda, const float* b, const int32_t* ldb,
                               const float* beta, float* c, const int32_t* ldc);
+using GemmBf16 = void (*)(const char* transa, const char* transb, const int32_t* m,
+                          const int32_t* n, const int32_t* k, const float* alpha,
+                          const uint16_t* a, const int32_t* lda, const uint16_t* b,
+                          const int32_t* ldb, const float* beta, float* c, const int32_t* ldc);
 
-struct DecoderLayer {  // one layer's weights (MKL-packed where noted) and its KV cache
-    const float* qkv_packed;
-    const float* qkv_bias;  // null: no bias
-    const float* o_packed;
-    const float* gate_up_packed;
-    const float* down_packed;
-    const float* input_norm;
-    const float* post_attention_norm;
-    float* k_cache;
-    float* v_cache;
+struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) and KV cache
+    const void* qkv;
+    const void* qkv_bias;  // null: no bias
+    const void* o;
+    const void* gate_up;
+    const void* down;
+    const void* input_norm;
+    const void* post_attention_norm;
+    void* k_cache;
+    void* v_cache;
 };
 
 struct DecoderShape {
-    SgemmCompute sgemm;
+    SgemmCompute sgemm_compute;  // used in fp32
+    GemmBf16 gemm_bf16;          // used in bf16
     int64_t num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size,
         num_slots;
     float eps, scale;
@@ -612,8 +620,8 @@ struct DecoderShape {
 
 struct DecodeStep {  // this step's batch: one new token per sequence
     int64_t rows;
-    const float* cos;  // cos row i at cos + i * cs_stride, sin likewise; head_dim / 2 each
-    const float* sin;
+    const void* cos;  // cos row i at cos + i * cs_stride, sin likewise; head_dim / 2 each
+    const void* sin;
     int64_t cs_stride;
     const int64_t* slot_mapping;
     const int32_t* block_tables;
@@ -622,82 +630,136 @@ struct DecodeStep {  // this step's batch: one new token per sequence
     const int32_t* query_start_loc;
 };
 
-// out[rows, n] = x[rows, k] @ W^T (+ bias) for W packed by MKL as the B matrix of a row-major
-// GEMM, computed as torch's mkl_linear does: column-major out^T = W x^T, the bias copied
-// into every row first and added with beta = 1.
-void packed_linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k,
-                   const float* packed, const float* bias, int64_t n, float* out) {
+// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k]; column-major that is out^T = W x^T.
+// fp32, as torch's mkl_linear computes it: W packed by MKL as the B matrix of a row-major
+// GEMM, the bias copied into every row first and added with beta = 1.
+void linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k, const void* w,
+            const void* bias, int64_t n, float* out, float*) {
     if (bias != nullptr)
         for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * n, bias, n * sizeof(float));
     const int32_t m32 = static_cast<int32_t>(n), n32 = static_cast<int32_t>(rows),
                   k32 = static_cast<int32_t>(k);
     const float beta = bias != nullptr ? 1.f : 0.f;
-    s.sgemm("P", "N", &m32, &n32, &k32, packed, &k32, x, &k32, &beta, out, &m32);
+    s.sgemm_compute("P", "N", &m32, &n32, &k32, static_cast<const float*>(w), &k32, x, &k32,
+                    &beta, out, &m32);
 }
+
+// bf16: fp32 products and sums (into acc, rows x n), the bias added in fp32, then rounded.
+void linear(const DecoderShape& s, const uint16_t* x, int64_t rows, int64_t k, const void* w,
+            const void* bias, int64_t n, uint16_t* out, float* acc) {
+    const uint16_t* b = static_cast<const uint16_t*>(bias);
+    if (b != nullptr)
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t j = 0; j < n; ++j) acc[r * n + j] = to_float(b[j]);
+    const int32_t m32 = static_cast<int32_t>(n), n32 = static_cast<int32_t>(rows),
+                  k32 = static_cast<int32_t>(k);
+    const float alpha = 1.f, beta = b != nullptr ? 1.f : 0.f;
+    s.gemm_bf16("T", "N", &m32, &n32, &k32, &alpha, static_cast<const uint16_t*>(w), &k32, x,
+                &k32, &beta, acc, &m32);
+#pragma omp parallel for if (rows * n > (1 << 15))
+    for (int64_t r = 0; r < rows; ++r)
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[r * n + j] = to_bf16(acc[r * n + j]);
+}
+
+// Scratch of one step: activations in T, plus an fp32 GEMM accumulator for bf16.
+template <typename T>
+struct Scratch {
+    T *normed, *qkv, *qk, *attn, *gate_up, *act;
+    float* acc;
+    std::unique_ptr<T[]> data;
+    std::unique_ptr<float[]> acc_data;
+
+    Scratch(const DecoderShape& s, int64_t n) {
+        const int64_t d = s.head_dim, q = s.num_heads * d, kv = s.num_kv_heads * d;
+        const int64_t sizes[] = {s.hidden, q + 2 * kv, q + kv, q, 2 * s.intermediate,
+                                 s.intermediate};
+        int64_t total = 0;
+        for (int64_t size : sizes) total += n * size;
+        data.reset(new T[total]);
+        T* parts[6];
+        T* next = data.get();
+        for (int i = 0; i < 6; ++i) {
+            parts[i] = next;
+            next += n * sizes[i];
+        }
+        normed = parts[0], qkv = parts[1], qk = parts[2], attn = parts[3], gate_up = parts[4],
+        act = parts[5];
+        if (std::is_same_v<T, float>) {
+            acc = nullptr;
+        } else {
+            acc_data.reset(new float[n * std::max(q + 2 * kv, 2 * s.intermediate)]);
+            acc = acc_data.get();
+        }
+    }
+};
 
 // One layer: hidden [rows, hidden] (this layer's input, the previous MLP's output) and the
 // residual stream are updated in place; `first` means there is no residual yet.
+template <typename T>
 int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b,
-                     bool first, float* hidden, float* residual, float* scratch) {
+                     bool first, T* hidden, T* residual, Scratch<T>& x) {
     const int64_t n = b.rows, d = s.head_dim, q_size = s.num_heads * d;
     const int64_t kv_size = s.num_kv_heads * d, qkv_size = q_size + 2 * kv_size;
-    float* normed = scratch;
-    float* qkv = normed + n * s.hidden;
-    float* qk = qkv + n * qkv_size;
-    float* attn = qk + n * (q_size + kv_size);
-    float* gate_up = attn + n * q_size;
-    float* act = gate_up + n * 2 * s.intermediate;
+    const T* in_norm = static_cast<const T*>(w.input_norm);
     if (first) {
-        std::memcpy(residual, hidden, n * s.hidden * sizeof(float));
-        rms_norm<float>(hidden, s.hidden, nullptr, 0, w.input_norm, normed, nullptr, n, s.hidden,
-                        s.eps);
+        std::memcpy(residual, hidden, n * s.hidden * sizeof(T));
+        rms_norm<T>(hidden, s.hidden, nullptr, 0, in_norm, x.normed, nullptr, n, s.hidden, s.eps);
     } else {
-        rms_norm<float>(hidden, s.hidden, residual, s.hidden, w.input_norm, normed, residual, n,
-                        s.hidden, s.eps);
+        rms_norm<T>(hidden, s.hidden, residual, s.hidden, in_norm, x.normed, residual, n, s.hidden,
+                    s.eps);
     }
-    packed_linear(s, normed, n, s.hidden, w.qkv_packed, w.qkv_bias, qkv_size, qkv);
-    rotary<float>(qkv, qkv_size, d, b.cos, b.sin, b.cs_stride, qk, n,
-                  s.num_heads + s.num_kv_heads, d / 2);
+    linear(s, x.normed, n, s.hidden, w.qkv, w.qkv_bias, qkv_size, x.qkv, x.acc);
+    rotary<T>(x.qkv, qkv_size, d, static_cast<const T*>(b.cos), static_cast<const T*>(b.sin),
+              b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d / 2);
     const int64_t qk_stride = q_size + kv_size;
     const int64_t bad = kvpage_write_kv(
-        reinterpret_cast<const char*>(qk + q_size), qk_stride, d,
-        reinterpret_cast<const char*>(qkv + q_size + kv_size), qkv_size, d,
-        reinterpret_cast<char*>(w.k_cache), reinterpret_cast<char*>(w.v_cache), b.slot_mapping,
-        n, s.num_slots, s.num_kv_heads, d, sizeof(float));
+        reinterpret_cast<const char*>(x.qk + q_size), qk_stride, d,
+        reinterpret_cast<const char*>(x.qkv + q_size + kv_size), qkv_size, d,
+        static_cast<char*>(w.k_cache), static_cast<char*>(w.v_cache), b.slot_mapping, n,
+        s.num_slots, s.num_kv_heads, d, sizeof(T));
     if (bad >= 0) return bad;
-    const Problem p{qk, qk_stride, d, attn, q_size, d, w.k_cache, w.v_cache, b.block_tables,
+    const Problem p{x.qk, qk_stride, d, x.attn, q_size, d, w.k_cache, w.v_cache, b.block_tables,
                     b.table_stride, b.seq_lens, b.query_start_loc, static_cast<int32_t>(n),
                     static_cast<int32_t>(s.num_kv_heads),
                     static_cast<int32_t>(s.num_heads / s.num_kv_heads), static_cast<int32_t>(d),
                     static_cast<int32_t>(s.block_size), s.scale, s.window, 0.f};
-    dispatch_head_dim<float>(p);
-    packed_linear(s, attn, n, q_size, w.o_packed, nullptr, s.hidden, hidden);
-    rms_norm<float>(hidden, s.hidden, residual, s.hidden, w.post_attention_norm, normed, residual,
-                    n, s.hidden, s.eps);
-    packed_linear(s, normed, n, s.hidden, w.gate_up_packed, nullptr, 2 * s.intermediate, gate_up);
-    silu_and_mul<float>(gate_up, 2 * s.intermediate, act, n, s.intermediate);
-    packed_linear(s, act, n, s.intermediate, w.down_packed, nullptr, s.hidden, hidden);
+    dispatch_head_dim<T>(p);
+    linear(s, x.attn, n, q_size, w.o, nullptr, s.hidden, hidden, x.acc);
+    rms_norm<T>(hidden, s.hidden, residual, s.hidden, static_cast<const T*>(w.post_attention_norm),
+                x.normed, residual, n, s.hidden, s.eps);
+    linear(s, x.normed, n, s.hidden, w.gate_up, nullptr, 2 * s.intermediate, x.gate_up, x.acc);
+    silu_and_mul<T>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
+    linear(s, x.act, n, s.intermediate, w.down, nullptr, s.hidden, hidden, x.acc);
+    return -1;
+}
+
+template <typename T>
+int64_t decode_stack(const DecoderShape& s, const DecoderLayer* layers, const DecodeStep& step,
+                     T* hidden, T* residual) {
+    Scratch<T> scratch(s, step.rows);
+    for (int64_t l = 0; l < s.num_layers; ++l) {
+        const int64_t bad = decode_layer(s, layers[l], step, l == 0, hidden, residual, scratch);
+        if (bad >= 0) return bad;
+    }
     return -1;
 }
 
 }  // namespace
 
-// Runs every layer of the stack for one decode step. hidden [rows, hidden] holds the
-// embeddings on entry and the last layer's MLP output on return; residual receives the
-// residual stream (the final norm adds the two). Returns -1, or the first token whose slot
-// lies past the cache (then nothing of that layer's K/V was written).
-extern "C" int64_t kvpage_decoder_stack(const DecoderShape* shape, const DecoderLayer* layers,
-                                        const DecodeStep* step, float* hidden, float* residual) {
-    const DecoderShape& s = *shape;
-    const int64_t n = step->rows, d = s.head_dim;
-    const int64_t q_size = s.num_heads * d, kv_size = s.num_kv_heads * d;
-    const int64_t per_row = s.hidden + (q_size + 2 * kv_size) + (q_size + kv_size) + q_size +
-                            3 * s.intermediate;
-    std::unique_ptr<float[]> scratch(new float[n * per_row]);
-    for (int64_t l = 0; l < s.num_layers; ++l) {
-        const int64_t bad = decode_layer(s, layers[l], *step, l == 0, hidden, residual,
-                                         scratch.get());
-        if (bad >= 0) return bad;
-    }
-    return -1;
+// Runs every layer of the stack for one decode step, in fp32 (dtype 0) or bf16 (dtype 1).
+// hidden [rows, hidden] holds the embeddings on entry and the last layer's MLP output on
+// return; residual receives the residual stream (the final norm adds the two). Returns -1,
+// -2 for an unknown dtype, or the first token whose slot lies past the cache (then nothing
+// was written).
+extern "C" int64_t kvpage_decoder_stack(int32_t dtype, const DecoderShape* shape,
+                                        const DecoderLayer* layers, const DecodeStep* step,
+                                        void* hidden, void* residual) {
+    int64_t result = -2;
+    with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        result = decode_stack<T>(*shape, layers, *step, static_cast<T*>(hidden),
+                                 static_cast<T*>(residual));
+    });
+    return result;
 }
