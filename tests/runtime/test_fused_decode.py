@@ -1,4 +1,5 @@
-"""Decode steps through the fused decoder stack give exactly what the layer modules give."""
+"""Decode steps through the fused decoder stack give what the layer modules give: exactly in
+fp32, to bf16 rounding in bf16."""
 
 from __future__ import annotations
 
@@ -42,8 +43,29 @@ def test_fused_decode_is_bit_identical(family, tmp_path, monkeypatch):
     assert used == (family != "mixtral")  # experts keep the per-layer path
 
 
-def test_not_used_in_bf16(tmp_path, monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
-    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=torch.bfloat16)
+def decode_step(loaded, prompts, fused: bool, monkeypatch):
+    """Hidden states and KV caches after prefilling ``prompts`` and one decode step."""
+    monkeypatch.setenv(ENV_VAR, "1" if fused else "0")
     driver = PagedGreedyDriver(loaded, block_size=4)
-    assert loaded.model.model.fused_decoder(driver.kv_caches) is None
+    seqs = driver.new_sequences(prompts)
+    driver.step([(s, len(s.tokens)) for s in seqs])
+    batch = driver.build_batch([(s, 1) for s in seqs])
+    hidden = loaded.model(batch, driver.kv_caches)
+    assert (loaded.model.model.fused_decoder(driver.kv_caches) is not None) == fused
+    return hidden, driver.kv_caches
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_bf16_decode_agrees_to_bf16_rounding(family, tmp_path, monkeypatch):
+    loaded = load_model(str(save_tiny_model(CONFIGS[family], tmp_path)), dtype=torch.bfloat16)
+    prompts = random_prompts([5, 17, 9, 2], CONFIGS[family].vocab_size)
+    fused, fused_caches = decode_step(loaded, prompts, True, monkeypatch)
+    plain, plain_caches = decode_step(loaded, prompts, False, monkeypatch)
+    assert fused.dtype == torch.bfloat16
+    assert relative_error(fused, plain) < 2e-2
+    for (k, v), (k_plain, v_plain) in zip(fused_caches, plain_caches, strict=True):
+        assert relative_error(k, k_plain) < 2e-2 and relative_error(v, v_plain) < 2e-2

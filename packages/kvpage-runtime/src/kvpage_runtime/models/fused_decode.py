@@ -1,10 +1,12 @@
 """Decode steps of a Llama-family model through kvpage_kernels' fused decoder stack.
 
-The stack runs every layer of a decode step in one C call, with the kernels and GEMMs the
-layer modules call, so it computes exactly what they compute (see
-``kvpage_kernels.fused_decoder``). It is used where that holds: on the CPU with the ``cpu`` kernel backend, in fp32, with
-every projection MKL-packed and the SiLU-gated MLP; Mixtral's experts, quantized linear
-methods and other dtypes keep the per-layer path. ``KVPAGE_FUSED_DECODER=0`` turns it off.
+The stack runs every layer of a decode step in one C call with the kernels the layer modules
+call (see ``kvpage_kernels.fused_decoder``): in fp32 with the same MKL GEMM on the same packs,
+so it computes exactly what they compute; in bf16 with MKL's bf16 GEMM on the plain weights,
+which agrees with the modules' oneDNN GEMM to bf16 rounding. It is used on the CPU with the
+``cpu`` kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones MKL-packed);
+Mixtral's experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
+``KVPAGE_FUSED_DECODER=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 import os
 
 import torch
-from kvpage_kernels import fused_decoder, select_backend
+from kvpage_kernels import KernelInputError, fused_decoder, select_backend
 from kvpage_kernels.fused_decoder import DecoderLayerWeights, DecoderShape, FusedDecoder
 from torch import nn
 
@@ -26,10 +28,13 @@ ENV_VAR = "KVPAGE_FUSED_DECODER"
 logger = logging.getLogger(__name__)
 
 
-def _mkl_pack(linear: Linear) -> torch.Tensor | None:
-    if isinstance(linear.method, UnquantizedLinearMethod) and isinstance(
-        linear.packed, MklPackedLinear
-    ):
+def _weight(linear: Linear) -> torch.Tensor | None:
+    """The weight as the fused stack multiplies by it: MKL's pack in fp32, plain in bf16."""
+    if not isinstance(linear.method, UnquantizedLinearMethod):
+        return None
+    if linear.weight.dtype == torch.bfloat16:
+        return linear.weight.data
+    if isinstance(linear.packed, MklPackedLinear):
         return linear.packed.mkl_weight
     return None
 
@@ -39,10 +44,10 @@ def _layer_weights(layer: nn.Module, kv_cache: tuple[torch.Tensor, torch.Tensor]
     attn, mlp = layer.self_attn, layer.mlp
     if type(mlp) is not GatedMLP:
         return None
-    packs = [_mkl_pack(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if any(p is None for p in packs):
+    weights = [_weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+    if any(w is None for w in weights):
         return None
-    qkv, o, gate_up, down = packs
+    qkv, o, gate_up, down = weights
     return DecoderLayerWeights(
         input_norm=layer.input_layernorm.weight.data,
         qkv=qkv,
@@ -60,10 +65,10 @@ def build_fused_decoder(
     config: ModelConfig, layers: nn.ModuleList, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> FusedDecoder | None:
     """The fused stack over ``layers`` and ``kv_caches``, or None where it does not apply."""
-    if os.environ.get(ENV_VAR) == "0" or config.dtype != torch.float32:
-        return None
     cache = kv_caches[0][0]
-    if cache.dtype != torch.float32 or select_backend(cache.device) != "cpu":
+    if os.environ.get(ENV_VAR) == "0" or config.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    if cache.dtype != config.dtype or select_backend(cache.device) != "cpu":
         return None
     weights = [_layer_weights(layer, cache) for layer, cache in zip(layers, kv_caches, strict=True)]
     if any(w is None for w in weights):
@@ -81,4 +86,8 @@ def build_fused_decoder(
         rms_norm_eps=config.rms_norm_eps,
         sliding_window=config.sliding_window,
     )
-    return FusedDecoder(shape, weights)
+    try:
+        return FusedDecoder(shape, weights)
+    except KernelInputError as e:  # a layout the stack does not take: the modules serve
+        logger.warning("decode steps run layer by layer: %s", e)
+        return None
