@@ -138,8 +138,9 @@ class FusedDecoder:
         cache = layers[0].k_cache
         self.dtype = layers[0].input_norm.dtype
         self._shape = _Shape(
-            _mkl_function("SGEMM_COMPUTE"), _mkl_function("GEMM_BF16BF16F32"), len(layers), shape.hidden_size, shape.intermediate_size,
-            shape.num_heads, shape.num_kv_heads, shape.head_dim, cache.shape[1],
+            _mkl_function("SGEMM_COMPUTE"), _mkl_function("GEMM_BF16BF16F32"), len(layers),
+            shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads,
+            shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
             shape.sliding_window or 0)
         self._c_layers = (_Layer * len(layers))(*[
