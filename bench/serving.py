@@ -421,7 +421,7 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
     section = [
         f"\n## Serving: OpenAI endpoint load test ({when})\n",
         f"- machine: {machine}",
-        f"- command: `python bench/{' '.join(_portable(a) for a in [sys.argv[0], *sys.argv[1:]])}`",
+        f"- command: `python bench/serving.py {' '.join(_portable(a) for a in sys.argv[1:])}`",
         f"- versions: {_versions(args.llama_server)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for both",
         f"- workload: {workload_name}, {args.num_prompts} prompts x {args.max_tokens} output tokens "
         f"(ignore_eos, greedy), streaming chat completions, {clients}",
