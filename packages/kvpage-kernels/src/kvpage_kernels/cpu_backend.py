@@ -137,9 +137,14 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
         k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.shape[0], num_slots,
         k_cache.shape[2], k_cache.shape[3], k.element_size())
     if bad >= 0:
-        raise KernelInputError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the cache "
-                               f"({num_slots} slots = num_blocks x block_size)")
+        raise slot_outside_cache(slots, bad, num_slots)
     return None
+
+
+def slot_outside_cache(slots: torch.Tensor, bad: int, num_slots: int) -> KernelInputError:
+    """The error for slot_mapping[bad], which a kernel found past the cache's num_slots."""
+    return KernelInputError(f"slot_mapping[{bad}] = {int(slots[bad])} is outside the cache "
+                            f"({num_slots} slots = num_blocks x block_size)")
 
 
 def _decode_in_place(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,

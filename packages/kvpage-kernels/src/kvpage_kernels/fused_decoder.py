@@ -27,10 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from . import cpu_backend
+from .cpu_backend import _DTYPE_CODES, _f32, _i32, _i64, _ptr
 from .errors import KernelBackendUnavailable, KernelInputError
-
-_ptr, _i32, _i64, _f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
-_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 
 @dataclass(frozen=True)
@@ -174,13 +172,10 @@ class FusedDecoder:
         step = _Step(rows, cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(),
                      tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr())
         bad = _library().kvpage_decoder_stack(_DTYPE_CODES[self.dtype], ctypes.byref(self._shape),
-                                              self._c_layers,
-                                              ctypes.byref(step), out.data_ptr(),
+                                              self._c_layers, ctypes.byref(step), out.data_ptr(),
                                               residual.data_ptr())
         if bad >= 0:
-            raise KernelInputError(
-                f"slot_mapping[{bad}] = {int(slots[bad])} is outside the cache "
-                f"({self._shape.num_slots} slots = num_blocks x block_size)")
+            raise cpu_backend.slot_outside_cache(slots, bad, self._shape.num_slots)
         return out, residual
 
 
