@@ -15,7 +15,7 @@ import logging
 import os
 
 import torch
-from kvpage_kernels import KernelInputError, fused_decoder, select_backend
+from kvpage_kernels import KernelBackendUnavailable, KernelInputError, select_backend
 from kvpage_kernels.fused_decoder import DecoderLayerWeights, DecoderShape, FusedDecoder
 from torch import nn
 
@@ -73,10 +73,6 @@ def build_fused_decoder(
     weights = [_layer_weights(layer, cache) for layer, cache in zip(layers, kv_caches, strict=True)]
     if any(w is None for w in weights):
         return None
-    reason = fused_decoder.unavailable_reason()
-    if reason is not None:
-        logger.info("decode steps run layer by layer: %s", reason)
-        return None
     shape = DecoderShape(
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -88,6 +84,6 @@ def build_fused_decoder(
     )
     try:
         return FusedDecoder(shape, weights)
-    except KernelInputError as e:  # a layout the stack does not take: the modules serve
-        logger.warning("decode steps run layer by layer: %s", e)
+    except (KernelBackendUnavailable, KernelInputError) as e:  # no compiler or MKL, or a
+        logger.info("decode steps run layer by layer: %s", e)  # layout it does not take
         return None

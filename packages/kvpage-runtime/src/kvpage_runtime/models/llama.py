@@ -130,8 +130,8 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.lookup(batch.positions)
-        fused = self.fused_decoder(kv_caches) if batch.max_query_len == 1 else None
-        if fused is not None and batch.num_tokens == batch.num_seqs:
+        one_token_each = batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs
+        if one_token_each and (fused := self.fused_decoder(kv_caches)) is not None:
             hidden, residual = fused(hidden, cos, sin, batch.slot_mapping, batch.block_tables,
                                      batch.seq_lens, batch.query_start_loc)
         else:
