@@ -149,3 +149,17 @@ def test_caching_a_cached_block_with_other_tokens_raises():
     cache(pool, block_id, tag=1)
     with pytest.raises(KVCacheError, match="other tokens"):
         cache(pool, block_id, tag=2)
+
+
+def test_reset_prefix_cache_forgets_cached_blocks_only_when_all_are_free():
+    pool = BlockPool(3, block_size=2)
+    a, b = pool.allocate(2)
+    cache(pool, a, tag=1)
+    cache(pool, b, tag=2)
+    pool.free([a])
+    assert not pool.reset_prefix_cache()  # b is still referenced
+    assert pool.num_cached_blocks == 2
+    pool.free([b])
+    assert pool.reset_prefix_cache()
+    assert pool.num_cached_blocks == 0 and pool.num_free_blocks == 3
+    assert all(pool.block(i).block_hash is None for i in range(3))

@@ -63,6 +63,16 @@ def test_committed_blocks_are_hit_by_the_next_request():
     assert hit.block_ids == mgr.block_ids("a")[:2] and hit.num_tokens == 8
 
 
+def test_reset_prefix_cache_needs_every_request_gone():
+    mgr = make()
+    prefill(mgr, "a", list(range(10)))
+    assert not mgr.reset_prefix_cache()
+    mgr.free("a")
+    assert mgr.lookup_prefix("b", list(range(10))).num_tokens == 8
+    assert mgr.reset_prefix_cache()
+    assert mgr.lookup_prefix("b", list(range(10))).num_tokens == 0
+
+
 def test_the_miss_names_the_block_two_prompts_share():
     mgr = make()
     a = mgr.lookup_prefix("a", list(range(10)))

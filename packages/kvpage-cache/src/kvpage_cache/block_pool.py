@@ -136,6 +136,15 @@ class BlockPool:
             self.free_queue.remove(block)
             self.free_queue.push_front(block)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block, for when their KV can no longer be trusted. Only done
+        while no block is referenced; returns False (and changes nothing) otherwise."""
+        if self.num_free_blocks != self.num_blocks:
+            return False
+        for block in list(self._cached.values()):
+            self.uncache(block.block_id)
+        return True
+
     def _evict(self, block: Block) -> None:
         del self._cached[block.block_hash]
         block.clear_cached()

@@ -125,6 +125,10 @@ class KVCacheManager:
 
     # ---- prefix cache ------------------------------------------------------------------
 
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache; only possible (True) while no request holds a block."""
+        return not self._requests and self.pool.reset_prefix_cache()
+
     def lookup_prefix(
         self, request_id: str, token_ids: Sequence[int], extra_keys: ExtraKeys = ()
     ) -> PrefixHit:
