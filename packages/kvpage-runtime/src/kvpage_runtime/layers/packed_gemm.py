@@ -5,29 +5,84 @@ tiles on the fly. Packing them ahead of time is what makes small-batch (decode) 
 measured for SmolLM2-135M's shapes at 64 rows with weights streamed from memory, MKL-packed
 fp32 takes 0.71x the time of ``F.linear`` and oneDNN-packed bf16 0.69x (0.67x at 16 rows).
 
-- fp32: MKL's packed sgemm (``torch.ops.mkl._mkl_linear``). The pack is larger than the
-  weight (1.3x for 4096x4096 matrices, up to 9x for small ones), the price of the speed.
-- bf16 / fp16: oneDNN's blocked weight format (``torch.ops.mkldnn._linear_pointwise``).
+What each dtype gets (``choose_packing``; ``pack_model_weights`` logs it once per dtype):
+
+- fp32: MKL's packed sgemm (``torch.ops.mkl._mkl_linear``) wherever torch has MKL; it runs on
+  any x86-64 tier. The pack is larger than the weight (1.3x for 4096x4096 matrices, up to 9x
+  for small ones), the price of the speed.
+- bf16 / fp16: oneDNN's blocked weight format (``torch.ops.mkldnn._linear_pointwise``), only
+  where oneDNN computes that dtype on this CPU (bf16: AVX-512 BW/VL/DQ or AVX-NE-CONVERT;
+  fp16: AVX-512-FP16 or AVX-NE-CONVERT) and kvpage's CPU tier (``kvpage_kernels.cpu_isa``) is
+  ``avx512``. Elsewhere, an AVX2-only CPU such as AMD Zen 3 or any CPU under
+  ``KVPAGE_CPU_ISA=avx2``, they are multiplied by plain ``F.linear``, which computes them
+  everywhere, only more slowly.
 
 Packs are plain attributes, not parameters: they never enter a state dict, and they are made
 last, once the weights are in their final dtype and place (an MKL pack must not be moved).
-Set ``KVPAGE_CPU_WEIGHT_PACKING=0`` to multiply by the plain weights instead.
+Set ``KVPAGE_CPU_WEIGHT_PACKING=0`` to multiply by the plain weights instead. The fp32 fused
+decoder stack (``models.fused_decode``) multiplies by the MKL packs, so that switch also sends
+fp32 decode steps through the layer modules (logged when the stack is built).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kvpage_kernels.cpu_isa import cpu_isa, tier_at_least
 from torch import nn
 
 ENV_VAR = "KVPAGE_CPU_WEIGHT_PACKING"
 # The row count the packs are tuned for (a decode batch); any row count is accepted.
 BATCH_HINT = 64
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# dtype -> (what oneDNN's GEMM needs of the CPU for it, torch's check that this CPU has it)
+_ONEDNN_NEEDS = {
+    torch.bfloat16: ("AVX-512 BW/VL/DQ or AVX-NE-CONVERT", "_is_mkldnn_bf16_supported"),
+    torch.float16: ("AVX-512-FP16 or AVX-NE-CONVERT", "_is_mkldnn_fp16_supported"),
+}
+logger = logging.getLogger(__name__)
 
 PackedLinear = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How the weights of one dtype are multiplied on this CPU, and why."""
+
+    dtype: torch.dtype
+    library: str | None  # "mkl", "onednn", or None for plain F.linear
+    why: str
+
+    def __str__(self) -> str:
+        name = DTYPE_NAMES.get(self.dtype, str(self.dtype))
+        if self.library is None:
+            return f"{name} weights are not packed: {self.why}; using F.linear"
+        return f"{name} weights are packed for {self.why}"
+
+
+def choose_packing(dtype: torch.dtype) -> Packing:
+    """The packing this CPU, this torch build and the switches allow for ``dtype``."""
+    if os.environ.get(ENV_VAR) == "0":
+        return Packing(dtype, None, f"{ENV_VAR}=0")
+    if dtype == torch.float32:
+        if _mkl_available():
+            return Packing(dtype, "mkl", "MKL's packed sgemm")
+        return Packing(dtype, None, "this torch build has no MKL")
+    if dtype not in _ONEDNN_NEEDS:
+        return Packing(dtype, None, "no packed GEMM takes this dtype")
+    if not _onednn_available():
+        return Packing(dtype, None, "this torch build has no oneDNN linear")
+    needs, supported = _ONEDNN_NEEDS[dtype]
+    tier = cpu_isa()
+    if not (tier_at_least(tier, "avx512") and getattr(torch.ops.mkldnn, supported)()):
+        name = DTYPE_NAMES[dtype]
+        return Packing(dtype, None, f"oneDNN's {name} GEMM needs {needs} (CPU tier in use: {tier})")
+    return Packing(dtype, "onednn", "oneDNN's GEMM (its blocked layout)")
 
 
 def _mkl_available() -> bool:
@@ -66,19 +121,26 @@ def _onednn_packed(weight: torch.Tensor) -> PackedLinear:
 
 def pack_linear_weight(weight: torch.Tensor) -> PackedLinear | None:
     """A packed ``x @ weight.T + bias`` for this CPU, or None where plain ``F.linear`` is used."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or os.environ.get(ENV_VAR) == "0":
+    if weight.device.type != "cpu" or weight.dim() != 2:
         return None
-    weight = weight.detach()
-    if weight.dtype == torch.float32 and _mkl_available():
-        return MklPackedLinear(weight)
-    if weight.dtype in (torch.bfloat16, torch.float16) and _onednn_available():
-        return _onednn_packed(weight)
+    library = choose_packing(weight.dtype).library
+    if library == "mkl":
+        return MklPackedLinear(weight.detach())
+    if library == "onednn":
+        return _onednn_packed(weight.detach())
     return None
 
 
 def pack_model_weights(model: nn.Module) -> None:
-    """Let every module that can (it has ``pack_weights()``) repack its weights for the device."""
+    """Let every module that can (it has ``pack_weights()``) repack its weights for the device;
+    log the packing chosen for each dtype of CPU weights met."""
+    dtypes = set()
     for module in model.modules():
         pack = getattr(module, "pack_weights", None)
         if pack is not None:
             pack()
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.device.type == "cpu":
+                dtypes.add(weight.dtype)
+    for dtype in sorted(dtypes, key=str):
+        logger.info("%s", choose_packing(dtype))
