@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from kvpage_kernels import cpu_isa
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
 from kvpage_runtime.forward_batch import ForwardBatch
+from kvpage_runtime.layers.packed_gemm import choose_packing
 from kvpage_runtime.loaders import default_model as default_model_module
 from kvpage_runtime.loaders import load_model, resolve_dtype
 from kvpage_runtime.loaders.gguf_file import unpermute_rotary_rows
+from kvpage_runtime.loaders.loaded import cpu_has_native_bf16
 from kvpage_runtime.models import SUPPORTED_ARCHITECTURES
 from model_helpers import TINY, one_torch_thread, save_tiny_model  # noqa: F401 (fixture)
 
@@ -63,12 +67,31 @@ def test_sharded_checkpoint_loads_like_single_file(llama_folder, tmp_path):
     assert torch.equal(_last_logits(single, prompt), _last_logits(sharded, prompt))
 
 
-def test_bf16_load_computes_in_bf16_up_to_the_logits(llama_folder):
-    """Logits come in the model dtype; the sampler takes them to fp32 for anything but argmax."""
+@pytest.mark.parametrize("tier", ["detected", "avx2"])
+def test_bf16_load_computes_in_bf16_up_to_the_logits(llama_folder, tier, monkeypatch):
+    """Logits come in the model dtype; the sampler takes them to fp32 for anything but argmax.
+    Below the AVX-512 tier the bf16 weights are not packed (F.linear) and compute all the same."""
+    if tier != "detected":
+        monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
     loaded = load_model(str(llama_folder), "bfloat16")
-    assert loaded.config.dtype == torch.bfloat16
-    assert loaded.model.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
-    assert _last_logits(loaded, [5, 6, 7]).dtype == torch.bfloat16
+    qkv_proj = loaded.model.model.layers[0].self_attn.qkv_proj
+    assert loaded.config.dtype == torch.bfloat16 and qkv_proj.weight.dtype == torch.bfloat16
+    assert (qkv_proj.packed is None) == (choose_packing(torch.bfloat16).library is None)
+    if tier != "detected":
+        assert qkv_proj.packed is None
+    logits = _last_logits(loaded, [5, 6, 7])
+    assert logits.dtype == torch.bfloat16
+    fp32_logits = _last_logits(load_model(str(llama_folder), "float32"), [5, 6, 7])
+    assert float((logits.float() - fp32_logits).norm() / fp32_logits.norm()) < 2e-2
+
+
+def test_load_logs_the_packing_chosen_for_its_dtype(llama_folder, monkeypatch, caplog):
+    monkeypatch.setenv(cpu_isa.ENV_VAR, "avx2")
+    with caplog.at_level(logging.INFO, logger="kvpage_runtime.layers.packed_gemm"):
+        load_model(str(llama_folder), "bfloat16")
+    assert [r.getMessage() for r in caplog.records if r.name.endswith("packed_gemm")] == [
+        "bf16 weights are not packed: oneDNN's bf16 GEMM needs AVX-512 BW/VL/DQ or "
+        f"AVX-NE-CONVERT (CPU tier in use: {cpu_isa.cpu_isa()}); using F.linear"]
 
 
 def test_generation_config_gives_eos_ids(llama_folder):
@@ -131,8 +154,18 @@ def test_dtype_names_and_auto():
     assert resolve_dtype(torch.float16, "cpu") == torch.float16
     assert resolve_dtype("auto", "cuda") == torch.bfloat16
     assert resolve_dtype("auto", "cpu") in (torch.float32, torch.bfloat16)
+    assert (resolve_dtype("auto", "cpu") == torch.bfloat16) == cpu_has_native_bf16()
     with pytest.raises(ModelLoadError, match="unsupported dtype"):
         resolve_dtype("int8", "cpu")
+
+
+@pytest.mark.parametrize("tier", ["avx2", "scalar"])
+def test_auto_is_fp32_below_the_avx512_tier(tier, monkeypatch):
+    """An AVX2-only CPU (AMD Zen 3) emulates bf16: fp32 is faster there."""
+    monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
+    assert not cpu_has_native_bf16()
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
 
 
 def test_kv_cache_bytes_per_token(llama_folder):

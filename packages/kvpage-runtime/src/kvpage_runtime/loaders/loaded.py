@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kvpage_kernels.cpu_isa import cpu_flags, cpu_isa, tier_at_least
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
@@ -37,21 +38,23 @@ _DTYPE_NAMES = {
 }
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX) and kvpage's CPU tier is
+    ``avx512`` (``KVPAGE_CPU_ISA`` can lower it, see ``kvpage_kernels.cpu_isa``)."""
+    return tier_at_least(cpu_isa(), "avx512") and _cpu_has_bf16_instructions()
+
+
+@functools.cache
+def _cpu_has_bf16_instructions() -> bool:
     if "AMX" in torch.backends.cpu.get_cpu_capability():
         return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpu_flags()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
-    """``"auto"`` is bf16 on CUDA and on CPUs with native bf16, else fp32."""
+    """``"auto"`` is bf16 on CUDA and on CPUs with native bf16 (``cpu_has_native_bf16``), else
+    fp32: where bf16 would be emulated, fp32 is faster."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
