@@ -1,13 +1,19 @@
 """Decode steps through the fused decoder stack give what the layer modules give: exactly in
-fp32, to bf16 rounding in bf16."""
+fp32, to bf16 rounding in bf16, on the detected CPU tier and on the AVX2 one. A stack that
+does not prove itself when it is built (a torch release it was not tested with, a check step
+that disagrees with the modules) is not used, and says why."""
 
 from __future__ import annotations
+
+import logging
 
 import pytest
 import torch
 import transformers
-from kvpage_kernels import fused_decoder
+from kvpage_kernels import cpu_isa, fused_decoder
+from kvpage_runtime.layers import packed_gemm
 from kvpage_runtime.loaders import load_model
+from kvpage_runtime.models import fused_decode
 from kvpage_runtime.models.fused_decode import ENV_VAR
 from model_helpers import TINY, PagedGreedyDriver, random_prompts, save_tiny_model
 
@@ -43,6 +49,15 @@ def test_fused_decode_is_bit_identical(family, tmp_path, monkeypatch):
     assert used == (family != "mixtral")  # experts keep the per-layer path
 
 
+def test_fp32_on_the_avx2_tier_is_bit_identical(tmp_path, monkeypatch):
+    monkeypatch.setenv(cpu_isa.ENV_VAR, "avx2")
+    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=torch.float32)
+    prompts = random_prompts([5, 17, 9, 2], CONFIGS["llama"].vocab_size)
+    fused, used = greedy(loaded, prompts, True, monkeypatch)
+    plain, _ = greedy(loaded, prompts, False, monkeypatch)
+    assert used and fused == plain
+
+
 def decode_step(loaded, prompts, fused: bool, monkeypatch):
     """Hidden states and KV caches after prefilling ``prompts`` and one decode step."""
     monkeypatch.setenv(ENV_VAR, "1" if fused else "0")
@@ -59,8 +74,12 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.float() - expected.float()).norm() / expected.float().norm())
 
 
+@pytest.mark.parametrize("tier", ["detected", "avx2"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_bf16_decode_agrees_to_bf16_rounding(family, tmp_path, monkeypatch):
+def test_bf16_decode_agrees_to_bf16_rounding(family, tier, tmp_path, monkeypatch):
+    """On the avx2 tier the modules multiply by plain bf16 weights (no oneDNN packs)."""
+    if tier != "detected":
+        monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
     loaded = load_model(str(save_tiny_model(CONFIGS[family], tmp_path)), dtype=torch.bfloat16)
     prompts = random_prompts([5, 17, 9, 2], CONFIGS[family].vocab_size)
     fused, fused_caches = decode_step(loaded, prompts, True, monkeypatch)
@@ -69,3 +88,75 @@ def test_bf16_decode_agrees_to_bf16_rounding(family, tmp_path, monkeypatch):
     assert relative_error(fused, plain) < 2e-2
     for (k, v), (k_plain, v_plain) in zip(fused_caches, plain_caches, strict=True):
         assert relative_error(k, k_plain) < 2e-2 and relative_error(v, v_plain) < 2e-2
+
+
+def fused_log(caplog) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records
+            if r.name == fused_decode.logger.name]
+
+
+def greedy_logged(loaded, prompts, caplog, monkeypatch) -> tuple[list, bool, list]:
+    """``greedy`` with the stack allowed, and what building it logged."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=fused_decode.logger.name):
+        tokens, used = greedy(loaded, prompts, True, monkeypatch)
+    return tokens, used, fused_log(caplog)
+
+
+class CorruptStack(fused_decoder.FusedDecoder):
+    """A stack that went wrong: its residual stream picks up noise."""
+
+    def __call__(self, *args):
+        out, residual = super().__call__(*args)
+        return out, residual + torch.randn_like(residual)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stack_that_disagrees_with_the_modules_is_not_used(dtype, tmp_path, monkeypatch,
+                                                              caplog):
+    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=dtype)
+    prompts = random_prompts([5, 17, 9, 2], CONFIGS["llama"].vocab_size)
+    plain, _ = greedy(loaded, prompts, False, monkeypatch)
+    monkeypatch.setattr(fused_decode, "FusedDecoder", CorruptStack)
+    tokens, used, log = greedy_logged(loaded, prompts, caplog, monkeypatch)
+    assert not used and tokens == plain
+    assert len(log) == 1 and log[0][0] == logging.WARNING
+    assert log[0][1].startswith("decode steps run layer by layer: on a check step the fused "
+                                "stack's output differs from the layer modules' by ")
+
+
+def test_an_untested_torch_release_is_not_used(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(fused_decode, "TESTED_TORCH", ((1, 0), (1, 13)))
+    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=torch.float32)
+    prompts = random_prompts([5, 9], CONFIGS["llama"].vocab_size)
+    _, used, log = greedy_logged(loaded, prompts, caplog, monkeypatch)
+    assert not used
+    assert log == [(logging.WARNING, f"decode steps run layer by layer: torch "
+                    f"{torch.__version__} is outside the releases the fused stack was tested "
+                    "with (1.0 to 1.13)")]
+
+
+def test_fp32_without_packing_runs_layer_by_layer_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(packed_gemm.ENV_VAR, "0")
+    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=torch.float32)
+    prompts = random_prompts([5, 9], CONFIGS["llama"].vocab_size)
+    _, used, log = greedy_logged(loaded, prompts, caplog, monkeypatch)
+    assert not used
+    assert log == [(logging.INFO, "decode steps run layer by layer: the fp32 stack multiplies "
+                    "by MKL-packed weights and these are not packed "
+                    "(KVPAGE_CPU_WEIGHT_PACKING=0, or a torch without MKL)")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_check_leaves_the_kv_cache_as_it_was(dtype, tmp_path, monkeypatch, caplog):
+    loaded = load_model(str(save_tiny_model(CONFIGS["qwen2"], tmp_path)), dtype=dtype)
+    monkeypatch.setenv(ENV_VAR, "1")
+    driver = PagedGreedyDriver(loaded, block_size=4)
+    for k, v in driver.kv_caches:
+        k.normal_(), v.normal_()
+    before = [(k.clone(), v.clone()) for k, v in driver.kv_caches]
+    with caplog.at_level(logging.INFO, logger=fused_decode.logger.name):
+        assert loaded.model.model.fused_decoder(driver.kv_caches) is not None
+    assert fused_log(caplog) == []
+    for (k, v), (k_before, v_before) in zip(driver.kv_caches, before, strict=True):
+        assert torch.equal(k, k_before) and torch.equal(v, v_before)

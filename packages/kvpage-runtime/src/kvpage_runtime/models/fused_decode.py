@@ -3,43 +3,103 @@
 The stack runs every layer of a decode step in one C call with the kernels the layer modules
 call (see ``kvpage_kernels.fused_decoder``): in fp32 with the same MKL GEMM on the same packs,
 so it computes exactly what they compute; in bf16 with MKL's bf16 GEMM on the plain weights,
-which agrees with the modules' oneDNN GEMM to bf16 rounding. It is used on the CPU with the
-``cpu`` kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones MKL-packed);
-Mixtral's experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
+which agrees with the modules' GEMM to bf16 rounding. It is used on the CPU with the ``cpu``
+kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones MKL-packed, so
+``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules); Mixtral's
+experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
+
+The stack calls MKL through symbols and packed buffers that belong to torch's build, which no
+torch release promises to keep. So it proves itself when it is built (once per KV cache, at
+the first decode step): with a torch release outside ``TESTED_TORCH``, or where one decode
+step of the loaded model, run through the stack and through the layer modules on the same
+inputs (a few sequences over random context in a scratch KV cache of their own, never the
+engine's), differs beyond the dtype's tolerance, it logs a warning saying why and the modules
+are used instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
-from kvpage_kernels import KernelBackendUnavailable, KernelInputError, select_backend
+from kvpage_kernels import KernelBackendUnavailable, KernelError, KernelInputError, select_backend
 from kvpage_kernels.fused_decoder import DecoderLayerWeights, DecoderShape, FusedDecoder
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.forward_batch import ForwardBatch
+from kvpage_runtime.layers.attention import KVCache
 from kvpage_runtime.layers.linear import Linear, UnquantizedLinearMethod
 from kvpage_runtime.layers.mlp import GatedMLP
-from kvpage_runtime.layers.packed_gemm import MklPackedLinear
+from kvpage_runtime.layers.packed_gemm import DTYPE_NAMES, MklPackedLinear
+
+if TYPE_CHECKING:
+    from kvpage_runtime.models.llama import LlamaModel
 
 ENV_VAR = "KVPAGE_FUSED_DECODER"
+# The oldest and newest torch minor releases the stack was tested with.
+TESTED_TORCH = ((2, 11), (2, 14))
+# The relative error the check step allows between the stack's last hidden state and the
+# modules': fp32 is meant to be bit-identical; bf16 rounding compounds over the layers (on
+# SmolLM2-135M's 30 layers the two differ by about 1e-2; a broken GEMM gives about 1 or NaN).
+CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
+# The check step's sequences: how many tokens of context each has before its new token.
+CHECK_CONTEXT_LENS = (1, 2, 3)
 logger = logging.getLogger(__name__)
 
 
+class _Declined(Exception):
+    """Why the stack is not used for layers that fit it; ``level``: how loudly to log it."""
+
+    def __init__(self, reason: str, level: int = logging.INFO) -> None:
+        super().__init__(reason)
+        self.level = level
+
+
+def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDecoder | None:
+    """The fused stack over ``model``'s layers and ``kv_caches``, or None where it does not
+    apply or does not prove itself."""
+    if not _applies(model.config, kv_caches):
+        return None
+    try:
+        weights = [_layer_weights(layer, cache)
+                   for layer, cache in zip(model.layers, kv_caches, strict=True)]
+        if any(w is None for w in weights):
+            return None
+        _check_torch_release()
+        shape = _decoder_shape(model.config)
+        _check_against_modules(model, shape, weights)
+        return _construct(shape, weights)
+    except _Declined as e:
+        logger.log(e.level, "decode steps run layer by layer: %s", e)
+        return None
+
+
+def _applies(config: ModelConfig, kv_caches: list[KVCache]) -> bool:
+    cache = kv_caches[0][0]
+    return (os.environ.get(ENV_VAR) != "0" and config.dtype in CHECK_TOLERANCE
+            and cache.dtype == config.dtype and select_backend(cache.device) == "cpu")
+
+
 def _weight(linear: Linear) -> torch.Tensor | None:
-    """The weight as the fused stack multiplies by it: MKL's pack in fp32, plain in bf16."""
+    """The weight as the fused stack multiplies by it (MKL's pack in fp32, plain in bf16), or
+    None for a linear method it does not take."""
     if not isinstance(linear.method, UnquantizedLinearMethod):
         return None
     if linear.weight.dtype == torch.bfloat16:
         return linear.weight.data
-    if isinstance(linear.packed, MklPackedLinear):
-        return linear.packed.mkl_weight
-    return None
+    if not isinstance(linear.packed, MklPackedLinear):
+        raise _Declined("the fp32 stack multiplies by MKL-packed weights and these are not "
+                        "packed (KVPAGE_CPU_WEIGHT_PACKING=0, or a torch without MKL)")
+    return linear.packed.mkl_weight
 
 
-def _layer_weights(layer: nn.Module, kv_cache: tuple[torch.Tensor, torch.Tensor]):
+def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights | None:
     """The layer's tensors for the fused stack, or None if it is not a dense Llama layer."""
     attn, mlp = layer.self_attn, layer.mlp
     if type(mlp) is not GatedMLP:
@@ -61,19 +121,18 @@ def _layer_weights(layer: nn.Module, kv_cache: tuple[torch.Tensor, torch.Tensor]
     )
 
 
-def build_fused_decoder(
-    config: ModelConfig, layers: nn.ModuleList, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> FusedDecoder | None:
-    """The fused stack over ``layers`` and ``kv_caches``, or None where it does not apply."""
-    cache = kv_caches[0][0]
-    if os.environ.get(ENV_VAR) == "0" or config.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    if cache.dtype != config.dtype or select_backend(cache.device) != "cpu":
-        return None
-    weights = [_layer_weights(layer, cache) for layer, cache in zip(layers, kv_caches, strict=True)]
-    if any(w is None for w in weights):
-        return None
-    shape = DecoderShape(
+def _check_torch_release() -> None:
+    release = tuple(int(n) for n in re.findall(r"\d+", torch.__version__)[:2])
+    oldest, newest = TESTED_TORCH
+    if not oldest <= release <= newest:
+        raise _Declined(
+            f"torch {torch.__version__} is outside the releases the fused stack was tested "
+            f"with ({'.'.join(map(str, oldest))} to {'.'.join(map(str, newest))})",
+            logging.WARNING)
+
+
+def _decoder_shape(config: ModelConfig) -> DecoderShape:
+    return DecoderShape(
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
         num_heads=config.num_heads,
@@ -82,8 +141,79 @@ def build_fused_decoder(
         rms_norm_eps=config.rms_norm_eps,
         sliding_window=config.sliding_window,
     )
+
+
+def _construct(shape: DecoderShape, weights: list[DecoderLayerWeights]) -> FusedDecoder:
     try:
         return FusedDecoder(shape, weights)
     except (KernelBackendUnavailable, KernelInputError) as e:  # no compiler or MKL, or a
-        logger.info("decode steps run layer by layer: %s", e)  # layout it does not take
-        return None
+        raise _Declined(str(e)) from e                          # layout it does not take
+
+
+@dataclass
+class _CheckStep:
+    """One decode step of a few sequences over a scratch KV cache holding random context."""
+
+    batch: ForwardBatch
+    hidden: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    kv_caches: list[KVCache]
+
+
+@torch.inference_mode()
+def _check_against_modules(model: LlamaModel, shape: DecoderShape,
+                           weights: list[DecoderLayerWeights]) -> None:
+    """Run a check step through the stack and through the layer modules, each on its own copy
+    of the scratch cache; raise if their outputs differ beyond the dtype's tolerance."""
+    step = _check_step(model, block_size=weights[0].k_cache.shape[1])
+    stack = _construct(shape, [replace(w, k_cache=k.clone(), v_cache=v.clone())
+                               for w, (k, v) in zip(weights, step.kv_caches, strict=True)])
+    batch = step.batch
+    try:
+        fused = stack(step.hidden, step.cos, step.sin, batch.slot_mapping, batch.block_tables,
+                      batch.seq_lens, batch.query_start_loc)
+    except KernelError as e:
+        raise _Declined(f"the fused stack failed its check step: {e}", logging.WARNING) from e
+    modules = model.run_layers(step.hidden.clone(), step.cos, step.sin, batch, step.kv_caches)
+    # compared: the sum of MLP output and residual, the model's final norm's input
+    error = _relative_error(fused[0] + fused[1], modules[0] + modules[1])
+    tolerance = CHECK_TOLERANCE[model.config.dtype]
+    if not error <= tolerance:  # NaN fails too
+        raise _Declined(
+            f"on a check step the fused stack's output differs from the layer modules' by "
+            f"{error:.1e} (relative; {DTYPE_NAMES[model.config.dtype]} allows {tolerance:.0e})",
+            logging.WARNING)
+
+
+def _check_step(model: LlamaModel, block_size: int) -> _CheckStep:
+    config, n = model.config, len(CHECK_CONTEXT_LENS)
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.tensor(CHECK_CONTEXT_LENS)  # each new token follows its context
+    blocks_per_seq = max(CHECK_CONTEXT_LENS) // block_size + 1
+    tables = torch.arange(n * blocks_per_seq, dtype=torch.int32).view(n, blocks_per_seq)
+    slots = tables[torch.arange(n), positions // block_size] * block_size + positions % block_size
+    cache_shape = (tables.numel(), block_size, config.num_kv_heads, config.head_dim)
+    kv_caches = [(_random(cache_shape, config.dtype, gen), _random(cache_shape, config.dtype, gen))
+                 for _ in range(config.num_layers)]
+    input_ids = torch.randint(config.vocab_size, (n,), generator=gen)
+    cos, sin = model.rotary.lookup(positions)
+    batch = ForwardBatch(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slots.long(),
+        block_tables=tables,
+        seq_lens=(positions + 1).int(),
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+        max_seq_len=max(CHECK_CONTEXT_LENS) + 1,
+        max_query_len=1,
+    )
+    return _CheckStep(batch, model.embed_tokens(input_ids), cos, sin, kv_caches)
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.float() - expected.float()).norm() / expected.float().norm())

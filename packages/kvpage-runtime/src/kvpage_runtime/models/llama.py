@@ -135,17 +135,25 @@ class LlamaModel(nn.Module):
             hidden, residual = fused(hidden, cos, sin, batch.slot_mapping, batch.block_tables,
                                      batch.seq_lens, batch.query_start_loc)
         else:
-            residual = None
-            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-                hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
+            hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches)
         hidden, _ = self.norm(hidden, residual)
         return hidden
+
+    def run_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: ForwardBatch, kv_caches: list[KVCache]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer modules one after another over the embeddings ``hidden``; returns the last
+        layer's (MLP output, residual stream before it)."""
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
+        return hidden, residual
 
     def fused_decoder(self, kv_caches: list[KVCache]):
         """The whole-stack decode path for these KV caches, or None (see ``fused_decode``)."""
         built_for, fused = self._fused
         if built_for is not kv_caches[0][0]:
-            fused = build_fused_decoder(self.config, self.layers, kv_caches)
+            fused = build_fused_decoder(self, kv_caches)
             self._fused = (kv_caches[0][0], fused)
         return fused
 
