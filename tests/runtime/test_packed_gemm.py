@@ -70,7 +70,8 @@ def test_half_precision_is_packed_with_onednn_where_the_cpu_runs_it(dtype):
     if not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN")
     if not this_cpu_runs_onednn(dtype):
-        pytest.skip(f"oneDNN has no {dtype} GEMM on this CPU (tier {cpu_isa.cpu_isa()})")
+        pytest.skip(f"oneDNN has no {packed_gemm.DTYPE_NAMES[dtype]} GEMM on this CPU "
+                    f"(tier {cpu_isa.cpu_isa()})")
     assert choose_packing(dtype).library == "onednn"
     assert loaded_linear(dtype, bias=False).packed is not None
 
