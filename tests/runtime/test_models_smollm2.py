@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 from engine_fixtures import hf_model_from_gguf
+from kvpage_kernels import cpu_isa
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.default_model import default_model_path
 from model_helpers import PagedGreedyDriver, one_torch_thread  # noqa: F401 (fixture)
@@ -121,7 +122,11 @@ def test_greedy_matches_transformers(kvpage_fp32, hf_reference):
         assert generated == reference
 
 
-def test_bfloat16_generates_text(kvpage_fp32):
+@pytest.mark.parametrize("tier", ["detected", "avx2"])
+def test_bfloat16_generates_text(kvpage_fp32, tier, monkeypatch):
+    """On the avx2 tier (as on an AMD Zen 3) bf16 weights are multiplied unpacked."""
+    if tier != "detected":
+        monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
     loaded = load_model(None, dtype="bfloat16")
     assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
     prompt = loaded.tokenizer.encode("The capital of France is")
