@@ -82,7 +82,7 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
 
 def _applies(config: ModelConfig, kv_caches: list[KVCache]) -> bool:
     cache = kv_caches[0][0]
-    return (os.environ.get(ENV_VAR) != "0" and config.dtype in CHECK_TOLERANCE
+    return (os.environ.get(ENV_VAR) != "0" and config.dtype in CHECK_TOLERANCE  # fp32, bf16
             and cache.dtype == config.dtype and select_backend(cache.device) == "cpu")
 
 
