@@ -1,5 +1,7 @@
 // CPU kernels, built at first use by cpu_backend.py with the system C++ compiler
-// (-O3 -march=native -fopenmp -ffp-contract=off) and called through ctypes.
+// (-O3 -fopenmp -ffp-contract=off, -march for one CPU tier) and called through ctypes. The
+// tier decides which paths are compiled: AVX-512 or AVX2+FMA vector paths where the build
+// targets them (see "vector lanes"), portable loops for everything else.
 //
 // kvpage_paged_decode: paged decode attention, one query token per sequence, read in place
 // from the paged KV cache (no gather). kvpage_write_kv: this step's K/V rows into their
@@ -17,7 +19,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -64,6 +66,199 @@ int with_dtype(int32_t dtype, Fn fn) {
     return 1;
 }
 
+// exp(x), vectorizable (std::exp is a scalar call): x = n ln2 + r with |r| <= ln2 / 2, e^r by
+// its degree-6 Taylor polynomial (relative error below 2e-7 there), 2^n put into the exponent
+// bits. x is clamped to [-87, 88], so tiny results flush to about 1.6e-38 and 0 never appears.
+inline float fast_exp(float x) {
+    x = std::min(std::max(x, -87.f), 88.f);
+    const float n = std::nearbyint(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two parts
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+// ---- vector lanes ---------------------------------------------------------------------------
+//
+// The vector paths are written once against `Simd`, the widest fp32 vector of the CPU tier
+// the library is built for: 16 lanes with AVX-512 (F, BW, VL, DQ), 8 with AVX2 and FMA.
+// bf16 is loaded by widening to 32 bits and shifting left 16, and stored rounded to nearest
+// even in integer ops with NaN kept a NaN, exactly as to_bf16 (and torch) round. Without
+// either (the scalar tier) KVPAGE_SIMD is undefined and the portable loops serve every op.
+
+#if defined(__AVX512F__)
+#define KVPAGE_SIMD 1
+
+struct Simd {
+    using V = __m512;
+    using Lanes = __mmask16;  // which lanes a partial load or store touches
+    static constexpr int width = 16;
+
+    static V set1(float x) { return _mm512_set1_ps(x); }
+    static V zero() { return _mm512_setzero_ps(); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V div(V a, V b) { return _mm512_div_ps(a, b); }
+    static V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+    static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+    static V round(V x) {
+        return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    static V times_pow2(V x, V n) { return _mm512_scalef_ps(x, n); }  // x 2^n, n integral
+    static float sum(V x) { return _mm512_reduce_add_ps(x); }
+    static float max_lane(V x) { return _mm512_reduce_max_ps(x); }
+    static unsigned nan_lanes(V x) { return _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q); }
+    static unsigned equal_lanes(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
+
+    static V load(const float* src) { return _mm512_loadu_ps(src); }
+    static V load(const uint16_t* src) {
+        const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    }
+    static void store(float* dst, V x) { _mm512_storeu_ps(dst, x); }
+    static void store(uint16_t* dst, V x) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(bf16_bits(x)));
+    }
+    static V round_bf16(V x) {  // x rounded to bf16, as fp32
+        return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits(x), 16));
+    }
+
+    static Lanes first(int n) {  // the lanes below n
+        return n >= width ? static_cast<Lanes>(0xffff) : static_cast<Lanes>((1u << n) - 1u);
+    }
+    static V load(const float* src, Lanes lanes, float fill) {
+        return _mm512_mask_loadu_ps(set1(fill), lanes, src);
+    }
+    static void store(float* dst, Lanes lanes, V x) { _mm512_mask_storeu_ps(dst, lanes, x); }
+    static V keep(Lanes lanes, V x) { return _mm512_maskz_mov_ps(lanes, x); }  // others 0
+
+  private:
+    static __m512i bf16_bits(V x) {  // to_bf16 of each lane, in its low 16 bits
+        const __m512i bits = _mm512_castps_si512(x);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+        const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff));
+        const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+        const __m512i quiet_nan =
+            _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
+        return _mm512_mask_blend_epi32(nan_lanes(x), rounded, quiet_nan);
+    }
+};
+
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KVPAGE_SIMD 1
+
+struct Simd {
+    using V = __m256;
+    using Lanes = __m256i;  // all ones in each lane a partial load or store touches
+    static constexpr int width = 8;
+
+    static V set1(float x) { return _mm256_set1_ps(x); }
+    static V zero() { return _mm256_setzero_ps(); }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V div(V a, V b) { return _mm256_div_ps(a, b); }
+    static V min(V a, V b) { return _mm256_min_ps(a, b); }
+    static V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }    // a b + c
+    static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+    static V round(V x) {
+        return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    static V times_pow2(V x, V n) {  // x 2^n, n integral in [-126, 127]: n put into the exponent
+        const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+        return _mm256_mul_ps(x, _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23)));
+    }
+    static float sum(V x) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+    static float max_lane(V x) {
+        __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+        m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+    }
+    static unsigned nan_lanes(V x) { return _mm256_movemask_ps(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)); }
+    static unsigned equal_lanes(V a, V b) {
+        return _mm256_movemask_ps(_mm256_cmp_ps(a, b, _CMP_EQ_OQ));
+    }
+
+    static V load(const float* src) { return _mm256_loadu_ps(src); }
+    static V load(const uint16_t* src) {
+        const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    static void store(float* dst, V x) { _mm256_storeu_ps(dst, x); }
+    static void store(uint16_t* dst, V x) {
+        const __m256i half = bf16_bits(x);
+        const __m128i packed =  // each lane < 2^16: the unsigned saturation never clips
+            _mm_packus_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), packed);
+    }
+    static V round_bf16(V x) {  // x rounded to bf16, as fp32
+        return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits(x), 16));
+    }
+
+    static Lanes first(int n) {  // the lanes below n
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static V load(const float* src, Lanes lanes, float fill) {
+        return _mm256_blendv_ps(set1(fill), _mm256_maskload_ps(src, lanes),
+                                _mm256_castsi256_ps(lanes));
+    }
+    static void store(float* dst, Lanes lanes, V x) { _mm256_maskstore_ps(dst, lanes, x); }
+    static V keep(Lanes lanes, V x) { return _mm256_and_ps(_mm256_castsi256_ps(lanes), x); }
+
+  private:
+    static __m256i bf16_bits(V x) {  // to_bf16 of each lane, in its low 16 bits
+        const __m256i bits = _mm256_castps_si256(x);
+        const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+        const __m256i bias = _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff));
+        const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+        const __m256i quiet_nan =
+            _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+        const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        return _mm256_blendv_epi8(rounded, quiet_nan, nan);
+    }
+};
+#endif
+
+#if defined(KVPAGE_SIMD)
+// fast_exp on every lane (with FMA steps).
+inline Simd::V exp_lanes(Simd::V x) {
+    x = Simd::max(Simd::min(x, Simd::set1(88.f)), Simd::set1(-87.f));
+    const Simd::V n = Simd::round(Simd::mul(x, Simd::set1(1.44269504088896341f)));
+    Simd::V r = Simd::fnmadd(n, Simd::set1(0.693359375f), x);
+    r = Simd::fmadd(n, Simd::set1(2.12194440e-4f), r);
+    Simd::V poly = Simd::set1(1.f / 720.f);
+    for (const float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
+        poly = Simd::fmadd(poly, r, Simd::set1(c));
+    return Simd::times_pow2(poly, n);
+}
+
+// rounded<T> on every lane.
+template <typename T>
+inline Simd::V rounded_lanes(Simd::V x) {
+    if constexpr (std::is_same_v<T, float>) {
+        return x;
+    } else {
+        return Simd::round_bf16(x);
+    }
+}
+#endif
+
 struct Problem {
     const void* q;
     int64_t q_token_stride, q_head_stride;
@@ -105,26 +300,6 @@ inline void for_each_row(const Problem& p, const int32_t* table, int first, int 
         t += count;
         pos += count;
     }
-}
-
-// exp(x), vectorizable (std::exp is a scalar call): x = n ln2 + r with |r| <= ln2 / 2, e^r by
-// its degree-6 Taylor polynomial (relative error below 2e-7 there), 2^n put into the exponent
-// bits. x is clamped to [-87, 88], so tiny results flush to about 1.6e-38 and 0 never appears.
-inline float fast_exp(float x) {
-    x = std::min(std::max(x, -87.f), 88.f);
-    const float n = std::nearbyint(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two parts
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
 }
 
 // The d values at src as fp32: src itself for fp32, else converted once into buf.
@@ -222,71 +397,39 @@ void for_each_decode_item(const Problem& p, Attend attend) {
     }
 }
 
-#if defined(__AVX512F__)
-// AVX-512 path for head_dim D and group size G known at compile time: a K or V row is loaded
-// once into D / 16 registers and serves the G query heads, whose (scaled) queries and output
-// accumulators stay in registers for the whole sequence; softmax runs 16 scores at a time.
-
-template <typename T>
-inline __m512 load16(const T* src);
-template <>
-inline __m512 load16<float>(const float* src) { return _mm512_loadu_ps(src); }
-template <>
-inline __m512 load16<uint16_t>(const uint16_t* src) {
-    const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-
-inline void store16(float* dst, __m512 x) { _mm512_storeu_ps(dst, x); }
-inline void store16(uint16_t* dst, __m512 x) {
-    alignas(64) float tmp[16];
-    _mm512_store_ps(tmp, x);
-    for (int l = 0; l < 16; ++l) dst[l] = to_bf16(tmp[l]);
-}
-
-// fast_exp on 16 lanes; _mm512_scalef_ps applies the 2^n.
-inline __m512 exp16(__m512 x) {
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.f)), _mm512_set1_ps(-87.f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-    __m512 poly = _mm512_set1_ps(1.f / 720.f);
-    for (const float c : {1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f})
-        poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(c));
-    return _mm512_scalef_ps(poly, n);
-}
-
-inline __mmask16 tail_mask(int remaining) {
-    return remaining >= 16 ? static_cast<__mmask16>(0xffff)
-                           : static_cast<__mmask16>((1u << remaining) - 1u);
-}
-
-inline void softmax16(float* s, int n, float softcap) {
+#if defined(KVPAGE_SIMD)
+// softmax (after the soft cap) of s[0..n) in place, a vector at a time; the last, partial
+// vector reads and writes only its lanes below n.
+inline void softmax_lanes(float* s, int n, float softcap) {
+    constexpr int W = Simd::width;
     if (softcap > 0.f)
         for (int t = 0; t < n; ++t) s[t] = std::tanh(s[t] / softcap) * softcap;
-    const __m512 lowest = _mm512_set1_ps(-INFINITY);
-    __m512 m = lowest;
-    for (int t = 0; t < n; t += 16)
-        m = _mm512_max_ps(m, _mm512_mask_loadu_ps(lowest, tail_mask(n - t), s + t));
-    const __m512 max_score = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-    __m512 sum = _mm512_setzero_ps();
-    for (int t = 0; t < n; t += 16) {
-        const __mmask16 mask = tail_mask(n - t);
-        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, s + t), max_score));
-        _mm512_mask_storeu_ps(s + t, mask, e);
-        sum = _mm512_mask_add_ps(sum, mask, sum, e);
+    Simd::V m = Simd::set1(-INFINITY);
+    for (int t = 0; t < n; t += W)
+        m = Simd::max(m, Simd::load(s + t, Simd::first(n - t), -INFINITY));
+    const Simd::V max_score = Simd::set1(Simd::max_lane(m));
+    Simd::V sum = Simd::zero();
+    for (int t = 0; t < n; t += W) {
+        const Simd::Lanes lanes = Simd::first(n - t);
+        const Simd::V e = exp_lanes(Simd::sub(Simd::load(s + t, lanes, 0.f), max_score));
+        Simd::store(s + t, lanes, e);
+        sum = Simd::add(sum, Simd::keep(lanes, e));
     }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sum));
-    for (int t = 0; t < n; t += 16) {
-        const __mmask16 mask = tail_mask(n - t);
-        _mm512_mask_storeu_ps(s + t, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, s + t), inv));
+    const Simd::V inv = Simd::set1(1.f / Simd::sum(sum));
+    for (int t = 0; t < n; t += W) {
+        const Simd::Lanes lanes = Simd::first(n - t);
+        Simd::store(s + t, lanes, Simd::mul(Simd::load(s + t, lanes, 0.f), inv));
     }
 }
 
+// Attention for head_dim D and group size G known at compile time: a K or V row is loaded
+// once into D / width vectors and serves the G query heads, whose (scaled) queries and output
+// accumulators stay in registers (or L1, where they outnumber the registers) for the whole
+// sequence; each dot product runs two FMA chains; softmax runs a vector of scores at a time.
 template <typename T, int D, int G>
-void attend_avx512(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
-    constexpr int C = D / 16;
+void attend_lanes(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
+    constexpr int C = D / Simd::width;
+    static_assert(C % 2 == 0, "each dot product alternates between two FMA chains");
     const int row = p.query_start_loc[seq];
     const int seq_len = p.seq_lens[seq];
     const int first = p.window > 0 ? std::max(0, seq_len - p.window) : 0;
@@ -295,57 +438,61 @@ void attend_avx512(const Problem& p, int seq, int kv_head, std::vector<float>& s
     scratch.resize(static_cast<size_t>(G) * ctx);
     float* scores = scratch.data();  // [G, ctx]
     const T* q = static_cast<const T*>(p.q);
-    const __m512 scale = _mm512_set1_ps(p.scale);
-    __m512 qv[G][C];
+    const Simd::V scale = Simd::set1(p.scale);
+    Simd::V qv[G][C];
     for (int g = 0; g < G; ++g) {
         const T* qh = q + row * p.q_token_stride + (kv_head * G + g) * p.q_head_stride;
-        for (int c = 0; c < C; ++c) qv[g][c] = _mm512_mul_ps(load16(qh + 16 * c), scale);
+        for (int c = 0; c < C; ++c) qv[g][c] = Simd::mul(Simd::load(qh + Simd::width * c), scale);
     }
     const int32_t* table = p.block_tables + seq * p.table_stride;
     for_each_row(p, table, first, ctx, static_cast<const T*>(p.k_cache), kv_head,
                  [&](int t, const T* k) {
-                     __m512 kv[C];
-                     for (int c = 0; c < C; ++c) kv[c] = load16(k + 16 * c);
+                     Simd::V kv[C];
+                     for (int c = 0; c < C; ++c) kv[c] = Simd::load(k + Simd::width * c);
                      for (int g = 0; g < G; ++g) {
-                         __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-                         for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[g][c], kv[c], acc);
-                         scores[g * ctx + t] = _mm512_reduce_add_ps(acc);
+                         Simd::V even = Simd::mul(qv[g][0], kv[0]);
+                         Simd::V odd = Simd::mul(qv[g][1], kv[1]);
+                         for (int c = 2; c < C; c += 2) {
+                             even = Simd::fmadd(qv[g][c], kv[c], even);
+                             odd = Simd::fmadd(qv[g][c + 1], kv[c + 1], odd);
+                         }
+                         scores[g * ctx + t] = Simd::sum(Simd::add(even, odd));
                      }
                  });
-    for (int g = 0; g < G; ++g) softmax16(scores + g * ctx, ctx, p.softcap);
-    __m512 acc[G][C];
+    for (int g = 0; g < G; ++g) softmax_lanes(scores + g * ctx, ctx, p.softcap);
+    Simd::V acc[G][C];
     for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < C; ++c) acc[g][c] = Simd::zero();
     for_each_row(p, table, first, ctx, static_cast<const T*>(p.v_cache), kv_head,
                  [&](int t, const T* v) {
-                     __m512 vv[C];
-                     for (int c = 0; c < C; ++c) vv[c] = load16(v + 16 * c);
+                     Simd::V vv[C];
+                     for (int c = 0; c < C; ++c) vv[c] = Simd::load(v + Simd::width * c);
                      for (int g = 0; g < G; ++g) {
-                         const __m512 w = _mm512_set1_ps(scores[g * ctx + t]);
-                         for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+                         const Simd::V w = Simd::set1(scores[g * ctx + t]);
+                         for (int c = 0; c < C; ++c) acc[g][c] = Simd::fmadd(w, vv[c], acc[g][c]);
                      }
                  });
     T* out = static_cast<T*>(p.out);
     for (int g = 0; g < G; ++g) {
         T* oh = out + row * p.out_token_stride + (kv_head * G + g) * p.out_head_stride;
-        for (int c = 0; c < C; ++c) store16(oh + 16 * c, acc[g][c]);
+        for (int c = 0; c < C; ++c) Simd::store(oh + Simd::width * c, acc[g][c]);
     }
 }
 
 template <typename T, int D, int G>
-void paged_decode_avx512(const Problem& p) {
-    for_each_decode_item(p, attend_avx512<T, D, G>);
+void paged_decode_lanes(const Problem& p) {
+    for_each_decode_item(p, attend_lanes<T, D, G>);
 }
 
-// True when the AVX-512 path served the problem.
+// True when a vector path served the problem.
 template <typename T, int D>
 bool paged_decode_fast(const Problem& p) {
     switch (p.group) {
-        case 1: paged_decode_avx512<T, D, 1>(p); return true;
-        case 2: paged_decode_avx512<T, D, 2>(p); return true;
-        case 3: paged_decode_avx512<T, D, 3>(p); return true;
-        case 4: paged_decode_avx512<T, D, 4>(p); return true;
-        case 8: paged_decode_avx512<T, D, 8>(p); return true;
+        case 1: paged_decode_lanes<T, D, 1>(p); return true;
+        case 2: paged_decode_lanes<T, D, 2>(p); return true;
+        case 3: paged_decode_lanes<T, D, 3>(p); return true;
+        case 4: paged_decode_lanes<T, D, 4>(p); return true;
+        case 8: paged_decode_lanes<T, D, 8>(p); return true;
         default: return false;
     }
 }
@@ -373,6 +520,15 @@ void dispatch_head_dim(const Problem& p) {
 }
 
 }  // namespace
+
+// fp32 lanes of the vector paths this build holds: 16 (AVX-512), 8 (AVX2), 1 (none).
+extern "C" int kvpage_vector_width() {
+#if defined(KVPAGE_SIMD)
+    return Simd::width;
+#else
+    return 1;
+#endif
+}
 
 extern "C" int kvpage_paged_decode(
     int32_t dtype,  // 0: fp32, 1: bf16
@@ -463,15 +619,15 @@ int64_t argmax_row(const T* row, int64_t cols) {
     float best = to_float(row[0]);
     bool nan = false;
     int64_t j = 0;
-#if defined(__AVX512F__)
-    __m512 best16 = _mm512_set1_ps(best);
-    __mmask16 unordered = 0;
-    for (; j + 16 <= cols; j += 16) {
-        const __m512 v = load16(row + j);
-        best16 = _mm512_max_ps(best16, v);
-        unordered |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+#if defined(KVPAGE_SIMD)
+    Simd::V best_lanes = Simd::set1(best);
+    unsigned unordered = 0;
+    for (; j + Simd::width <= cols; j += Simd::width) {
+        const Simd::V v = Simd::load(row + j);
+        best_lanes = Simd::max(best_lanes, v);
+        unordered |= Simd::nan_lanes(v);
     }
-    best = _mm512_reduce_max_ps(best16);
+    best = Simd::max_lane(best_lanes);
     nan = unordered != 0;
 #endif
     for (; j < cols; ++j) {
@@ -480,12 +636,11 @@ int64_t argmax_row(const T* row, int64_t cols) {
         nan = nan || v != v;
     }
     int64_t i = 0;
-#if defined(__AVX512F__)
-    const __m512 target = _mm512_set1_ps(best);
-    for (; i + 16 <= cols; i += 16) {
-        const __m512 v = load16(row + i);
-        const __mmask16 hit = nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
-                                  : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+#if defined(KVPAGE_SIMD)
+    const Simd::V target = Simd::set1(best);
+    for (; i + Simd::width <= cols; i += Simd::width) {
+        const Simd::V v = Simd::load(row + i);
+        const unsigned hit = nan ? Simd::nan_lanes(v) : Simd::equal_lanes(v, target);
         if (hit) return i + __builtin_ctz(hit);
     }
 #endif
@@ -512,6 +667,55 @@ extern "C" int kvpage_argmax(int32_t dtype, const void* x, int64_t row_stride, i
 }
 
 // ---- elementwise ops of a Llama layer, rounding to T where the unfused torch ops round -----
+//
+// A row runs in whole vectors where the build has vector lanes; the rest of it (all of it on
+// the scalar tier) element by element, with the same formula.
+
+// sum[j] = round(x[j] + residual[j])
+template <typename T>
+void add_rounded(const T* x, const T* residual, T* sum, int64_t n) {
+    int64_t j = 0;
+#if defined(KVPAGE_SIMD)
+    for (; j + Simd::width <= n; j += Simd::width)
+        Simd::store(sum + j, Simd::add(Simd::load(x + j), Simd::load(residual + j)));
+#endif
+#pragma omp simd
+    for (int64_t i = j; i < n; ++i) store(sum + i, to_float(x[i]) + to_float(residual[i]));
+}
+
+// The sum of s[j]^2, in fp32.
+template <typename T>
+float sum_of_squares(const T* s, int64_t n) {
+    float total = 0.f;
+    int64_t j = 0;
+#if defined(KVPAGE_SIMD)
+    Simd::V partial = Simd::zero();
+    for (; j + Simd::width <= n; j += Simd::width) {
+        const Simd::V v = Simd::load(s + j);
+        partial = Simd::add(partial, Simd::mul(v, v));
+    }
+    total = Simd::sum(partial);
+#endif
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = j; i < n; ++i) total += to_float(s[i]) * to_float(s[i]);
+    return total;
+}
+
+// out[j] = round(weight[j] * round(s[j] * inv))
+template <typename T>
+void scale_rounded(const T* s, float inv, const T* weight, T* out, int64_t n) {
+    int64_t j = 0;
+#if defined(KVPAGE_SIMD)
+    const Simd::V inv_lanes = Simd::set1(inv);
+    for (; j + Simd::width <= n; j += Simd::width) {
+        const Simd::V normed = rounded_lanes<T>(Simd::mul(Simd::load(s + j), inv_lanes));
+        Simd::store(out + j, Simd::mul(Simd::load(weight + j), normed));
+    }
+#endif
+#pragma omp simd
+    for (int64_t i = j; i < n; ++i)
+        store(out + i, to_float(weight[i]) * rounded<T>(to_float(s[i]) * inv));
+}
 
 // out = round(weight * round(s * rsqrt(mean(s^2) + eps))) with s = round(x + residual) (or x),
 // statistics in fp32; with a residual, the sum s is also written to sum_out.
@@ -520,23 +724,14 @@ void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_
               const T* weight, T* out, T* sum_out, int64_t rows, int64_t hidden, float eps) {
 #pragma omp parallel for if (rows * hidden > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
-        const T* xr = x + r * x_stride;
-        const T* sr = xr;
+        const T* s = x + r * x_stride;
         if (residual != nullptr) {
-            const T* rr = residual + r * residual_stride;
             T* sum_row = sum_out + r * hidden;
-#pragma omp simd
-            for (int64_t j = 0; j < hidden; ++j) store(sum_row + j, to_float(xr[j]) + to_float(rr[j]));
-            sr = sum_row;
+            add_rounded(s, residual + r * residual_stride, sum_row, hidden);
+            s = sum_row;
         }
-        float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-        for (int64_t j = 0; j < hidden; ++j) squares += to_float(sr[j]) * to_float(sr[j]);
-        const float inv = 1.f / std::sqrt(squares / static_cast<float>(hidden) + eps);
-        T* o = out + r * hidden;
-#pragma omp simd
-        for (int64_t j = 0; j < hidden; ++j)
-            store(o + j, to_float(weight[j]) * rounded<T>(to_float(sr[j]) * inv));
+        const float mean_square = sum_of_squares(s, hidden) / static_cast<float>(hidden);
+        scale_rounded(s, 1.f / std::sqrt(mean_square + eps), weight, out + r * hidden, hidden);
     }
 }
 
@@ -551,19 +746,32 @@ extern "C" int kvpage_rms_norm(int32_t dtype, const void* x, int64_t x_stride,
     });
 }
 
-// out[:, j] = round(round(silu(gate[:, j])) * up[:, j]) for rows x = [gate | up], 2 * inner wide.
+// out[j] = round(round(silu(gate[j])) * up[j])
+template <typename T>
+void silu_times(const T* gate, const T* up, T* out, int64_t n) {
+    int64_t j = 0;
+#if defined(KVPAGE_SIMD)
+    const Simd::V one = Simd::set1(1.f);
+    for (; j + Simd::width <= n; j += Simd::width) {
+        const Simd::V g = Simd::load(gate + j);
+        const Simd::V silu = Simd::div(g, Simd::add(one, exp_lanes(Simd::sub(Simd::zero(), g))));
+        Simd::store(out + j, Simd::mul(rounded_lanes<T>(silu), Simd::load(up + j)));
+    }
+#endif
+#pragma omp simd
+    for (int64_t i = j; i < n; ++i) {
+        const float g = to_float(gate[i]);
+        store(out + i, rounded<T>(g / (1.f + fast_exp(-g))) * to_float(up[i]));
+    }
+}
+
+// silu_times of each row x = [gate | up], 2 * inner wide, into out [rows, inner].
 template <typename T>
 void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t inner) {
 #pragma omp parallel for if (rows * inner > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
         const T* gate = x + r * x_stride;
-        const T* up = gate + inner;
-        T* o = out + r * inner;
-#pragma omp simd
-        for (int64_t j = 0; j < inner; ++j) {
-            const float g = to_float(gate[j]);
-            store(o + j, rounded<T>(g / (1.f + fast_exp(-g))) * to_float(up[j]));
-        }
+        silu_times(gate, gate + inner, out + r * inner, inner);
     }
 }
 
