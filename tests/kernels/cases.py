@@ -23,6 +23,7 @@ class Problem:
     scale: float
     max_seq_len: int
     max_query_len: int
+    seed: int  # make_problem(..., seed=seed) makes this problem again
 
     def args(self):
         return (self.q, self.k_cache, self.v_cache, self.block_tables, self.seq_lens,
@@ -36,7 +37,10 @@ def make_problem(seq_lens: list[int], q_lens: list[int], *, num_kv_heads=2, grou
                  head_dim=64, block_size=16, dtype=torch.float32, extra_blocks=3,
                  device="cpu", seed=None) -> Problem:
     """Blocks of each sequence are scattered at random over the pool; every slot that holds
-    no token is NaN, so a read beyond a sequence's end poisons the result."""
+    no token is NaN, so a read beyond a sequence's end poisons the result. Without a seed, a
+    fresh one is drawn (and kept in the problem)."""
+    if seed is None:
+        seed = random.randrange(2**31)
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     needed = [(n + block_size - 1) // block_size for n in seq_lens]
@@ -60,18 +64,21 @@ def make_problem(seq_lens: list[int], q_lens: list[int], *, num_kv_heads=2, grou
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return Problem(q.to(device), k_cache.to(device), v_cache.to(device), tables.to(device),
                    torch.tensor(seq_lens, dtype=torch.int32, device=device), starts.to(device),
-                   head_dim ** -0.5, max(seq_lens), max(q_lens))
+                   head_dim ** -0.5, max(seq_lens), max(q_lens), seed)
 
 
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     return torch.full_like(t, POISON)
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    assert not torch.isnan(actual).any(), "NaN in output: an unused cache slot was read"
-    assert not (actual == POISON).any(), "some output element was never written"
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, context: str = "") -> None:
+    """actual within the dtype's tolerance of expected; `context` (e.g. the problem's seed)
+    starts every failure message."""
+    assert not torch.isnan(actual).any(), f"{context}: NaN in output: an unused cache slot was read"
+    assert not (actual == POISON).any(), f"{context}: some output element was never written"
     tol = TOLERANCES[expected.dtype]
-    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol)
+    torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), atol=tol, rtol=tol,
+                               msg=lambda message: f"{context}: {message}")
 
 
 def check_large_num_blocks(backend: str, device: str, dtype=torch.float16) -> None:

@@ -1,6 +1,10 @@
-"""The compiled CPU backend against the reference, on fresh random inputs each run."""
+"""The compiled CPU backend against the reference, on fresh random inputs each run; the
+tests that take ``cpu_tier`` run once per CPU tier (scalar, avx2, avx512) this CPU offers."""
 
 from __future__ import annotations
+
+import logging
+import platform
 
 import pytest
 import torch
@@ -9,6 +13,7 @@ from kvpage_kernels import (
     KernelInputError,
     argmax,
     cpu_backend,
+    cpu_isa,
     paged_attention,
     rms_norm,
     rotary_embedding,
@@ -32,7 +37,7 @@ def _check(problem, hints=True, **kwargs):
     extra = problem.hints() if hints else {}
     actual = paged_attention(*problem.args(), out=poisoned_like(problem.q), backend="cpu",
                              **extra, **kwargs)
-    assert_close(actual, expected)
+    assert_close(actual, expected, f"seed {problem.seed}")
 
 
 def test_is_the_cpu_default():
@@ -42,9 +47,20 @@ def test_is_the_cpu_default():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 6, 8])
 @pytest.mark.parametrize("block_size", [1, 16, 32])
-def test_decode_batch(dtype, group, block_size):
+def test_decode_batch(cpu_tier, dtype, group, block_size):
     lens = [1, 5, 16, 17, 100, 333]
     _check(make_problem(lens, [1] * len(lens), group=group, block_size=block_size, dtype=dtype))
+
+
+def test_bf16_decode_is_the_fp32_result_rounded_as_torch_rounds(cpu_tier):
+    """The kernel computes in fp32 whatever the cache holds: on bf16 values its bf16 output is
+    its fp32 output on the same values, rounded to nearest even."""
+    lens = [1, 5, 16, 17, 100, 333]
+    problem = make_problem(lens, [1] * len(lens), group=3, dtype=torch.bfloat16)
+    q, k_cache, v_cache, *rest = problem.args()
+    in_fp32 = paged_attention(q.float(), k_cache.float(), v_cache.float(), *rest, backend="cpu")
+    in_bf16 = paged_attention(*problem.args(), backend="cpu")
+    assert torch.equal(in_bf16, in_fp32.bfloat16()), f"seed {problem.seed}"
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
@@ -56,26 +72,26 @@ def test_mixed_prefill_and_decode(dtype):
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
-def test_head_dims(head_dim):
+def test_head_dims(cpu_tier, head_dim):
     _check(make_problem([20, 35, 3], [1, 1, 1], head_dim=head_dim, num_kv_heads=1, group=2))
 
 
 @pytest.mark.parametrize("window", [1, 7, 32])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sliding_window(window, dtype):
+def test_sliding_window(cpu_tier, window, dtype):
     _check(make_problem([50, 64, 6], [1, 1, 1], group=2, dtype=dtype), sliding_window=window)
     _check(make_problem([50, 64, 6], [1, 30, 5], group=2, dtype=dtype), sliding_window=window)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_softcap(dtype):
+def test_softcap(cpu_tier, dtype):
     problem = make_problem([50, 64, 6], [1, 1, 1], group=3, dtype=dtype)
     problem.q *= 8  # large scores so that the cap matters
     _check(problem, softcap=5.0)
     _check(problem, softcap=5.0, sliding_window=20)
 
 
-def test_strided_q_and_out_views():
+def test_strided_q_and_out_views(cpu_tier):
     """The runtime's q is a view of a fused projection (its heads are not packed)."""
     problem = make_problem([9, 30, 70], [1, 1, 1], num_kv_heads=2, group=3)
     wide = torch.randn(3, 9, 64)
@@ -84,7 +100,8 @@ def test_strided_q_and_out_views():
     _check(problem)
     out = torch.full((3, 12, 64), 1234.5)[:, ::2]
     result = paged_attention(*problem.args(), out=out, backend="cpu")
-    assert_close(result, paged_attention(*problem.args(), backend="reference"))
+    assert_close(result, paged_attention(*problem.args(), backend="reference"),
+                 f"seed {problem.seed}")
 
 
 def test_empty_query_rows_and_empty_batch():
@@ -98,7 +115,7 @@ def test_empty_query_rows_and_empty_batch():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_large_num_blocks_uses_64bit_offsets(dtype):
+def test_large_num_blocks_uses_64bit_offsets(cpu_tier, dtype):
     check_large_num_blocks("cpu", "cpu", dtype)
 
 
@@ -107,21 +124,69 @@ def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(cpu_backend, "SOURCE", broken)
     monkeypatch.setenv("KVPAGE_CACHE_DIR", str(tmp_path))
-    cpu_backend.library.cache_clear()
+    cpu_backend._loaded.cache_clear()
     try:
         with pytest.raises(KernelBackendUnavailable, match="broken.cpp"):
             cpu_backend.library()
     finally:
-        cpu_backend.library.cache_clear()
+        cpu_backend._loaded.cache_clear()
 
 
 def test_without_a_compiler_the_reason_is_given(monkeypatch):
     monkeypatch.setattr(cpu_backend, "_compiler", lambda: None)
-    cpu_backend.library.cache_clear()
+    cpu_backend._loaded.cache_clear()
     try:
         assert "C++ compiler" in cpu_backend.unavailable_reason()
     finally:
-        cpu_backend.library.cache_clear()
+        cpu_backend._loaded.cache_clear()
+
+
+VECTOR_WIDTHS = {"scalar": 1, "avx2": 8, "avx512": 16}  # fp32 lanes of each tier's paths
+needs_x86_64 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                                  reason="the CPU tiers are x86-64 levels")
+
+
+@needs_x86_64
+def test_each_tier_runs_its_own_library(cpu_tier):
+    """The tier in use picks the library: its flags, its file and its vector paths."""
+    lib = cpu_backend.library()
+    assert lib is cpu_backend.library(cpu_tier)
+    assert lib.kvpage_vector_width() == VECTOR_WIDTHS[cpu_tier]
+    march = {"scalar": "-march=x86-64", "avx2": "-march=x86-64-v3", "avx512": "-march=x86-64-v4"}
+    assert march[cpu_tier] in cpu_backend.flags(cpu_tier)
+    assert "-ffp-contract=off" in cpu_backend.flags(cpu_tier)
+
+
+def test_a_library_is_never_shared_by_cpus_with_other_flags(monkeypatch):
+    """The cached file's name depends on this CPU's flags: a library built on a CPU with
+    AVX-512 is not the one a CPU without it looks for."""
+    here = cpu_backend.library_path("scalar", "g++")
+    flags = cpu_isa.cpu_flags()
+    monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: flags - {"avx512f", "avx512bw"})
+    assert cpu_backend.library_path("scalar", "g++") != here
+    monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: flags | {"amx_tile"})
+    assert cpu_backend.library_path("scalar", "g++") != here
+    monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: flags)
+    assert cpu_backend.library_path("scalar", "g++") == here
+
+
+def test_a_tier_above_the_cpu_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_isa, "detected_isa", lambda: "avx2")
+    with pytest.raises(KernelInputError, match="offers the avx2 tier, not avx512"):
+        cpu_backend.library("avx512")
+
+
+def test_a_cpu_without_avx2_says_the_scalar_path_runs(monkeypatch, caplog):
+    monkeypatch.setattr(cpu_isa, "detected_isa", lambda: "scalar")
+    cpu_backend._loaded.cache_clear()
+    try:
+        with caplog.at_level(logging.INFO, logger=cpu_backend.logger.name):
+            cpu_backend.library("scalar")
+    finally:
+        cpu_backend._loaded.cache_clear()
+    assert [r.getMessage() for r in caplog.records if r.name == cpu_backend.logger.name] == [
+        "cpu kernels: the scalar path runs (this CPU has no AVX2 and FMA): decode attention is "
+        "several times slower than with AVX2"]
 
 
 # fp32: sums and exp in another order than torch's, within a few ulp; bf16: that may flip a
@@ -131,33 +196,34 @@ ELEMENTWISE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2**-6}
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("rows", [1, 16, 300])
-def test_rms_norm_rounds_like_the_torch_ops(dtype, with_residual, rows):
+@pytest.mark.parametrize("rows, hidden", [(1, 576), (16, 589), (300, 576)])  # 589: a tail
+def test_rms_norm_rounds_like_the_torch_ops(cpu_tier, dtype, with_residual, rows, hidden):
     gen = torch.Generator().manual_seed(rows)
     wide = torch.randn(rows, 700, generator=gen).to(dtype)
-    x = wide[:, :576]  # rows with a stride, as a slice of a wider output
-    residual = torch.randn(rows, 576, generator=gen).to(dtype) if with_residual else None
-    weight = (torch.rand(576, generator=gen) + 0.5).to(dtype)
+    x = wide[:, :hidden]  # rows with a stride, as a slice of a wider output
+    residual = torch.randn(rows, hidden, generator=gen).to(dtype) if with_residual else None
+    weight = (torch.rand(hidden, generator=gen) + 0.5).to(dtype)
     expected = rms_norm(x, weight, 1e-5, residual, backend="torch")
     actual = rms_norm(x, weight, 1e-5, residual, backend="cpu")
     if with_residual:
         assert torch.equal(actual[1], expected[1])  # the sum is exact
         actual, expected = actual[0], expected[0]
-    assert actual.dtype == dtype and actual.shape == (rows, 576)
+    assert actual.dtype == dtype and actual.shape == (rows, hidden)
     torch.testing.assert_close(actual, expected, rtol=ELEMENTWISE_RTOL[dtype], atol=1e-6)
     if dtype == torch.bfloat16:
         assert (actual == expected).float().mean() > 0.99
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 16, 300])
-def test_silu_and_mul_rounds_like_the_torch_ops(dtype, rows):
-    x = torch.randn(rows, 2 * 1536, generator=torch.Generator().manual_seed(rows)) * 4
-    x[0, :4] = torch.tensor([-100.0, 100.0, 0.0, float("nan")])
+@pytest.mark.parametrize("rows, inner", [(1, 1536), (16, 1541), (300, 1536)])  # 1541: a tail
+def test_silu_and_mul_rounds_like_the_torch_ops(cpu_tier, dtype, rows, inner):
+    x = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(rows)) * 4
+    special = torch.tensor([-100.0, 100.0, 0.0, float("nan")])
+    x[0, :4] = x[0, inner - 4:inner] = special  # gates in the first and the last lanes
     x = x.to(dtype)
     expected = silu_and_mul(x, backend="torch")
     actual = silu_and_mul(x, backend="cpu")
-    assert actual.shape == (rows, 1536) and actual.dtype == dtype
+    assert actual.shape == (rows, inner) and actual.dtype == dtype
     torch.testing.assert_close(actual, expected, rtol=ELEMENTWISE_RTOL[dtype], atol=1e-6,
                                equal_nan=True)
     if dtype == torch.bfloat16:
@@ -209,7 +275,7 @@ def test_write_kv_refuses_a_slot_past_the_cache_and_writes_nothing():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("tokens", [1, 7, 300])
-def test_rotary_embedding_is_bit_identical_to_the_torch_ops(dtype, tokens):
+def test_rotary_embedding_is_bit_identical_to_the_torch_ops(cpu_tier, dtype, tokens):
     gen = torch.Generator().manual_seed(tokens)
     qkv = torch.randn(tokens, 15, 64, generator=gen).to(dtype)
     x = qkv[:, :12]  # q and k heads as a view of a fused projection output
@@ -230,8 +296,8 @@ def test_rotary_embedding_checks_its_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cols", [1, 15, 16, 17, 49152])
-def test_argmax_finds_the_first_maximum_like_torch_max(dtype, cols):
+@pytest.mark.parametrize("cols", [1, 7, 8, 9, 15, 16, 17, 49152])
+def test_argmax_finds_the_first_maximum_like_torch_max(cpu_tier, dtype, cols):
     gen = torch.Generator().manual_seed(cols)
     wide = torch.randn(9, cols + 5, generator=gen).to(dtype)
     x = wide[:, :cols]  # strided rows

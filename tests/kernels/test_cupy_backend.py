@@ -60,7 +60,7 @@ def test_decode_against_reference(dtype, group):
         expected = paged_attention(*problem.args(), backend="reference", **kwargs)
         actual = paged_attention(*problem.args(), backend="cupy", out=poisoned_like(problem.q),
                                  **problem.hints(), **kwargs)
-        assert_close(actual, expected)
+        assert_close(actual, expected, f"seed {problem.seed}")
 
 
 @pytest.mark.gpu
@@ -70,7 +70,7 @@ def test_mixed_batch_and_head_dims(head_dim):
     problem = make_problem([30, 7, 90], [30, 1, 1], head_dim=head_dim, group=2, device="cuda")
     expected = paged_attention(*problem.args(), backend="reference")
     actual = paged_attention(*problem.args(), backend="cupy", out=poisoned_like(problem.q))
-    assert_close(actual, expected)
+    assert_close(actual, expected, f"seed {problem.seed}")
 
 
 @pytest.mark.gpu

@@ -1,5 +1,6 @@
 """The fused decoder stack against the same ops run one by one: bit-identical in fp32 (the
-same MKL GEMM), equal to bf16 rounding in bf16 (MKL's bf16 GEMM against torch's linear)."""
+same MKL GEMM), equal to bf16 rounding in bf16 (MKL's bf16 GEMM against torch's linear), on
+every CPU tier of the cpu backend this CPU offers."""
 
 from __future__ import annotations
 
@@ -153,7 +154,7 @@ SMOLLM2 = DecoderShape(hidden_size=576, intermediate_size=1536, num_heads=9, num
     (DecoderShape(256, 512, num_heads=8, num_kv_heads=1, head_dim=128, rms_norm_eps=1e-6),
      True, 16),
 ])
-def test_bit_identical_to_the_ops_one_by_one(shape, bias, block_size):
+def test_bit_identical_to_the_ops_one_by_one(cpu_tier, shape, bias, block_size):
     gen = torch.Generator().manual_seed(0)
     num_blocks = 200
     stack = make_stack(shape, 3, num_blocks, block_size, bias, gen)
@@ -227,7 +228,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     (DecoderShape(64, 96, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
                   sliding_window=5), True),
 ])
-def test_bf16_agrees_to_bf16_rounding(shape, bias):
+def test_bf16_agrees_to_bf16_rounding(cpu_tier, shape, bias):
     gen = torch.Generator().manual_seed(4)
     stack = make_stack(shape, 3, 200, 16, bias, gen, torch.bfloat16)
     step = make_step(shape, [1, 5, 16, 17, 40, 3, 64, 2], 200, 16, gen, dtype=torch.bfloat16)

@@ -17,7 +17,7 @@ def _check(problem, backend="torch", hints=True, **kwargs):
     extra = problem.hints() if hints else {}
     actual = paged_attention(*problem.args(), out=poisoned_like(problem.q), backend=backend,
                              **extra, **kwargs)
-    assert_close(actual, expected)
+    assert_close(actual, expected, f"seed {problem.seed}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

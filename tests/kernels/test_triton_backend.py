@@ -19,7 +19,7 @@ def _check(problem, **kwargs):
                                backend="reference", **kwargs)
     actual = paged_attention(*problem.args(), out=poisoned_like(problem.q), backend="triton",
                              **problem.hints(), **kwargs)
-    assert_close(actual, expected)
+    assert_close(actual, expected, f"seed {problem.seed}")
 
 
 def _split(problem, num_splits, **kwargs):
@@ -29,7 +29,7 @@ def _split(problem, num_splits, **kwargs):
         *problem.args(), out=poisoned_like(problem.q), max_query_len=1, num_splits=num_splits,
         partition=32, sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"))
-    assert_close(actual, expected)
+    assert_close(actual, expected, f"seed {problem.seed}")
 
 
 def test_backend_is_selectable():
@@ -47,7 +47,7 @@ def test_long_context_decode_unified_and_split():
     expected = paged_attention(*problem.args(), backend="reference")
     actual = triton_backend.paged_attention(*problem.args(), out=poisoned_like(problem.q),
                                             max_query_len=1, num_splits=4, partition=288)
-    assert_close(actual, expected)
+    assert_close(actual, expected, f"seed {problem.seed}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -12,12 +12,22 @@ rounding where those ops round (their fp32 sums and exp differ from torch's in t
 argmax (the greedy sampler's) is one vectorized pass per row.
 
 The library is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
-c++, else clang++; FLAGS below), about 4 s (the runtime starts it on a background thread
-while the model loads), and cached under
-``$KVPAGE_CACHE_DIR/kernels`` (default ``~/.cache/kvpage/kernels``), keyed by the source, the
-flags, the compiler and this CPU's feature flags. It links the OpenMP runtime torch has
-already loaded, so it shares torch's threads. Without a compiler the backend is unavailable
-and the CPU default stays the torch backend.
+c++, else clang++), about 4 s (the runtime starts it on a background thread while the model
+loads), for one x86-64 CPU tier (``cpu_isa``): ``avx512`` builds for x86-64-v4 (AVX-512 F, BW,
+VL, DQ: 16-lane vector paths), ``avx2`` for x86-64-v3 (AVX2 and FMA: 8-lane vector paths, e.g.
+AMD Zen 2/3), ``scalar`` for plain x86-64 (portable loops the compiler vectorizes as it can);
+each is tuned for this CPU (``-mtune=native``). The vector paths are one implementation over
+either width: decode attention (K/V rows loaded once for a GQA group, vectorized exp),
+rms_norm, silu_and_mul and argmax. The tier is this CPU's best unless ``KVPAGE_CPU_ISA``
+(scalar, avx2, avx512) lowers it; ``library()`` looks it up at each call and keeps one library
+per tier, so one process (the tests) can run every tier its CPU has. A tier lowered by
+``KVPAGE_CPU_ISA`` is logged once (by ``cpu_isa``), and so is a CPU without AVX2. Libraries are
+cached under ``$KVPAGE_CACHE_DIR/kernels`` (default ``~/.cache/kvpage/kernels``), keyed by the
+source, the flags, the compiler, the torch version and this CPU's feature flags, so that a
+library built on one CPU is never loaded on another that may lack its instructions. On CPUs
+other than x86-64 the one tier is scalar, built with ``-march=native``. The library links the
+OpenMP runtime torch has already loaded, so it shares torch's threads. Without a compiler the
+backend is unavailable and the CPU default stays the torch backend.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -34,20 +46,27 @@ from pathlib import Path
 
 import torch
 
-from . import layer_ops, torch_backend
+from . import cpu_isa, layer_ops, torch_backend
 from .errors import KernelBackendUnavailable, KernelInputError
 
 copy_blocks = torch_backend.copy_blocks
 swap_blocks = torch_backend.swap_blocks
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-# No FMA contraction: the elementwise ops must round where torch's unfused ops round.
-FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fopenmp",
-         "-std=c++17", "-shared", "-fPIC")
+# No FMA contraction: the elementwise ops must round where torch's unfused ops round (the
+# vector paths call FMA explicitly where the results allow it).
+_COMMON_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+_TIER_FLAGS = {  # the x86-64 level each tier builds for, tuned for this CPU
+    "scalar": ("-march=x86-64", "-mtune=native"),
+    "avx2": ("-march=x86-64-v3", "-mtune=native"),
+    "avx512": ("-march=x86-64-v4", "-mtune=native", "-mprefer-vector-width=512"),
+}
+_X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _i32, _i64, _f32, _ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ARGTYPES = [_i32, _ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64, _ptr, _ptr,
              _i32, _i32, _i32, _i32, _i32, _f32, _i32, _f32]
+logger = logging.getLogger(__name__)
 
 
 def _compiler() -> str | None:
@@ -57,12 +76,9 @@ def _compiler() -> str | None:
     return None
 
 
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return ""
+def flags(tier: str) -> tuple[str, ...]:
+    """The compiler flags of the library for CPU tier `tier` (one of ``cpu_isa.TIERS``)."""
+    return (*_COMMON_FLAGS, *(_TIER_FLAGS[tier] if _X86_64 else ("-march=native",)))
 
 
 def _cache_dir() -> Path:
@@ -70,11 +86,20 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _build(compiler: str, target: Path) -> None:
+def library_path(tier: str, compiler: str) -> Path:
+    """Where the library for `tier` built by `compiler` is cached: its name changes with the
+    source, the flags, the compiler, the torch version and this CPU's feature flags."""
+    key = hashlib.sha256("\0".join(
+        [SOURCE.read_text(), *flags(tier), compiler, " ".join(sorted(cpu_isa.cpu_flags())),
+         torch.__version__]).encode())
+    return _cache_dir() / f"cpu_kernels-{tier}-{key.hexdigest()[:16]}.so"
+
+
+def _build(compiler: str, tier: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+        result = subprocess.run([compiler, *flags(tier), str(SOURCE), "-o", str(built)],
                                 capture_output=True, text=True)
         if result.returncode != 0:
             raise KernelBackendUnavailable(
@@ -85,21 +110,40 @@ def _build(compiler: str, target: Path) -> None:
 _build_lock = threading.Lock()
 
 
+def library(tier: str | None = None) -> ctypes.CDLL:
+    """The compiled kernel library for CPU tier `tier`, by default the tier in use
+    (``cpu_isa.cpu_isa()``, read at each call); built on first use, loaded once per tier.
+    Raises KernelBackendUnavailable (with the compiler's message) when no compiler is found or
+    the build fails, KernelInputError for a tier this CPU does not offer (its code would fail
+    with an illegal instruction)."""
+    if tier is None:
+        return _loaded(cpu_isa.cpu_isa())
+    if not cpu_isa.tier_at_least(cpu_isa.detected_isa(), tier):
+        raise KernelInputError(f"this CPU offers the {cpu_isa.detected_isa()} tier, not {tier}: "
+                               f"the {tier} library would fail with an illegal instruction")
+    return _loaded(tier)
+
+
 @functools.cache
-def library() -> ctypes.CDLL:
-    """The compiled kernel library, built on first use. Raises KernelBackendUnavailable
-    (with the compiler's message) when no compiler is found or the build fails."""
+def _loaded(tier: str) -> ctypes.CDLL:
+    """The library for `tier`, built if not cached yet; loaded once per tier."""
     compiler = _compiler()
     if compiler is None:
         raise KernelBackendUnavailable(
             "the cpu backend needs a C++ compiler with OpenMP (g++ or clang++; or set $CXX)")
-    key = hashlib.sha256("\0".join(
-        [SOURCE.read_text(), *FLAGS, compiler, _cpu_flags(), torch.__version__]).encode())
-    target = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    target = library_path(tier, compiler)
     with _build_lock:  # two threads asking at once build it once
         if not target.is_file():
-            _build(compiler, target)
-    lib = ctypes.CDLL(str(target))
+            _build(compiler, tier, target)
+    lib = _declared(ctypes.CDLL(str(target)))
+    _log_tier(tier)
+    return lib
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib with the argument and result types of its entry points set."""
+    lib.kvpage_vector_width.argtypes = []
+    lib.kvpage_vector_width.restype = ctypes.c_int
     lib.kvpage_paged_decode.argtypes = _ARGTYPES
     lib.kvpage_paged_decode.restype = ctypes.c_int
     lib.kvpage_write_kv.argtypes = [_ptr, _i64, _i64, _ptr, _i64, _i64, _ptr, _ptr, _ptr, _i64,
@@ -116,6 +160,15 @@ def library() -> ctypes.CDLL:
     lib.kvpage_silu_and_mul.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
     lib.kvpage_silu_and_mul.restype = ctypes.c_int
     return lib
+
+
+def _log_tier(tier: str) -> None:
+    """One line when the scalar path runs because the CPU has nothing better (``cpu_isa``
+    logs a tier that KVPAGE_CPU_ISA lowers)."""
+    if tier == "scalar" and cpu_isa.detected_isa() == "scalar":
+        why = "this CPU has no AVX2 and FMA" if _X86_64 else "the vector paths are x86-64 only"
+        logger.info("cpu kernels: the scalar path runs (%s): decode attention is several times "
+                    "slower than with AVX2", why)
 
 
 def unavailable_reason() -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,13 +92,18 @@ def _mkl_function(name: str) -> int:
         raise KernelBackendUnavailable(f"MKL's {name} is not exported by torch: {e}") from e
 
 
+def _decoder_stack() -> Callable[..., int]:
+    """kvpage_decoder_stack of the cpu backend's library for the CPU tier in use."""
+    return _declared_stack(cpu_backend.library())
+
+
 @functools.cache
-def _library() -> ctypes.CDLL:
-    lib = cpu_backend.library()
-    lib.kvpage_decoder_stack.argtypes = [_i32, ctypes.POINTER(_Shape), ctypes.POINTER(_Layer),
-                                         ctypes.POINTER(_Step), _ptr, _ptr]
-    lib.kvpage_decoder_stack.restype = ctypes.c_int64
-    return lib
+def _declared_stack(lib: ctypes.CDLL) -> Callable[..., int]:
+    entry = lib.kvpage_decoder_stack
+    entry.argtypes = [_i32, ctypes.POINTER(_Shape), ctypes.POINTER(_Layer), ctypes.POINTER(_Step),
+                      _ptr, _ptr]
+    entry.restype = ctypes.c_int64
+    return entry
 
 
 def unavailable_reason() -> str | None:
@@ -105,7 +111,7 @@ def unavailable_reason() -> str | None:
     try:
         _mkl_function("SGEMM_COMPUTE")
         _mkl_function("GEMM_BF16BF16F32")
-        _library()
+        _decoder_stack()
     except (KernelBackendUnavailable, OSError) as e:
         return str(e)
     return None
@@ -171,9 +177,9 @@ class FusedDecoder:
         lens, starts = seq_lens.contiguous(), query_start_loc.contiguous()
         step = _Step(rows, cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(),
                      tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr())
-        bad = _library().kvpage_decoder_stack(_DTYPE_CODES[self.dtype], ctypes.byref(self._shape),
-                                              self._c_layers, ctypes.byref(step), out.data_ptr(),
-                                              residual.data_ptr())
+        bad = _decoder_stack()(_DTYPE_CODES[self.dtype], ctypes.byref(self._shape),
+                               self._c_layers, ctypes.byref(step), out.data_ptr(),
+                               residual.data_ptr())
         if bad >= 0:
             raise cpu_backend.slot_outside_cache(slots, bad, self._shape.num_slots)
         return out, residual
