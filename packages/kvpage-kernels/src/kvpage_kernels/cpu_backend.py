@@ -167,8 +167,8 @@ def _log_tier(tier: str) -> None:
     logs a tier that KVPAGE_CPU_ISA lowers)."""
     if tier == "scalar" and cpu_isa.detected_isa() == "scalar":
         why = "this CPU has no AVX2 and FMA" if _X86_64 else "the vector paths are x86-64 only"
-        logger.info("cpu kernels: the scalar path runs (%s): decode attention is several times "
-                    "slower than with AVX2", why)
+        logger.info("cpu kernels: the scalar path runs (%s): decode attention takes 2 to 4 "
+                    "times as long as with AVX2", why)
 
 
 def unavailable_reason() -> str | None:
