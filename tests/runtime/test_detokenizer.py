@@ -68,3 +68,34 @@ def test_stop_string_spanning_tokens(tokenizer):
     assert detok.text[: found.truncate_to] == "abc "
     kept = SamplingParams(stop=["STOP here"], include_stop_str_in_output=True)
     assert stop_by_string(kept, "abc STOP here", 5, 3).truncate_to == len("abc STOP here")
+
+
+class _CountingTokenizer:
+    """Records how many ids each decode call gets."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.lengths: list[int] = []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["partial utf-8", "skipped special"])
+def test_text_that_never_completes_keeps_each_decode_short(tokenizer, kind):
+    """2,000 tokens that never form a character (or decode to nothing): each decode stays a
+    few tokens long, so detokenizing stays linear in the output length."""
+    if kind == "partial utf-8":
+        token = tokenizer.encode("🙂", add_special_tokens=False)[0]
+    else:
+        token = tokenizer.eos_token_id
+    counting = _CountingTokenizer(tokenizer)
+    detok = IncrementalDetokenizer(counting, [], skip_special_tokens=True)
+    for _ in range(2000):
+        detok.push(token)
+    assert max(counting.lengths) <= 16
+    if kind == "partial utf-8":
+        assert detok.text and set(detok.text) == {"\ufffd"}
+    else:
+        assert detok.text == ""

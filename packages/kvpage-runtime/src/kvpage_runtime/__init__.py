@@ -16,7 +16,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "kvpage_runtime.engine.llm",
     "AsyncLLM": "kvpage_runtime.engine.async_llm",
-    "EngineDeadError": "kvpage_runtime.engine.async_llm",
+    "EngineDeadError": "kvpage_runtime.errors",
+    "EngineOverloadedError": "kvpage_runtime.errors",
+    "RequestFailedError": "kvpage_runtime.errors",
     "EngineConfig": "kvpage_runtime.engine.config",
     "CompletionOutput": "kvpage_runtime.engine.outputs",
     "EngineStats": "kvpage_runtime.engine.outputs",
@@ -38,11 +40,13 @@ __all__ = [
     "EngineConfig",
     "EngineConfigError",
     "EngineDeadError",
+    "EngineOverloadedError",
     "EngineStats",
     "InvalidRequestError",
     "KVPageError",
     "Logprob",
     "ModelLoadError",
+    "RequestFailedError",
     "RequestMetrics",
     "RequestOutput",
     "SamplingParams",
@@ -50,7 +54,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from kvpage_runtime.engine.async_llm import AsyncLLM, EngineDeadError
+    from kvpage_runtime.engine.async_llm import AsyncLLM
     from kvpage_runtime.engine.config import EngineConfig
     from kvpage_runtime.engine.llm import LLM
     from kvpage_runtime.engine.outputs import (
@@ -62,9 +66,12 @@ if TYPE_CHECKING:
     )
     from kvpage_runtime.errors import (
         EngineConfigError,
+        EngineDeadError,
+        EngineOverloadedError,
         InvalidRequestError,
         KVPageError,
         ModelLoadError,
+        RequestFailedError,
         UnsupportedModelError,
     )
     from kvpage_runtime.sampling.params import SamplingParams

@@ -19,3 +19,16 @@ class InvalidRequestError(KVPageError, ValueError):
 
 class EngineConfigError(KVPageError, ValueError):
     """The engine cannot start with this configuration (e.g. the KV cache cannot hold one request)."""
+
+
+class EngineDeadError(KVPageError):
+    """The engine loop stopped on an error (or was shut down); no request can be served."""
+
+
+class EngineOverloadedError(KVPageError):
+    """Too many requests are waiting; this one was refused and may be retried later."""
+
+
+class RequestFailedError(KVPageError):
+    """Serving this request failed (a fault in its own processing, or in the engine step it was
+    part of); the engine goes on serving the others."""

@@ -1,62 +1,103 @@
 """AsyncLLM: an asyncio front over one LLMEngine, for the server.
 
 A background thread owns the engine: it takes commands (add, abort) from a thread-safe inbox,
-steps the engine while requests exist, and hands each RequestOutput to the asyncio queue of
-its request with ``loop.call_soon_threadsafe``. The forward pass releases the GIL, so the
-event loop stays responsive while the model runs.
+steps the engine while requests exist, and hands each RequestOutput to the stream of its
+request with ``loop.call_soon_threadsafe``. The forward pass releases the GIL, so the event
+loop stays responsive while the model runs.
 
 The engine is also *built* on that thread, so that it is the only thread of the process that
 runs torch's OpenMP parallel regions. A second OpenMP master (the main thread, had it loaded
 the model) keeps its own docked worker threads; libgomp then counts more threads than CPUs
 and stops its workers from spinning between parallel regions, and every op pays a futex
 wake-up: measured 1.6x slower decode steps at 16 sequences on 2 cores.
+
+No caller can hurt the loop. A command whose caller stopped waiting (its asyncio task was
+cancelled) before the engine thread took it is skipped; once taken it can no longer be
+cancelled, so its result is delivered exactly once. Aborts are never skipped. A stream keeps
+only the newest output of its request (outputs are cumulative), so a consumer that stops
+reading costs one output however long the generation runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.engine import LLMEngine
 from kvpage_runtime.engine.outputs import EngineStats, RequestOutput
-from kvpage_runtime.errors import KVPageError
+from kvpage_runtime.errors import EngineDeadError, EngineOverloadedError, RequestFailedError
 from kvpage_runtime.sampling import SamplingParams
 
 logger = logging.getLogger("kvpage_runtime")
 
-
-class EngineDeadError(KVPageError):
-    """The engine loop stopped on an error (or was shut down); no request can be served."""
+_IDLE_WAIT_S = 0.5  # how long the idle loop blocks on its inbox before looking again
 
 
 @dataclass
+class _Command:
+    """Work for the engine thread; ``future`` carries its result back to the caller."""
+
+    run: Callable[[], Any]
+    skippable: bool = True  # False: runs even when its caller stopped waiting (aborts, stop)
+    future: Future = field(default_factory=Future)
+
+
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """Where the engine thread leaves a request's newest output for its asyncio consumer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._latest: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        if not self.loop.is_closed():
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From any thread. Outputs are cumulative: a newer one replaces an unread one."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+            self._loop.call_soon_threadsafe(self._set, item)
+
+    def _set(self, item: RequestOutput | BaseException) -> None:
+        if not isinstance(self._latest, BaseException):  # an error is the last word
+            self._latest = item
+            self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        await self._ready.wait()
+        self._ready.clear()
+        item, self._latest = self._latest, None
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
-        """Builds the engine on its own thread and waits for it; a load error is raised here."""
-        self._inbox: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+    def __init__(self, config: EngineConfig | None = None, *,
+                 max_waiting_requests: int | None = None, **kwargs: Any) -> None:
+        """Builds the engine on its own thread and waits for it; a load error is raised here.
+
+        ``max_waiting_requests`` bounds the scheduler's waiting queue: beyond it ``generate``
+        raises EngineOverloadedError (None: unbounded).
+        """
+        self.config = config or EngineConfig(**kwargs)
+        self.max_waiting_requests = max_waiting_requests
+        self._inbox: queue.Queue[_Command] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._error: BaseException | None = None
         self._stopping = False
+        self._stopped: Future[BaseException | None] = Future()
+        self._last_progress = time.monotonic()
         self.engine: LLMEngine
         built: Future[None] = Future()
-        self._thread = threading.Thread(target=self._run, args=(config or EngineConfig(**kwargs),
-                                        built), name="kvpage-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(built,), name="kvpage-engine",
+                                        daemon=True)
         self._thread.start()
         built.result()  # self.engine is set, or the load error is raised here
 
@@ -75,6 +116,10 @@ class AsyncLLM:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.config.max_num_seqs
 
     @property
     def model_name(self) -> str:
@@ -103,46 +148,70 @@ class AsyncLLM:
             return EngineDeadError(f"engine loop failed: {self._error!r}")
         return EngineDeadError("engine is shut down")
 
+    def stuck_seconds(self) -> float:
+        """Seconds since the loop last finished a step while requests were waiting for one
+        (0 while idle or making progress)."""
+        if not self._stats.num_running and not self._stats.num_waiting:
+            return 0.0
+        return time.monotonic() - self._last_progress
+
+    async def wait_stopped(self) -> BaseException | None:
+        """Returns when the loop ends: the error it died of, or None after a shutdown."""
+        return await asyncio.shield(asyncio.wrap_future(self._stopped))
+
     def stats(self) -> EngineStats:
+        """The snapshot taken after the loop's last iteration (never waits)."""
         return self._stats
 
-    async def generate(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
-        """Streams cumulative outputs; the last one has finished=True.
+    async def get_stats(self) -> EngineStats:
+        """Stats taken on the engine thread after every command submitted before this call."""
+        return await self._call(self.engine.stats)
 
-        Raises InvalidRequestError before yielding anything when the request is invalid.
-        Leaving the iteration early (break, cancellation) aborts the request.
+    async def generate(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None,
+                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Streams cumulative outputs (a slow consumer sees only the newest); the last one has
+        finished=True.
+
+        Raises InvalidRequestError (or EngineOverloadedError) before yielding anything when the
+        request cannot be queued, RequestFailedError if serving it fails, EngineDeadError if
+        the engine stops. Leaving the iteration early (break, cancellation) aborts the request.
         """
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         params = sampling_params or SamplingParams()
         try:
-            await self._call(lambda: self._add(request_id, prompt, params, stream))
+            await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
         except asyncio.CancelledError:  # the add may still run: undo it
-            self._submit(lambda: self._abort(request_id))
+            self._submit(lambda: self._abort([request_id]), skippable=False)
             raise
         finished = False
         try:
             while not finished:
-                output = _latest(await stream.queue.get(), stream.queue)
+                output = await stream.get()
                 finished = output.finished
                 yield output
         finally:
             if not finished:
-                self._submit(lambda: self._abort(request_id))
+                self._submit(lambda: self._abort([request_id]), skippable=False)
 
     async def abort(self, request_id: str) -> None:
-        await self._call(lambda: self._abort(request_id))
+        await self.abort_many([request_id])
+
+    async def abort_many(self, request_ids: Iterable[str]) -> None:
+        """Aborts the requests in one command; each stream ends with finish_reason "abort"."""
+        ids = list(request_ids)
+        await asyncio.shield(asyncio.wrap_future(
+            self._submit(lambda: self._abort(ids), skippable=False)))
 
     async def shutdown(self) -> None:
         if self._thread.is_alive():
-            self._submit(self._stop)
+            self._submit(self._stop, skippable=False)
             await asyncio.to_thread(self._thread.join)
 
     # ---- engine thread ----------------------------------------------------------------------
 
-    def _run(self, config: EngineConfig, built: Future) -> None:
+    def _run(self, built: Future) -> None:
         try:
-            self.engine = LLMEngine(config)
+            self.engine = LLMEngine(self.config)
             self._stats = self.engine.stats()
         except BaseException as exc:  # raised by the constructor, in the caller's thread
             built.set_exception(exc)
@@ -151,56 +220,63 @@ class AsyncLLM:
         self._loop()
 
     def _add(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
-             stream: _Stream) -> None:
-        self.engine.add_request(request_id, prompt, params)
+             priority: int, stream: _Stream) -> None:
+        limit = self.max_waiting_requests
+        if limit is not None and self.engine.scheduler.num_waiting >= limit:
+            raise EngineOverloadedError(
+                f"the server is overloaded: {self.engine.scheduler.num_waiting} requests are "
+                f"waiting (max_waiting_requests={limit}); retry later")
+        self.engine.add_request(request_id, prompt, params, priority=priority)
         self._streams[request_id] = stream
 
-    def _abort(self, request_id: str) -> None:
-        output = self.engine.abort_request(request_id)
-        stream = self._streams.pop(request_id, None)
-        if stream is not None and output is not None:
-            stream.put(output)
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            output = self.engine.abort_request(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None and output is not None:
+                stream.put(output)
 
     def _stop(self) -> None:
         self._stopping = True
 
-    def _submit(self, command: Callable[[], Any]) -> Future:
-        future: Future = Future()
+    def _submit(self, run: Callable[[], Any], skippable: bool = True) -> Future:
+        command = _Command(run, skippable)
         if self._error is not None or self._stopping:
-            future.set_exception(EngineDeadError(f"engine is not running: {self._error}"))
+            command.future.set_exception(self.dead_error)
         else:
-            self._inbox.put((command, future))
-        return future
+            self._inbox.put(command)
+        return command.future
 
     async def _call(self, command: Callable[[], Any]) -> Any:
         return await asyncio.wrap_future(self._submit(command))
 
     def _loop(self) -> None:
-        reason = "engine is shut down"
         try:
             while not self._stopping:
                 self._drain_inbox(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     self._dispatch(self.engine.step())
                 self._stats = self.engine.stats()
+                self._last_progress = time.monotonic()
         except BaseException as exc:  # every waiting request must learn why it ends
             logger.exception("engine loop failed")
             self._error = exc
-            reason = f"engine loop failed: {exc!r}"
+        reason = self.dead_error
         for stream in self._streams.values():
-            stream.put(EngineDeadError(reason))
+            stream.put(reason)
         self._streams.clear()
-        self._fail_inbox()
+        self._fail_inbox(reason)
+        self._stopped.set_result(self._error)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
-            command, future = self._inbox.get(block=block, timeout=0.5 if block else None)
+            command = self._inbox.get(block=block, timeout=_IDLE_WAIT_S if block else None)
         except queue.Empty:
             return
         while True:
-            _run_command(command, future)
+            _run_command(command)
             try:
-                command, future = self._inbox.get_nowait()
+                command = self._inbox.get_nowait()
             except queue.Empty:
                 return
 
@@ -211,29 +287,43 @@ class AsyncLLM:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.put(output)
+            stream.put(_failure(output) or output)
 
-    def _fail_inbox(self) -> None:
+    def _fail_inbox(self, reason: EngineDeadError) -> None:
         while True:
             try:
-                _, future = self._inbox.get_nowait()
+                future = self._inbox.get_nowait().future
             except queue.Empty:
                 return
-            future.set_exception(EngineDeadError("engine is shut down"))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(reason)
 
 
-def _run_command(command: Callable[[], Any], future: Future) -> None:
+def _failure(output: RequestOutput) -> RequestFailedError | None:
+    """The error of a request the engine failed, to raise in its consumer."""
+    if output.error is None:
+        return None
+    return RequestFailedError(f"request {output.request_id} failed: {output.error}")
+
+
+def _run_command(command: _Command) -> None:
+    """Runs a command and settles its future exactly once.
+
+    ``set_running_or_notify_cancel`` settles the race with a caller that gives up: it returns
+    False when the future was cancelled first (the command is then skipped unless it must run,
+    like an abort), and once it returned True the future can no longer be cancelled.
+    """
+    future = command.future
+    wanted = future.set_running_or_notify_cancel()
+    if not wanted and command.skippable:
+        return
     try:
-        future.set_result(command())
+        result = command.run()
     except Exception as exc:  # handed to the caller through the future
-        future.set_exception(exc)
-
-
-def _latest(item: RequestOutput | BaseException, pending: asyncio.Queue) -> RequestOutput:
-    """Outputs are cumulative: when several are queued, only the newest matters."""
-    while True:
-        if isinstance(item, BaseException):
-            raise item
-        if pending.empty():
-            return item
-        item = pending.get_nowait()
+        if wanted:
+            future.set_exception(exc)
+        else:
+            logger.warning("a command whose caller left failed: %r", exc)
+        return
+    if wanted:
+        future.set_result(result)

@@ -18,7 +18,9 @@ class EngineConfig:
     ``model`` None serves the default model (SmolLM2-135M-Instruct GGUF). ``kv_cache_memory``
     is a byte count, or on a GPU a float fraction of the free device memory; None picks a
     default (see ``engine.kv_budget``). ``max_model_len`` None takes the model's context length,
-    capped to 8192 on the CPU.
+    capped to 8192 on the CPU. ``scheduling_policy`` is "fcfs" (arrival order) or "priority"
+    (each request's ``priority``, lower first, then arrival order; preemption takes the
+    lowest priority first).
     """
 
     model: str | None = None
@@ -34,6 +36,7 @@ class EngineConfig:
     device: str | None = None
     tokenizer: str | None = None
     served_model_name: str | None = None
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -45,6 +48,9 @@ class EngineConfig:
         if mem is not None and (mem <= 0 or (isinstance(mem, float) and mem > 1.0)):
             raise EngineConfigError(
                 f"kv_cache_memory must be a positive byte count or a fraction in (0, 1], got {mem}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise EngineConfigError(
+                f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 

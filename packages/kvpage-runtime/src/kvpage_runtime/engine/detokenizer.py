@@ -3,7 +3,10 @@
 Each new token is decoded together with a few tokens before it (the "prefix window") and the
 difference between the two decodes is the new text. A byte-level tokenizer can split one
 character over several tokens; the partial decode then ends in U+FFFD, and that text is held
-back until the character is complete.
+back until the character is complete, but never for more than a few tokens (a UTF-8
+character has at most four bytes): a run of bytes that never completes a character is let
+through as U+FFFD (and a run of tokens that decode to nothing is passed over), so that the text decoded per token stays short and detokenizing stays
+linear in the output length.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 _PROMPT_CONTEXT = 5  # prompt tokens decoded along with the first outputs (spacing rules)
 _REPLACEMENT = "\ufffd"
+_MAX_HELD_TOKENS = 6  # longer runs of partial UTF-8 are emitted as U+FFFD
 
 
 class IncrementalDetokenizer:
@@ -31,7 +35,8 @@ class IncrementalDetokenizer:
         self._tokens.append(token_id)
         prefix_text = self._decode(self._tokens[self._prefix_offset : self._read_offset])
         full_text = self._decode(self._tokens[self._prefix_offset :])
-        if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
+        complete = len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT)
+        if not complete and len(self._tokens) - self._read_offset < _MAX_HELD_TOKENS:
             return ""
         delta = full_text[len(prefix_text) :]
         self._prefix_offset = self._read_offset

@@ -40,12 +40,13 @@ from kvpage_runtime.engine.outputs import (
 )
 from kvpage_runtime.engine.sequence import RequestGroup, Sequence
 from kvpage_runtime.engine.stop import stop_by_length, stop_by_string, stop_by_token
-from kvpage_runtime.errors import InvalidRequestError, ModelLoadError
+from kvpage_runtime.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.hf import load_tokenizer
 from kvpage_runtime.model_runner import ModelRunner
 from kvpage_runtime.sampling import (
     Sampler,
+    SamplerOutput,
     SamplingParams,
     SamplingRow,
     TokenLogprobs,
@@ -53,6 +54,9 @@ from kvpage_runtime.sampling import (
 )
 
 logger = logging.getLogger("kvpage_runtime")
+
+# A forward step that fails this many times in a row is not a passing fault: the engine stops.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -117,6 +121,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self.timings = StepTimings()
         self.num_preemptions = 0
+        self.num_failed_steps = 0  # forward steps that raised (their requests failed)
+        self._failures_in_a_row = 0
         self._decode_token = make_token_decoder(self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[str, Sequence] = {}
@@ -129,7 +135,8 @@ class LLMEngine:
             budget = max(budget, self.max_model_len)
         return SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=self.max_model_len,
-                               enable_chunked_prefill=cfg.enable_chunked_prefill)
+                               enable_chunked_prefill=cfg.enable_chunked_prefill,
+                               policy=cfg.scheduling_policy)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -140,8 +147,11 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
                     params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> RequestGroup:
-        """Validates and queues a request; raises InvalidRequestError when it cannot be served."""
+                    arrival_time: float | None = None, priority: int = 0) -> RequestGroup:
+        """Validates and queues a request; raises InvalidRequestError when it cannot be served.
+
+        ``priority`` orders requests under the "priority" scheduling policy (lower first).
+        """
         params = params or SamplingParams()
         if request_id in self._groups or request_id in self._seqs:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
@@ -154,7 +164,7 @@ class LLMEngine:
         group.seqs = [self._new_sequence(group, i) for i in range(params.n)]
         request = Request(request_id, token_ids,
                           max_tokens=min(params.max_tokens, self.max_model_len - len(token_ids)),
-                          extra_keys=self._cache_keys(group))
+                          priority=priority, extra_keys=self._cache_keys(group))
         try:
             self.scheduler.add_request(request)
         except RequestRejectedError as exc:
@@ -193,16 +203,26 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stops a request now; its blocks go back to the pool. Returns its final output."""
-        group = self._groups.pop(request_id, None)
+        group = self._groups.get(request_id)
         if group is None:
             return None
+        self._end(group, "abort")
+        return self._finish_output(group)
+
+    def _end(self, group: RequestGroup, finish_reason: str) -> None:
+        """Finishes every unfinished sequence of the group; the scheduler frees their blocks."""
         for seq in group.seqs:
             if self._seqs.pop(seq.seq_id, None) is not None and not seq.finished:
                 self.scheduler.abort_request(seq.seq_id)
             if not seq.finished:
-                seq.finish_reason = "abort"
-        group.metrics.finished_time = time.time()
-        return group.to_output()
+                seq.finish_reason = finish_reason
+
+    def _fail(self, group: RequestGroup, reason: str) -> None:
+        """Fails one request (its output carries ``reason``); the others go on."""
+        if group.error is None:
+            logger.error("request %s failed: %s", group.request_id, reason)
+            group.error = reason
+            self._end(group, "error")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -222,20 +242,45 @@ class LLMEngine:
         self.num_preemptions += len(out.preempted_ids)
         if out.is_empty:
             return []
-        self.runner.copy_blocks(out.block_copies)
-        plan = self._plan(out.scheduled)
-        batch = self.runner.prepare(out.scheduled)
-        t2 = time.perf_counter()
-        logits = self.runner.execute(batch, plan.logits_indices)
+        try:
+            self.runner.copy_blocks(out.block_copies)
+            plan = self._plan(out.scheduled)
+            batch = self.runner.prepare(out.scheduled)
+            t2 = time.perf_counter()
+            logits = self.runner.execute(batch, plan.logits_indices)
+        except Exception as exc:
+            return self._fail_step(exc)
+        self._failures_in_a_row = 0
         t3 = time.perf_counter()
-        rows = [self._sampling_row(seq) for seq in plan.sample_seqs]
-        sampled = self.sampler(_rows(logits, plan.sample_logit_rows), rows) if rows else None
+        sampled = self._sample(logits, plan)
         self._prompt_logprobs(plan, logits)
         t4 = time.perf_counter()
         touched = self._apply_samples(out, plan, sampled)
         outputs = [self._finish_output(g) for g in touched]
         t5 = time.perf_counter()
         self._record(t1, t2, t3, t4, t5, len(plan.sample_seqs))
+        return outputs
+
+    def _fail_step(self, exc: Exception) -> list[RequestOutput]:
+        """The shared forward step raised. It cannot be pinned to one request, so every request
+        in flight fails, every block comes back and the prefix cache is emptied (a step that
+        died midway may have written partial KV); then the engine serves new requests as
+        before. Failing again and again ends the engine (EngineDeadError)."""
+        self.num_failed_steps += 1
+        self._failures_in_a_row += 1
+        logger.error("engine step failed (%d in a row); failing the %d requests in flight",
+                     self._failures_in_a_row, len(self._groups), exc_info=exc)
+        if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineDeadError(f"the engine step failed {self._failures_in_a_row} times in "
+                                  f"a row, last with {exc!r}") from exc
+        groups = list(self._groups.values())
+        for group in groups:
+            self._fail(group, f"the engine step serving it failed: {exc!r}")
+        outputs = [self._finish_output(group) for group in groups]
+        if not self.cache.reset_prefix_cache():
+            raise EngineDeadError("the KV cache could not be reset after a failed step: "
+                                  f"{self.cache.num_blocks - self.cache.num_free_blocks} blocks "
+                                  "are still held") from exc
         return outputs
 
     def _plan(self, scheduled: list[ScheduledRequest]) -> _StepPlan:
@@ -282,36 +327,70 @@ class LLMEngine:
         return SamplingRow(params, seq.group.prompt_token_ids, seq.token_ids, seq.generator,
                            blocked)
 
+    def _sample(self, logits: torch.Tensor, plan: _StepPlan) -> SamplerOutput:
+        """One token per row of ``plan.sample_seqs``. A batch that fails is sampled again row by
+        row, so that a fault fails only the requests whose rows raise (their token is None)."""
+        rows = [self._sampling_row(seq) for seq in plan.sample_seqs]
+        if not rows:
+            return SamplerOutput([], [])
+        logits = _rows(logits, plan.sample_logit_rows)
+        try:
+            return self.sampler(logits, rows)
+        except Exception as exc:
+            logger.warning("sampling the batch failed (%r): sampling row by row", exc)
+        sampled = SamplerOutput([], [])
+        for i, (seq, row) in enumerate(zip(plan.sample_seqs, rows, strict=True)):
+            try:
+                one = self.sampler(logits[i : i + 1], [row])
+            except Exception as exc:
+                self._fail(seq.group, f"sampling failed: {exc!r}")
+                one = SamplerOutput([None], [None])
+            sampled.token_ids += one.token_ids
+            sampled.logprobs += one.logprobs
+        return sampled
+
     def _prompt_logprobs(self, plan: _StepPlan, logits: torch.Tensor) -> None:
         for group, lo, hi, row in plan.prompt_logprob_jobs:
-            k = group.params.prompt_logprobs
-            entries = top_logprobs(logits[row : row + hi - lo], [k] * (hi - lo))
-            targets = group.prompt_token_ids[lo + 1 : hi + 1]
-            group.prompt_logprobs += [self._position(e.with_sampled(t))
-                                      for e, t in zip(entries, targets, strict=True)]
+            try:
+                k = group.params.prompt_logprobs
+                entries = top_logprobs(logits[row : row + hi - lo], [k] * (hi - lo))
+                targets = group.prompt_token_ids[lo + 1 : hi + 1]
+                group.prompt_logprobs += [self._position(e.with_sampled(t))
+                                          for e, t in zip(entries, targets, strict=True)]
+            except Exception as exc:
+                self._fail(group, f"computing its prompt logprobs failed: {exc!r}")
 
     def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
         return {t: Logprob(v, r, self._decode_token(t)) for t, (v, r) in lp.entries().items()}
 
-    def _apply_samples(self, out, plan: _StepPlan, sampled) -> list[RequestGroup]:
-        """Appends sampled tokens, checks stops, updates the scheduler, forks n > 1 requests."""
+    def _apply_samples(self, out, plan: _StepPlan, sampled: SamplerOutput) -> list[RequestGroup]:
+        """Appends sampled tokens, checks stops, updates the scheduler, forks n > 1 requests.
+
+        A request whose token processing (detokenizing, stop checks) raises fails alone."""
         new_tokens: dict[str, list[int]] = {}
         finished: dict[str, FinishReason] = {}
         touched: dict[str, RequestGroup] = {}
         now = time.time()
-        if sampled is not None:
-            for seq, token, lp in zip(plan.sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+        for seq, token, lp in zip(plan.sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+            group = seq.group
+            touched[group.request_id] = group
+            if group.error is not None:
+                continue
+            try:
                 self._append_token(seq, token, lp)
-                touched[seq.group.request_id] = seq.group
-                if seq.seq_id in self._seqs:
-                    new_tokens[seq.seq_id] = [token]
-                    if seq.finished:
-                        finished[seq.seq_id] = FinishReason(seq.finish_reason)
+            except Exception as exc:
+                self._fail(group, f"processing its output failed: {exc!r}")
+                continue
+            if seq.seq_id in self._seqs:
+                new_tokens[seq.seq_id] = [token]
+                if seq.finished:
+                    finished[seq.seq_id] = FinishReason(seq.finish_reason)
         forking_parents = {g.request_id for g in plan.forking}
         deferred = {rid: finished.pop(rid) for rid in forking_parents if rid in finished}
         self.scheduler.update_from_output(out, new_tokens, finished)
         for group in plan.forking:
-            self._fork(group)
+            if group.error is None:
+                self._fork(group)
         for rid in deferred:
             self.scheduler.abort_request(rid)
         for group in touched.values():
@@ -350,9 +429,8 @@ class LLMEngine:
             self._seqs[child.seq_id] = child
 
     def _finish_output(self, group: RequestGroup) -> RequestOutput:
-        if group.finished:
+        if group.finished and self._groups.pop(group.request_id, None) is not None:
             group.metrics.finished_time = time.time()
-            self._groups.pop(group.request_id, None)
             for seq in group.seqs:
                 self._seqs.pop(seq.seq_id, None)
         return group.to_output()
@@ -374,4 +452,7 @@ class LLMEngine:
         return EngineStats(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_cache_usage=cache.usage(), prefix_cache_hit_rate=cache.stats.hit_rate,
-            num_free_blocks=free, num_total_blocks=total, num_blocks_held=total - free)
+            num_free_blocks=free, num_total_blocks=total, num_blocks_held=total - free,
+            num_preemptions=self.num_preemptions, num_failed_steps=self.num_failed_steps,
+            prefix_cache_queries=cache.stats.query_tokens,
+            prefix_cache_hits=cache.stats.hit_tokens)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.engine import LLMEngine
 from kvpage_runtime.engine.outputs import RequestOutput
-from kvpage_runtime.errors import InvalidRequestError
+from kvpage_runtime.errors import InvalidRequestError, RequestFailedError
 from kvpage_runtime.sampling import SamplingParams
 
 Prompt = str | Sequence[int]
@@ -32,14 +32,20 @@ class LLM:
     def generate(self, prompts: Prompt | Sequence[Prompt] | None = None,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generates for every prompt (text or token ids); outputs come back in input order."""
+                 use_tqdm: bool = True,
+                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Generates for every prompt (text or token ids); outputs come back in input order.
+
+        ``priority`` (one per prompt, lower first) matters under
+        ``scheduling_policy="priority"``. A request the engine fails raises RequestFailedError.
+        """
         batch = _as_prompt_list(prompts, prompt_token_ids)
         params = _as_params_list(sampling_params, len(batch))
+        priorities = _as_priority_list(priority, len(batch))
         ids = [f"{next(self._ids)}" for _ in batch]
         try:
-            for rid, prompt, p in zip(ids, batch, params, strict=True):
-                self.engine.add_request(rid, prompt, p)
+            for rid, prompt, p, prio in zip(ids, batch, params, priorities, strict=True):
+                self.engine.add_request(rid, prompt, p, priority=prio)
             finals = self._run(len(batch), use_tqdm)
         except BaseException:  # invalid request, interrupt, model error: leave nothing behind
             for rid in ids:
@@ -70,6 +76,8 @@ class LLM:
         started, out_tokens = time.perf_counter(), 0
         while self.engine.has_unfinished_requests():
             for output in self.engine.step():
+                if output.error is not None:
+                    raise RequestFailedError(f"request {output.request_id} failed: {output.error}")
                 if output.finished:
                     finals[output.request_id] = output
                     out_tokens += sum(len(c.token_ids) for c in output.outputs)
@@ -92,6 +100,15 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt] | None,
     if prompts and isinstance(prompts[0], int):
         return [prompts]
     return prompts
+
+
+def _as_priority_list(priority: Sequence[int] | None, n: int) -> list[int]:
+    if priority is None:
+        return [0] * n
+    priority = list(priority)
+    if len(priority) != n:
+        raise InvalidRequestError(f"got {len(priority)} priorities for {n} prompts")
+    return priority
 
 
 def _as_params_list(params: SamplingParams | Sequence[SamplingParams] | None,

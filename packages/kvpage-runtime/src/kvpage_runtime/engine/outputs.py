@@ -34,7 +34,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[PositionLogprobs] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
 
     @property
@@ -51,6 +51,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None  # why the engine failed this request (its outputs end "error")
 
 
 @dataclass
@@ -62,6 +63,10 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_blocks_held: int
+    num_preemptions: int = 0  # the counters below count since the engine started
+    num_failed_steps: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there
 
 
 @dataclass

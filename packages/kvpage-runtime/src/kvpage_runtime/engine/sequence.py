@@ -70,6 +70,7 @@ class RequestGroup:
     seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # filled chunk by chunk
     forked: bool = False
+    error: str | None = None  # set when the engine failed this request
 
     @property
     def finished(self) -> bool:
@@ -89,4 +90,5 @@ class RequestGroup:
             outputs=[s.to_output() for s in self.seqs],
             finished=self.finished,
             metrics=self.metrics,
+            error=self.error,
         )

@@ -35,7 +35,7 @@ class SamplingRow:
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
+    token_ids: list[int | None]  # None: a row the engine could not sample (it failed alone)
     logprobs: list[TokenLogprobs | None]  # per row, None where not requested
 
 
