@@ -51,7 +51,7 @@ class LiveServer:
 
     def metrics(self) -> dict[str, float]:
         """The samples of /metrics, by name with labels (``name{label="value"}``)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=30).text
         samples = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -56,6 +57,56 @@ CASES = [
     ("/v1/chat/completions", {**OK_CHAT, "stream": True, "max_tokens": -3}, 400, "max_tokens"),
     ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    # out of range or not finite
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": -(2**63) - 1}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "temperature": float("inf")}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": float("nan")}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": float("-inf")}}, 400, "logit_bias.5"),
+    ("/v1/completions", {"prompt": "hi", "priority": 2**70}, 400, "priority"),
+    # invalid Unicode (lone surrogates) anywhere
+    ("/v1/completions", {"prompt": "hi \ud800 there"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["ok", "bad \udfff"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\ud83d"]}, 400, "stop"),
+    ("/tokenize", {"prompt": "\udc80"}, 400, "prompt"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x\ud800"}]},
+        400,
+        "messages.0.content",
+    ),
+    # a message without the content its role needs
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": None}]}, 400, "messages.0"),
+    # known fields this server does not implement: refused, not ignored
+    ("/v1/chat/completions", {**OK_CHAT, "response_format": {"type": "json_object"}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("/v1/chat/completions", {**OK_CHAT, "tool_choice": "required"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {**OK_CHAT, "functions": [{"name": "f"}]}, 400, "functions"),
+    ("/v1/chat/completions", {**OK_CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort"),
+    ("/v1/chat/completions", {**OK_CHAT, "store": True}, 400, "store"),
+    ("/v1/chat/completions", {**OK_CHAT, "guided_json": {"type": "object"}}, 400, "guided_json"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}]},
+        400,
+        "messages.0.tool_calls",
+    ),
+    ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    # caps on what one request may ask for
+    ("/v1/completions", {"prompt": "hi", "stop": [f"s{i}" for i in range(17)]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["x" * 513]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": list(range(65))}, 400, "stop_token_ids"),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "logit_bias": {str(i): 1 for i in range(301)}},
+        400,
+        "logit_bias",
+    ),
+    ("/v1/completions", {"prompt": ["a", "b", "c"], "n": 16}, 400, "prompt"),
+    ("/v1/chat/completions", {**OK_CHAT, "max_tokens": 10_000_000}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 10_000_000}, 400, "max_tokens"),
 ]
 
 
@@ -68,9 +119,70 @@ def _assert_openai_error(r: httpx.Response, status: int) -> dict:
 
 @pytest.mark.parametrize("path,body,status,param", CASES, ids=[f"{c[0]}:{c[3]}" for c in CASES])
 def test_bad_request(server, path, body, status, param):
+    # json.dumps keeps what a JSON encoder can write but a strict client would refuse to send:
+    # NaN/Infinity as bare tokens, lone surrogates as \\u escapes
+    content = json.dumps(body).encode()
     with server.http() as http:
-        error = _assert_openai_error(http.post(path, json=body), status)
+        r = http.post(path, content=content, headers={"Content-Type": "application/json"})
+        error = _assert_openai_error(r, status)
     assert error["param"] == param
+
+
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        ("/v1/completions", {"prompt": "hello there", "max_tokens": 10_000_000}),
+        ("/v1/chat/completions", {**OK_CHAT, "max_tokens": 10_000_000}),
+        ("/v1/chat/completions", {**OK_CHAT, "max_completion_tokens": 600}),
+    ],
+)
+def test_max_tokens_past_the_context_names_the_numbers(server, path, body):
+    """vLLM's message: the context, the total asked for, and the prompt and completion parts."""
+    with server.http() as http:
+        error = _assert_openai_error(http.post(path, json=body), 400)
+    asked = body.get("max_completion_tokens", body["max_tokens"])
+    assert f"maximum context length is {MAX_MODEL_LEN} tokens" in error["message"]
+    match = re.search(r"requested (\d+) tokens \((\d+) in the \w+, (\d+) in the completion\)",
+                      error["message"])
+    assert match, error["message"]
+    total, prompt, completion = map(int, match.groups())
+    assert completion == asked and total == prompt + completion and prompt > 0
+
+
+def test_omitted_max_tokens_fits_the_context(server):
+    """Chat without max_tokens may use the rest of the context; a long prompt still fits."""
+    prompt = "word " * (MAX_MODEL_LEN - 60)
+    with server.http() as http:
+        r = http.post("/v1/completions", json={"prompt": prompt, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] <= 16
+
+
+def test_unknown_fields_are_ignored(server):
+    with server.http() as http:
+        r = http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1, "frobnicate": 3,
+                                               "user": "u1", "metadata": {"a": "b"}})
+    assert r.status_code == 200, r.text
+
+
+def test_deeply_nested_json_is_a_400(server):
+    deep = b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with server.http() as http:
+        r = http.post("/v1/completions", content=deep,
+                      headers={"Content-Type": "application/json"})
+    _assert_openai_error(r, 400)
+
+
+def test_chunked_body_over_the_limit_is_413(server):
+    def chunks():
+        for _ in range(5):
+            yield b'{"prompt": "' + b"x" * (1 << 20)
+        yield b'"}'
+
+    with server.http() as http:
+        r = http.post("/v1/completions", content=chunks(),
+                      headers={"Content-Type": "application/json"})
+    assert _assert_openai_error(r, 413)["code"] == "request_too_large"
 
 
 def test_prompt_longer_than_max_model_len(server):

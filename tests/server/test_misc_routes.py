@@ -36,8 +36,13 @@ def test_metrics_names(server):
         "kvpage:inter_token_latency_seconds_count",
         "kvpage:e2e_request_latency_seconds_count",
         "kvpage:kv_blocks_held",
+        "kvpage:num_preemptions_total",
+        "kvpage:prefix_cache_queries_total",
+        "kvpage:prefix_cache_hits_total",
+        "kvpage:engine_step_failures_total",
     ):
         assert name in metrics, name
+    assert metrics["kvpage:prefix_cache_queries_total"] >= metrics["kvpage:prefix_cache_hits_total"]
     assert (
         metrics["kvpage:prompt_tokens_total"] > 0 and metrics["kvpage:generation_tokens_total"] >= 2
     )
@@ -51,6 +56,11 @@ def test_metrics_names(server):
         ("/v1/chat/completions", "POST"),
         ("/tokenize", "POST"),
         ("/detokenize", "POST"),
+        ("/metrics", "GET"),
+        ("/docs", "GET"),
+        ("/redoc", "GET"),
+        ("/openapi.json", "GET"),
+        ("/no-such-route", "GET"),
     ],
 )
 @pytest.mark.parametrize("header", [None, "Bearer wrong-key", "test-key", "Basic test-key"])
@@ -59,6 +69,21 @@ def test_api_key_required(server, path, method, header):
     r = httpx.request(method, f"{server.url}{path}", headers=headers, json={"prompt": "x"})
     assert r.status_code == 401
     assert r.json()["error"]["type"] == "authentication_error"
+
+
+def test_the_key_is_checked_before_the_body_is_read(server):
+    """A request without the key is refused at once, even though its body never arrives."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000\r\n\r\n{"
+        )
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
 
 
 def test_openai_client_with_a_wrong_key_gets_401(server):

@@ -28,6 +28,9 @@ BENCH_SCRIPTS = {
     "kernels": "kernels.py",
 }
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+DEFAULT_MAX_WAITING_REQUESTS = 1024
+DEFAULT_LIMIT_CONCURRENCY = 1024
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
 class CLIError(Exception):
@@ -98,6 +101,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         default=True,
         help="split long prompts across steps, mixed with decodes (default: on)",
     )
+    g.add_argument(
+        "--scheduling-policy",
+        choices=["fcfs", "priority"],
+        default="fcfs",
+        help="order of waiting requests: arrival (fcfs), or each request's priority, lower "
+        "first, then arrival (default: %(default)s)",
+    )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument(
@@ -123,6 +133,7 @@ def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
+        scheduling_policy=args.scheduling_policy,
         seed=args.seed,
         device=args.device,
         tokenizer=args.tokenizer,
@@ -131,7 +142,7 @@ def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    from kvpage_runtime.server.state import DEFAULT_MAX_BODY_BYTES
+    from kvpage_runtime.server.state import DEFAULT_MAX_BODY_BYTES, DEFAULT_STUCK_TIMEOUT_S
 
     p = sub.add_parser(
         "serve",
@@ -166,6 +177,26 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         type=parse_memory,
         default=DEFAULT_MAX_BODY_BYTES,
         help="larger request bodies get a 413 (default: 4MiB)",
+    )
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=DEFAULT_MAX_WAITING_REQUESTS,
+        help="requests beyond this many waiting for the engine get a 503 with Retry-After "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=DEFAULT_LIMIT_CONCURRENCY,
+        help="open connections beyond this many get a 503 from uvicorn (default: %(default)s)",
+    )
+    p.add_argument(
+        "--health-stuck-timeout",
+        type=float,
+        default=DEFAULT_STUCK_TIMEOUT_S,
+        help="/health answers 503 once the engine finished no step for this many seconds "
+        "while requests wait (default: %(default)s)",
     )
     p.add_argument(
         "--graceful-shutdown-timeout",
@@ -269,7 +300,10 @@ def _load_async_engine(args: argparse.Namespace) -> Any:
     from kvpage_runtime import AsyncLLM, EngineConfig
 
     try:
-        return AsyncLLM(EngineConfig(**_engine_fields(args, args.model)))
+        return AsyncLLM(
+            EngineConfig(**_engine_fields(args, args.model)),
+            max_waiting_requests=args.max_waiting_requests,
+        )
     except Exception as exc:  # any failure to load ends with one line, not a traceback
         logger.debug("engine start failed", exc_info=True)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -296,6 +330,16 @@ def _log_startup(engine: Any, args: argparse.Namespace) -> None:
         args.port,
         " (API key required)" if args.api_key else "",
     )
+    if not args.api_key and not _is_loopback(args.host):
+        logger.warning(
+            "listening on %s without an API key: anyone who can reach this address can use "
+            "the server (set --api-key or KVPAGE_API_KEY)",
+            args.host,
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
 
 
 # After the grace period, aborted streams get this long to send their last events.
@@ -342,7 +386,16 @@ async def _abort_after(delay_s: float, abort_all: Callable[[], Awaitable[None]])
     await abort_all()
 
 
-async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> None:
+async def _stop_when_engine_dies(engine: Any, server: Any) -> None:
+    """A dead engine ends the server (exit status 1), so that a supervisor restarts it instead
+    of it answering 503 forever."""
+    error = await engine.wait_stopped()
+    if error is not None:
+        logger.error("the engine died (%r): shutting the server down", error)
+        server.should_exit = True
+
+
+async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> int:
     import uvicorn
 
     from kvpage_runtime.server import ServerSettings, build_app
@@ -353,21 +406,27 @@ async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> None:
         api_key=args.api_key,
         max_body_bytes=args.max_request_body_bytes,
         served_model_names=[args.served_model_name] if args.served_model_name else [],
+        stuck_timeout_s=args.health_stuck_timeout,
     )
     app = build_app(engine, settings)
-    config = uvicorn.Config(app, log_level=args.log_level)
-    await _uvicorn_server(config, args.graceful_shutdown_timeout, app.state.server.abort_all).serve(
-        sockets=[sock]
+    config = uvicorn.Config(
+        app, log_level=args.log_level, limit_concurrency=args.limit_concurrency
     )
+    server = _uvicorn_server(config, args.graceful_shutdown_timeout, app.state.server.abort_all)
+    watcher = asyncio.create_task(_stop_when_engine_dies(engine, server))
+    try:
+        await server.serve(sockets=[sock])
+    finally:
+        watcher.cancel()
+    return 1 if engine.errored else 0
 
 
 def serve(args: argparse.Namespace) -> int:
     sock = bind_socket(args.host, args.port)
     try:
-        asyncio.run(_serve_async(args, sock))
+        return asyncio.run(_serve_async(args, sock))
     finally:
         sock.close()
-    return 0
 
 
 # ------------------------------------------------------------------------- generate

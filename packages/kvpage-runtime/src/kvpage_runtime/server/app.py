@@ -6,10 +6,10 @@ import contextlib
 from importlib import metadata
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvpage_runtime.server.auth import check_api_key
+from kvpage_runtime.server.auth import APIKeyMiddleware
 from kvpage_runtime.server.chat import chat_prompt_ids, create_chat_completion
 from kvpage_runtime.server.completions import create_completion
 from kvpage_runtime.server.errors import APIError, error_response, install_error_handlers
@@ -50,7 +50,7 @@ async def _answer(request: Request, work) -> Any:
         return Response(status_code=_CLIENT_CLOSED)
 
 
-api = APIRouter(dependencies=[Depends(check_api_key)])
+api = APIRouter()
 
 
 @api.get("/v1/models")
@@ -98,16 +98,29 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
 public = APIRouter()
 
 
+def _unhealthy(state: ServerState) -> APIError | None:
+    engine = state.engine
+    if not getattr(engine, "is_running", True):
+        reason = getattr(engine, "dead_error", None) or "engine is not running"
+        return APIError(str(reason), 503, type="service_unavailable", code="engine_dead")
+    stuck = engine.stuck_seconds() if hasattr(engine, "stuck_seconds") else 0.0
+    if stuck > state.settings.stuck_timeout_s:
+        return APIError(
+            f"engine is stuck: no step finished for {stuck:.0f} s while requests wait "
+            f"(limit {state.settings.stuck_timeout_s:g} s)",
+            503,
+            type="service_unavailable",
+            code="engine_stuck",
+        )
+    return None
+
+
 @public.get("/health")
 async def health(request: Request) -> Response:
-    """200 while the engine serves requests; 503 once its loop has died or shut down."""
-    engine = _state(request).engine
-    if getattr(engine, "is_running", True):
-        return Response(status_code=200)
-    reason = getattr(engine, "dead_error", None) or "engine is not running"
-    return error_response(
-        APIError(str(reason), 503, type="service_unavailable", code="engine_dead")
-    )
+    """200 while the engine serves requests; 503 once its loop has died or shut down, or while
+    it makes no progress (no step finished for ``stuck_timeout_s`` with requests waiting)."""
+    problem = _unhealthy(_state(request))
+    return Response(status_code=200) if problem is None else error_response(problem)
 
 
 @public.get("/version")
@@ -123,8 +136,8 @@ async def metrics(request: Request) -> Response:
 def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     """The OpenAI-compatible app over an ``AsyncLLM`` (or anything with its interface).
 
-    /v1/*, /tokenize and /detokenize need the API key when one is set; /health, /version and
-    /metrics stay open for load balancers and scrapers.
+    With an API key, every route but /health and /version needs it (see ``auth``), checked
+    before the body is read; the body-size limit applies next.
     """
     settings = settings or ServerSettings()
 
@@ -141,4 +154,5 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.include_router(api)
     app.include_router(public)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # the outermost: runs first
     return app

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kvpage_runtime.server.errors import APIError
+from kvpage_runtime.server.limits import check_num_sequences, completion_budget
 from kvpage_runtime.server.logprobs import chat_logprobs
 from kvpage_runtime.server.protocol import (
     AssistantMessage,
@@ -20,7 +21,7 @@ from kvpage_runtime.server.protocol import (
     Usage,
     random_id,
 )
-from kvpage_runtime.server.sampling import sampling_params
+from kvpage_runtime.server.sampling import check_supported, sampling_params
 from kvpage_runtime.server.state import ServerState
 from kvpage_runtime.server.streams import (
     DeltaTracker,
@@ -59,27 +60,43 @@ def chat_prompt_ids(
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
 
-def _max_tokens(state: ServerState, req: ChatCompletionRequest, prompt_len: int) -> int:
-    limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return limit if limit is not None else max(1, state.max_model_len - prompt_len)
+def _check_request(state: ServerState, req: ChatCompletionRequest) -> None:
+    check_supported(req)
+    for i, message in enumerate(req.messages):
+        for name in message.unsupported_fields():
+            raise APIError(
+                f"messages.{i}.{name} is not supported by this server",
+                param=f"messages.{i}.{name}",
+                code="unsupported_parameter",
+            )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+    state.limits.check(req)
+    check_num_sequences(1, req.n, state.max_num_seqs)
 
 
 class _Chat:
     def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError("top_logprobs needs logprobs set to true", param="top_logprobs")
+        _check_request(state, req)
         self.state, self.req = state, req
         self.model = state.check_model(req.model)
         self.id = random_id("chatcmpl")
         prompt_ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
         self.k = req.top_logprobs or 0
+        requested = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
         params = sampling_params(
             req,
-            max_tokens=_max_tokens(state, req, len(prompt_ids)),
+            max_tokens=completion_budget(
+                state.max_model_len, len(prompt_ids), requested, None, "messages"
+            ),
             logprobs=self.k if req.logprobs else None,
             vocab_size=state.vocab_size,
         )
-        self.requests = EngineRequests(state, [EngineCall(prompt_ids, params, self.id)])
+        self.requests = EngineRequests(
+            state, [EngineCall(prompt_ids, params, self.id, req.priority)]
+        )
 
     def _logprobs(self, ids: list[int], positions: list[Any]) -> ChatLogprobs | None:
         if not self.req.logprobs:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from kvpage_runtime.server.errors import APIError
+from kvpage_runtime.server.limits import check_num_sequences, completion_budget
 from kvpage_runtime.server.logprobs import completion_logprobs
 from kvpage_runtime.server.protocol import (
     CompletionChoice,
@@ -14,7 +15,7 @@ from kvpage_runtime.server.protocol import (
     Usage,
     random_id,
 )
-from kvpage_runtime.server.sampling import sampling_params
+from kvpage_runtime.server.sampling import check_supported, sampling_params
 from kvpage_runtime.server.state import ServerState
 from kvpage_runtime.server.streams import (
     DeltaTracker,
@@ -26,6 +27,7 @@ from kvpage_runtime.server.streams import (
 )
 
 Prompt = str | list[int]
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for completions
 
 
 def _prompts(state: ServerState, raw: Any) -> list[Prompt]:
@@ -42,11 +44,17 @@ def _prompts(state: ServerState, raw: Any) -> list[Prompt]:
     return prompts
 
 
-def _check_unsupported(req: CompletionRequest) -> None:
-    if req.suffix is not None:
-        raise APIError("suffix is not supported", param="suffix")
+def _check_request(state: ServerState, req: CompletionRequest, num_prompts: int) -> None:
+    check_supported(req)
     if req.best_of is not None and req.best_of != req.n:
         raise APIError("best_of must equal n (or be omitted)", param="best_of")
+    state.limits.check(req)
+    check_num_sequences(num_prompts, req.n, state.max_num_seqs)
+
+
+def _token_ids(state: ServerState, prompt: Prompt) -> list[int]:
+    """The ids the engine computes: text is tokenized here, as the engine would."""
+    return state.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
 
 def _prompt_text(state: ServerState, prompt: Prompt, output: Any) -> str:
@@ -63,21 +71,26 @@ class _Completion:
     """One completions request: its engine calls, and both ways of answering it."""
 
     def __init__(self, state: ServerState, req: CompletionRequest) -> None:
-        _check_unsupported(req)
         self.state, self.req = state, req
         self.model = state.check_model(req.model)
         self.id = random_id("cmpl")
         self.prompts = _prompts(state, req.prompt)
-        params = sampling_params(
-            req,
-            max_tokens=req.max_tokens if req.max_tokens is not None else 16,
-            logprobs=req.logprobs,
-            prompt_logprobs=req.logprobs if req.echo else None,
-            vocab_size=state.vocab_size,
-        )
-        self.requests = EngineRequests(
-            state, [EngineCall(p, params, f"{self.id}-{i}") for i, p in enumerate(self.prompts)]
-        )
+        _check_request(state, req, len(self.prompts))
+        calls = []
+        for i, prompt in enumerate(self.prompts):
+            ids = _token_ids(state, prompt)
+            budget = completion_budget(
+                state.max_model_len, len(ids), req.max_tokens, DEFAULT_MAX_TOKENS, "prompt"
+            )
+            params = sampling_params(
+                req,
+                max_tokens=budget,
+                logprobs=req.logprobs,
+                prompt_logprobs=req.logprobs if req.echo else None,
+                vocab_size=state.vocab_size,
+            )
+            calls.append(EngineCall(ids, params, f"{self.id}-{i}", req.priority))
+        self.requests = EngineRequests(state, calls)
 
     def _index(self, prompt_index: int, output_index: int) -> int:
         return prompt_index * self.req.n + output_index

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PREFIX = "kvpage:"
@@ -75,18 +75,39 @@ _ENGINE_GAUGES = (
 )
 
 
+# Counters kept by the engine (vLLM's names; the exposition adds "_total").
+_ENGINE_COUNTERS = (
+    ("num_preemptions", "num_preemptions", "Requests preempted (their KV freed, to recompute)."),
+    (
+        "prefix_cache_queries",
+        "prefix_cache_queries",
+        "Prompt tokens looked up in the prefix cache.",
+    ),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    (
+        "engine_step_failures",
+        "num_failed_steps",
+        "Engine steps that raised (their requests failed; the engine recovered).",
+    ),
+)
+
+
 class EngineStatsCollector(Collector):
     """Reads ``engine.stats()`` at every scrape, so the gauges are never stale."""
 
     def __init__(self, stats: Callable[[], Any]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snapshot = self._stats()
         for suffix, attr, doc in _ENGINE_GAUGES:
             value = getattr(snapshot, attr, None)
             if value is not None:
                 yield GaugeMetricFamily(PREFIX + suffix, doc, value=float(value))
+        for suffix, attr, doc in _ENGINE_COUNTERS:
+            value = getattr(snapshot, attr, None)
+            if value is not None:
+                yield CounterMetricFamily(PREFIX + suffix, doc, value=float(value))
 
 
 class ServerMetrics:
@@ -155,6 +176,10 @@ class RequestTracker:
             self._last, self._tokens = now, tokens
         if output.finished:
             self._reasons = [o.finish_reason or "abort" for o in output.outputs]
+
+    def fail(self) -> None:
+        """The request ended with an error."""
+        self._reasons = ["error"]
 
     def close(self) -> None:
         """Called once when the request ends (finished, failed or aborted)."""

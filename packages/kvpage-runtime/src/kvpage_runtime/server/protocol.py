@@ -1,35 +1,86 @@
 """Request and response bodies of the OpenAI-compatible API (plus vLLM's extras).
 
-Requests ignore unknown fields, as OpenAI clients send fields a server may not know.
-Range checks that belong to the protocol (``n``, ``logprobs``) live here so that a
-violation names its ``param``; everything else is checked by ``SamplingParams``.
+Requests ignore unknown fields, as OpenAI clients send fields a server may not know, but a
+known field this server does not implement is declared (``unsupported_fields``) so that using
+it gets a 400 naming it instead of being silently ignored. Every string must be valid Unicode
+(no lone surrogates) and every float finite. Range checks that belong to the protocol (``n``,
+``logprobs``, ``seed``) live here so that a violation names its ``param``; everything else is
+checked by ``SamplingParams`` and the server's limits.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_LOGPROBS = 20
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+def _check_unicode(value: Any) -> None:
+    """Raises ValueError for a string (in any list or dict) that is not valid Unicode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("contains a lone UTF-16 surrogate (not valid Unicode)") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        _check_unicode(value)
+        return value
+
+
+def _unset(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value is False
+
+
+def _unset_or(*accepted: Any) -> Callable[[Any], bool]:
+    return lambda value: _unset(value) or value in accepted
+
+
+class _Unsupported(_Request):
+    """Known fields this server does not implement. ``_UNUSED`` gives, per field, the values
+    that mean "not used" (any other value is refused)."""
+
+    _UNUSED: ClassVar[dict[str, Callable[[Any], bool]]] = {}
+
+    def unsupported_fields(self) -> list[str]:
+        return [name for name, unused in self._UNUSED.items() if not unused(getattr(self, name))]
+
+
+_TOOL_CHOICE_UNUSED = _unset_or("none", "auto")
+_VLLM_UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                     "structured_outputs", "use_beam_search", "allowed_token_ids", "bad_words",
+                     "truncate_prompt_tokens", "prompt_logprobs")
 
 
 class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class _SamplingFields(_Request):
+class _SamplingFields(_Unsupported):
     """Fields shared by completions and chat completions."""
 
     model: str | None = None
@@ -39,7 +90,7 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -53,6 +104,19 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # lower first, under --scheduling-policy priority
+    # known but not implemented (see _Unsupported)
+    store: bool | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    use_beam_search: Any = None
+    allowed_token_ids: Any = None
+    bad_words: Any = None
+    truncate_prompt_tokens: Any = None
+    prompt_logprobs: Any = None
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
@@ -60,11 +124,17 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = 16
+    max_tokens: int | None = None  # None: 16, shortened to fit the context
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+
+    _UNUSED: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "suffix": _unset_or(""),
+        "store": _unset,
+        **dict.fromkeys(_VLLM_UNSUPPORTED, _unset),
+    }
 
 
 class TextPart(_Request):
@@ -72,10 +142,23 @@ class TextPart(_Request):
     text: str
 
 
-class ChatMessage(_Request):
+class ChatMessage(_Unsupported):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+
+    _UNUSED: ClassVar[dict[str, Callable[[Any], bool]]] = {"tool_calls": _unset, "tool_call_id": _unset, "function_call": _unset,
+               "audio": _unset}
+
+    @model_validator(mode="after")
+    def _has_content(self) -> ChatMessage:
+        if self.content is None:
+            raise ValueError(f"a {self.role} message needs 'content'")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -87,11 +170,39 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # None: up to the context
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # known but not implemented (see _Unsupported)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    _UNUSED: ClassVar[dict[str, Callable[[Any], bool]]] = {
+        "response_format": _unset_or({"type": "text"}),
+        "tools": _unset,
+        "tool_choice": _TOOL_CHOICE_UNUSED,
+        "functions": _unset,
+        "function_call": _TOOL_CHOICE_UNUSED,
+        "audio": _unset,
+        "modalities": _unset_or(["text"]),
+        "prediction": _unset,
+        "reasoning_effort": _unset,
+        "verbosity": _unset,
+        "web_search_options": _unset,
+        "store": _unset,
+        **dict.fromkeys(_VLLM_UNSUPPORTED, _unset),
+    }
 
 
 class TokenizeRequest(_Request):

@@ -31,6 +31,13 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
         raise APIError("logit_bias keys must be token ids", param="logit_bias") from None
 
 
+def check_supported(request: _SamplingFields) -> None:
+    """A 400 for the first known field the request uses that this server does not implement."""
+    for name in request.unsupported_fields():
+        raise APIError(f"{name} is not supported by this server", param=name,
+                       code="unsupported_parameter")
+
+
 def sampling_params(
     request: _SamplingFields,
     *,

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvpage_runtime.server.errors import APIError
+from kvpage_runtime.server.limits import RequestLimits
 from kvpage_runtime.server.metrics import ServerMetrics
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_STUCK_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -17,6 +19,9 @@ class ServerSettings:
     served_model_names: list[str] = field(default_factory=list)  # empty: the engine's model name
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_engine: bool = True  # shut the engine down with the app
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # /health answers 503 once the engine finished no step for this long while requests wait
+    stuck_timeout_s: float = DEFAULT_STUCK_TIMEOUT_S
 
 
 @dataclass
@@ -27,9 +32,17 @@ class ServerState:
     active: set[str] = field(default_factory=set)  # engine request ids in flight
 
     async def abort_all(self) -> None:
-        """Aborts every request in flight; their streams end with finish_reason "abort"."""
-        for request_id in list(self.active):
-            await self.engine.abort(request_id)
+        """Aborts every request in flight at once; their streams end with finish_reason
+        "abort"."""
+        await self.engine.abort_many(list(self.active))
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.settings.limits
+
+    @property
+    def max_num_seqs(self) -> int:
+        return int(self.engine.max_num_seqs)
 
     @property
     def tokenizer(self) -> Any:

@@ -2,7 +2,9 @@
 
 One HTTP request may hold several engine requests (a list of prompts). ``EngineRequests`` runs
 them concurrently and merges their outputs; closing it cancels whatever still runs, which makes
-the engine abort those requests and give back their KV blocks.
+the engine abort those requests and give back their KV blocks. Outputs are cumulative, so of
+each engine request only the newest unread output is kept: a client that stops reading costs
+one output per prompt, however long its generation.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from kvpage_runtime.server.errors import error_body, to_api_error
 from kvpage_runtime.server.state import ServerState
 
 T = TypeVar("T")
-_DONE = object()
 
 
 @dataclass
@@ -33,6 +34,7 @@ class EngineCall:
     prompt: Any
     params: Any
     request_id: str
+    priority: int = 0
 
 
 class EngineRequests:
@@ -40,7 +42,9 @@ class EngineRequests:
 
     def __init__(self, state: ServerState, calls: list[EngineCall]) -> None:
         self._state, self._calls = state, calls
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self._unread: dict[int, Any] = {}  # index -> newest output not yet taken
+        self._error: BaseException | None = None
+        self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._buffer: list[tuple[int, Any]] = []
         self._pending = len(calls)
@@ -73,32 +77,38 @@ class EngineRequests:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _next(self) -> tuple[int, Any] | None:
-        while self._pending:
-            index, value = await self._queue.get()
-            if value is _DONE:
-                self._pending -= 1
-            elif isinstance(value, BaseException):
+        """The next (index, newest output), taking the requests in turn; None when all ended."""
+        while True:
+            if self._error is not None:
                 await self.aclose()
-                raise value
-            else:
-                return index, value
-        return None
+                raise self._error
+            if self._unread:
+                index = next(iter(self._unread))
+                return index, self._unread.pop(index)
+            if not self._pending:
+                return None
+            self._changed.clear()
+            await self._changed.wait()
 
     async def _pump(self, index: int, call: EngineCall) -> None:
         tracker = self._state.metrics.track()
         self._state.active.add(call.request_id)
         try:
             async for output in self._state.engine.generate(
-                call.prompt, call.params, call.request_id
+                call.prompt, call.params, call.request_id, priority=call.priority
             ):
                 tracker.observe(output)
-                self._queue.put_nowait((index, output))
+                self._unread.pop(index, None)  # re-inserted last: the requests take turns
+                self._unread[index] = output
+                self._changed.set()
         except Exception as exc:  # handed to the consumer, which raises it
-            self._queue.put_nowait((index, exc))
+            tracker.fail()
+            self._error = self._error or exc
         finally:
             self._state.active.discard(call.request_id)
             tracker.close()
-            self._queue.put_nowait((index, _DONE))
+            self._pending -= 1
+            self._changed.set()
 
 
 def sse(payload: Any) -> str:
