@@ -75,7 +75,8 @@ def test_bench_names_its_scripts():
 
 
 def test_sigterm_with_streams_in_flight_shuts_down_cleanly(tmp_path):
-    """In-flight streams get the grace period, then are aborted; the process exits 0."""
+    """In-flight streams get the grace period, then are aborted together: each ends with
+    finish_reason "abort" and [DONE]; the process exits 0."""
     port = free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
@@ -99,26 +100,24 @@ def test_sigterm_with_streams_in_flight_shuts_down_cleanly(tmp_path):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, url, str(log_path))
-        body = {
-            "prompt": "Count to one hundred:",
-            "max_tokens": 200,
-            "ignore_eos": True,
-            "stream": True,
-        }
-        with (
-            httpx.Client(base_url=url, timeout=60) as client,
-            client.stream("POST", "/v1/completions", json=body) as r,
-        ):
-            lines = r.iter_lines()
-            assert next(line for line in lines if line.startswith("data: "))
+        body = {"prompt": "Count to one hundred:", "max_tokens": 200, "ignore_eos": True,
+                "stream": True}
+        with contextlib.ExitStack() as stack:
+            client = stack.enter_context(httpx.Client(base_url=url, timeout=60))
+            streams = [stack.enter_context(client.stream("POST", "/v1/completions", json=body))
+                       for _ in range(3)]
+            lines = [r.iter_lines() for r in streams]
+            for it in lines:  # every stream has begun
+                assert next(line for line in it if line.startswith("data: "))
             proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(httpx.HTTPError):
-                for _ in lines:
-                    pass
+            events = [[line[6:] for line in it if line.startswith("data: ")] for it in lines]
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
+    for stream in events:
+        assert stream[-1] == "[DONE]", stream[-3:]
+        assert json.loads(stream[-2])["choices"][0]["finish_reason"] == "abort", stream[-3:]
     assert "Traceback" not in log_path.read_text()
 
 

@@ -52,29 +52,37 @@ class _Command:
 
 
 class _Stream:
-    """Where the engine thread leaves a request's newest output for its asyncio consumer."""
+    """Where the engine thread leaves a request's newest output (and its error, if it fails)
+    for the asyncio consumer. Outputs are cumulative: a newer one replaces an unread one. An
+    error is raised after the output that preceded it has been read."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._latest: RequestOutput | BaseException | None = None
+        self._latest: RequestOutput | None = None
+        self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        """From any thread. Outputs are cumulative: a newer one replaces an unread one."""
+        """From any thread."""
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
             self._loop.call_soon_threadsafe(self._set, item)
 
     def _set(self, item: RequestOutput | BaseException) -> None:
-        if not isinstance(self._latest, BaseException):  # an error is the last word
+        if self._error is not None:  # an error is the last word
+            return
+        if isinstance(item, BaseException):
+            self._error = item
+        else:
             self._latest = item
-            self._ready.set()
+        self._ready.set()
 
     async def get(self) -> RequestOutput:
         await self._ready.wait()
-        self._ready.clear()
+        if self._latest is None:
+            raise self._error
         item, self._latest = self._latest, None
-        if isinstance(item, BaseException):
-            raise item
+        if self._error is None:
+            self._ready.clear()
         return item
 
 
@@ -151,7 +159,7 @@ class AsyncLLM:
     def stuck_seconds(self) -> float:
         """Seconds since the loop last finished a step while requests were waiting for one
         (0 while idle or making progress)."""
-        if not self._stats.num_running and not self._stats.num_waiting:
+        if not self.engine.num_requests:
             return 0.0
         return time.monotonic() - self._last_progress
 

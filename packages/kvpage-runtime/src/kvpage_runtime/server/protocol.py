@@ -129,9 +129,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
+    response_format: Any = None  # vLLM's structured output (not in OpenAI's completions)
 
     _UNUSED: ClassVar[dict[str, Callable[[Any], bool]]] = {
         "suffix": _unset_or(""),
+        "response_format": _unset_or({"type": "text"}),
         "store": _unset,
         **dict.fromkeys(_VLLM_UNSUPPORTED, _unset),
     }

@@ -79,12 +79,12 @@ class EngineRequests:
     async def _next(self) -> tuple[int, Any] | None:
         """The next (index, newest output), taking the requests in turn; None when all ended."""
         while True:
-            if self._error is not None:
-                await self.aclose()
-                raise self._error
             if self._unread:
                 index = next(iter(self._unread))
                 return index, self._unread.pop(index)
+            if self._error is not None:  # after the outputs that came before it
+                await self.aclose()
+                raise self._error
             if not self._pending:
                 return None
             self._changed.clear()
