@@ -65,6 +65,7 @@ class NullCache:
 
     block_size = 16
     stats = CacheStats()
+    sliding_window = None
 
     def lookup_prefix(self, request_id, token_ids, extra_keys=()) -> PrefixHit:
         return PrefixHit([], 0)
@@ -88,6 +89,9 @@ class NullCache:
         return []
 
     def truncate(self, request_id, num_tokens) -> None: ...
+
+    def free_outside_window(self, request_id, num_computed_tokens) -> int:
+        return 0
 
     def can_ever_fit(self, num_tokens) -> bool:
         return True

@@ -10,9 +10,10 @@ from kvpage_sched import Request, Scheduler, SchedulerConfig, SchedulerOutput
 BLOCK_SIZE = 4
 
 
-def make_sched(num_blocks: int = 64, prefix_caching: bool = True,
+def make_sched(num_blocks: int = 64, prefix_caching: bool = True, sliding_window: int | None = None,
                **cfg) -> tuple[Scheduler, KVCacheManager]:
-    cache = KVCacheManager(BlockPool(num_blocks, BLOCK_SIZE, enable_prefix_caching=prefix_caching))
+    cache = KVCacheManager(BlockPool(num_blocks, BLOCK_SIZE, enable_prefix_caching=prefix_caching),
+                           sliding_window=sliding_window)
     cfg.setdefault("max_model_len", 256)
     return Scheduler(cache, SchedulerConfig(**cfg)), cache
 

@@ -382,6 +382,25 @@ def test_config_validation():
     assert Request("x", [1], 1).arrival_time is not None
 
 
+def test_blocks_out_of_the_sliding_window_go_back_as_a_request_moves_on():
+    """A 64-token window over 4-token blocks: however long the request grows (chunked prompt,
+    then decode), it never holds more than the window's blocks plus the two at its edges."""
+    window = 16 * BLOCK_SIZE
+    sched, cache = make_sched(num_blocks=40, sliding_window=window, max_num_batched_tokens=32,
+                              max_model_len=1024)
+    sched.add_request(req("long", prompt_len=300, max_tokens=300))
+    held = []
+    while sched.has_unfinished_requests():
+        step(sched)
+        if "long" in cache:
+            held.append(cache.num_blocks - cache.num_free_blocks)
+    assert max(held) <= window // BLOCK_SIZE + 2 + 32 // BLOCK_SIZE  # + one chunk in flight
+    assert cache.num_free_blocks == cache.num_blocks
+    without, _ = make_sched(num_blocks=40, max_model_len=1024)
+    with pytest.raises(RequestRejectedError):  # the same request cannot fit without the window
+        without.add_request(req("long", prompt_len=300, max_tokens=300))
+
+
 def test_kv_cache_manager_has_what_the_protocol_names():
     _, cache = make_sched()
     members = [m for m in vars(CacheManagerProtocol) if not m.startswith("_")]

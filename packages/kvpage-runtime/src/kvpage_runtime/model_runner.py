@@ -39,6 +39,7 @@ class ModelRunner:
              torch.zeros(shape, dtype=kv_dtype, device=device))
             for _ in range(config.num_layers)
         ]
+        model.bind_kv_caches(self.kv_caches)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         if pairs:

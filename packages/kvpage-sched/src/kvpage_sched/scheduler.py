@@ -1,7 +1,9 @@
 """Iteration-level (continuous batching) scheduler.
 
 Each step decides, per request, how many tokens to compute: a prompt chunk, one decode token,
-or one decode token plus lookahead slots, under a token budget and a sequence cap. Running
+or one decode token plus lookahead slots, under a token budget and a sequence cap. With a
+sliding-window cache, the blocks a request's later tokens can no longer attend to are given
+back as soon as it moves past them. Running
 requests go first; waiting ones are then admitted in policy order with their prefix-cache hit
 counted as computed. When a running request cannot get a block, the lowest-priority, then
 latest-arrived running request is preempted by recompute.
@@ -80,6 +82,7 @@ class Scheduler:
         self._seq = itertools.count()
         self._block_size = cache_manager.block_size
         self._max_model_len = self.config.max_model_len
+        self._window = cache_manager.sliding_window
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -336,6 +339,8 @@ class Scheduler:
                 self.cache.truncate(req.request_id, req.num_computed_tokens)
         if req.num_computed_tokens >= (req.num_committed_blocks + 1) * self._block_size:
             self._commit_full_blocks(req, tokens)
+        if self._window is not None:  # blocks no later token can attend to go back now
+            self.cache.free_outside_window(req.request_id, req.num_computed_tokens)
         req.append_output(tokens)
         return left - len(tokens)
 
@@ -384,6 +389,8 @@ class Scheduler:
                 f"prompt of {n} tokens exceeds max_num_batched_tokens "
                 f"{cfg.max_num_batched_tokens} (chunked prefill is off)")
         peak = min(n + req.max_tokens, cfg.max_model_len) + cfg.num_lookahead_tokens
+        if self._window is not None:  # it holds the window and the chunk being computed
+            peak = min(peak, self._window + cfg.max_num_batched_tokens + 2 * self._block_size)
         if not self.cache.can_ever_fit(peak):
             raise RequestRejectedError(
                 f"prompt of {n} tokens + max_tokens {req.max_tokens} needs KV for {peak} tokens, "

@@ -114,7 +114,8 @@ class LLMEngine:
             device=self.device)
         pool = BlockPool(budget.num_blocks, config.block_size,
                          enable_prefix_caching=config.enable_prefix_caching)
-        self.cache = KVCacheManager(pool)
+        # with a sliding window, blocks that fall out of it go back to the pool as requests move on
+        self.cache = KVCacheManager(pool, sliding_window=self.model_config.sliding_window)
         self.scheduler = Scheduler(self.cache, self._scheduler_config())
         self.runner = ModelRunner(loaded.model, self.model_config, budget.num_blocks,
                                   config.block_size, self.device, self.model_config.dtype)

@@ -10,8 +10,8 @@ experts, quantized linear methods, fp16 and prefill steps keep the per-layer pat
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
 
 The stack calls MKL through symbols and packed buffers that belong to torch's build, which no
-torch release promises to keep. So it proves itself when it is built (once per KV cache, at
-the first decode step): with a torch release outside ``TESTED_TORCH``, or where one decode
+torch release promises to keep. So it proves itself when it is built (once per KV cache, when
+the engine allocates it): with a torch release outside ``TESTED_TORCH``, or where one decode
 step of the loaded model, run through the stack and through the layer modules on the same
 inputs (a few sequences over random context in a scratch KV cache of their own, never the
 engine's), differs beyond the dtype's tolerance, it logs a warning saying why and the modules

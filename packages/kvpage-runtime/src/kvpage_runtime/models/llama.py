@@ -182,6 +182,11 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.model.embed_tokens)
 
+    def bind_kv_caches(self, kv_caches: list[KVCache]) -> None:
+        """Called once the engine allocated its KV caches: builds (and checks) the fused
+        decode path for them now, at start, rather than at the first decode step."""
+        self.model.fused_decoder(kv_caches)
+
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
         return self.model(batch, kv_caches)
