@@ -28,6 +28,9 @@ class _Logits(torch.Tensor):
 
 
 class _FakeModel(torch.nn.Module):
+    def bind_kv_caches(self, kv_caches):
+        self.kv_caches = kv_caches
+
     def forward(self, batch, kv_caches):
         return torch.arange(batch.num_tokens * 8, dtype=torch.float32).view(-1, 8)
 
