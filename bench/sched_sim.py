@@ -151,12 +151,13 @@ def decode_only(concurrency: int, steps: int, cache=None) -> float:
     return statistics.median(times[20:])
 
 
-def overload(policy: str, steps: int, rate: float = 0.6) -> dict:
-    """`rate` arrivals per step for `steps` steps, about 1.5 times what the short KV cache
-    serves: measure preemptions and the wait from arrival to first schedule, in steps."""
+def overload(policy: str, steps: int, rate: float = 0.6, num_blocks: int = 1500) -> dict:
+    """`rate` arrivals per step for `steps` steps, about 1.5 times what the short KV cache of
+    `num_blocks` serves: measure preemptions and the wait from arrival to first schedule, in
+    steps."""
     wl = Workload(seed=7, prompt_len=(32, 512), max_tokens=(32, 256), stop_prob=0.0,
                   num_priorities=4)
-    sched = make_scheduler(1500, max_num_seqs=128, max_num_batched_tokens=1024,
+    sched = make_scheduler(num_blocks, max_num_seqs=128, max_num_batched_tokens=1024,
                            max_model_len=2048, policy=policy)
     arrival, first, prio = {}, {}, {}
     step = 0
@@ -187,7 +188,8 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print a JSON object as the last line")
     ap.add_argument("--small", action="store_true", help="quick run")
     args = ap.parse_args()
-    steps, over_steps = (20, 60) if args.small else (300, 600)
+    # the small run's KV cache is short enough for its fewer arrivals to overload it too
+    steps, over_steps, over_blocks = (20, 60, 120) if args.small else (300, 600, 1500)
     result: dict = {}
     print(f"{'concurrency':>11} {'cpu_us(median)':>14} {'cpu_us(mean)':>12} "
           f"{'wall_us(median)':>15} {'decode_only_us':>14} {'null_cache_us':>13} "
@@ -206,7 +208,7 @@ def main() -> None:
     print(f"\noverload (waiting time in steps): {'policy':>8} {'p50':>5} {'p99':>5} "
           f"{'p99 prio 0':>10} {'preemptions':>11}")
     for policy in ("fcfs", "priority"):
-        r = overload(policy, over_steps)
+        r = overload(policy, over_steps, num_blocks=over_blocks)
         print(f"{'':34}{policy:>8} {r['wait_p50']:>5} {r['wait_p99']:>5} "
               f"{r['wait_p99_top_priority']:>10} {r['preemptions']:>11}")
         result[f"wait_p50_{policy}"] = r["wait_p50"]
