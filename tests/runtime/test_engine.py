@@ -203,3 +203,16 @@ def test_n_edge_cases(llm, prompts):
     (out,) = llm.generate([prompts[5]], stop_first, use_tqdm=False)
     assert [c.token_ids for c in out.outputs] == [[greedy_first]] * 2
     assert llm.engine.cache.num_free_blocks == llm.engine.cache.num_blocks
+
+
+def test_priority_policy_serves_lower_values_first(tiny, prompts):
+    """One sequence at a time: requests run in priority order (lower first, then arrival)."""
+    llm = LLM(str(tiny[0]), **BASE, max_num_seqs=1, scheduling_policy="priority")
+    outs = llm.generate(prompts[:4], GREEDY, priority=[2, 0, 1, 0], use_tqdm=False)
+    started = [out.metrics.first_scheduled_time for out in outs]
+    assert sorted(range(4), key=lambda i: started[i]) == [1, 3, 2, 0]
+    fcfs = LLM(str(tiny[0]), **BASE, max_num_seqs=1)
+    with pytest.raises(InvalidRequestError, match="priority scheduling is not enabled"):
+        fcfs.generate(prompts[:2], GREEDY, priority=[1, 0], use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="2 priorities for 1 prompts"):
+        llm.generate(prompts[:1], GREEDY, priority=[1, 0], use_tqdm=False)

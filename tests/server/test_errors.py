@@ -64,6 +64,7 @@ CASES = [
     ("/v1/completions", {"prompt": "hi", "top_p": float("nan")}, 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": float("-inf")}}, 400, "logit_bias.5"),
     ("/v1/completions", {"prompt": "hi", "priority": 2**70}, 400, "priority"),
+    ("/v1/completions", {"prompt": "hi", "priority": 1}, 400, "priority"),  # fcfs here
     # invalid Unicode (lone surrogates) anywhere
     ("/v1/completions", {"prompt": "hi \ud800 there"}, 400, "prompt"),
     ("/v1/completions", {"prompt": ["ok", "bad \udfff"]}, 400, "prompt"),

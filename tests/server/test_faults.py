@@ -103,7 +103,7 @@ class InProcessServer:
 def live(tmp_path_factory):
     folder, _ = make_tiny_model_dir(tmp_path_factory.mktemp("tiny-faults"))
     config = EngineConfig(str(folder), dtype="float32", device="cpu", max_model_len=MAX_MODEL_LEN,
-                          max_num_seqs=64, kv_cache_memory=64 << 20)
+                          max_num_seqs=64, kv_cache_memory=64 << 20, scheduling_policy="priority")
     engine = AsyncLLM(config, max_waiting_requests=2048)
     faults = Faults()
     _plant(engine, faults)
@@ -120,6 +120,12 @@ def live(tmp_path_factory):
     yield InProcessServer(f"http://127.0.0.1:{port}", engine, settings, faults, app)
     server.should_exit = True
     thread.join(60)
+
+
+def test_priority_reaches_the_engine(live):
+    r = live.complete(priority=-3)
+    assert r.status_code == 200, r.text
+    live.assert_serving()
 
 
 # ---- the disconnect storm ----------------------------------------------------------------

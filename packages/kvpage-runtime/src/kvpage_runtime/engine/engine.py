@@ -156,6 +156,9 @@ class LLMEngine:
         params = params or SamplingParams()
         if request_id in self._groups or request_id in self._seqs:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
+        if priority != 0 and self.config.scheduling_policy != "priority":
+            raise InvalidRequestError(f"priority is {priority}, but priority scheduling is not "
+                                      "enabled (scheduling_policy='priority')")
         token_ids = self.tokenize(prompt)
         self._validate(token_ids, params)
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids,
