@@ -27,7 +27,8 @@ on the AMX-capable Xeon where these figures were taken; drop it with ``--llama-a
 Metrics (as in vLLM's serving benchmark): TTFT is the time to the first content chunk; TPOT is
 (latency - TTFT) / (output tokens - 1) per request; ITL is the gap between consecutive content
 chunks. Output tokens come from the server's usage report (``stream_options.include_usage``),
-else from the number of content chunks.
+else from the number of content chunks. While the load runs, /health is polled every 50 ms
+(a load balancer's probe): its latency p50/p99 shows how responsive the HTTP side stays.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pathlib import Path
 import httpx
 
 HERE = Path(__file__).resolve().parent
+HEALTH_PROBE_INTERVAL_S = 0.05
 DEFAULT_WORKLOAD = HERE / "workload_chat64.json"
 RESULTS = HERE / "RESULTS.md"
 FALLBACK_TOPICS = (
@@ -195,20 +197,39 @@ async def run_load(
     *,
     api_key: str | None = None,
     seed: int = 0,
-) -> tuple[list[RequestResult], float]:
-    """Closed loop with ``concurrency`` clients, or open loop at ``request_rate`` (Poisson)."""
+    health_url: str | None = None,
+) -> tuple[list[RequestResult], float, list[float]]:
+    """Closed loop with ``concurrency`` clients, or open loop at ``request_rate`` (Poisson);
+    returns the results, the duration and the latencies of /health probes made meanwhile."""
     limits = httpx.Limits(max_connections=max(concurrency or 0, len(workload)) + 4)
     timeout = httpx.Timeout(600.0, connect=10.0)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     rng = random.Random(seed)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, headers=headers) as client:
         bodies = [_request_body(model, messages, max_tokens) for messages in workload]
+        probes: list[float] = []
+        prober = asyncio.create_task(_probe_health(health_url, probes)) if health_url else None
         started = time.perf_counter()
         if concurrency:
             results = await _closed_loop(client, url, bodies, concurrency)
         else:
             results = await _open_loop(client, url, bodies, request_rate, rng)
-        return results, time.perf_counter() - started
+        duration = time.perf_counter() - started
+        if prober is not None:
+            prober.cancel()
+            await asyncio.gather(prober, return_exceptions=True)
+        return results, duration, probes
+
+
+async def _probe_health(url: str, latencies: list[float]) -> None:
+    """GET ``url`` every HEALTH_PROBE_INTERVAL_S on a connection of its own, until cancelled."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        while True:
+            started = time.perf_counter()
+            with contextlib.suppress(httpx.HTTPError):
+                await client.get(url)
+                latencies.append(time.perf_counter() - started)
+            await asyncio.sleep(HEALTH_PROBE_INTERVAL_S)
 
 
 async def _closed_loop(
@@ -251,7 +272,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
-def summarize(results: list[RequestResult], duration_s: float) -> dict:
+def summarize(results: list[RequestResult], duration_s: float,
+              health: list[float] = ()) -> dict:
     """The per-target figures that ``--json`` prints."""
     done = [r for r in results if r.ok]
     ttfts = [r.ttft for r in done]
@@ -271,6 +293,8 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "tpot_p99_s": percentile(tpots, 99),
         "itl_p50_s": percentile(itls, 50),
         "itl_p99_s": percentile(itls, 99),
+        "health_p50_s": percentile(list(health), 50),
+        "health_p99_s": percentile(list(health), 99),
     }
 
 
@@ -369,15 +393,16 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 def table(rows: dict[str, dict]) -> str:
     lines = [
-        "| target | ok/failed | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| target | ok/failed | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms | /health p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in rows.items():
         lines.append(
             f"| {name} | {s['completed']}/{s['failed']} | {s['request_throughput']:.2f} | {s['output_tok_s']:.1f} "
             f"| {_fmt(s['ttft_p50_s'], 1e3)} / {_fmt(s['ttft_p99_s'], 1e3)} "
             f"| {_fmt(s['tpot_p50_s'], 1e3)} / {_fmt(s['tpot_p99_s'], 1e3)} "
-            f"| {_fmt(s['itl_p50_s'], 1e3)} / {_fmt(s['itl_p99_s'], 1e3)} |"
+            f"| {_fmt(s['itl_p50_s'], 1e3)} / {_fmt(s['itl_p99_s'], 1e3)} "
+            f"| {_fmt(s.get('health_p50_s'), 1e3)} / {_fmt(s.get('health_p99_s'), 1e3)} |"
         )
     return "\n".join(lines)
 
@@ -536,7 +561,7 @@ def measure(
                 api_key=args.api_key,
             )
         )
-    results, duration = asyncio.run(
+    results, duration, health = asyncio.run(
         run_load(
             chat_url,
             model,
@@ -545,9 +570,10 @@ def measure(
             args.concurrency or None,
             args.request_rate,
             api_key=args.api_key,
+            health_url=url.rstrip("/").removesuffix("/v1") + "/health",
         )
     )
-    summary = summarize(results, duration)
+    summary = summarize(results, duration, health)
     errors = [r.error for r in results if r.error]
     if errors:
         print(f"{name}: {len(errors)} failed requests, first: {errors[0]}", file=sys.stderr)

@@ -65,6 +65,16 @@ def test_linear_matches_fp32_for_any_row_count(dtype, bias, tier, monkeypatch):
                                    rtol=TOLERANCE[dtype])
 
 
+def test_onednn_sees_few_row_counts_and_little_padding():
+    """oneDNN keeps a compiled kernel per row count: the rows it is given take 56 values below
+    2,048 (every count up to 32), never fewer than asked, and at most a quarter more."""
+    sizes = [packed_gemm.onednn_rows(rows) for rows in range(1, 2049)]
+    assert len(set(sizes)) == 56
+    assert sizes[:32] == list(range(1, 33))
+    assert all(rows <= size <= rows * 1.25 for rows, size in enumerate(sizes, 1))
+    assert sizes == sorted(sizes)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_is_packed_with_onednn_where_the_cpu_runs_it(dtype):
     if not torch.backends.mkldnn.is_available():
