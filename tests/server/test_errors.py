@@ -218,6 +218,10 @@ def test_unknown_route_and_method(server):
 
 
 def test_server_still_serves_after_bad_input(server):
+    """After every bad input above: healthy, serving, and no KV block held once idle."""
+    from .test_concurrency import _wait_idle
+
     r = server.client().completions.create(model=None, prompt="Hi", max_tokens=2)
     assert r.choices[0].text is not None
     assert httpx.get(f"{server.url}/health").status_code == 200
+    assert _wait_idle(server)["kvpage:kv_blocks_held"] == 0
