@@ -100,14 +100,12 @@ class EngineStatsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         snapshot = self._stats()
-        for suffix, attr, doc in _ENGINE_GAUGES:
-            value = getattr(snapshot, attr, None)
-            if value is not None:
-                yield GaugeMetricFamily(PREFIX + suffix, doc, value=float(value))
-        for suffix, attr, doc in _ENGINE_COUNTERS:
-            value = getattr(snapshot, attr, None)
-            if value is not None:
-                yield CounterMetricFamily(PREFIX + suffix, doc, value=float(value))
+        for family, table in ((GaugeMetricFamily, _ENGINE_GAUGES),
+                              (CounterMetricFamily, _ENGINE_COUNTERS)):
+            for suffix, attr, doc in table:
+                value = getattr(snapshot, attr, None)
+                if value is not None:
+                    yield family(PREFIX + suffix, doc, value=float(value))
 
 
 class ServerMetrics:
