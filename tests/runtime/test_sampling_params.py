@@ -24,6 +24,9 @@ from kvpage_runtime.sampling import SamplingParams
         ({"stop": ["ok", ""]}, "stop"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"logit_bias": {3: 200.0}}, "logit_bias"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**63 - 1, "n": 2}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
     ],
 )
 def test_invalid_params_name_the_field(kwargs, field):

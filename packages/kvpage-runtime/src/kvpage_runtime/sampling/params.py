@@ -8,6 +8,7 @@ from kvpage_runtime.errors import InvalidRequestError
 
 _MAX_LOGPROBS = 20
 _GREEDY_EPS = 1e-5
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1  # each of the n sequences seeds with seed + index
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -64,8 +65,9 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and 0 <= value <= _MAX_LOGPROBS),
                    name, f"None or an integer in [0, {_MAX_LOGPROBS}]", value)
-        _check(self.seed is None or isinstance(self.seed, int), "seed", "None or an integer",
-               self.seed)
+        _check(self.seed is None or (isinstance(self.seed, int) and _INT64_MIN <= self.seed
+                                     and self.seed + self.n - 1 <= _INT64_MAX),
+               "seed", f"None or an integer in [-2**63, 2**63 - n] (n={self.n})", self.seed)
         self._normalize_stops()
         self._check_logit_bias()
 
