@@ -5,6 +5,8 @@ from .ops import (
     BACKENDS,
     argmax,
     copy_blocks,
+    pack_weight,
+    packed_linear,
     paged_attention,
     rms_norm,
     rotary_embedding,
@@ -13,14 +15,18 @@ from .ops import (
     swap_blocks,
     write_kv,
 )
+from .packed_weight import PackedWeight
 
 __all__ = [
     "BACKENDS",
     "KernelBackendUnavailable",
     "KernelError",
     "KernelInputError",
+    "PackedWeight",
     "argmax",
     "copy_blocks",
+    "pack_weight",
+    "packed_linear",
     "paged_attention",
     "rms_norm",
     "rotary_embedding",

@@ -1,4 +1,5 @@
-"""The elementwise ops of a Llama layer and the greedy argmax, in plain torch (any device).
+"""The elementwise ops of a Llama layer, the packed linear and the greedy argmax, in plain
+torch (any device).
 
 They are what every backend serves unless it has its own (the cpu backend fuses them);
 ``ops`` dispatches to a backend's version when it defines one, else to these.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .packed_weight import PackedWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -37,6 +40,13 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     cos, sin = cos.reshape(x.shape[0], 1, -1), sin.reshape(x.shape[0], 1, -1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear on the weight unpacked, which copies it at each call: for backends with no
+    GEMM of their own on the packed layout."""
+    return F.linear(x, packed.unpack().to(x.dtype), bias)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,10 @@ from types import ModuleType
 
 import torch
 
-from . import layer_ops
+from . import layer_ops, packed_weight
 from ._common import Pairs
 from .errors import KernelBackendUnavailable, KernelInputError
+from .packed_weight import PackedWeight
 
 BACKENDS = ("reference", "torch", "cpu", "triton", "cupy")
 ENV_VAR = "KVPAGE_KERNEL_BACKEND"
@@ -264,6 +265,46 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
            lambda: f"cos and sin must hold [{half[0]}, {half[1]}] values, got "
            f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     return _layer_op(x.device, backend, "rotary_embedding")(x, cos, sin)
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight:
+    """A linear layer's weight [out_features, in_features], fp32 or bf16 (widened to fp32 as
+    it is multiplied), packed once for ``packed_linear`` (in column panels: ``packed_weight``)."""
+    _check(weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] > 0,
+           lambda: f"weight must be [out_features, in_features], both > 0, got "
+           f"{tuple(weight.shape)}")
+    _check(weight.dtype in packed_weight.DTYPES,
+           lambda: f"weight must be fp32 or bf16, got {weight.dtype}")
+    return packed_weight.pack(weight)
+
+
+def _check_packed(packed: PackedWeight) -> None:
+    _check(isinstance(packed, PackedWeight), lambda: f"packed must be a PackedWeight (from "
+           f"pack_weight), got {type(packed).__name__}")
+    panels = packed.panels
+    _check(panels.shape == packed.expected_shape and panels.dtype in packed_weight.DTYPES
+           and panels.is_contiguous(), lambda: f"packed.panels must be contiguous fp32 or bf16 "
+           f"{packed.expected_shape} for {packed.out_features} x {packed.in_features} features "
+           f"(as pack_weight makes them), got {panels.dtype} {tuple(panels.shape)}")
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, *,
+                  backend: str | None = None) -> torch.Tensor:
+    """x @ W.T + bias for the weight W that ``pack_weight`` packed: x fp32 [rows, in_features]
+    (rows may be 0), bias fp32 [out_features] or None; returns a new fp32 [rows, out_features].
+    The cpu backend computes each output as one chain of fused multiply-adds over the inputs in
+    order, the bias added last, so a row's result does not depend on the rest of the batch."""
+    _check_packed(packed)
+    _check(x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype == torch.float32,
+           lambda: f"x must be fp32 [rows, {packed.in_features}] (in_features of packed), got "
+           f"{x.dtype} {tuple(x.shape)}")
+    _check(bias is None or (bias.shape == (packed.out_features,) and bias.dtype == torch.float32),
+           lambda: f"bias must be fp32 [{packed.out_features}] (out_features of packed), got "
+           f"{bias.dtype} {tuple(bias.shape)}")
+    _check(x.device == packed.panels.device and (bias is None or bias.device == x.device),
+           lambda: f"x, packed and bias must be on one device, got {x.device}, "
+           f"{packed.panels.device} and {None if bias is None else bias.device}")
+    return _layer_op(x.device, backend, "packed_linear")(x, packed, bias)
 
 
 def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

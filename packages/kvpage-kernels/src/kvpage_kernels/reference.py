@@ -53,6 +53,12 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
     return out
 
 
+def packed_linear(x, packed, bias) -> torch.Tensor:
+    """The plain matmul on the unpacked weight (bf16 weights widened to fp32)."""
+    out = x @ packed.unpack().float().T
+    return out if bias is None else out + bias
+
+
 def copy_blocks(kv_caches, src_dst) -> None:
     for src, dst in zip(*pairs_to_lists(src_dst), strict=True):
         for k_cache, v_cache in kv_caches:
