@@ -1,6 +1,7 @@
 """The fused decoder stack against the same ops run one by one: bit-identical in fp32 (the
-same MKL GEMM), equal to bf16 rounding in bf16 (MKL's bf16 GEMM against torch's linear), on
-every CPU tier of the cpu backend this CPU offers."""
+same GEMM: packed_linear's on pack_weight's panels, or MKL's on its packs), equal to bf16
+rounding in bf16 (MKL's bf16 GEMM against torch's linear), on every CPU tier of the cpu backend
+this CPU offers."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import pytest
 import torch
 from kvpage_kernels import (
     KernelInputError,
+    PackedWeight,
+    pack_weight,
+    packed_linear,
     paged_attention,
     rms_norm,
     rotary_embedding,
@@ -21,6 +25,7 @@ from kvpage_kernels.fused_decoder import (
     DecoderLayerWeights,
     DecoderShape,
     FusedDecoder,
+    WeightFormat,
     unavailable_reason,
 )
 
@@ -32,8 +37,15 @@ def mkl_pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, layer_weight: torch.Tensor, bias=None):
-    """What the per-layer path computes: MKL's packed GEMM in fp32, torch's linear in bf16."""
+PACKS = {WeightFormat.PANELS: pack_weight, WeightFormat.MKL_PACKED: mkl_pack,
+         WeightFormat.BF16: lambda w: w}
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, layer_weight, bias=None):
+    """What the per-layer path computes: packed_linear or MKL's packed GEMM in fp32 (as the
+    weight is packed), torch's linear in bf16."""
+    if isinstance(layer_weight, PackedWeight):
+        return packed_linear(x, layer_weight, bias)
     if x.dtype == torch.float32:
         return torch.ops.mkl._mkl_linear(x, layer_weight, weight, bias, x.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
@@ -47,9 +59,12 @@ class Stack:
 
 
 def make_stack(shape: DecoderShape, num_layers: int, num_blocks: int, block_size: int,
-               bias: bool, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Stack:
-    """Random layers; the fused decoder gets fp32 weights MKL-packed, bf16 ones as they are."""
-    pack = mkl_pack if dtype == torch.float32 else (lambda w: w)
+               bias: bool, gen: torch.Generator,
+               weight_format: WeightFormat = WeightFormat.PANELS) -> Stack:
+    """Random layers; the fused decoder gets their weights in `weight_format` (BF16: the stack
+    in bf16, else fp32)."""
+    dtype = torch.bfloat16 if weight_format == WeightFormat.BF16 else torch.float32
+    pack = PACKS[weight_format]
     d, h = shape.head_dim, shape.hidden_size
     qkv_out = (shape.num_heads + 2 * shape.num_kv_heads) * d
     weights, layers = [], []
@@ -146,6 +161,7 @@ SMOLLM2 = DecoderShape(hidden_size=576, intermediate_size=1536, num_heads=9, num
                        head_dim=64, rms_norm_eps=1e-5)
 
 
+@pytest.mark.parametrize("weight_format", [WeightFormat.PANELS, WeightFormat.MKL_PACKED])
 @pytest.mark.parametrize("shape, bias, block_size", [
     (SMOLLM2, False, 16),
     (DecoderShape(64, 96, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6), True, 1),
@@ -154,15 +170,17 @@ SMOLLM2 = DecoderShape(hidden_size=576, intermediate_size=1536, num_heads=9, num
     (DecoderShape(256, 512, num_heads=8, num_kv_heads=1, head_dim=128, rms_norm_eps=1e-6),
      True, 16),
 ])
-def test_bit_identical_to_the_ops_one_by_one(cpu_tier, shape, bias, block_size):
+def test_bit_identical_to_the_ops_one_by_one(cpu_tier, shape, bias, block_size, weight_format):
     gen = torch.Generator().manual_seed(0)
     num_blocks = 200
-    stack = make_stack(shape, 3, num_blocks, block_size, bias, gen)
+    stack = make_stack(shape, 3, num_blocks, block_size, bias, gen, weight_format)
     step = make_step(shape, [1, 5, 16, 17, 40, 3, 64, 2], num_blocks, block_size, gen)
     caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
     expected = one_by_one(stack, step, caches)
     hidden_before = step.hidden.clone()
-    actual = FusedDecoder(shape, stack.layers)(*step.args())
+    decoder = FusedDecoder(shape, stack.layers)
+    assert decoder.weight_format == weight_format
+    actual = decoder(*step.args())
     assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
     for layer, (k_cache, v_cache) in zip(stack.layers, caches, strict=True):
         assert torch.equal(layer.k_cache, k_cache) and torch.equal(layer.v_cache, v_cache)
@@ -205,13 +223,24 @@ def test_bad_inputs_are_named():
     gen = torch.Generator().manual_seed(3)
     shape = DecoderShape(64, 64, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6)
     stack = make_stack(shape, 1, 8, 4, False, gen)
-    unpacked = stack.layers[0]
+    layer = stack.layers[0]
+
+    def with_(**changes) -> list[DecoderLayerWeights]:
+        return [DecoderLayerWeights(**{**vars(layer), **changes})]
+
     with pytest.raises(KernelInputError, match="_mkl_reorder_linear_weight"):
-        FusedDecoder(shape, [DecoderLayerWeights(**{**vars(unpacked),
-                                                    "qkv": stack.weights[0]["qkv"]})])
+        FusedDecoder(shape, with_(qkv=stack.weights[0]["qkv"]))
+    with pytest.raises(KernelInputError, match="all fp32 PackedWeight"):  # a mix of formats
+        FusedDecoder(shape, with_(qkv=mkl_pack(stack.weights[0]["qkv"])))
+    with pytest.raises(KernelInputError, match="all fp32 PackedWeight"):
+        FusedDecoder(shape, with_(o=pack_weight(stack.weights[0]["o"].bfloat16())))
+    with pytest.raises(KernelInputError, match=r"o must be \[out, in\] = \[64, 64\], got \[64, 48\]"):
+        FusedDecoder(shape, with_(o=pack_weight(stack.weights[0]["o"][:, :48])))
+    mkl_layer = make_stack(shape, 1, 8, 4, False, gen, WeightFormat.MKL_PACKED).layers[0]
+    with pytest.raises(KernelInputError, match="layer 1: its weights are not PANELS"):
+        FusedDecoder(shape, [layer, mkl_layer])
     with pytest.raises(KernelInputError, match="KV caches must be"):
-        FusedDecoder(shape, [DecoderLayerWeights(**{**vars(unpacked),
-                                                    "v_cache": unpacked.v_cache[:, :2].clone()})])
+        FusedDecoder(shape, with_(v_cache=layer.v_cache[:, :2].clone()))
     with pytest.raises(KernelInputError, match="at least one layer"):
         FusedDecoder(shape, [])
     step = make_step(shape, [3, 6], 8, 4, gen)
@@ -230,7 +259,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 ])
 def test_bf16_agrees_to_bf16_rounding(cpu_tier, shape, bias):
     gen = torch.Generator().manual_seed(4)
-    stack = make_stack(shape, 3, 200, 16, bias, gen, torch.bfloat16)
+    stack = make_stack(shape, 3, 200, 16, bias, gen, WeightFormat.BF16)
     step = make_step(shape, [1, 5, 16, 17, 40, 3, 64, 2], 200, 16, gen, dtype=torch.bfloat16)
     caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
     expected = one_by_one(stack, step, caches)

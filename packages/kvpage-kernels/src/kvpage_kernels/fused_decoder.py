@@ -8,18 +8,22 @@ per-layer path with the same kernels in the same order (``rms_norm`` with the re
 the QKV GEMM, rotary, ``write_kv``, decode attention, the output GEMM, ``rms_norm``, the
 gate/up GEMM, ``silu_and_mul``, the down GEMM) for every layer inside one C call.
 
-The GEMMs are MKL's, their addresses taken from the MKL inside torch. In fp32 it is the packed
-sgemm that torch's ``torch.ops.mkl._mkl_linear`` calls, on weights packed by
-``torch.ops.mkl._mkl_reorder_linear_weight``, so the results are bit-identical to the
-per-layer path's. In bf16 it is ``gemm_bf16bf16f32`` on the plain weights: fp32 products and
-sums rounded to bf16 once, as oneDNN's bf16 linear does, though the summation order may
-differ (results agree to bf16 rounding). Where torch has no MKL, or no C++ compiler is found,
-``unavailable_reason()`` says why and callers keep their per-layer path.
+The GEMM depends on the layers' weight format (``WeightFormat``, told by the weights' type
+and dtype). fp32 weights packed by ``pack_weight`` (``PackedWeight``) are multiplied by the
+cpu backend's own GEMM, the C function that ``packed_linear`` calls, and fp32 weights packed by
+``torch.ops.mkl._mkl_reorder_linear_weight`` by the packed sgemm that torch's
+``torch.ops.mkl._mkl_linear`` calls, its address taken from the MKL inside torch: either way
+the results are bit-identical to the per-layer path's with the same weights. bf16 weights are
+multiplied as they are by MKL's ``gemm_bf16bf16f32``: fp32 products and sums rounded to bf16
+once, as oneDNN's bf16 linear does, though the summation order may differ (results agree to
+bf16 rounding). Where torch has no MKL, or no C++ compiler is found, ``unavailable_reason()``
+says why and callers keep their per-layer path.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 import os
 from collections.abc import Callable
@@ -30,6 +34,18 @@ import torch
 from . import cpu_backend
 from .cpu_backend import _DTYPE_CODES, _f32, _i32, _i64, _ptr
 from .errors import KernelBackendUnavailable, KernelInputError
+from .packed_weight import PackedWeight
+
+Weight = torch.Tensor | PackedWeight
+
+
+class WeightFormat(enum.IntEnum):
+    """How the layers hold their projection weights, and so which GEMM multiplies by them (the
+    values are the C side's codes)."""
+
+    MKL_PACKED = 0  # fp32, packed by torch.ops.mkl._mkl_reorder_linear_weight: MKL's sgemm
+    PANELS = 1  # fp32 PackedWeight from pack_weight: the cpu backend's packed_linear GEMM
+    BF16 = 2  # bf16 [out, in], contiguous: MKL's gemm_bf16bf16f32
 
 
 @dataclass(frozen=True)
@@ -48,16 +64,17 @@ class DecoderShape:
 @dataclass
 class DecoderLayerWeights:
     """One layer, all in one dtype (fp32 or bf16): norms, projection weights (q/k/v and gate/up
-    stacked along the output, one GEMM each; [out, in], MKL-packed in fp32, plain contiguous
-    in bf16) and the layer's KV cache [num_blocks, block_size, num_kv_heads, head_dim]."""
+    stacked along the output, one GEMM each, [out, in] in one ``WeightFormat``: in fp32 a
+    ``PackedWeight`` from ``pack_weight`` or an MKL pack, in bf16 the plain contiguous tensor)
+    and the layer's KV cache [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: Weight
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor
+    o: Weight
     post_attention_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Weight
+    down: Weight
     k_cache: torch.Tensor
     v_cache: torch.Tensor
 
@@ -66,7 +83,7 @@ class _Shape(ctypes.Structure):
     _fields_ = [("sgemm_compute", _ptr), ("gemm_bf16", _ptr), ("num_layers", _i64), ("hidden", _i64), ("intermediate", _i64),
                 ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
                 ("block_size", _i64), ("num_slots", _i64), ("eps", _f32), ("scale", _f32),
-                ("window", _i32)]
+                ("window", _i32), ("weight_format", _i32)]
 
 
 class _Layer(ctypes.Structure):
@@ -117,9 +134,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _address(t: torch.Tensor | None) -> int | None:
+def _address(t: Weight | None) -> int | None:
     if t is None:
         return None
+    if isinstance(t, PackedWeight):
+        return t.panels.data_ptr()
     return torch.ops.mkldnn.data_ptr(t) if t.is_mkldnn else t.data_ptr()
 
 
@@ -136,7 +155,7 @@ class FusedDecoder:
         reason = unavailable_reason()
         if reason is not None:
             raise KernelBackendUnavailable(reason)
-        _check_layers(shape, layers)
+        self.weight_format = _check_layers(shape, layers)
         self.shape = shape
         self._layers = layers
         cache = layers[0].k_cache
@@ -146,7 +165,7 @@ class FusedDecoder:
             shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads,
             shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
-            shape.sliding_window or 0)
+            shape.sliding_window or 0, self.weight_format)
         self._c_layers = (_Layer * len(layers))(*[
             _Layer(*(_address(t) for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
                                            w.input_norm, w.post_attention_norm, w.k_cache,
@@ -185,7 +204,9 @@ class FusedDecoder:
         return out, residual
 
 
-def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> None:
+def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> WeightFormat:
+    """The layers' one weight format; raises KernelInputError naming the first layer whose
+    tensors do not fit."""
     if not layers:
         raise KernelInputError("the fused decoder needs at least one layer")
     if shape.num_heads % shape.num_kv_heads != 0:
@@ -194,17 +215,18 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Non
     dtype = layers[0].input_norm.dtype
     if dtype not in _DTYPE_CODES:
         raise KernelInputError(f"the fused decoder runs in fp32 or bf16, not {dtype}")
+    weight_format = _weight_format(0, dtype, layers[0])
     cache_shape = layers[0].k_cache.shape
     for i, w in enumerate(layers):
+        if _weight_format(i, dtype, w) != weight_format:
+            raise KernelInputError(f"layer {i}: its weights are not {weight_format.name} like "
+                                   "layer 0's: every layer takes one format")
+        _check_projections(shape, i, w)
         plain = [w.input_norm, w.post_attention_norm, w.k_cache, w.v_cache]
         if w.qkv_bias is not None:
             plain.append(w.qkv_bias)
-        weights = [w.qkv, w.o, w.gate_up, w.down]
-        if dtype == torch.bfloat16:
-            plain += weights
-        elif not all(t.is_mkldnn and t.dtype == torch.float32 for t in weights):
-            raise KernelInputError(f"layer {i}: fp32 projection weights must be packed with "
-                                   "torch.ops.mkl._mkl_reorder_linear_weight")
+        if weight_format == WeightFormat.BF16:
+            plain += [w.qkv, w.o, w.gate_up, w.down]
         if not all(t.device.type == "cpu" and t.dtype == dtype and not t.is_mkldnn
                    and t.is_contiguous() for t in plain):
             raise KernelInputError(f"layer {i}: norms, bias, KV caches (and bf16 weights) must be "
@@ -215,3 +237,40 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Non
                 f"layer {i}: KV caches must be [num_blocks, block_size, {shape.num_kv_heads}, "
                 f"{shape.head_dim}] like layer 0's {list(cache_shape)}, got "
                 f"{list(w.k_cache.shape)} and {list(w.v_cache.shape)}")
+    return weight_format
+
+
+def _weight_format(i: int, dtype: torch.dtype, w: DecoderLayerWeights) -> WeightFormat:
+    """Layer i's weight format, told by its projection weights' type and dtype."""
+    weights = [w.qkv, w.o, w.gate_up, w.down]
+    packed = [isinstance(t, PackedWeight) for t in weights]
+    if dtype == torch.bfloat16 and not any(packed):
+        return WeightFormat.BF16
+    if dtype == torch.float32 and all(t.dtype == torch.float32 for t in weights):
+        if all(packed):
+            return WeightFormat.PANELS
+        if not any(packed) and all(t.is_mkldnn for t in weights):
+            return WeightFormat.MKL_PACKED
+    raise KernelInputError(
+        f"layer {i}: the projection weights must be all fp32 PackedWeight (pack_weight) or all "
+        "packed with torch.ops.mkl._mkl_reorder_linear_weight in fp32, plain tensors in bf16")
+
+
+def _check_projections(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> None:
+    """Each projection weight is [out, in] for the shape (an MKL pack hides its own)."""
+    d, hidden = shape.head_dim, shape.hidden_size
+    expected = {"qkv": ((shape.num_heads + 2 * shape.num_kv_heads) * d, hidden),
+                "o": (hidden, shape.num_heads * d),
+                "gate_up": (2 * shape.intermediate_size, hidden),
+                "down": (hidden, shape.intermediate_size)}
+    for name, features in expected.items():
+        weight = getattr(w, name)
+        if isinstance(weight, PackedWeight):
+            actual = (weight.out_features, weight.in_features)
+        elif weight.is_mkldnn:
+            continue
+        else:
+            actual = tuple(weight.shape)
+        if actual != features:
+            raise KernelInputError(f"layer {i}: {name} must be [out, in] = {list(features)}, "
+                                   f"got {list(actual)}")

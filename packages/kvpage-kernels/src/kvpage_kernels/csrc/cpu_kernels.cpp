@@ -973,10 +973,12 @@ extern "C" int kvpage_packed_linear(int32_t weight_dtype, const float* x, int64_
 // The ops of the per-layer path (rms_norm, GEMMs, rotary, write_kv, decode attention,
 // silu_and_mul) in the same order with the same kernels; what it saves is the Python between
 // them, slow here because each GEMM streams megabytes of weights through the caches the
-// interpreter's own data lives in. GEMMs are MKL's, called through addresses the caller takes
-// from the MKL inside torch: in fp32 the packed sgemm torch's mkl_linear calls (so results are
-// bit-identical to the per-layer path), in bf16 gemm_bf16bf16f32 on the plain weights (fp32
-// accumulation rounded to bf16 once, like oneDNN's, whose summation order may differ).
+// interpreter's own data lives in. The GEMM follows the weights' format: in fp32, packed_linear
+// above on weights packed by pack_weight, or the packed sgemm torch's mkl_linear calls on MKL
+// packs (either way the results are bit-identical to the per-layer path's); in bf16
+// gemm_bf16bf16f32 on the plain weights (fp32 accumulation rounded to bf16 once, like
+// oneDNN's, whose summation order may differ). MKL's are called through addresses the caller
+// takes from the MKL inside torch.
 
 namespace {
 
@@ -1002,13 +1004,18 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
     void* v_cache;
 };
 
+// DecoderShape::weight_format, fused_decoder.WeightFormat: 0 fp32 MKL packs (sgemm_compute),
+// 1 fp32 panels of pack_weight (packed_linear), 2 plain bf16 (gemm_bf16).
+constexpr int32_t kPanels = 1;
+
 struct DecoderShape {
-    SgemmCompute sgemm_compute;  // used in fp32
+    SgemmCompute sgemm_compute;  // used for fp32 MKL packs
     GemmBf16 gemm_bf16;          // used in bf16
     int64_t num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size,
         num_slots;
     float eps, scale;
     int32_t window;  // 0: none
+    int32_t weight_format;
 };
 
 struct DecodeStep {  // this step's batch: one new token per sequence
@@ -1023,11 +1030,14 @@ struct DecodeStep {  // this step's batch: one new token per sequence
     const int32_t* query_start_loc;
 };
 
-// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k]; column-major that is out^T = W x^T.
-// fp32, as torch's mkl_linear computes it: W packed by MKL as the B matrix of a row-major
-// GEMM, the bias copied into every row first and added with beta = 1.
+// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32: packed_linear on panels, or as
+// torch's mkl_linear computes it on an MKL pack (W packed as the B matrix of a row-major GEMM,
+// column-major out^T = W x^T, the bias copied into every row first and added with beta = 1).
 void linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k, const void* w,
             const void* bias, int64_t n, float* out, float*) {
+    if (s.weight_format == kPanels)
+        return packed_linear(x, k, rows, k, static_cast<const float*>(w), n,
+                             static_cast<const float*>(bias), out);
     if (bias != nullptr)
         for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * n, bias, n * sizeof(float));
     const int32_t m32 = static_cast<int32_t>(n), n32 = static_cast<int32_t>(rows),
