@@ -16,7 +16,7 @@ panels of 16 outputs (``packed_weight``; fp32, or bf16 widened to fp32 in regist
 threads share out the panels, and each panel is multiplied by every row of the batch, a tile
 of rows at a time whose sums stay in registers over all the inputs (12 rows x 16 columns with
 AVX-512, 6 x 16 with AVX2, 4 x 16 in portable loops), so that each weight is read from memory
-once per call. Each output is one FMA chain over the inputs in order, the bias added last: a
+once per call for up to 256 rows (once per 256 rows beyond). Each output is one FMA chain over the inputs in order, the bias added last: a
 row's result does not depend on the rest of its batch. On AMD Zen 4 at decode batch sizes
 (16 and 64 rows of SmolLM2-135M, two threads) it took 0.85 to 0.97 of the time of oneDNN's
 packed fp32 GEMM and 0.4 to 0.6 of MKL's packed sgemm, on either tier (README); the fused

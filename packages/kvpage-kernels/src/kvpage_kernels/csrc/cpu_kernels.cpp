@@ -790,10 +790,11 @@ extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_strid
 // pack_weight (packed_weight.py) lays a weight W [n, k] out in panels of kPanelWidth output
 // columns, the same layout on every tier: panel p is [k][kPanelWidth], W[p kPanelWidth + j][i]
 // at row i, column j (columns past n are zero). A call multiplies each panel by every row of x
-// before it moves on, so that each weight is read from memory once per call whatever the
-// batch: OpenMP threads take contiguous runs of panels, and for each tile of up to kTileRows
-// rows the microkernel keeps the tile's kTileRows x kPanelWidth sums in registers over all k
-// inputs while the panel (64 bytes per input in fp32) comes again from L2 for each tile.
+// (up to kBlockRows at a time) before it moves on, so that each weight is read from memory once
+// per call for a decode batch: OpenMP threads take contiguous runs of panels, and for each
+// tile of up to kTileRows rows the microkernel keeps the tile's kTileRows x kPanelWidth sums in
+// registers over all k inputs while the panel (64 bytes per input in fp32) comes again from L2
+// for each tile.
 // Blocking k measured slower on AMD Zen 4, even for k = 14,336: the panel streams through the
 // prefetchers either way, and each block costs a store and a reload of the sums. x is first
 // copied tile by tile into k-major order (a tile's values of input i side by side), so that
