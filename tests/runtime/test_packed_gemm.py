@@ -8,12 +8,14 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from kvpage_kernels import cpu_isa
+from kvpage_kernels import cpu_isa, select_backend
+from kvpage_kernels.ops import ENV_VAR as KERNEL_BACKEND_ENV
 from kvpage_runtime.layers import packed_gemm
 from kvpage_runtime.layers.embedding import LMHead
 from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.packed_gemm import (
     ENV_VAR,
+    PanelLinear,
     choose_packing,
     pack_linear_weight,
     pack_model_weights,
@@ -86,12 +88,17 @@ def test_half_precision_is_packed_with_onednn_where_the_cpu_runs_it(dtype):
     assert loaded_linear(dtype, bias=False).packed is not None
 
 
-def test_fp32_is_packed_with_mkl_on_any_tier(monkeypatch):
-    if not torch.backends.mkl.is_available():
-        pytest.skip("this torch build has no MKL")
+def test_fp32_uses_kvpage_gemm_on_any_tier_else_mkl(monkeypatch):
+    if select_backend("cpu") != "cpu":
+        pytest.skip("the cpu kernel backend is unavailable here (no C++ compiler)")
     for tier in cpu_isa.TIERS:
-        monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
-        assert choose_packing(torch.float32).library == "mkl"
+        if cpu_isa.tier_at_least(cpu_isa.detected_isa(), tier):
+            monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
+            assert choose_packing(torch.float32).library == "panels"
+            assert isinstance(loaded_linear(torch.float32, bias=True).packed, PanelLinear)
+    monkeypatch.setenv(KERNEL_BACKEND_ENV, "torch")  # as without a compiler
+    expected = "mkl" if torch.backends.mkl.is_available() else None
+    assert choose_packing(torch.float32).library == expected
 
 
 @pytest.mark.parametrize("tier", ["avx2", "scalar"])

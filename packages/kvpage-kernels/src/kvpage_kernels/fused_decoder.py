@@ -16,8 +16,8 @@ cpu backend's own GEMM, the C function that ``packed_linear`` calls, and fp32 we
 the results are bit-identical to the per-layer path's with the same weights. bf16 weights are
 multiplied as they are by MKL's ``gemm_bf16bf16f32``: fp32 products and sums rounded to bf16
 once, as oneDNN's bf16 linear does, though the summation order may differ (results agree to
-bf16 rounding). Where torch has no MKL, or no C++ compiler is found, ``unavailable_reason()``
-says why and callers keep their per-layer path.
+bf16 rounding). Where no C++ compiler is found (or, for the formats that call MKL, torch has
+none), ``unavailable_reason(weight_format)`` says why and callers keep their per-layer path.
 """
 
 from __future__ import annotations
@@ -123,12 +123,22 @@ def _declared_stack(lib: ctypes.CDLL) -> Callable[..., int]:
     return entry
 
 
-def unavailable_reason() -> str | None:
-    """Why the fused decoder cannot run here (no compiler, no MKL in torch), or None."""
+# The MKL routine each weight format multiplies with (the panels use the cpu backend's GEMM).
+_MKL_ROUTINES = {WeightFormat.MKL_PACKED: "SGEMM_COMPUTE", WeightFormat.BF16: "GEMM_BF16BF16F32"}
+
+
+def _mkl_address(weight_format: WeightFormat, routine: str) -> int:
+    """The routine's address where ``weight_format`` calls it, else 0 (never called)."""
+    return _mkl_function(routine) if _MKL_ROUTINES.get(weight_format) == routine else 0
+
+
+def unavailable_reason(weight_format: WeightFormat = WeightFormat.PANELS) -> str | None:
+    """Why the fused decoder cannot run here for weights of ``weight_format`` (no compiler;
+    for MKL-packed fp32 and bf16 weights also no MKL in torch), or None."""
     try:
-        _mkl_function("SGEMM_COMPUTE")
-        _mkl_function("GEMM_BF16BF16F32")
         _decoder_stack()
+        if weight_format in _MKL_ROUTINES:
+            _mkl_function(_MKL_ROUTINES[weight_format])
     except (KernelBackendUnavailable, OSError) as e:
         return str(e)
     return None
@@ -152,16 +162,17 @@ class FusedDecoder:
     """
 
     def __init__(self, shape: DecoderShape, layers: list[DecoderLayerWeights]) -> None:
-        reason = unavailable_reason()
+        self.weight_format = _check_layers(shape, layers)
+        reason = unavailable_reason(self.weight_format)
         if reason is not None:
             raise KernelBackendUnavailable(reason)
-        self.weight_format = _check_layers(shape, layers)
         self.shape = shape
         self._layers = layers
         cache = layers[0].k_cache
         self.dtype = layers[0].input_norm.dtype
         self._shape = _Shape(
-            _mkl_function("SGEMM_COMPUTE"), _mkl_function("GEMM_BF16BF16F32"), len(layers),
+            _mkl_address(self.weight_format, "SGEMM_COMPUTE"),
+            _mkl_address(self.weight_format, "GEMM_BF16BF16F32"), len(layers),
             shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads,
             shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,

@@ -1,21 +1,22 @@
 """Decode steps of a Llama-family model through kvpage_kernels' fused decoder stack.
 
 The stack runs every layer of a decode step in one C call with the kernels the layer modules
-call (see ``kvpage_kernels.fused_decoder``): in fp32 with the same MKL GEMM on the same packs,
-so it computes exactly what they compute; in bf16 with MKL's bf16 GEMM on the plain weights,
-which agrees with the modules' GEMM to bf16 rounding. It is used on the CPU with the ``cpu``
-kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones MKL-packed, so
-``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules); Mixtral's
-experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
+call (see ``kvpage_kernels.fused_decoder``): in fp32 with the same GEMM on the same packs as
+the modules (kvpage's own GEMM on its panels, or MKL's on its packs where the cpu kernels'
+GEMM is not used), so it computes exactly what they compute; in bf16 with MKL's bf16 GEMM on
+the plain weights, which agrees with the modules' GEMM to bf16 rounding. It is used on the
+CPU with the ``cpu`` kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones
+packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules);
+Mixtral's experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
 
-The stack calls MKL through symbols and packed buffers that belong to torch's build, which no
-torch release promises to keep. So it proves itself when it is built (once per KV cache, when
-the engine allocates it): with a torch release outside ``TESTED_TORCH``, or where one decode
-step of the loaded model, run through the stack and through the layer modules on the same
-inputs (a few sequences over random context in a scratch KV cache of their own, never the
-engine's), differs beyond the dtype's tolerance, it logs a warning saying why and the modules
-are used instead.
+It proves itself when it is built (once per KV cache, when the engine allocates it): one
+decode step of the loaded model, run through the stack and through the layer modules on the
+same inputs (a few sequences over random context in a scratch KV cache of their own, never
+the engine's), must agree within the dtype's tolerance. Where it calls MKL (MKL-packed fp32,
+bf16) through symbols and packed buffers that belong to torch's build, which no torch release
+promises to keep, the torch release must also be one it was tested with (``TESTED_TORCH``).
+Otherwise it logs a warning saying why and the modules are used instead.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
-from kvpage_kernels import KernelBackendUnavailable, KernelError, KernelInputError, select_backend
+from kvpage_kernels import (
+    KernelBackendUnavailable,
+    KernelError,
+    KernelInputError,
+    PackedWeight,
+    select_backend,
+)
 from kvpage_kernels.fused_decoder import DecoderLayerWeights, DecoderShape, FusedDecoder
 from torch import nn
 
@@ -36,7 +43,7 @@ from kvpage_runtime.forward_batch import ForwardBatch
 from kvpage_runtime.layers.attention import KVCache
 from kvpage_runtime.layers.linear import Linear, UnquantizedLinearMethod
 from kvpage_runtime.layers.mlp import GatedMLP
-from kvpage_runtime.layers.packed_gemm import DTYPE_NAMES, MklPackedLinear
+from kvpage_runtime.layers.packed_gemm import DTYPE_NAMES, MklPackedLinear, PanelLinear
 
 if TYPE_CHECKING:
     from kvpage_runtime.models.llama import LlamaModel
@@ -71,7 +78,8 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
                    for layer, cache in zip(model.layers, kv_caches, strict=True)]
         if any(w is None for w in weights):
             return None
-        _check_torch_release()
+        if not isinstance(weights[0].qkv, PackedWeight):  # MKL's routines inside torch
+            _check_torch_release()
         shape = _decoder_shape(model.config)
         _check_against_modules(model, shape, weights)
         return _construct(shape, weights)
@@ -86,17 +94,19 @@ def _applies(config: ModelConfig, kv_caches: list[KVCache]) -> bool:
             and cache.dtype == config.dtype and select_backend(cache.device) == "cpu")
 
 
-def _weight(linear: Linear) -> torch.Tensor | None:
-    """The weight as the fused stack multiplies by it (MKL's pack in fp32, plain in bf16), or
-    None for a linear method it does not take."""
+def _weight(linear: Linear) -> torch.Tensor | PackedWeight | None:
+    """The weight as the fused stack multiplies by it (in fp32 the layer's pack: panels for
+    kvpage's GEMM, or MKL's; plain in bf16), or None for a linear method it does not take."""
     if not isinstance(linear.method, UnquantizedLinearMethod):
         return None
     if linear.weight.dtype == torch.bfloat16:
         return linear.weight.data
-    if not isinstance(linear.packed, MklPackedLinear):
-        raise _Declined("the fp32 stack multiplies by MKL-packed weights and these are not "
-                        "packed (KVPAGE_CPU_WEIGHT_PACKING=0, or a torch without MKL)")
-    return linear.packed.mkl_weight
+    if isinstance(linear.packed, PanelLinear):
+        return linear.packed.packed
+    if isinstance(linear.packed, MklPackedLinear):
+        return linear.packed.mkl_weight
+    raise _Declined("the fp32 stack multiplies by packed weights and these are not packed "
+                    "(KVPAGE_CPU_WEIGHT_PACKING=0, or neither the cpu kernels nor MKL)")
 
 
 def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights | None:

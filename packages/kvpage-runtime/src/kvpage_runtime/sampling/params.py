@@ -65,7 +65,7 @@ class SamplingParams:
             value = getattr(self, name)
             _check(value is None or (isinstance(value, int) and 0 <= value <= _MAX_LOGPROBS),
                    name, f"None or an integer in [0, {_MAX_LOGPROBS}]", value)
-        _check(self.seed is None or (isinstance(self.seed, int) and _INT64_MIN <= self.seed
+        _check(self.seed is None or (isinstance(self.seed, int) and self.seed >= _INT64_MIN
                                      and self.seed + self.n - 1 <= _INT64_MAX),
                "seed", f"None or an integer in [-2**63, 2**63 - n] (n={self.n})", self.seed)
         self._normalize_stops()
