@@ -29,6 +29,24 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def on_an_intel_cpu(monkeypatch):
+    """The bf16 stack runs only where MKL's bf16 GEMM is fast (Intel CPUs): tests run it on
+    any CPU (it computes the same everywhere)."""
+    monkeypatch.setattr(fused_decode, "cpu_vendor", lambda: "GenuineIntel")
+
+
+def test_bf16_stays_on_the_modules_off_intel_cpus(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(fused_decode, "cpu_vendor", lambda: "AuthenticAMD")
+    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=torch.bfloat16)
+    prompts = random_prompts([5, 9], CONFIGS["llama"].vocab_size)
+    _, used, log = greedy_logged(loaded, prompts, caplog, monkeypatch)
+    assert not used
+    assert log == [(logging.INFO, "decode steps run layer by layer: the stack's bf16 GEMM is "
+                    "MKL's, whose fast path needs an Intel CPU (this one: AuthenticAMD): "
+                    "oneDNN's per layer is faster here")]
+
+
 def greedy(loaded, prompts, fused: bool, monkeypatch) -> tuple[list, bool]:
     """Tokens and logprobs of a chunked-prefill-then-decode run, and whether decode was fused."""
     monkeypatch.setenv(ENV_VAR, "1" if fused else "0")

@@ -47,6 +47,18 @@ def cpu_flags() -> frozenset[str]:
 
 
 @functools.cache
+def cpu_vendor() -> str:
+    """The vendor id /proc/cpuinfo gives (GenuineIntel, AuthenticAMD, ...), or "" if unknown.
+    Some libraries' fast paths depend on it (MKL's run on Intel CPUs)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((line for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
+@functools.cache
 def detected_isa() -> str:
     """The highest tier this CPU supports."""
     flags = cpu_flags()

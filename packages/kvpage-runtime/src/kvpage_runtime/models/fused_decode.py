@@ -4,8 +4,9 @@ The stack runs every layer of a decode step in one C call with the kernels the l
 call (see ``kvpage_kernels.fused_decoder``): in fp32 with the same GEMM on the same packs as
 the modules (kvpage's own GEMM on its panels, or MKL's on its packs where the cpu kernels'
 GEMM is not used), so it computes exactly what they compute; in bf16 with MKL's bf16 GEMM on
-the plain weights, which agrees with the modules' GEMM to bf16 rounding. It is used on the
-CPU with the ``cpu`` kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones
+the plain weights, which agrees with the modules' GEMM to bf16 rounding (only on Intel CPUs:
+MKL's bf16 GEMM takes a slow path elsewhere, measured 0.6-0.75x oneDNN's per-layer decode on
+an AMD EPYC Zen 4). It is used on the CPU with the ``cpu`` kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones
 packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules);
 Mixtral's experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
@@ -35,6 +36,7 @@ from kvpage_kernels import (
     PackedWeight,
     select_backend,
 )
+from kvpage_kernels.cpu_isa import cpu_vendor
 from kvpage_kernels.fused_decoder import DecoderLayerWeights, DecoderShape, FusedDecoder
 from torch import nn
 
@@ -100,6 +102,10 @@ def _weight(linear: Linear) -> torch.Tensor | PackedWeight | None:
     if not isinstance(linear.method, UnquantizedLinearMethod):
         return None
     if linear.weight.dtype == torch.bfloat16:
+        if cpu_vendor() != "GenuineIntel":
+            raise _Declined("the stack's bf16 GEMM is MKL's, whose fast path needs an Intel CPU "
+                            f"(this one: {cpu_vendor() or 'unknown'}): oneDNN's per layer is "
+                            "faster here")
         return linear.weight.data
     if isinstance(linear.packed, PanelLinear):
         return linear.packed.packed
