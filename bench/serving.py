@@ -50,6 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+import machine
 
 HERE = Path(__file__).resolve().parent
 HEALTH_PROBE_INTERVAL_S = 0.05
@@ -426,18 +427,10 @@ def _versions(llama_server: str | None) -> str:
     return ", ".join(parts)
 
 
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_name: str) -> None:
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    machine = f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} (load average {load} at the end)"
+    where = f"{machine.describe()}, {platform.system()} (load average {load} at the end)"
     clients = (
         f"{args.concurrency} concurrent clients"
         if args.concurrency
@@ -445,7 +438,7 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
     )
     section = [
         f"\n## Serving: OpenAI endpoint load test ({when})\n",
-        f"- machine: {machine}",
+        f"- machine: {where}",
         f"- command: `python bench/serving.py {' '.join(_portable(a) for a in sys.argv[1:])}`",
         f"- versions: {_versions(args.llama_server)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for both",
         f"- workload: {workload_name}, {args.num_prompts} prompts x {args.max_tokens} output tokens "

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import kvpage_runtime
+import machine
 import torch
 import transformers
 from kvpage_runtime import LLM, SamplingParams
@@ -216,8 +217,7 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     report: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"{torch.get_num_threads()} torch threads, "
+        "machine": f"{machine.describe()}, {torch.get_num_threads()} torch threads, "
                    f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "versions": f"kvpage-runtime {kvpage_runtime.__version__}, torch {torch.__version__}, "
                     f"transformers {transformers.__version__}, python {platform.python_version()}",
