@@ -9,6 +9,7 @@ import torch
 
 # Tolerances per dtype, against the fp32 reference.
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+UNIT_ROUNDOFF = 2.0**-24  # of fp32
 POISON = 1234.5
 
 
@@ -107,3 +108,19 @@ def check_large_num_blocks(backend: str, device: str, dtype=torch.float16) -> No
             torch.tensor([0, 1], dtype=torch.int32, device=device), 0.125)
     expected = paged_attention(*args, backend="reference")
     assert_close(paged_attention(*args, backend=backend, out=poisoned_like(q)), expected)
+
+
+def assert_close_to_product(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor,
+                            weight: torch.Tensor, bias: torch.Tensor | None, seed: int) -> None:
+    """fp32 tolerance of a sum of in_features products in two different orders: each result is
+    within about sqrt(in_features) unit roundoffs of the exact sum, relative to the sum of the
+    products' magnitudes (|x| @ |W|^T + |bias|). The bound is 4 sqrt(in_features) roundoffs
+    (the worst output of either tier measured a quarter of one), while one product too many or
+    too few is over a hundred times the bound for these sizes."""
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape, f"seed {seed}"
+    magnitude = x.abs() @ weight.float().abs().T
+    if bias is not None:
+        magnitude += bias.abs()
+    bound = 4 * x.shape[1] ** 0.5 * UNIT_ROUNDOFF * magnitude
+    excess = ((actual - expected).abs() - bound).max() if actual.numel() else 0.0
+    assert excess <= 0, f"seed {seed}: an output is off by {float(excess):.3g} past its bound"

@@ -16,13 +16,14 @@ from kvpage_kernels import (
 )
 from kvpage_kernels.packed_weight import PANEL_WIDTH
 
+from .cases import assert_close_to_product
+
 if cpu_backend.unavailable_reason() is not None:
     pytest.skip(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}",
                 allow_module_level=True)
 
 ROWS = [0, 1, 5, 6, 7, 16, 64, 65, 300]
 FEATURES = [(96, 200), (100, 33), (576, 960)]  # (in, out): out not a multiple of 16 or 64
-UNIT_ROUNDOFF = 2.0**-24
 
 
 def random_linear(rows: int, in_features: int, out_features: int, dtype: torch.dtype,
@@ -34,22 +35,6 @@ def random_linear(rows: int, in_features: int, out_features: int, dtype: torch.d
     weight = torch.randn(out_features, in_features, generator=gen).to(dtype)
     b = torch.randn(out_features, generator=gen) if bias else None
     return x, weight, b, seed
-
-
-def assert_close_to_product(actual: torch.Tensor, expected: torch.Tensor, x: torch.Tensor,
-                            weight: torch.Tensor, bias: torch.Tensor | None, seed: int) -> None:
-    """fp32 tolerance of a sum of in_features products in two different orders: each result is
-    within about sqrt(in_features) unit roundoffs of the exact sum, relative to the sum of the
-    products' magnitudes (|x| @ |W|^T + |bias|). The bound is 4 sqrt(in_features) roundoffs
-    (the worst output of either tier measured a quarter of one), while one product too many or
-    too few is over a hundred times the bound for these sizes."""
-    assert actual.dtype == torch.float32 and actual.shape == expected.shape, f"seed {seed}"
-    magnitude = x.abs() @ weight.float().abs().T
-    if bias is not None:
-        magnitude += bias.abs()
-    bound = 4 * x.shape[1] ** 0.5 * UNIT_ROUNDOFF * magnitude
-    excess = ((actual - expected).abs() - bound).max() if actual.numel() else 0.0
-    assert excess <= 0, f"seed {seed}: an output is off by {float(excess):.3g} past its bound"
 
 
 @pytest.mark.parametrize("bias", [False, True])

@@ -5,6 +5,7 @@ from .ops import (
     BACKENDS,
     argmax,
     copy_blocks,
+    embedding_rows,
     pack_weight,
     packed_linear,
     paged_attention,
@@ -15,7 +16,8 @@ from .ops import (
     swap_blocks,
     write_kv,
 )
-from .packed_weight import PackedWeight
+from .packed_weight import PackedWeight, QuantizedPanels
+from .quantized import QuantizedWeight
 
 __all__ = [
     "BACKENDS",
@@ -23,8 +25,11 @@ __all__ = [
     "KernelError",
     "KernelInputError",
     "PackedWeight",
+    "QuantizedPanels",
+    "QuantizedWeight",
     "argmax",
     "copy_blocks",
+    "embedding_rows",
     "pack_weight",
     "packed_linear",
     "paged_attention",

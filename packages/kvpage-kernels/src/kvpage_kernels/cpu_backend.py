@@ -59,6 +59,7 @@ import torch
 
 from . import cpu_isa, layer_ops, torch_backend
 from .errors import KernelBackendUnavailable, KernelInputError
+from .packed_weight import QuantizedPanels
 
 copy_blocks = torch_backend.copy_blocks
 swap_blocks = torch_backend.swap_blocks
@@ -299,7 +300,7 @@ def rotary_embedding(x, cos, sin):
 
 
 def packed_linear(x, packed, bias=None):
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or isinstance(packed, QuantizedPanels):
         return layer_ops.packed_linear(x, packed, bias)
     rows = x.shape[0]
     out = torch.empty(rows, packed.out_features)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .packed_weight import PackedWeight
+from .packed_weight import PackedWeight, QuantizedPanels
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -42,11 +42,11 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def packed_linear(x: torch.Tensor, packed: PackedWeight,
+def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear on the weight unpacked, which copies it at each call: for backends with no
-    GEMM of their own on the packed layout."""
-    return F.linear(x, packed.unpack().to(x.dtype), bias)
+    """F.linear on the weight unpacked (and dequantized), which copies it at each call: for
+    backends with no GEMM of their own on the packed layout."""
+    return F.linear(x, packed.dense_weight(), bias)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

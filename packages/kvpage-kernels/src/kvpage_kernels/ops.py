@@ -16,10 +16,11 @@ from types import ModuleType
 
 import torch
 
-from . import layer_ops, packed_weight
+from . import layer_ops, packed_weight, quantized
 from ._common import Pairs
 from .errors import KernelBackendUnavailable, KernelInputError
-from .packed_weight import PackedWeight
+from .packed_weight import PackedWeight, QuantizedPanels
+from .quantized import QuantizedWeight, check_quantized
 
 BACKENDS = ("reference", "torch", "cpu", "triton", "cupy")
 ENV_VAR = "KVPAGE_KERNEL_BACKEND"
@@ -267,9 +268,16 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     return _layer_op(x.device, backend, "rotary_embedding")(x, cos, sin)
 
 
-def pack_weight(weight: torch.Tensor) -> PackedWeight:
-    """A linear layer's weight [out_features, in_features], fp32 or bf16 (widened to fp32 as
-    it is multiplied), packed once for ``packed_linear`` (in column panels: ``packed_weight``)."""
+def pack_weight(weight: torch.Tensor | QuantizedWeight) -> PackedWeight | QuantizedPanels:
+    """A linear layer's weight packed once for ``packed_linear`` (in column panels:
+    ``packed_weight``): a tensor [out_features, in_features], fp32 or bf16 (widened to fp32 as
+    it is multiplied), gives a ``PackedWeight``; a ``QuantizedWeight`` (4 or 8 bits) gives
+    ``QuantizedPanels``, which stay low-bit in memory and are dequantized as they are
+    multiplied. Its group size must be a multiple of 8 inputs in 4 bits, of 4 in 8 bits."""
+    if isinstance(weight, QuantizedWeight):
+        return _pack_quantized(weight)
+    _check(isinstance(weight, torch.Tensor), lambda: f"weight must be a tensor or a "
+           f"QuantizedWeight, got {type(weight).__name__}")
     _check(weight.dim() == 2 and weight.shape[0] > 0 and weight.shape[1] > 0,
            lambda: f"weight must be [out_features, in_features], both > 0, got "
            f"{tuple(weight.shape)}")
@@ -278,9 +286,25 @@ def pack_weight(weight: torch.Tensor) -> PackedWeight:
     return packed_weight.pack(weight)
 
 
-def _check_packed(packed: PackedWeight) -> None:
-    _check(isinstance(packed, PackedWeight), lambda: f"packed must be a PackedWeight (from "
-           f"pack_weight), got {type(packed).__name__}")
+def _pack_quantized(weight: QuantizedWeight) -> QuantizedPanels:
+    check_quantized(weight)
+    per_word = packed_weight.codes_per_word(weight.bits)
+    _check(weight.group_size % per_word == 0, lambda: f"weight.group_size {weight.group_size} "
+           f"must be a multiple of {per_word} to pack {weight.bits}-bit codes ({per_word} to a "
+           f"32-bit word)")
+    _check(weight.out_features > 0 and weight.in_features > 0, lambda: f"weight must have "
+           f"out_features and in_features > 0, got {weight.out_features} x {weight.in_features}")
+    _check(int(weight.codes.max()) < 2**weight.bits, lambda: f"weight.codes must be below "
+           f"2**{weight.bits}, got {int(weight.codes.max())}")
+    return packed_weight.pack_quantized(weight)
+
+
+def _check_packed(packed: PackedWeight | QuantizedPanels) -> None:
+    if isinstance(packed, QuantizedPanels):
+        _check_quantized_panels(packed)
+        return
+    _check(isinstance(packed, PackedWeight), lambda: f"packed must be a PackedWeight or "
+           f"QuantizedPanels (from pack_weight), got {type(packed).__name__}")
     panels = packed.panels
     _check(panels.shape == packed.expected_shape and panels.dtype in packed_weight.DTYPES
            and panels.is_contiguous(), lambda: f"packed.panels must be contiguous fp32 or bf16 "
@@ -288,12 +312,38 @@ def _check_packed(packed: PackedWeight) -> None:
            f"(as pack_weight makes them), got {panels.dtype} {tuple(panels.shape)}")
 
 
-def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None, *,
+def _check_quantized_panels(packed: QuantizedPanels) -> None:
+    _check(packed.bits in quantized.BITS and packed.group_size > 0
+           and packed.in_features % packed.group_size == 0
+           and packed.group_size % packed.codes_per_word == 0,
+           lambda: f"packed.bits {packed.bits} and packed.group_size {packed.group_size} do not "
+           f"fit {packed.in_features} inputs (as pack_weight makes them)")
+    codes_shape, group_shape = packed.expected_shapes
+    _check(packed.codes.shape == codes_shape and packed.codes.dtype == torch.int32
+           and packed.codes.is_contiguous(), lambda: f"packed.codes must be contiguous int32 "
+           f"{codes_shape}, got {packed.codes.dtype} {tuple(packed.codes.shape)}")
+    for name in ("scales", "offsets"):
+        t = getattr(packed, name)
+        _check(t.shape == group_shape and t.dtype == torch.float32 and t.is_contiguous()
+               and t.device == packed.device, lambda name=name, t=t: f"packed.{name} must be "
+               f"contiguous fp32 {group_shape} on {packed.device}, got {t.dtype} "
+               f"{tuple(t.shape)} on {t.device}")
+    order = packed.input_order
+    _check(order is None or (order.shape == (packed.in_features,) and order.dtype == torch.int64
+                             and order.is_contiguous() and order.device == packed.device),
+           lambda: f"packed.input_order must be None or contiguous int64 "
+           f"[{packed.in_features}] on {packed.device}, got {order.dtype} {tuple(order.shape)}")
+
+
+def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
+                  bias: torch.Tensor | None = None, *,
                   backend: str | None = None) -> torch.Tensor:
     """x @ W.T + bias for the weight W that ``pack_weight`` packed: x fp32 [rows, in_features]
     (rows may be 0), bias fp32 [out_features] or None; returns a new fp32 [rows, out_features].
+    For ``QuantizedPanels`` W is the dequantized weight, in the inputs' natural order.
     The cpu backend computes each output as one chain of fused multiply-adds over the inputs in
-    order, the bias added last, so a row's result does not depend on the rest of the batch."""
+    order (the ``input_order`` of quantized weights), the bias added last, so a row's result
+    does not depend on the rest of the batch."""
     _check_packed(packed)
     _check(x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype == torch.float32,
            lambda: f"x must be fp32 [rows, {packed.in_features}] (in_features of packed), got "
@@ -301,10 +351,25 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     _check(bias is None or (bias.shape == (packed.out_features,) and bias.dtype == torch.float32),
            lambda: f"bias must be fp32 [{packed.out_features}] (out_features of packed), got "
            f"{bias.dtype} {tuple(bias.shape)}")
-    _check(x.device == packed.panels.device and (bias is None or bias.device == x.device),
+    _check(x.device == packed.device and (bias is None or bias.device == x.device),
            lambda: f"x, packed and bias must be on one device, got {x.device}, "
-           f"{packed.panels.device} and {None if bias is None else bias.device}")
+           f"{packed.device} and {None if bias is None else bias.device}")
     return _layer_op(x.device, backend, "packed_linear")(x, packed, bias)
+
+
+def embedding_rows(packed: PackedWeight | QuantizedPanels, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` (int64 [n], on packed's device) of the weight that ``pack_weight`` packed,
+    in fp32 [n, in_features] (dequantized for ``QuantizedPanels``): the lookup of an embedding
+    table [vocab, hidden] kept packed, which then serves as the tied LM head too."""
+    _check_packed(packed)
+    _check(ids.dim() == 1 and ids.dtype == torch.int64 and ids.device == packed.device,
+           lambda: f"ids must be int64 [n] on {packed.device}, got {ids.dtype} "
+           f"{tuple(ids.shape)} on {ids.device}")
+    if ids.numel() and ids.device.type == "cpu":  # elsewhere the check would wait on the device
+        low, high = int(ids.min()), int(ids.max())
+        _check(low >= 0 and high < packed.out_features, lambda: f"ids must lie in [0, "
+               f"{packed.out_features}) (out_features of packed), got values in [{low}, {high}]")
+    return packed.dense_rows(ids)
 
 
 def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -54,8 +54,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
 
 
 def packed_linear(x, packed, bias) -> torch.Tensor:
-    """The plain matmul on the unpacked weight (bf16 weights widened to fp32)."""
-    out = x @ packed.unpack().float().T
+    """The plain matmul on the unpacked weight (bf16 weights widened to fp32, low-bit ones
+    dequantized, in the inputs' natural order)."""
+    out = x @ packed.dense_weight().T
     return out if bias is None else out + bias
 
 

@@ -1,0 +1,153 @@
+"""packed_linear on low-bit weights (``QuantizedPanels`` from ``pack_weight`` of a
+``QuantizedWeight``) against the reference (x @ the dequantized weight^T), on every CPU tier
+of the cpu backend this CPU offers, on fresh random data each run; packing, unpacking,
+embedding_rows and the argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from kvpage_kernels import (
+    KernelInputError,
+    QuantizedPanels,
+    QuantizedWeight,
+    cpu_backend,
+    embedding_rows,
+    pack_weight,
+    packed_linear,
+)
+from kvpage_kernels.packed_weight import PANEL_WIDTH
+
+from .cases import assert_close_to_product
+
+if cpu_backend.unavailable_reason() is not None:
+    pytest.skip(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}",
+                allow_module_level=True)
+
+ROWS = [0, 1, 5, 7, 16, 64, 65, 300]
+# (in, out, group): out not a multiple of 16 or 64; a group as wide as the inputs
+FEATURES = [(96, 200, 32), (160, 33, 32), (96, 33, 96), (576, 70, 64)]
+
+
+def random_quantized(out_features: int, in_features: int, bits: int, group_size: int,
+                     ordered: bool, gen: torch.Generator) -> QuantizedWeight:
+    """Random codes; scales and offsets are fp16 values, as in checkpoints, so that every
+    q * scale is exact in fp32; ``ordered`` adds a random input order (GPTQ act-order)."""
+    groups = (out_features, in_features // group_size)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.uint8,
+                          generator=gen)
+    scales = (0.01 + 0.1 * torch.rand(groups, generator=gen)).half().float()
+    offsets = (-(2 ** (bits - 1)) * scales + 0.01 * torch.randn(groups, generator=gen)).half()
+    order = torch.randperm(in_features, generator=gen) if ordered else None
+    return QuantizedWeight(codes, scales, offsets.float(), bits, group_size, order)
+
+
+def random_problem(rows: int, in_features: int, out_features: int, bits: int, group_size: int,
+                   ordered: bool, bias: bool):
+    """(x, quantized weight, bias, seed) drawn from a fresh seed."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    weight = random_quantized(out_features, in_features, bits, group_size, ordered, gen)
+    x = torch.randn(rows, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
+    return x, weight, b, seed
+
+
+@pytest.mark.parametrize("ordered, bias", [(False, False), (False, True), (True, True)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("in_features, out_features, group_size", FEATURES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_matches_the_reference(cpu_tier, rows, in_features, out_features, group_size, bits,
+                               ordered, bias):
+    """Tolerance: that of two fp32 sums of in_features products in different orders
+    (``assert_close_to_product``, relative to |x| @ |W|^T + |bias| of the dequantized W)."""
+    x, weight, b, seed = random_problem(rows, in_features, out_features, bits, group_size,
+                                        ordered, bias)
+    packed = pack_weight(weight)
+    expected = packed_linear(x, packed, b, backend="reference")
+    assert_close_to_product(packed_linear(x, packed, b, backend="cpu"), expected, x,
+                            weight.dequantize(), b, seed)
+
+
+def test_the_torch_backend_matches_the_reference():
+    x, weight, b, seed = random_problem(65, 576, 200, 4, 32, True, True)
+    packed = pack_weight(weight)
+    expected = packed_linear(x, packed, b, backend="reference")
+    assert_close_to_product(packed_linear(x, packed, b, backend="torch"), expected, x,
+                            weight.dequantize(), b, seed)
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_keeps_the_weight(bits, ordered):
+    seed = random.randrange(2**31)
+    weight = random_quantized(33, 96, bits, 32, ordered, torch.Generator().manual_seed(seed))
+    packed = pack_weight(weight)
+    assert isinstance(packed, QuantizedPanels), f"seed {seed}"
+    per_word = 32 // bits
+    assert packed.codes.shape == (3, 96 // per_word, PANEL_WIDTH), f"seed {seed}"
+    assert packed.scales.shape == packed.offsets.shape == (3, 3, PANEL_WIDTH), f"seed {seed}"
+    # input k of column 32 sits in word k // per_word at bit bits * (k % per_word)
+    word = int(packed.codes[2, 1, 0]) & 0xFFFFFFFF
+    assert (word >> bits) & (2**bits - 1) == int(weight.codes[32, per_word + 1]), f"seed {seed}"
+    assert not packed.codes[2, :, 1:].any() and not packed.scales[2, :, 1:].any()
+    unpacked = packed.unpack()
+    for field in ("codes", "scales", "offsets", "input_order"):
+        a, b = getattr(unpacked, field), getattr(weight, field)
+        assert (a is None and b is None) or torch.equal(a, b), f"seed {seed}: {field}"
+    assert (unpacked.bits, unpacked.group_size) == (bits, 32)
+    assert torch.equal(packed.dense_weight(), weight.dequantize()), f"seed {seed}"
+
+
+def test_nbytes_counts_what_stays_in_memory():
+    gen = torch.Generator().manual_seed(0)
+    four = pack_weight(random_quantized(960, 576, 4, 32, False, gen))
+    assert four.nbytes == 960 * 576 // 2 + 2 * 4 * 960 * 576 // 32  # codes, scales, offsets
+    eight = pack_weight(random_quantized(33, 96, 8, 32, True, gen))
+    assert eight.nbytes == 48 * 96 + 2 * 4 * 48 * 3 + 8 * 96  # 48 padded outputs, input order
+    assert pack_weight(torch.randn(33, 96)).nbytes == 48 * 96 * 4
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_embedding_rows_are_the_dequantized_rows(ordered):
+    seed = random.randrange(2**31)
+    weight = random_quantized(200, 96, 8, 32, ordered, torch.Generator().manual_seed(seed))
+    ids = torch.tensor([0, 199, 17, 17, 32, 150])
+    expected = weight.dequantize()[ids]
+    assert torch.equal(embedding_rows(pack_weight(weight), ids), expected), f"seed {seed}"
+    assert embedding_rows(pack_weight(weight), ids[:0]).shape == (0, 96)
+    dense = torch.randn(200, 96).bfloat16()
+    assert torch.equal(embedding_rows(pack_weight(dense), ids), dense[ids].float())
+
+
+def test_bad_arguments_are_named():
+    gen = torch.Generator().manual_seed(1)
+    weight = random_quantized(33, 96, 4, 32, True, gen)
+    packed = pack_weight(weight)
+    x = torch.randn(4, 96)
+    with pytest.raises(KernelInputError, match="weight.group_size 4 must be a multiple of 8"):
+        pack_weight(random_quantized(33, 96, 4, 4, False, gen))
+    too_large = dataclasses.replace(weight, codes=weight.codes | 0x10)
+    with pytest.raises(KernelInputError, match=r"weight.codes must be below 2\*\*4"):
+        pack_weight(too_large)
+    with pytest.raises(KernelInputError, match="weight must be a tensor or a QuantizedWeight"):
+        pack_weight(weight.codes.numpy())
+    with pytest.raises(KernelInputError, match=r"x must be fp32 \[rows, 96\]"):
+        packed_linear(torch.randn(4, 95), packed)
+    with pytest.raises(KernelInputError, match=r"bias must be fp32 \[33\]"):
+        packed_linear(x, packed, torch.randn(33).double())
+    with pytest.raises(KernelInputError, match=r"packed.codes must be contiguous int32"):
+        packed_linear(x, dataclasses.replace(packed, codes=packed.codes[:, :6].contiguous()))
+    with pytest.raises(KernelInputError, match=r"packed.offsets must be contiguous fp32"):
+        packed_linear(x, dataclasses.replace(packed, offsets=packed.offsets.double()))
+    with pytest.raises(KernelInputError, match=r"packed.input_order must be None or"):
+        packed_linear(x, dataclasses.replace(packed, input_order=packed.input_order.int()))
+    with pytest.raises(KernelInputError, match=r"packed.bits 3 and packed.group_size 32"):
+        packed_linear(x, dataclasses.replace(packed, bits=3))
+    with pytest.raises(KernelInputError, match=r"ids must lie in \[0, 33\)"):
+        embedding_rows(packed, torch.tensor([3, 33]))
+    with pytest.raises(KernelInputError, match=r"ids must be int64 \[n\]"):
+        embedding_rows(packed, torch.tensor([[3]]))
