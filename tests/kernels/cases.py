@@ -1,4 +1,5 @@
-"""Random paged-attention problems for the kernel tests."""
+"""Random problems (paged attention, low-bit weights) and tolerance checks for the kernel
+tests."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from kvpage_kernels import QuantizedWeight
 
 # Tolerances per dtype, against the fp32 reference.
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -124,3 +126,16 @@ def assert_close_to_product(actual: torch.Tensor, expected: torch.Tensor, x: tor
     bound = 4 * x.shape[1] ** 0.5 * UNIT_ROUNDOFF * magnitude
     excess = ((actual - expected).abs() - bound).max() if actual.numel() else 0.0
     assert excess <= 0, f"seed {seed}: an output is off by {float(excess):.3g} past its bound"
+
+
+def random_quantized(out_features: int, in_features: int, bits: int, group_size: int,
+                     ordered: bool, gen: torch.Generator) -> QuantizedWeight:
+    """Random codes; scales and offsets are fp16 values, as in checkpoints, so that every
+    q * scale is exact in fp32; ``ordered`` adds a random input order (GPTQ act-order)."""
+    groups = (out_features, in_features // group_size)
+    codes = torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.uint8,
+                          generator=gen)
+    scales = (0.01 + 0.1 * torch.rand(groups, generator=gen)).half().float()
+    offsets = (-(2 ** (bits - 1)) * scales + 0.01 * torch.randn(groups, generator=gen)).half()
+    order = torch.randperm(in_features, generator=gen) if ordered else None
+    return QuantizedWeight(codes, scales, offsets.float(), bits, group_size, order)

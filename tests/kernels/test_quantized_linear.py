@@ -13,7 +13,6 @@ import torch
 from kvpage_kernels import (
     KernelInputError,
     QuantizedPanels,
-    QuantizedWeight,
     cpu_backend,
     embedding_rows,
     pack_weight,
@@ -21,7 +20,7 @@ from kvpage_kernels import (
 )
 from kvpage_kernels.packed_weight import PANEL_WIDTH
 
-from .cases import assert_close_to_product
+from .cases import assert_close_to_product, random_quantized
 
 if cpu_backend.unavailable_reason() is not None:
     pytest.skip(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}",
@@ -30,19 +29,6 @@ if cpu_backend.unavailable_reason() is not None:
 ROWS = [0, 1, 5, 7, 16, 64, 65, 300]
 # (in, out, group): out not a multiple of 16 or 64; a group as wide as the inputs
 FEATURES = [(96, 200, 32), (160, 33, 32), (96, 33, 96), (576, 70, 64)]
-
-
-def random_quantized(out_features: int, in_features: int, bits: int, group_size: int,
-                     ordered: bool, gen: torch.Generator) -> QuantizedWeight:
-    """Random codes; scales and offsets are fp16 values, as in checkpoints, so that every
-    q * scale is exact in fp32; ``ordered`` adds a random input order (GPTQ act-order)."""
-    groups = (out_features, in_features // group_size)
-    codes = torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.uint8,
-                          generator=gen)
-    scales = (0.01 + 0.1 * torch.rand(groups, generator=gen)).half().float()
-    offsets = (-(2 ** (bits - 1)) * scales + 0.01 * torch.randn(groups, generator=gen)).half()
-    order = torch.randperm(in_features, generator=gen) if ordered else None
-    return QuantizedWeight(codes, scales, offsets.float(), bits, group_size, order)
 
 
 def random_problem(rows: int, in_features: int, out_features: int, bits: int, group_size: int,
@@ -72,12 +58,39 @@ def test_matches_the_reference(cpu_tier, rows, in_features, out_features, group_
                             weight.dequantize(), b, seed)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [1, 13, 64])
+def test_bit_identical_to_fp32_panels_of_the_dequantized_weight(cpu_tier, rows, bits):
+    """Where q * scale is exact in fp32 (every checkpoint format), the weights dequantized in
+    registers equal the reference's, so the low-bit GEMM gives the very bits of the fp32 GEMM
+    on the dequantized weight with the inputs in the same order."""
+    x, weight, b, seed = random_problem(rows, 160, 200, bits, 32, True, True)
+    in_stored_order = dataclasses.replace(weight, input_order=None).dequantize()
+    dense = packed_linear(x[:, weight.input_order].contiguous(), pack_weight(in_stored_order), b,
+                          backend="cpu")
+    assert torch.equal(packed_linear(x, pack_weight(weight), b, backend="cpu"), dense), \
+        f"seed {seed}"
+
+
 def test_the_torch_backend_matches_the_reference():
     x, weight, b, seed = random_problem(65, 576, 200, 4, 32, True, True)
     packed = pack_weight(weight)
     expected = packed_linear(x, packed, b, backend="reference")
     assert_close_to_product(packed_linear(x, packed, b, backend="torch"), expected, x,
                             weight.dequantize(), b, seed)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_row_does_not_depend_on_its_batch(cpu_tier, bits):
+    x, weight, b, seed = random_problem(65, 576, 200, bits, 32, True, True)
+    packed = pack_weight(weight)
+    batch = packed_linear(x, packed, b, backend="cpu")
+    for row in (0, 13, 64):
+        alone = packed_linear(x[row:row + 1], packed, b, backend="cpu")
+        assert torch.equal(alone[0], batch[row]), f"seed {seed}: row {row}"
+    wide = torch.randn(65, 700)
+    wide[:, :576] = x
+    assert torch.equal(packed_linear(wide[:, :576], packed, b, backend="cpu"), batch)
 
 
 @pytest.mark.parametrize("ordered", [False, True])

@@ -175,6 +175,9 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvpage_panel_width.restype = ctypes.c_int
     lib.kvpage_packed_linear.argtypes = [_i32, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr]
     lib.kvpage_packed_linear.restype = ctypes.c_int
+    lib.kvpage_quantized_linear.argtypes = [ctypes.POINTER(QuantizedMatrix), _ptr, _i64, _i64,
+                                            _ptr, _ptr]
+    lib.kvpage_quantized_linear.restype = ctypes.c_int
     return lib
 
 
@@ -299,8 +302,25 @@ def rotary_embedding(x, cos, sin):
     return out
 
 
+class QuantizedMatrix(ctypes.Structure):
+    """``QuantizedPanels`` as the C side reads them (csrc/cpu_kernels.cpp's QuantizedMatrix)."""
+
+    _fields_ = [("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("input_order", _ptr),
+                ("out_features", _i64), ("in_features", _i64), ("group_size", _i64),
+                ("bits", _i32)]
+
+
+def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
+    """The C description of ``packed``, whose tensors must outlive its use."""
+    order = packed.input_order
+    return QuantizedMatrix(packed.codes.data_ptr(), packed.scales.data_ptr(),
+                           packed.offsets.data_ptr(), None if order is None else order.data_ptr(),
+                           packed.out_features, packed.in_features, packed.group_size,
+                           packed.bits)
+
+
 def packed_linear(x, packed, bias=None):
-    if x.device.type != "cpu" or isinstance(packed, QuantizedPanels):
+    if x.device.type != "cpu":
         return layer_ops.packed_linear(x, packed, bias)
     rows = x.shape[0]
     out = torch.empty(rows, packed.out_features)
@@ -308,10 +328,14 @@ def packed_linear(x, packed, bias=None):
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
     bias = None if bias is None else bias.contiguous()
-    library().kvpage_packed_linear(
-        _DTYPE_CODES[packed.dtype], x.data_ptr(), x.stride(0), rows, packed.in_features,
-        packed.panels.data_ptr(), packed.out_features, None if bias is None else bias.data_ptr(),
-        out.data_ptr())
+    bias_ptr = None if bias is None else bias.data_ptr()
+    if isinstance(packed, QuantizedPanels):
+        library().kvpage_quantized_linear(ctypes.byref(quantized_matrix(packed)), x.data_ptr(),
+                                          x.stride(0), rows, bias_ptr, out.data_ptr())
+    else:
+        library().kvpage_packed_linear(
+            _DTYPE_CODES[packed.dtype], x.data_ptr(), x.stride(0), rows, packed.in_features,
+            packed.panels.data_ptr(), packed.out_features, bias_ptr, out.data_ptr())
     return out
 
 

@@ -299,7 +299,9 @@ def _pack_quantized(weight: QuantizedWeight) -> QuantizedPanels:
     return packed_weight.pack_quantized(weight)
 
 
-def _check_packed(packed: PackedWeight | QuantizedPanels) -> None:
+def check_packed(packed: PackedWeight | QuantizedPanels) -> None:
+    """Raises KernelInputError unless ``packed`` is a packed weight as ``pack_weight`` makes
+    them, naming the first field that is not."""
     if isinstance(packed, QuantizedPanels):
         _check_quantized_panels(packed)
         return
@@ -344,7 +346,7 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
     The cpu backend computes each output as one chain of fused multiply-adds over the inputs in
     order (the ``input_order`` of quantized weights), the bias added last, so a row's result
     does not depend on the rest of the batch."""
-    _check_packed(packed)
+    check_packed(packed)
     _check(x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype == torch.float32,
            lambda: f"x must be fp32 [rows, {packed.in_features}] (in_features of packed), got "
            f"{x.dtype} {tuple(x.shape)}")
@@ -361,7 +363,7 @@ def embedding_rows(packed: PackedWeight | QuantizedPanels, ids: torch.Tensor) ->
     """Rows ``ids`` (int64 [n], on packed's device) of the weight that ``pack_weight`` packed,
     in fp32 [n, in_features] (dequantized for ``QuantizedPanels``): the lookup of an embedding
     table [vocab, hidden] kept packed, which then serves as the tied LM head too."""
-    _check_packed(packed)
+    check_packed(packed)
     _check(ids.dim() == 1 and ids.dtype == torch.int64 and ids.device == packed.device,
            lambda: f"ids must be int64 [n] on {packed.device}, got {ids.dtype} "
            f"{tuple(ids.shape)} on {ids.device}")

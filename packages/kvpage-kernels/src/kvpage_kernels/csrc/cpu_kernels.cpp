@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <omp.h>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -145,6 +146,15 @@ struct Simd {
     static void store(float* dst, Lanes lanes, V x) { _mm512_mask_storeu_ps(dst, lanes, x); }
     static V keep(Lanes lanes, V x) { return _mm512_maskz_mov_ps(lanes, x); }  // others 0
 
+    // 32-bit integer lanes, the words of packed low-bit codes
+    using Words = __m512i;
+    static Words load_words(const uint32_t* src) { return _mm512_loadu_si512(src); }
+    static Words shift_right(Words w, int bits) { return _mm512_srli_epi32(w, bits); }
+    static Words mask(Words w, uint32_t m) {
+        return _mm512_and_si512(w, _mm512_set1_epi32(static_cast<int32_t>(m)));
+    }
+    static V from_ints(Words w) { return _mm512_cvtepi32_ps(w); }
+
   private:
     static __m512i bf16_bits(V x) {  // to_bf16 of each lane, in its low 16 bits
         const __m512i bits = _mm512_castps_si512(x);
@@ -222,6 +232,17 @@ struct Simd {
     }
     static void store(float* dst, Lanes lanes, V x) { _mm256_maskstore_ps(dst, lanes, x); }
     static V keep(Lanes lanes, V x) { return _mm256_and_ps(_mm256_castsi256_ps(lanes), x); }
+
+    // 32-bit integer lanes, the words of packed low-bit codes
+    using Words = __m256i;
+    static Words load_words(const uint32_t* src) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    }
+    static Words shift_right(Words w, int bits) { return _mm256_srli_epi32(w, bits); }
+    static Words mask(Words w, uint32_t m) {
+        return _mm256_and_si256(w, _mm256_set1_epi32(static_cast<int32_t>(m)));
+    }
+    static V from_ints(Words w) { return _mm256_cvtepi32_ps(w); }
 
   private:
     static __m256i bf16_bits(V x) {  // to_bf16 of each lane, in its low 16 bits
@@ -788,21 +809,27 @@ extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_strid
 // ---- packed GEMM: out = x @ W^T + bias, the weights packed in column panels ---------------
 //
 // pack_weight (packed_weight.py) lays a weight W [n, k] out in panels of kPanelWidth output
-// columns, the same layout on every tier: panel p is [k][kPanelWidth], W[p kPanelWidth + j][i]
-// at row i, column j (columns past n are zero). A call multiplies each panel by every row of x
-// (up to kBlockRows at a time) before it moves on, so that each weight is read from memory once
-// per call for a decode batch: OpenMP threads take contiguous runs of panels, and for each
-// tile of up to kTileRows rows the microkernel keeps the tile's kTileRows x kPanelWidth sums in
-// registers over all k inputs while the panel (64 bytes per input in fp32) comes again from L2
-// for each tile.
+// columns, the same layout on every tier: panel p holds W[p kPanelWidth + j][i] for the inputs
+// i and columns j (columns past n are zero), in fp32 or bf16 ([k][kPanelWidth] values) or as
+// low-bit codes (quantized.py: w = q s + m per group of inputs; [k / per_word][kPanelWidth]
+// 32-bit words of per_word codes, the scales and offsets [groups][kPanelWidth] beside them).
+// A call multiplies each panel by every row of x (up to kBlockRows at a time) before it moves
+// on, so that each weight is read from memory once per call for a decode batch: OpenMP threads
+// take contiguous runs of panels, and for each tile of up to kTileRows rows the microkernel
+// keeps the tile's kTileRows x kPanelWidth sums in registers over all k inputs while the panel
+// (64 bytes per input in fp32, 8 in 4 bits) comes again from L2 for each tile; low-bit codes
+// are widened to fp32 in registers, w = q s + m by one FMA per input and column vector.
 // Blocking k measured slower on AMD Zen 4, even for k = 14,336: the panel streams through the
 // prefetchers either way, and each block costs a store and a reload of the sums. x is first
-// copied tile by tile into k-major order (a tile's values of input i side by side), so that
-// the microkernel broadcasts them from one stream at fixed offsets.
+// copied tile by tile into k-major order (a tile's values of input i side by side, read in the
+// weight's input order where it has one: GPTQ act-order), so that the microkernel broadcasts
+// them from one stream at fixed offsets.
 //
 // Each output is one chain of FMAs (a multiply, then an add, on the scalar tier) over the
 // inputs in order, its bias added last: a row's result does not depend on the other rows of
-// the batch, on the tiling or on the threads.
+// the batch, on the tiling or on the threads. Where q s is exact in fp32 (every checkpoint
+// format's scales are fp16), the dequantized weights equal the reference's and the low-bit
+// GEMM gives the bits of the fp32 one on them.
 
 namespace {
 
@@ -817,84 +844,221 @@ constexpr int kTileRows = Simd::width == 16 ? 12 : 6;
 constexpr int kTileRows = 4;
 #endif
 
-// A panel as the microkernel reads it: vector c of the tile's columns (or column j) of input i.
-// Dense fp32 or bf16 weights (bf16 widened in registers) for now; a panel of low-bit codes
-// grouped along k (quantized.py: w = q s + m, a scale s and an offset m per group and column,
-// kept as [groups][kPanelWidth] beside the codes) is another such type, whose load widens the
-// codes and applies one FMA in registers, run by the same microkernel.
+template <int I>
+using Index = std::integral_constant<int, I>;
+
+// fn(Index<0>()), ..., fn(Index<N - 1>()): a loop unrolled at compile time, its index a constant.
+template <typename Fn, int... I>
+inline void unrolled(Fn&& fn, std::integer_sequence<int, I...>) {
+    (fn(Index<I>()), ...);
+}
+template <int N, typename Fn>
+inline void unrolled(Fn&& fn) {
+    unrolled(fn, std::make_integer_sequence<int, N>());
+}
+
+// A panel as the microkernel reads it: its inputs come in groups that share their scales and
+// offsets (a dense panel is one group). group(first) is the group that starts at input
+// `first`; a group loads kStep inputs at a time, a Block per vector c of the tile's columns,
+// and gives the weights of each of them (`weights`), or one weight (`value`, scalar tier).
 template <typename T>
-struct DensePanel {
-    const T* weights;  // [k][kPanelWidth]
+struct DensePanel {  // fp32 or bf16 weights, bf16 widened in registers
+    static constexpr int kStep = 1;
+    const T* data;  // [depth][kPanelWidth]
+    int64_t depth;
+
+    int64_t group_size() const { return depth; }
+    const DensePanel& group(int64_t) const { return *this; }
+#if defined(KVPAGE_SIMD)
+    using Block = Simd::V;
+    Block load(int64_t i, int c) const {
+        return Simd::load(data + i * kPanelWidth + c * Simd::width);
+    }
+    Simd::V weights(Block block, Index<0>, int) const { return block; }
+#endif
+    float value(int64_t i, int j) const { return to_float(data[i * kPanelWidth + j]); }
+};
+
+// Codes of Bits bits, kStep = 32 / Bits to a word: a word's code s belongs to input
+// word_index * kStep + s, at bit Bits * s.
+template <int Bits>
+struct QuantizedPanel {
+    static constexpr int kStep = 32 / Bits;
+    static constexpr uint32_t kMask = (1u << Bits) - 1u;
+    const uint32_t* words;  // [depth / kStep][kPanelWidth]
+    const float* scales;    // [groups][kPanelWidth]
+    const float* offsets;   // [groups][kPanelWidth]
+    int64_t group_inputs;   // a multiple of kStep
+
+    struct Group {
+        const uint32_t* words;  // the panel's
+        const float* scales;    // the group's [kPanelWidth]
+        const float* offsets;
 
 #if defined(KVPAGE_SIMD)
-    Simd::V load(int64_t i, int c) const {
-        return Simd::load(weights + i * kPanelWidth + c * Simd::width);
-    }
+        using Block = Simd::Words;
+        Block load(int64_t i, int c) const {
+            return Simd::load_words(words + i / kStep * kPanelWidth + c * Simd::width);
+        }
+        template <int S>
+        Simd::V weights(Block block, Index<S>, int c) const {
+            const Simd::Words shifted = S > 0 ? Simd::shift_right(block, Bits * S) : block;
+            const Simd::Words code = S < kStep - 1 ? Simd::mask(shifted, kMask) : shifted;
+            return Simd::fmadd(Simd::from_ints(code), Simd::load(scales + c * Simd::width),
+                               Simd::load(offsets + c * Simd::width));
+        }
 #endif
-    float value(int64_t i, int j) const { return to_float(weights[i * kPanelWidth + j]); }
+        float value(int64_t i, int j) const {
+            const uint32_t code = words[i / kStep * kPanelWidth + j] >> (Bits * (i % kStep)) & kMask;
+            return static_cast<float>(code) * scales[j] + offsets[j];
+        }
+    };
+
+    int64_t group_size() const { return group_inputs; }
+    Group group(int64_t first) const {
+        const int64_t at = first / group_inputs * kPanelWidth;
+        return {words, scales + at, offsets + at};
+    }
 };
+
+// The weights of a GEMM as the microkernel reads them: panel(p) is panel p, input_order the
+// input of x that each of its inputs multiplies (null: the same one).
+template <typename T>
+struct DenseWeights {  // a PackedWeight
+    const T* panels;
+    int64_t n, depth;
+    const int64_t* input_order = nullptr;
+
+    DensePanel<T> panel(int64_t p) const { return {panels + p * depth * kPanelWidth, depth}; }
+};
+
+template <int Bits>
+struct QuantizedWeights {  // QuantizedPanels
+    const uint32_t* codes;
+    const float* scales;
+    const float* offsets;
+    int64_t n, depth, group_size;
+    const int64_t* input_order;
+
+    QuantizedPanel<Bits> panel(int64_t p) const {
+        const int64_t groups = depth / group_size;
+        return {codes + p * (depth / QuantizedPanel<Bits>::kStep) * kPanelWidth,
+                scales + p * groups * kPanelWidth, offsets + p * groups * kPanelWidth,
+                group_size};
+    }
+};
+
+// Panels a tile of m rows multiplies at once (never more for more rows): a tile of one to three
+// rows keeps too few sums to hide the latency of its FMA chains (4 cycles on AMD Zen 4, each
+// chain waiting on its last FMA), so it runs the chains of two or four panels side by side.
+constexpr int panels_per_tile([[maybe_unused]] int m) {
+#if defined(KVPAGE_SIMD)
+    return m <= 1 ? 4 : m < 4 ? 2 : 1;
+#else
+    return 1;  // the portable loops take one panel at a time
+#endif
+}
 
 struct TileOut {  // where a tile's sums go
-    float* out;          // its first row and column
-    int64_t row_stride;
-    int cols;            // columns of the panel that exist (the last may have fewer)
-    const float* bias;   // from the panel's first column; null: none
+    float* out;          // its first row, column 0 of the output
+    int64_t row_stride;  // n
+    const float* bias;   // [n]; null: none
 };
 
+// Columns of panel p that exist, 0 past the last (the last may have fewer than kPanelWidth).
+inline int panel_columns(int64_t n, int64_t p) {
+    return static_cast<int>(std::clamp<int64_t>(n - p * kPanelWidth, 0, kPanelWidth));
+}
+
 #if defined(KVPAGE_SIMD)
-// out[r][j] = sum over i of x[i][r] * panel(i, j), + bias[j], for the M rows of a tile whose
-// inputs x are k-major ([depth][M]).
-template <int M, typename Panel>
-void panel_tile(const float* x, const Panel& panel, int64_t depth, const TileOut& o) {
+// out[r][p kPanelWidth + j] = sum over i of x[i][r] * W(p, i, j) + bias, for the M rows of a
+// tile whose inputs x are k-major ([depth][M]) and the `count` panels from `first` (NP panels
+// side by side; with fewer, the last is read again and its sums dropped).
+template <int M, int NP, typename Weights>
+void panel_tile(const float* x, const Weights& w, int64_t first, int count, const TileOut& o) {
     constexpr int C = kPanelWidth / Simd::width;
-    Simd::V sums[M][C];
+    using Panel = decltype(w.panel(0));
+    using Group = std::decay_t<decltype(w.panel(0).group(0))>;
+    Panel panels[NP];
+    for (int q = 0; q < NP; ++q) panels[q] = w.panel(first + std::min(q, count - 1));
+    Simd::V sums[M][NP][C];
     for (int r = 0; r < M; ++r)
-        for (int c = 0; c < C; ++c) sums[r][c] = Simd::zero();
-    for (int64_t i = 0; i < depth; ++i) {
-        Simd::V w[C];
-        for (int c = 0; c < C; ++c) w[c] = panel.load(i, c);
-        for (int r = 0; r < M; ++r) {
-            const Simd::V xr = Simd::set1(x[i * M + r]);
-            for (int c = 0; c < C; ++c) sums[r][c] = Simd::fmadd(xr, w[c], sums[r][c]);
+        for (int q = 0; q < NP; ++q)
+            for (int c = 0; c < C; ++c) sums[r][q][c] = Simd::zero();
+    const int64_t group_size = panels[0].group_size();
+    for (int64_t begin = 0; begin < w.depth; begin += group_size) {
+        Group groups[NP];
+        for (int q = 0; q < NP; ++q) groups[q] = panels[q].group(begin);
+        for (int64_t i = begin; i < begin + group_size; i += Panel::kStep) {
+            typename Group::Block blocks[NP][C];
+            for (int q = 0; q < NP; ++q)
+                for (int c = 0; c < C; ++c) blocks[q][c] = groups[q].load(i, c);
+            unrolled<Panel::kStep>([&](auto s) {
+                Simd::V weights[NP][C];
+                for (int q = 0; q < NP; ++q)
+                    for (int c = 0; c < C; ++c)
+                        weights[q][c] = groups[q].weights(blocks[q][c], s, c);
+                for (int r = 0; r < M; ++r) {
+                    const Simd::V xr = Simd::set1(x[(i + s) * M + r]);
+                    for (int q = 0; q < NP; ++q)
+                        for (int c = 0; c < C; ++c)
+                            sums[r][q][c] = Simd::fmadd(xr, weights[q][c], sums[r][q][c]);
+                }
+            });
         }
     }
-    for (int c = 0; c < C && c * Simd::width < o.cols; ++c) {
-        const int cols = o.cols - c * Simd::width;
-        const Simd::Lanes lanes = Simd::first(cols);
-        const Simd::V bias =
-            o.bias != nullptr ? Simd::load(o.bias + c * Simd::width, lanes, 0.f) : Simd::zero();
-        for (int r = 0; r < M; ++r) {
-            const Simd::V result = o.bias != nullptr ? Simd::add(sums[r][c], bias) : sums[r][c];
-            float* dst = o.out + r * o.row_stride + c * Simd::width;
-            if (cols >= Simd::width) {
-                Simd::store(dst, result);
-            } else {
-                Simd::store(dst, lanes, result);
+    for (int q = 0; q < count; ++q) {
+        const int64_t col = (first + q) * kPanelWidth;
+        const int panel_cols = panel_columns(w.n, first + q);
+        for (int c = 0; c < C && c * Simd::width < panel_cols; ++c) {
+            const int cols = panel_cols - c * Simd::width;
+            const Simd::Lanes lanes = Simd::first(cols);
+            const float* bias = o.bias != nullptr ? o.bias + col + c * Simd::width : nullptr;
+            const Simd::V b = bias != nullptr ? Simd::load(bias, lanes, 0.f) : Simd::zero();
+            for (int r = 0; r < M; ++r) {
+                const Simd::V sum = sums[r][q][c];
+                const Simd::V result = bias != nullptr ? Simd::add(sum, b) : sum;
+                float* dst = o.out + r * o.row_stride + col + c * Simd::width;
+                if (cols >= Simd::width) {
+                    Simd::store(dst, result);
+                } else {
+                    Simd::store(dst, lanes, result);
+                }
             }
         }
     }
 }
 #else
-template <int M, typename Panel>
-void panel_tile(const float* x, const Panel& panel, int64_t depth, const TileOut& o) {
-    float sums[M][kPanelWidth] = {};
-    for (int64_t i = 0; i < depth; ++i)
-        for (int r = 0; r < M; ++r) {
-            const float xr = x[i * M + r];
+template <int M, int NP, typename Weights>
+void panel_tile(const float* x, const Weights& w, int64_t first, int count, const TileOut& o) {
+    for (int q = 0; q < count; ++q) {
+        const auto panel = w.panel(first + q);
+        float sums[M][kPanelWidth] = {};
+        for (int64_t begin = 0; begin < w.depth; begin += panel.group_size()) {
+            const auto& group = panel.group(begin);
+            for (int64_t i = begin; i < begin + panel.group_size(); ++i)
+                for (int r = 0; r < M; ++r) {
+                    const float xr = x[i * M + r];
 #pragma omp simd
-            for (int j = 0; j < kPanelWidth; ++j) sums[r][j] += xr * panel.value(i, j);
+                    for (int j = 0; j < kPanelWidth; ++j) sums[r][j] += xr * group.value(i, j);
+                }
         }
-    for (int r = 0; r < M; ++r)
-        for (int j = 0; j < o.cols; ++j)
-            o.out[r * o.row_stride + j] = o.bias != nullptr ? sums[r][j] + o.bias[j] : sums[r][j];
+        const int64_t col = (first + q) * kPanelWidth;
+        for (int r = 0; r < M; ++r)
+            for (int j = 0; j < panel_columns(w.n, first + q); ++j) {
+                const float sum = sums[r][j];
+                o.out[r * o.row_stride + col + j] = o.bias != nullptr ? sum + o.bias[col + j] : sum;
+            }
+    }
 }
 #endif
 
-// panel_tile for M = 1 .. kTileRows, indexed by M - 1.
-template <typename Panel, int... M>
+// panel_tile for M = 1 .. kTileRows rows, indexed by M - 1.
+template <typename Weights, int... M>
 constexpr auto tile_kernels(std::integer_sequence<int, M...>) {
-    using Kernel = void (*)(const float*, const Panel&, int64_t, const TileOut&);
-    return std::array<Kernel, sizeof...(M)>{&panel_tile<M + 1, Panel>...};
+    using Kernel = void (*)(const float*, const Weights&, int64_t, int, const TileOut&);
+    return std::array<Kernel, sizeof...(M)>{
+        &panel_tile<M + 1, panels_per_tile(M + 1), Weights>...};
 }
 
 // The rows of a batch cut into as few tiles of at most kTileRows as possible, of sizes that
@@ -910,10 +1074,14 @@ struct RowTiles {
     int rows(int64_t t) const { return static_cast<int>(base + (t < longer ? 1 : 0)); }
 };
 
-// The m rows at x (row_stride apart) into dst as [depth][m].
-void copy_k_major(const float* x, int64_t row_stride, int m, int64_t depth, float* dst) {
-    for (int64_t i = 0; i < depth; ++i)
-        for (int r = 0; r < m; ++r) dst[i * m + r] = x[r * row_stride + i];
+// The m rows at x (row_stride apart) into dst as [depth][m], input i of a row read from
+// x[order[i]] (x[i] where order is null).
+void copy_k_major(const float* x, int64_t row_stride, int m, int64_t depth,
+                  const int64_t* order, float* dst) {
+    for (int64_t i = 0; i < depth; ++i) {
+        const int64_t k = order != nullptr ? order[i] : i;
+        for (int r = 0; r < m; ++r) dst[i * m + r] = x[r * row_stride + k];
+    }
 }
 
 // A buffer of at least n floats for the calling thread, kept for its next call.
@@ -929,45 +1097,80 @@ float* tile_buffer(size_t n) {
 // the core (measured 18% faster for 2,048 rows with k = 1,536 on AMD Zen 4).
 constexpr int64_t kBlockRows = 256;
 
-// out [rows, n] = x [rows, depth] @ W^T (+ bias [n]) for W packed in panels of T, rows at most
-// kBlockRows.
-template <typename T>
-void multiply_block(const float* x, int64_t x_stride, int64_t rows, int64_t depth,
-                    const T* panels, int64_t n, const float* bias, float* out) {
+// The panels [begin, end) of num_panels that the calling thread of an OpenMP team multiplies.
+std::pair<int64_t, int64_t> thread_share(int64_t num_panels) {
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    return {num_panels * thread / threads, num_panels * (thread + 1) / threads};
+}
+
+// out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]), rows at most kBlockRows.
+template <typename Weights>
+void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weights& w,
+                    const float* bias, float* out) {
     static constexpr auto kernels =
-        tile_kernels<DensePanel<T>>(std::make_integer_sequence<int, kTileRows>());
+        tile_kernels<Weights>(std::make_integer_sequence<int, kTileRows>());
+    const int64_t n = w.n, depth = w.depth;
     const RowTiles tiles(rows);
     float* x_tiles = tile_buffer(static_cast<size_t>(rows * depth));
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
+    const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
 #pragma omp parallel if (rows * depth * n > (1 << 18))
     {
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles.count; ++t) {
             const int64_t row = tiles.first_row(t);
-            copy_k_major(x + row * x_stride, x_stride, tiles.rows(t), depth, x_tiles + row * depth);
-        }
-#pragma omp for schedule(static)
-        for (int64_t p = 0; p < num_panels; ++p) {
-            const int64_t col = p * kPanelWidth;
-            const DensePanel<T> panel{panels + p * depth * kPanelWidth};
-            const int cols = static_cast<int>(std::min<int64_t>(kPanelWidth, n - col));
+            copy_k_major(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
+                         x_tiles + row * depth);
+        }  // its closing barrier: every tile is copied before any is multiplied
+        const auto [begin, end] = thread_share(num_panels);
+        for (int64_t p = begin; p < end; p += step) {
+            const int count = static_cast<int>(std::min<int64_t>(step, end - p));
             for (int64_t t = 0; t < tiles.count; ++t) {
                 const int64_t row = tiles.first_row(t);
-                const TileOut o{out + row * n + col, n, cols,
-                                bias != nullptr ? bias + col : nullptr};
-                kernels[tiles.rows(t) - 1](x_tiles + row * depth, panel, depth, o);
+                kernels[tiles.rows(t) - 1](x_tiles + row * depth, w, p, count,
+                                           TileOut{out + row * n, n, bias});
             }
         }
     }
 }
 
-// out [rows, n] = x [rows, depth] @ W^T (+ bias [n]) for W packed in panels of T.
-template <typename T>
-void packed_linear(const float* x, int64_t x_stride, int64_t rows, int64_t depth,
-                   const T* panels, int64_t n, const float* bias, float* out) {
+// out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]).
+template <typename Weights>
+void packed_linear(const float* x, int64_t x_stride, int64_t rows, const Weights& w,
+                   const float* bias, float* out) {
     for (int64_t first = 0; first < rows; first += kBlockRows)
-        multiply_block(x + first * x_stride, x_stride, std::min(kBlockRows, rows - first), depth,
-                       panels, n, bias, out + first * n);
+        multiply_block(x + first * x_stride, x_stride, std::min(kBlockRows, rows - first), w, bias,
+                       out + first * w.n);
+}
+
+}  // namespace
+
+// A low-bit weight packed by pack_weight (QuantizedPanels), as the C side reads it.
+struct QuantizedMatrix {
+    const uint32_t* codes;     // [panels][in_features / (32 / bits)][kPanelWidth]
+    const float* scales;       // [panels][in_features / group_size][kPanelWidth]
+    const float* offsets;      // likewise
+    const int64_t* input_order;  // [in_features]; null: the natural order
+    int64_t out_features, in_features, group_size;
+    int32_t bits;              // 4 or 8
+};
+
+namespace {
+
+// out [rows, w.out_features] = x [rows, w.in_features] @ W^T (+ bias) for the low-bit W; 0, or
+// 1 for bits other than 4 and 8.
+int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride, int64_t rows,
+                     const float* bias, float* out) {
+    const auto run = [&](auto bits) {
+        const QuantizedWeights<decltype(bits)::value> weights{
+            w.codes, w.scales, w.offsets, w.out_features, w.in_features, w.group_size,
+            w.input_order};
+        packed_linear(x, x_stride, rows, weights, bias, out);
+        return 0;
+    };
+    if (w.bits == 4) return run(Index<4>());
+    if (w.bits == 8) return run(Index<8>());
+    return 1;
 }
 
 }  // namespace
@@ -983,8 +1186,16 @@ extern "C" int kvpage_packed_linear(int32_t weight_dtype, const float* x, int64_
                                     const float* bias, float* out) {
     return with_dtype(weight_dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        packed_linear(x, x_stride, rows, depth, static_cast<const T*>(panels), n, bias, out);
+        packed_linear(x, x_stride, rows, DenseWeights<T>{static_cast<const T*>(panels), n, depth},
+                      bias, out);
     });
+}
+
+// Likewise for a low-bit W (QuantizedPanels): x's inputs are read in w's input order. Returns 0,
+// or 1 for bits other than 4 and 8.
+extern "C" int kvpage_quantized_linear(const QuantizedMatrix* w, const float* x, int64_t x_stride,
+                                       int64_t rows, const float* bias, float* out) {
+    return quantized_linear(*w, x, x_stride, rows, bias, out);
 }
 
 // ---- the decoder stack of a Llama-family model for one decode step, in one call -----------
@@ -993,8 +1204,9 @@ extern "C" int kvpage_packed_linear(int32_t weight_dtype, const float* x, int64_
 // silu_and_mul) in the same order with the same kernels; what it saves is the Python between
 // them, slow here because each GEMM streams megabytes of weights through the caches the
 // interpreter's own data lives in. The GEMM follows the weights' format: in fp32, packed_linear
-// above on weights packed by pack_weight, or the packed sgemm torch's mkl_linear calls on MKL
-// packs (either way the results are bit-identical to the per-layer path's); in bf16
+// above on weights packed by pack_weight (fp32 panels or low-bit QuantizedPanels), or the packed
+// sgemm torch's mkl_linear calls on MKL packs (either way the results are bit-identical to the
+// per-layer path's); in bf16
 // gemm_bf16bf16f32 on the plain weights (fp32 accumulation rounded to bf16 once, like
 // oneDNN's, whose summation order may differ). MKL's are called through addresses the caller
 // takes from the MKL inside torch.
@@ -1024,8 +1236,10 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
 };
 
 // DecoderShape::weight_format, fused_decoder.WeightFormat: 0 fp32 MKL packs (sgemm_compute),
-// 1 fp32 panels of pack_weight (packed_linear), 2 plain bf16 (gemm_bf16).
+// 1 fp32 panels of pack_weight (packed_linear), 2 plain bf16 (gemm_bf16), 3 low-bit panels of
+// pack_weight (packed_linear; each weight a QuantizedMatrix).
 constexpr int32_t kPanels = 1;
+constexpr int32_t kQuantized = 3;
 
 struct DecoderShape {
     SgemmCompute sgemm_compute;  // used for fp32 MKL packs
@@ -1049,14 +1263,20 @@ struct DecodeStep {  // this step's batch: one new token per sequence
     const int32_t* query_start_loc;
 };
 
-// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32: packed_linear on panels, or as
-// torch's mkl_linear computes it on an MKL pack (W packed as the B matrix of a row-major GEMM,
-// column-major out^T = W x^T, the bias copied into every row first and added with beta = 1).
+// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32: packed_linear on panels (fp32 or
+// low-bit), or as torch's mkl_linear computes it on an MKL pack (W packed as the B matrix of a
+// row-major GEMM, column-major out^T = W x^T, the bias copied into every row first and added
+// with beta = 1).
 void linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k, const void* w,
             const void* bias, int64_t n, float* out, float*) {
+    const float* b = static_cast<const float*>(bias);
     if (s.weight_format == kPanels)
-        return packed_linear(x, k, rows, k, static_cast<const float*>(w), n,
-                             static_cast<const float*>(bias), out);
+        return packed_linear(x, k, rows, DenseWeights<float>{static_cast<const float*>(w), n, k},
+                             b, out);
+    if (s.weight_format == kQuantized) {
+        quantized_linear(*static_cast<const QuantizedMatrix*>(w), x, k, rows, b, out);
+        return;
+    }
     if (bias != nullptr)
         for (int64_t r = 0; r < rows; ++r) std::memcpy(out + r * n, bias, n * sizeof(float));
     const int32_t m32 = static_cast<int32_t>(n), n32 = static_cast<int32_t>(rows),
