@@ -1,10 +1,11 @@
 """The fused decoder stack against the same ops run one by one: bit-identical in fp32 (the
-same GEMM: packed_linear's on pack_weight's panels, or MKL's on its packs), equal to bf16
-rounding in bf16 (MKL's bf16 GEMM against torch's linear), on every CPU tier of the cpu backend
-this CPU offers."""
+same GEMM: packed_linear's on pack_weight's panels, fp32 or low-bit, or MKL's on its packs),
+equal to bf16 rounding in bf16 (MKL's bf16 GEMM against torch's linear), on every CPU tier of
+the cpu backend this CPU offers."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ import torch
 from kvpage_kernels import (
     KernelInputError,
     PackedWeight,
+    QuantizedPanels,
+    QuantizedWeight,
     pack_weight,
     packed_linear,
     paged_attention,
@@ -37,14 +40,35 @@ def mkl_pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
 
 
+def quantize(weight: torch.Tensor, bits: int, ordered: bool) -> QuantizedWeight:
+    """weight in groups of 32 inputs, each mapped onto the codes 0 .. 2**bits - 1 between its
+    minimum and maximum (the inputs first shuffled when ``ordered``)."""
+    order = torch.randperm(weight.shape[1]) if ordered else None
+    stored = weight if order is None else weight[:, order]
+    groups = stored.reshape(weight.shape[0], -1, 32)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (high - low) / (2**bits - 1)
+    codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 2**bits - 1)
+    return QuantizedWeight(codes.to(torch.uint8).reshape(stored.shape), scales, low, bits, 32,
+                           order)
+
+
+def pack_quantized(weight: torch.Tensor) -> QuantizedPanels:
+    """Low-bit weights of either width, some with an input order (GPTQ act-order): wide ones in
+    4 bits, square ones in 8, long ones in order."""
+    out_features, in_features = weight.shape
+    bits = 4 if out_features > in_features else 8
+    return pack_weight(quantize(weight, bits, ordered=in_features > out_features))
+
+
 PACKS = {WeightFormat.PANELS: pack_weight, WeightFormat.MKL_PACKED: mkl_pack,
-         WeightFormat.BF16: lambda w: w}
+         WeightFormat.BF16: lambda w: w, WeightFormat.QUANTIZED: pack_quantized}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, layer_weight, bias=None):
     """What the per-layer path computes: packed_linear or MKL's packed GEMM in fp32 (as the
     weight is packed), torch's linear in bf16."""
-    if isinstance(layer_weight, PackedWeight):
+    if isinstance(layer_weight, PackedWeight | QuantizedPanels):
         return packed_linear(x, layer_weight, bias)
     if x.dtype == torch.float32:
         return torch.ops.mkl._mkl_linear(x, layer_weight, weight, bias, x.shape[0])
@@ -161,7 +185,8 @@ SMOLLM2 = DecoderShape(hidden_size=576, intermediate_size=1536, num_heads=9, num
                        head_dim=64, rms_norm_eps=1e-5)
 
 
-@pytest.mark.parametrize("weight_format", [WeightFormat.PANELS, WeightFormat.MKL_PACKED])
+@pytest.mark.parametrize("weight_format",
+                         [WeightFormat.PANELS, WeightFormat.MKL_PACKED, WeightFormat.QUANTIZED])
 @pytest.mark.parametrize("shape, bias, block_size", [
     (SMOLLM2, False, 16),
     (DecoderShape(64, 96, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6), True, 1),
@@ -236,9 +261,15 @@ def test_bad_inputs_are_named():
         FusedDecoder(shape, with_(o=pack_weight(stack.weights[0]["o"].bfloat16())))
     with pytest.raises(KernelInputError, match=r"o must be \[out, in\] = \[64, 64\], got \[64, 48\]"):
         FusedDecoder(shape, with_(o=pack_weight(stack.weights[0]["o"][:, :48])))
+    with pytest.raises(KernelInputError, match="all fp32 PackedWeight"):  # low-bit and fp32
+        FusedDecoder(shape, with_(o=pack_quantized(stack.weights[0]["o"])))
     mkl_layer = make_stack(shape, 1, 8, 4, False, gen, WeightFormat.MKL_PACKED).layers[0]
     with pytest.raises(KernelInputError, match="layer 1: its weights are not PANELS"):
         FusedDecoder(shape, [layer, mkl_layer])
+    low_bit = make_stack(shape, 1, 8, 4, False, gen, WeightFormat.QUANTIZED).layers[0]
+    broken = dataclasses.replace(low_bit.o, scales=low_bit.o.scales[:, :1].contiguous())
+    with pytest.raises(KernelInputError, match="packed.scales must be contiguous fp32"):
+        FusedDecoder(shape, [DecoderLayerWeights(**{**vars(low_bit), "o": broken})])
     with pytest.raises(KernelInputError, match="KV caches must be"):
         FusedDecoder(shape, with_(v_cache=layer.v_cache[:, :2].clone()))
     with pytest.raises(KernelInputError, match="at least one layer"):

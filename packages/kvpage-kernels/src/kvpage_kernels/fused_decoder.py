@@ -9,8 +9,10 @@ the QKV GEMM, rotary, ``write_kv``, decode attention, the output GEMM, ``rms_nor
 gate/up GEMM, ``silu_and_mul``, the down GEMM) for every layer inside one C call.
 
 The GEMM depends on the layers' weight format (``WeightFormat``, told by the weights' type
-and dtype). fp32 weights packed by ``pack_weight`` (``PackedWeight``) are multiplied by the
-cpu backend's own GEMM, the C function that ``packed_linear`` calls, and fp32 weights packed by
+and dtype). Weights packed by ``pack_weight``, fp32 ``PackedWeight`` or low-bit
+``QuantizedPanels`` (4 or 8 bits, each weight its own group size and input order; the stack
+runs in fp32), are multiplied by the cpu backend's own GEMM, the C function that
+``packed_linear`` calls, and fp32 weights packed by
 ``torch.ops.mkl._mkl_reorder_linear_weight`` by the packed sgemm that torch's
 ``torch.ops.mkl._mkl_linear`` calls, its address taken from the MKL inside torch: either way
 the results are bit-identical to the per-layer path's with the same weights. bf16 weights are
@@ -34,9 +36,10 @@ import torch
 from . import cpu_backend
 from .cpu_backend import _DTYPE_CODES, _f32, _i32, _i64, _ptr
 from .errors import KernelBackendUnavailable, KernelInputError
-from .packed_weight import PackedWeight
+from .ops import check_packed
+from .packed_weight import PackedWeight, QuantizedPanels
 
-Weight = torch.Tensor | PackedWeight
+Weight = torch.Tensor | PackedWeight | QuantizedPanels
 
 
 class WeightFormat(enum.IntEnum):
@@ -46,6 +49,7 @@ class WeightFormat(enum.IntEnum):
     MKL_PACKED = 0  # fp32, packed by torch.ops.mkl._mkl_reorder_linear_weight: MKL's sgemm
     PANELS = 1  # fp32 PackedWeight from pack_weight: the cpu backend's packed_linear GEMM
     BF16 = 2  # bf16 [out, in], contiguous: MKL's gemm_bf16bf16f32
+    QUANTIZED = 3  # QuantizedPanels from pack_weight, fp32 stack: the packed_linear GEMM
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,9 @@ class DecoderShape:
 class DecoderLayerWeights:
     """One layer, all in one dtype (fp32 or bf16): norms, projection weights (q/k/v and gate/up
     stacked along the output, one GEMM each, [out, in] in one ``WeightFormat``: in fp32 a
-    ``PackedWeight`` from ``pack_weight`` or an MKL pack, in bf16 the plain contiguous tensor)
-    and the layer's KV cache [num_blocks, block_size, num_kv_heads, head_dim]."""
+    ``PackedWeight`` or ``QuantizedPanels`` from ``pack_weight`` or an MKL pack, in bf16 the
+    plain contiguous tensor) and the layer's KV cache [num_blocks, block_size, num_kv_heads,
+    head_dim]."""
 
     input_norm: torch.Tensor
     qkv: Weight
@@ -144,7 +149,7 @@ def unavailable_reason(weight_format: WeightFormat = WeightFormat.PANELS) -> str
     return None
 
 
-def _address(t: Weight | None) -> int | None:
+def _address(t: torch.Tensor | PackedWeight | None) -> int | None:
     if t is None:
         return None
     if isinstance(t, PackedWeight):
@@ -177,11 +182,19 @@ class FusedDecoder:
             shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
             shape.sliding_window or 0, self.weight_format)
+        self._matrices: list[cpu_backend.QuantizedMatrix] = []  # what _c_layers points to
         self._c_layers = (_Layer * len(layers))(*[
-            _Layer(*(_address(t) for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
-                                           w.input_norm, w.post_attention_norm, w.k_cache,
-                                           w.v_cache)))
+            _Layer(*(self._address(t) for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
+                                                w.input_norm, w.post_attention_norm, w.k_cache,
+                                                w.v_cache)))
             for w in layers])
+
+    def _address(self, t: Weight | None) -> int | None:
+        """Where the C side finds t: a quantized weight's C description, kept alive here."""
+        if not isinstance(t, QuantizedPanels):
+            return _address(t)
+        self._matrices.append(cpu_backend.quantized_matrix(t))
+        return ctypes.addressof(self._matrices[-1])
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -254,17 +267,26 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
 def _weight_format(i: int, dtype: torch.dtype, w: DecoderLayerWeights) -> WeightFormat:
     """Layer i's weight format, told by its projection weights' type and dtype."""
     weights = [w.qkv, w.o, w.gate_up, w.down]
+    quantized = [isinstance(t, QuantizedPanels) for t in weights]
+    if dtype == torch.float32 and all(quantized):
+        for t in weights:
+            check_packed(t)
+        if not all(t.device.type == "cpu" for t in weights):
+            raise KernelInputError(f"layer {i}: quantized weights must be on the CPU")
+        return WeightFormat.QUANTIZED
     packed = [isinstance(t, PackedWeight) for t in weights]
-    if dtype == torch.bfloat16 and not any(packed):
-        return WeightFormat.BF16
-    if dtype == torch.float32 and all(t.dtype == torch.float32 for t in weights):
-        if all(packed):
-            return WeightFormat.PANELS
-        if not any(packed) and all(t.is_mkldnn for t in weights):
-            return WeightFormat.MKL_PACKED
+    if not any(quantized):
+        if dtype == torch.bfloat16 and not any(packed):
+            return WeightFormat.BF16
+        if dtype == torch.float32 and all(t.dtype == torch.float32 for t in weights):
+            if all(packed):
+                return WeightFormat.PANELS
+            if not any(packed) and all(t.is_mkldnn for t in weights):
+                return WeightFormat.MKL_PACKED
     raise KernelInputError(
-        f"layer {i}: the projection weights must be all fp32 PackedWeight (pack_weight) or all "
-        "packed with torch.ops.mkl._mkl_reorder_linear_weight in fp32, plain tensors in bf16")
+        f"layer {i}: the projection weights must be all fp32 PackedWeight (pack_weight), all "
+        "QuantizedPanels (pack_weight of a QuantizedWeight) or all packed with "
+        "torch.ops.mkl._mkl_reorder_linear_weight in fp32, plain tensors in bf16")
 
 
 def _check_projections(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> None:
@@ -276,7 +298,7 @@ def _check_projections(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> N
                 "down": (hidden, shape.intermediate_size)}
     for name, features in expected.items():
         weight = getattr(w, name)
-        if isinstance(weight, PackedWeight):
+        if isinstance(weight, PackedWeight | QuantizedPanels):
             actual = (weight.out_features, weight.in_features)
         elif weight.is_mkldnn:
             continue
