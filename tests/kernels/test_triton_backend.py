@@ -3,11 +3,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+
 import pytest
 import torch
-from kvpage_kernels import copy_blocks, paged_attention, select_backend, write_kv
+from kvpage_kernels import (
+    copy_blocks,
+    pack_weight,
+    packed_linear,
+    paged_attention,
+    select_backend,
+    write_kv,
+)
 
-from .cases import assert_close, check_large_num_blocks, make_problem, poisoned_like
+from .cases import (
+    assert_close,
+    assert_close_to_product,
+    check_large_num_blocks,
+    make_problem,
+    poisoned_like,
+    random_quantized,
+)
 
 triton_backend = pytest.importorskip("kvpage_kernels.triton_backend",
                                      reason="triton is not installed")
@@ -112,3 +129,28 @@ def test_copy_blocks():
 
 def test_large_num_blocks_uses_64bit_offsets():
     check_large_num_blocks("triton", DEVICE)
+
+
+@pytest.mark.parametrize("rows, in_features, out_features, group_size, bits, ordered, bias", [
+    (1, 64, 33, 32, 4, False, True),
+    (5, 96, 40, 32, 8, True, False),
+    (17, 64, 20, 64, 4, True, True),
+    (0, 64, 33, 32, 8, False, False),
+])
+def test_quantized_linear(rows, in_features, out_features, group_size, bits, ordered, bias):
+    """Low-bit packed_linear against the reference (x @ the dequantized weight^T), with the
+    tolerance of two fp32 sums in different orders (``assert_close_to_product``)."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    weight = random_quantized(out_features, in_features, bits, group_size, ordered, gen)
+    weight = dataclasses.replace(weight, **{
+        name: getattr(weight, name).to(DEVICE)
+        for name in ("codes", "scales", "offsets", "input_order")
+        if getattr(weight, name) is not None})
+    packed = pack_weight(weight)
+    x = torch.randn(rows, in_features, generator=gen).to(DEVICE)
+    b = torch.randn(out_features, generator=gen).to(DEVICE) if bias else None
+    expected = packed_linear(x, packed, b, backend="reference")
+    actual = packed_linear(x, packed, b, backend="triton")
+    assert_close_to_product(actual.cpu(), expected.cpu(), x.cpu(), weight.dequantize().cpu(),
+                            None if b is None else b.cpu(), seed)

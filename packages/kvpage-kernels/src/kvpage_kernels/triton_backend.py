@@ -1,10 +1,18 @@
-"""Triton backend: write_kv, unified paged attention, split-KV decode, copy_blocks.
+"""Triton backend: write_kv, unified paged attention, split-KV decode, copy_blocks, and
+packed_linear on low-bit weights.
 
 The attention kernels walk the keys of a sequence in tiles of TILE_N positions, looking each
 position's block up in the block table, so one kernel serves every cache block size. They
 use an online softmax in fp32; operands are cast to fp32 before every dot (exact for fp16 and
 bf16 inputs even at tf32 precision, which is used for them; fp32 inputs use full precision).
 All pointer offsets into the cache are computed in int64.
+
+packed_linear on ``QuantizedPanels`` reads the panels that ``pack_weight`` makes (the cpu
+backend's layout) tile by tile: each program dequantizes a [BLOCK_K, BLOCK_N] tile of codes
+(shift and mask of their 32-bit words, then ``q * scale + offset``) and multiplies it into an
+fp32 accumulator with ``tl.dot`` at full fp32 precision, the rows of x read in the weight's
+input order; tiles are at least 16 wide in every dimension (padded and masked), as GPUs need.
+fp32 and bf16 ``PackedWeight`` go to the torch path.
 
 On a machine with no GPU these kernels run under TRITON_INTERPRET=1 (set before this module
 is imported) on CPU tensors.
@@ -18,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import layer_ops
 from ._common import check_inner_contiguous, pairs_to_tensors, swap_blocks_indexed
+from .packed_weight import PANEL_WIDTH, QuantizedPanels
 
 swap_blocks = swap_blocks_indexed
 # Keys per attention step, independent of the cache block size (each position's block is
@@ -217,6 +227,43 @@ def _copy_blocks_kernel(cache_ptr, pairs_ptr, block_numel, BLOCK: tl.constexpr):
     tl.store(cache_ptr + dst * block_numel + offs, data, mask=mask)
 
 
+@triton.jit
+def _quantized_linear_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, order_ptr, bias_ptr,
+                             out_ptr, rows, n, depth, stride_x,
+                             BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                             PANEL: tl.constexpr, HAS_ORDER: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row tile, column tile): out = x @ W^T (+ bias) over all the inputs."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = row < rows, col < n
+    panel = (col // PANEL).to(tl.int64)
+    codes_base = panel * (depth // PER_WORD * PANEL) + col % PANEL  # word 0 of each column
+    groups_base = panel * (depth // GROUP_SIZE * PANEL) + col % PANEL
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for first in range(0, depth, BLOCK_K):
+        k = first + tl.arange(0, BLOCK_K)
+        k_ok = k < depth
+        source = tl.load(order_ptr + k, mask=k_ok, other=0) if HAS_ORDER else k
+        x = tl.load(x_ptr + row.to(tl.int64)[:, None] * stride_x + source[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        tile_ok = k_ok[:, None] & col_ok[None, :]
+        words = tl.load(codes_ptr + codes_base[None, :] + (k // PER_WORD * PANEL)[:, None],
+                        mask=tile_ok, other=0)
+        codes = (words >> ((k % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
+        at = groups_base[None, :] + (k // GROUP_SIZE * PANEL)[:, None]
+        scales = tl.load(scales_ptr + at, mask=tile_ok, other=0.0)
+        offsets = tl.load(offsets_ptr + at, mask=tile_ok, other=0.0)
+        weights = codes.to(tl.float32) * scales + offsets
+        acc += tl.dot(x, weights, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + col, mask=col_ok, other=0.0)[None, :]
+    tl.store(out_ptr + row.to(tl.int64)[:, None] * n + col[None, :], acc,
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
@@ -330,3 +377,23 @@ def copy_blocks(kv_caches, src_dst) -> None:
     for k_cache, v_cache in kv_caches:
         _copy_blocks_kernel[grid](k_cache, pairs, block_numel, BLOCK=block)
         _copy_blocks_kernel[grid](v_cache, pairs, block_numel, BLOCK=block)
+
+
+def packed_linear(x, packed, bias=None) -> torch.Tensor:
+    if not isinstance(packed, QuantizedPanels):
+        return layer_ops.packed_linear(x, packed, bias)
+    rows, n = x.shape[0], packed.out_features
+    out = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    block_m = 16 if rows <= 16 else 64  # 16: the smallest dot
+    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, 64))
+    order = packed.input_order
+    _quantized_linear_kernel[grid](
+        x, packed.codes, packed.scales, packed.offsets, packed.codes if order is None else order,
+        out if bias is None else bias.contiguous(), out, rows, n, packed.in_features,
+        x.stride(0), BITS=packed.bits, GROUP_SIZE=packed.group_size, PANEL=PANEL_WIDTH,
+        HAS_ORDER=order is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=64,
+        BLOCK_K=32)
+    return out
