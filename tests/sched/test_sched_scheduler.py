@@ -382,6 +382,17 @@ def test_config_validation():
     assert Request("x", [1], 1).arrival_time is not None
 
 
+def test_a_request_given_no_token_waits_without_being_scheduled():
+    """A running request whose step sampled nothing (its next token is decided outside the
+    scheduler, as in beam search) has nothing to compute until it gets one."""
+    sched, _ = make_sched()
+    sched.add_request(req("a", prompt_len=8))
+    sched.update_from_output(sched.schedule(), {}, {})  # the prompt, then no token
+    assert sched.schedule().scheduled == []
+    child = sched.fork_request("a", "b", [7])
+    assert [s.request_id for s in sched.schedule().scheduled] == [child.request_id]
+
+
 def test_blocks_out_of_the_sliding_window_go_back_as_a_request_moves_on():
     """A 64-token window over 4-token blocks: however long the request grows (chunked prompt,
     then decode), it never holds more than the window's blocks plus the two at its edges."""

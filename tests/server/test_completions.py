@@ -193,3 +193,29 @@ def test_streaming_n_with_logprobs(server):
         offsets = [o for c in mine if c.logprobs for o in c.logprobs.text_offset]
         assert mine[-1].finish_reason == "length" and len(tokens) == 6
         assert "".join(tokens) == text and offsets == sorted(offsets) and offsets[0] == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_beam_search_returns_n_hypotheses_best_first(server, path):
+    body = {"max_tokens": 8, "n": 3, "use_beam_search": True}
+    if path.endswith("completions") and "chat" not in path:
+        body["prompt"] = "The three primary colors are"
+    else:
+        body["messages"] = [{"role": "user", "content": "Name a color."}]
+    with server.http() as http:
+        r = http.post(path, json=body)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    texts = [c["text"] if "text" in c else c["message"]["content"] for c in choices]
+    assert len(set(texts)) == 3  # three different hypotheses
+    assert all(c["finish_reason"] in ("stop", "length") for c in choices)
+
+
+@pytest.mark.parametrize("extra,param", [({"stream": True}, "stream"), ({"top_p": 0.5}, "top_p"),
+                                         ({"logprobs": 2}, "logprobs"), ({"stop": ["x"]}, "stop")])
+def test_beam_search_refuses_what_it_cannot_honour(server, extra, param):
+    body = {"prompt": "Hi", "max_tokens": 4, "n": 2, "use_beam_search": True, **extra}
+    with server.http() as http:
+        r = http.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text

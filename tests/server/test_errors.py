@@ -94,7 +94,7 @@ CASES = [
         400,
         "messages.0.tool_calls",
     ),
-    ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    ("/v1/completions", {"prompt": "hi", "guided_regex": "[a-z]+"}, 400, "guided_regex"),
     # caps on what one request may ask for
     ("/v1/completions", {"prompt": "hi", "stop": [f"s{i}" for i in range(17)]}, 400, "stop"),
     ("/v1/completions", {"prompt": "hi", "stop": ["x" * 513]}, 400, "stop"),

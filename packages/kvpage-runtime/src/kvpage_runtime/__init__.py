@@ -26,6 +26,9 @@ _EXPORTS = {
     "RequestMetrics": "kvpage_runtime.engine.outputs",
     "RequestOutput": "kvpage_runtime.engine.outputs",
     "SamplingParams": "kvpage_runtime.sampling.params",
+    "BeamSearchParams": "kvpage_runtime.sampling.beam_search",
+    "BeamSearchOutput": "kvpage_runtime.sampling.beam_search",
+    "BeamSearchSequence": "kvpage_runtime.sampling.beam_search",
     "KVPageError": "kvpage_runtime.errors",
     "InvalidRequestError": "kvpage_runtime.errors",
     "ModelLoadError": "kvpage_runtime.errors",
@@ -36,6 +39,9 @@ _EXPORTS = {
 __all__ = [
     "LLM",
     "AsyncLLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
+    "BeamSearchSequence",
     "CompletionOutput",
     "EngineConfig",
     "EngineConfigError",
@@ -73,6 +79,11 @@ if TYPE_CHECKING:
         ModelLoadError,
         RequestFailedError,
         UnsupportedModelError,
+    )
+    from kvpage_runtime.sampling.beam_search import (
+        BeamSearchOutput,
+        BeamSearchParams,
+        BeamSearchSequence,
     )
     from kvpage_runtime.sampling.params import SamplingParams
 

@@ -259,7 +259,7 @@ class Scheduler:
         remaining = req.num_tokens - req.num_computed_tokens
         if remaining > 1:
             return self._prefill_tokens(remaining, budget), 0
-        if budget == 0:
+        if remaining == 0 or budget == 0:  # 0: its next token is decided elsewhere (beam search)
             return 0, 0
         lookahead = self.config.num_lookahead_tokens
         if lookahead:  # never more drafts than the budget or the tokens left to produce

@@ -27,6 +27,7 @@ from kvpage_sched import (
     SchedulerConfig,
 )
 
+from kvpage_runtime.engine.beam_runs import BeamSearches
 from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.detokenizer import IncrementalDetokenizer, make_token_decoder
 from kvpage_runtime.engine.kv_budget import plan_kv_cache
@@ -45,6 +46,7 @@ from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.hf import load_tokenizer
 from kvpage_runtime.model_runner import ModelRunner
 from kvpage_runtime.sampling import (
+    BeamSearchParams,
     Sampler,
     SamplerOutput,
     SamplingParams,
@@ -67,6 +69,7 @@ class _StepPlan:
     sample_seqs: list[Sequence] = field(default_factory=list)
     sample_logit_rows: list[int] = field(default_factory=list)
     forking: list[RequestGroup] = field(default_factory=list)
+    beam_rows: list[tuple[str, int]] = field(default_factory=list)  # (beam id, logits row)
     # (group, first prompt position, end position, first logits row)
     prompt_logprob_jobs: list[tuple[RequestGroup, int, int, int]] = field(default_factory=list)
 
@@ -93,7 +96,8 @@ class LLMEngine:
         self.config = config
         started = time.perf_counter()
         kernels = _prepare_kernels(config.device)
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+        loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+                            quantization=config.quantization)
         kernels.join()
         self.load_seconds = time.perf_counter() - started
         self.model_config = loaded.config
@@ -127,6 +131,7 @@ class LLMEngine:
         self._decode_token = make_token_decoder(self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
         self._seqs: dict[str, Sequence] = {}
+        self.beams = BeamSearches(self.scheduler, self.tokenizer, self.eos_token_ids)
         self._salt = itertools.count()
 
     def _scheduler_config(self) -> SchedulerConfig:
@@ -147,20 +152,25 @@ class LLMEngine:
         return [int(t) for t in prompt]
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
-                    params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> RequestGroup:
-        """Validates and queues a request; raises InvalidRequestError when it cannot be served.
+                    params: SamplingParams | BeamSearchParams | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Validates and queues a request (a beam search with BeamSearchParams); raises
+        InvalidRequestError when it cannot be served.
 
         ``priority`` orders requests under the "priority" scheduling policy (lower first).
         """
         params = params or SamplingParams()
-        if request_id in self._groups or request_id in self._seqs:
+        if request_id in self._groups or request_id in self._seqs or request_id in self.beams:
             raise InvalidRequestError(f"request_id {request_id!r} is already in use")
         if priority != 0 and self.config.scheduling_policy != "priority":
             raise InvalidRequestError(f"priority is {priority}, but priority scheduling is not "
                                       "enabled (scheduling_policy='priority')")
         token_ids = self.tokenize(prompt)
-        self._validate(token_ids, params)
+        self._check_prompt(token_ids)
+        if isinstance(params, BeamSearchParams):
+            return self._add_beam_search(request_id, prompt, token_ids, params, arrival_time,
+                                         priority)
+        params.validate_vocab(self.model_config.vocab_size)
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                              params, RequestMetrics(arrival_time or time.time()))
         if params.prompt_logprobs is not None:
@@ -175,9 +185,18 @@ class LLMEngine:
             raise InvalidRequestError(str(exc)) from exc
         self._groups[request_id] = group
         self._seqs[request_id] = group.seqs[0]
-        return group
 
-    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _add_beam_search(self, request_id: str, prompt: str | Seq[int], token_ids: list[int],
+                         params: BeamSearchParams, arrival_time: float | None,
+                         priority: int) -> None:
+        try:
+            self.beams.add(request_id, prompt if isinstance(prompt, str) else None, token_ids,
+                           params, self.max_model_len - len(token_ids),
+                           arrival_time or time.time(), priority)
+        except RequestRejectedError as exc:
+            raise InvalidRequestError(str(exc)) from exc
+
+    def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise InvalidRequestError("prompt is empty")
         if len(token_ids) >= self.max_model_len:
@@ -186,7 +205,6 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if max(token_ids) >= vocab or min(token_ids) < 0:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
-        params.validate_vocab(vocab)
 
     def _cache_keys(self, group: RequestGroup) -> tuple:
         """Prompt logprobs need every prompt position computed: a unique salt avoids prefix hits."""
@@ -209,7 +227,7 @@ class LLMEngine:
         """Stops a request now; its blocks go back to the pool. Returns its final output."""
         group = self._groups.get(request_id)
         if group is None:
-            return None
+            return self.beams.abort(request_id)
         self._end(group, "abort")
         return self._finish_output(group)
 
@@ -229,11 +247,11 @@ class LLMEngine:
             self._end(group, "error")
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._groups)
+        return bool(self._groups) or bool(self.beams)
 
     @property
     def num_requests(self) -> int:
-        return len(self._groups)
+        return len(self._groups) + len(self.beams)
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -258,9 +276,11 @@ class LLMEngine:
         t3 = time.perf_counter()
         sampled = self._sample(logits, plan)
         self._prompt_logprobs(plan, logits)
+        for beam_id, row in plan.beam_rows:
+            self.beams.report(beam_id, logits[row])
         t4 = time.perf_counter()
         touched = self._apply_samples(out, plan, sampled)
-        outputs = [self._finish_output(g) for g in touched]
+        outputs = [self._finish_output(g) for g in touched] + self.beams.advance()
         t5 = time.perf_counter()
         self._record(t1, t2, t3, t4, t5, len(plan.sample_seqs))
         return outputs
@@ -273,14 +293,16 @@ class LLMEngine:
         self.num_failed_steps += 1
         self._failures_in_a_row += 1
         logger.error("engine step failed (%d in a row); failing the %d requests in flight",
-                     self._failures_in_a_row, len(self._groups), exc_info=exc)
+                     self._failures_in_a_row, self.num_requests, exc_info=exc)
         if self._failures_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise EngineDeadError(f"the engine step failed {self._failures_in_a_row} times in "
                                   f"a row, last with {exc!r}") from exc
+        reason = f"the engine step serving it failed: {exc!r}"
         groups = list(self._groups.values())
         for group in groups:
-            self._fail(group, f"the engine step serving it failed: {exc!r}")
+            self._fail(group, reason)
         outputs = [self._finish_output(group) for group in groups]
+        outputs += [self.beams.fail(request_id, reason) for request_id in self.beams.request_ids()]
         if not self.cache.reset_prefix_cache():
             raise EngineDeadError("the KV cache could not be reset after a failed step: "
                                   f"{self.cache.num_blocks - self.cache.num_free_blocks} blocks "
@@ -292,6 +314,12 @@ class LLMEngine:
         offset = 0
         now = time.time()
         for sr in scheduled:
+            if self.beams.owns(sr.request_id):
+                if not sr.is_prefill_chunk:
+                    plan.beam_rows.append((sr.request_id, len(plan.logits_indices)))
+                    plan.logits_indices.append(offset + sr.num_tokens - 1)
+                offset += sr.num_tokens
+                continue
             seq = self._seqs[sr.request_id]
             group = seq.group
             if group.metrics.first_scheduled_time is None:

@@ -13,7 +13,13 @@ from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.engine import LLMEngine
 from kvpage_runtime.engine.outputs import RequestOutput
 from kvpage_runtime.errors import InvalidRequestError, RequestFailedError
-from kvpage_runtime.sampling import SamplingParams
+from kvpage_runtime.sampling import (
+    BeamSearchOutput,
+    BeamSearchParams,
+    BeamSearchSequence,
+    SamplingParams,
+)
+from kvpage_runtime.sampling.beam_search import normalized_score
 
 Prompt = str | Sequence[int]
 Messages = list[dict[str, Any]]
@@ -41,7 +47,11 @@ class LLM:
         """
         batch = _as_prompt_list(prompts, prompt_token_ids)
         params = _as_params_list(sampling_params, len(batch))
-        priorities = _as_priority_list(priority, len(batch))
+        return self._run_all(batch, params, _as_priority_list(priority, len(batch)), use_tqdm)
+
+    def _run_all(self, batch: list[Prompt], params: Sequence[SamplingParams | BeamSearchParams],
+                 priorities: list[int], use_tqdm: bool) -> list[RequestOutput]:
+        """Queues every prompt, steps the engine until all are done; outputs in input order."""
         ids = [f"{next(self._ids)}" for _ in batch]
         try:
             for rid, prompt, p, prio in zip(ids, batch, params, priorities, strict=True):
@@ -52,6 +62,27 @@ class LLM:
                 self.engine.abort_request(rid)
             raise
         return [finals[rid] for rid in ids]
+
+    def beam_search(self, prompts: Sequence[Prompt | dict[str, Any]], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search for each prompt (text, token ids, or a dict with "prompt" or
+        "prompt_token_ids"), all prompts' beams advancing together in the engine's batches;
+        returns each prompt's hypotheses best first (``kvpage_runtime.sampling.beam_search``
+        says how they are scored: as transformers' ``generate(num_beams=...)``)."""
+        batch = [_unwrap_prompt(p) for p in prompts]
+        finals = self._run_all(batch, [params] * len(batch), [0] * len(batch), use_tqdm)
+        return [self._beam_output(out, params) for out in finals]
+
+    def _beam_output(self, out: RequestOutput, params: BeamSearchParams) -> BeamSearchOutput:
+        tokenizer = self.engine.tokenizer
+        sequences = []
+        for c in out.outputs:
+            tokens = list(out.prompt_token_ids) + list(c.token_ids)
+            sequences.append(BeamSearchSequence(
+                tokens, tokenizer.decode(tokens, skip_special_tokens=True), c.cumulative_logprob,
+                normalized_score(c.cumulative_logprob, len(c.token_ids), params.length_penalty),
+                c.finish_reason))
+        return BeamSearchOutput(sequences)
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -100,6 +131,17 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt] | None,
     if prompts and isinstance(prompts[0], int):
         return [prompts]
     return prompts
+
+
+def _unwrap_prompt(prompt: Prompt | dict[str, Any]) -> Prompt:
+    """vLLM's prompt dicts ({"prompt": text} or {"prompt_token_ids": ids}) or a plain prompt."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if "prompt" in prompt:
+        return prompt["prompt"]
+    raise InvalidRequestError('a prompt dict needs "prompt" or "prompt_token_ids"')
 
 
 def _as_priority_list(priority: Sequence[int] | None, n: int) -> list[int]:

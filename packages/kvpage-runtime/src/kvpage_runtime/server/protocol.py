@@ -72,7 +72,7 @@ class _Unsupported(_Request):
 
 _TOOL_CHOICE_UNUSED = _unset_or("none", "auto")
 _VLLM_UNSUPPORTED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                     "structured_outputs", "use_beam_search", "allowed_token_ids", "bad_words",
+                     "structured_outputs", "allowed_token_ids", "bad_words",
                      "truncate_prompt_tokens", "prompt_logprobs")
 
 
@@ -105,6 +105,9 @@ class _SamplingFields(_Unsupported):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = Field(0, ge=INT64_MIN, le=INT64_MAX)  # lower first, under --scheduling-policy priority
+    # beam search (vLLM's extras): n is the beam width; not with stream
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
     # known but not implemented (see _Unsupported)
     store: bool | None = None
     guided_json: Any = None
@@ -112,7 +115,6 @@ class _SamplingFields(_Unsupported):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
-    use_beam_search: Any = None
     allowed_token_ids: Any = None
     bad_words: Any = None
     truncate_prompt_tokens: Any = None
