@@ -129,3 +129,18 @@ def test_beams_share_their_prefix_blocks(tmp_path):
     held = engine.cache.num_blocks - engine.cache.num_free_blocks
     assert held < 2 * 40 // 4  # four private copies would hold 4 x 10 blocks and more
     engine.abort_request("b")
+
+
+@pytest.mark.slow
+def test_the_default_model_searches_as_transformers_does():
+    from engine_fixtures import hf_model_from_gguf
+
+    llm = LLM(dtype="float32")
+    model = hf_model_from_gguf(default_gguf())
+    chats = [[{"role": "user", "content": text}] for text in
+             ("Name a fruit.", "What is the capital of Italy?", "Say hello in French.")]
+    prompts = [llm.apply_chat_template(chat) for chat in chats]
+    outs = llm.beam_search(prompts, BeamSearchParams(4, MAX_TOKENS))
+    for out, prompt in zip(outs, prompts, strict=True):
+        _assert_same_search(out, prompt, _transformers_beams(model, prompt, 4, 1.0), 4,
+                            llm.get_tokenizer().eos_token_id)
