@@ -18,6 +18,7 @@ from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.gguf_file import GGUFModelFile
 from kvpage_runtime.models import build_model
 from model_helpers import TINY, one_torch_thread, save_tiny_model  # noqa: F401 (fixture)
+from quant_helpers import gguf_blocks, gguf_type
 from safetensors.numpy import load_file
 
 SMALL = {**TINY, "num_hidden_layers": 2}
@@ -77,7 +78,10 @@ def _expert_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
 
-def write_gguf(folder: Path, path: Path, arch: str, config, permute: bool) -> Path:
+def write_gguf(folder: Path, path: Path, arch: str, config, permute: bool,
+               types: dict[str, str] | None = None) -> Path:
+    """The model saved in ``folder`` as llama.cpp lays it out; ``types`` (see
+    ``quant_helpers.gguf_type``) stores tensors as low-bit blocks, the rest are F32."""
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -94,7 +98,12 @@ def write_gguf(folder: Path, path: Path, arch: str, config, permute: bool) -> Pa
     for name, array in gguf_tensors(
         load_file(folder / "model.safetensors"), config, permute
     ).items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        qtype = gguf_type(name, types or {})
+        if qtype is None:
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        else:
+            writer.add_tensor(name, gguf_blocks(array, qtype),
+                              raw_dtype=gguf.GGMLQuantizationType[qtype])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from kvpage_kernels import cpu_isa, select_backend
 from kvpage_kernels.ops import ENV_VAR as KERNEL_BACKEND_ENV
 from kvpage_runtime.layers import packed_gemm
-from kvpage_runtime.layers.embedding import LMHead
 from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.packed_gemm import (
     ENV_VAR,
@@ -117,7 +116,7 @@ def test_the_choice_is_logged_once_per_dtype(monkeypatch, caplog):
     monkeypatch.setenv(cpu_isa.ENV_VAR, "avx2")
     model = torch.nn.ModuleList(
         [Linear(48, [32], dtype=torch.bfloat16), Linear(32, [48], dtype=torch.bfloat16),
-         LMHead(100, 48, torch.float32)])
+         Linear(48, [100])])  # the last: an LM head
     assert packing_log(model, caplog) == [
         str(choose_packing(torch.bfloat16)), str(choose_packing(torch.float32))]
     assert packing_log(model, caplog)[0] == (
@@ -136,7 +135,7 @@ def test_strided_input_rows():
 
 def test_modules_use_their_packs_and_the_switch_turns_them_off(monkeypatch, caplog):
     linear = Linear(48, [32, 16], bias=True)
-    head = LMHead(100, 48, torch.float32)
+    head = Linear(48, [100])  # an LM head
     for p in (linear.weight, linear.bias, head.weight):
         p.data.normal_()  # weights are uninitialized until loaded
     x = torch.randn(7, 48)

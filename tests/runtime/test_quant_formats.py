@@ -13,8 +13,7 @@ from kvpage_runtime.layers.quantization.formats import (
     gguf_weight,
     gptq_weight,
 )
-
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: the output column each nibble of a word holds
+from quant_helpers import AWQ_ORDER, pack_along
 
 
 def _random_quantization(out_f: int, in_f: int, bits: int, group: int, seed: int):
@@ -25,24 +24,13 @@ def _random_quantization(out_f: int, in_f: int, bits: int, group: int, seed: int
     return codes, zeros, scales
 
 
-def _pack_along(values: torch.Tensor, bits: int, dim: int, order=None) -> torch.Tensor:
-    """Packs 32 // bits codes per int32 along ``dim`` (word slot p holds ``order[p]``)."""
-    per_word = 32 // bits
-    order = order or tuple(range(per_word))
-    v = values.movedim(dim, -1)
-    v = v.reshape(*v.shape[:-1], -1, per_word)[..., list(order)].to(torch.int64)
-    words = sum(v[..., p] << (bits * p) for p in range(per_word))
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return words.movedim(-1, dim)
-
-
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_awq_matches_its_reference_dequantization(group):
     out_f, in_f = 48, 256
     codes, zeros, scales = _random_quantization(out_f, in_f, 4, group, seed=group)
     # AutoAWQ's gemm layout: [in, out/8] words along the outputs, interleaved
-    qweight = _pack_along(codes.t(), 4, dim=1, order=AWQ_ORDER)
-    qzeros = _pack_along(zeros.t(), 4, dim=1, order=AWQ_ORDER)
+    qweight = pack_along(codes.t(), 4, dim=1, order=AWQ_ORDER)
+    qzeros = pack_along(zeros.t(), 4, dim=1, order=AWQ_ORDER)
     w = awq_weight(qweight, qzeros, scales.t().contiguous(), group)
     expected = ((codes - zeros.repeat_interleave(group, 1)).float()
                 * scales.float().repeat_interleave(group, 1))
@@ -66,8 +54,8 @@ def test_gptq_matches_its_reference_dequantization(bits, group, act_order, check
         g_idx = torch.empty_like(g_idx)
         g_idx[perm] = torch.arange(in_f) // size
     stored_zeros = zeros - 1 if checkpoint_format == "gptq" else zeros
-    qweight = _pack_along(codes.t(), bits, dim=0)  # [in*bits/32, out] along the inputs
-    qzeros = _pack_along(stored_zeros.t(), bits, dim=1)  # [groups, out*bits/32]
+    qweight = pack_along(codes.t(), bits, dim=0)  # [in*bits/32, out] along the inputs
+    qzeros = pack_along(stored_zeros.t(), bits, dim=1)  # [groups, out*bits/32]
     w = gptq_weight(qweight, qzeros, scales.t().contiguous(), g_idx.int(), bits, group,
                     checkpoint_format)
     # AutoGPTQ: w[:, k] = scales[g_idx[k]] * (q[:, k] - zeros[g_idx[k]])
@@ -94,8 +82,8 @@ def test_gguf_blocks_match_the_gguf_package(qtype):
 
 def test_malformed_tensors_are_named():
     codes, zeros, scales = _random_quantization(16, 64, 4, 32, seed=0)
-    qweight = _pack_along(codes.t(), 4, dim=1, order=AWQ_ORDER)
-    qzeros = _pack_along(zeros.t(), 4, dim=1, order=AWQ_ORDER)
+    qweight = pack_along(codes.t(), 4, dim=1, order=AWQ_ORDER)
+    qzeros = pack_along(zeros.t(), 4, dim=1, order=AWQ_ORDER)
     with pytest.raises(QuantizationFormatError, match="qzeros"):
         awq_weight(qweight, qzeros[:1], scales.t().contiguous(), 32)
     with pytest.raises(QuantizationFormatError, match="3 bits"):

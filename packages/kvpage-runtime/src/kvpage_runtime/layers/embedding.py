@@ -1,42 +1,56 @@
-"""Token embedding and the LM head (which may share the embedding's weight)."""
+"""Token embedding, and the LM head of models that multiply by the embedding table (an untied
+LM head is a plain ``Linear``).
+
+The embedding table [vocab_size, hidden_size] is the weight of a linear layer from the hidden
+size to the vocabulary, held by a ``LinearMethod``: dense, or low-bit where a GGUF file
+quantized it (looked up with ``kvpage_kernels.embedding_rows``). A tied LM head multiplies by
+the table as that method stores it, so a quantized table is stored once.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kvpage_runtime.layers.linear import UnquantizedLinearMethod
-
-_DENSE = UnquantizedLinearMethod()
+from kvpage_runtime.layers.linear import Linear, LinearMethod, UnquantizedLinearMethod
 
 
-class VocabEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device=None) -> None:
-        super().__init__()
-        weight = torch.empty(vocab_size, hidden_size, dtype=dtype, device=device)
-        self.weight = nn.Parameter(weight, requires_grad=False)
+class VocabEmbedding(Linear):
+    """``forward(ids)`` looks rows of the table up; ``logits(hidden)`` multiplies by it."""
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
-
-
-class LMHead(nn.Module):
-    """Projects final hidden states to vocabulary logits, in the model dtype (the sampler
-    converts to fp32 where it computes anything but an argmax). A dense linear layer whose
-    weight may be the embedding's, applied (and packed) as ``UnquantizedLinearMethod`` does."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, device=None) -> None:
-        super().__init__()
-        weight = torch.empty(vocab_size, hidden_size, dtype=dtype, device=device)
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.packed = None
-
-    def tie_to(self, embedding: VocabEmbedding) -> None:
-        self.weight = embedding.weight
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device=None,
+        method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__(hidden_size, [vocab_size], dtype=dtype, device=device, method=method)
+        self.serves_lm_head = False  # set by TiedLMHead
 
     def pack_weights(self) -> None:
-        _DENSE.process_weights_after_loading(self)
+        """A dense table is looked up as it is, and packed for the GEMM only when it is also
+        the LM head; a low-bit one is always packed (its lookups read the packed form)."""
+        if self.serves_lm_head or not isinstance(self.method, UnquantizedLinearMethod):
+            super().pack_weights()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.method.embedding(self, ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, hidden, None)
+
+
+class TiedLMHead(nn.Module):
+    """The LM head of a model whose output projection is its embedding table: logits in the
+    model dtype, with no weights of its own (the table is not registered here, so it is
+    loaded and saved once)."""
+
+    def __init__(self, embedding: VocabEmbedding) -> None:
+        super().__init__()
+        embedding.serves_lm_head = True
+        self.__dict__["embedding"] = embedding  # a plain reference, not a submodule
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return _DENSE.apply(self, hidden, None)
+        return self.embedding.logits(hidden)

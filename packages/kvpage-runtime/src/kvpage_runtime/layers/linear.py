@@ -2,8 +2,8 @@
 
 A ``Linear`` may stack several logical projections along its output (q/k/v, gate/up): each
 is a *shard* loaded separately from the checkpoint. How the weight is stored and multiplied
-is the ``LinearMethod``'s business, so that int4 methods (AWQ, GPTQ) can replace the dense one
-without touching the models.
+is the ``LinearMethod``'s business, so that low-bit methods (AWQ, GPTQ, GGUF blocks: see
+``layers.quantization``) can replace the dense one without touching the models.
 """
 
 from __future__ import annotations
@@ -20,17 +20,23 @@ from kvpage_runtime.layers.weight_copy import copy_weight
 
 
 class LinearMethod(Protocol):
-    """How a ``Linear`` stores and applies its weight."""
+    """How a ``Linear`` stores and applies its weight.
+
+    ``tensor_names`` are the checkpoint tensors every shard has ("weight" for a dense layer;
+    "qweight", "qzeros", "scales" for AWQ); ``ignored_names`` are tensors a checkpoint may
+    carry that the method does not need (they are accepted and dropped).
+    """
+
+    tensor_names: tuple[str, ...]
+    ignored_names: tuple[str, ...]
 
     def create_weights(
         self, layer: Linear, input_size: int, output_size: int, dtype: torch.dtype, device
     ) -> None:
         """Register the layer's weight parameters (uninitialized)."""
 
-    def load_shard(
-        self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int
-    ) -> None:
-        """Copy checkpoint tensor ``name`` (e.g. "weight") into output rows ``offset:offset+size``."""
+    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
+        """Take checkpoint tensor ``name`` (one of ``tensor_names``) of shard ``shard``."""
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         """Final layout for the device, once the weights are loaded, cast and placed."""
@@ -38,10 +44,23 @@ class LinearMethod(Protocol):
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias``."""
 
+    def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` of W (the layer is an embedding table), in the model dtype."""
+
+    def packed_state(self, layer: Linear) -> dict[str, torch.Tensor]:
+        """Tensors beyond the layer's parameters that hold its weight once processed (what a
+        converted-model cache stores); empty where the parameters are the whole weight."""
+
+    def adopt_packed_state(self, layer: Linear, state: dict[str, torch.Tensor]) -> None:
+        """Take the weight from ``packed_state``'s tensors instead of loading a checkpoint."""
+
 
 class UnquantizedLinearMethod:
     """Dense weight [output_size, input_size] in the model dtype, packed for the CPU's GEMM
     library where that is faster (see ``packed_gemm``)."""
+
+    tensor_names = ("weight",)
+    ignored_names = ()
 
     def create_weights(
         self, layer: Linear, input_size: int, output_size: int, dtype: torch.dtype, device
@@ -50,11 +69,9 @@ class UnquantizedLinearMethod:
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.packed = None  # set by process_weights_after_loading where packing pays
 
-    def load_shard(
-        self, layer: Linear, name: str, tensor: torch.Tensor, offset: int, size: int
-    ) -> None:
-        param = getattr(layer, name)
-        copy_weight(param.data[offset : offset + size], tensor, f"{name} shard at {offset}")
+    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
+        offset, size = layer.shard_offsets[shard], layer.output_sizes[shard]
+        copy_weight(layer.weight.data[offset : offset + size], tensor, f"{name} shard {shard}")
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         layer.packed = pack_linear_weight(layer.weight)
@@ -63,6 +80,27 @@ class UnquantizedLinearMethod:
         if layer.packed is not None:
             return layer.packed(x, bias)
         return F.linear(x, layer.weight, bias)
+
+    def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
+
+    def packed_state(self, layer: Linear) -> dict[str, torch.Tensor]:
+        return {}
+
+    def adopt_packed_state(self, layer: Linear, state: dict[str, torch.Tensor]) -> None:
+        """Nothing to adopt: the weight is a parameter (restored with the state dict)."""
+
+
+DENSE = UnquantizedLinearMethod()
+
+
+def checkpoint_parts(name: str, stacked: dict[str, tuple[str, int]]) -> list[str]:
+    """The checkpoint modules layer ``name`` holds, by shard: ``stacked`` maps a checkpoint
+    projection (``q_proj``) to the fused layer holding it and its shard (``("qkv_proj", 0)``),
+    so ``...self_attn.qkv_proj`` holds ``...self_attn.q_proj``, ``k_proj`` and ``v_proj``."""
+    parent, dot, leaf = name.rpartition(".")
+    parts = sorted((shard, part) for part, (fused, shard) in stacked.items() if fused == leaf)
+    return [f"{parent}{dot}{part}" for _, part in parts] or [name]
 
 
 class Linear(nn.Module):
@@ -83,7 +121,7 @@ class Linear(nn.Module):
         self.output_sizes = list(output_sizes)
         self.output_size = sum(self.output_sizes)
         self.shard_offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
-        self.method = method or UnquantizedLinearMethod()
+        self.method = method or DENSE
         self.method.create_weights(self, input_size, self.output_size, dtype, device)
         self.bias = (
             nn.Parameter(
@@ -93,13 +131,20 @@ class Linear(nn.Module):
             else None
         )
 
+    def tensor_names(self) -> tuple[str, ...]:
+        """The checkpoint tensors each shard loads (the method's, and "bias" if it has one)."""
+        return self.method.tensor_names + (("bias",) if self.bias is not None else ())
+
+    def accepts(self, name: str) -> bool:
+        return name in self.tensor_names() or name in self.method.ignored_names
+
     def load(self, name: str, tensor: torch.Tensor, shard: int = 0) -> None:
-        """Load checkpoint tensor ``name`` ("weight", "bias", or a quantized method's names) for one shard."""
-        offset, size = self.shard_offsets[shard], self.output_sizes[shard]
+        """Load checkpoint tensor ``name`` (one the layer ``accepts``) for one shard."""
         if name == "bias":
+            offset, size = self.shard_offsets[shard], self.output_sizes[shard]
             copy_weight(self.bias.data[offset : offset + size], tensor, f"bias shard {shard}")
         else:
-            self.method.load_shard(self, name, tensor, offset, size)
+            self.method.load_shard(self, name, tensor, shard)
 
     def pack_weights(self) -> None:
         self.method.process_weights_after_loading(self)

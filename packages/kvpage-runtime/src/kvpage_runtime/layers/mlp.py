@@ -6,11 +6,14 @@ import torch
 from kvpage_kernels import silu_and_mul
 from torch import nn
 
-from kvpage_runtime.layers.linear import Linear, LinearMethod
+from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.layers.quantization import LinearMethods
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); ``gate_up_proj`` stacks the gate (shard 0) and up (shard 1) weights."""
+    """down(silu(gate(x)) * up(x)); ``gate_up_proj`` stacks the gate (shard 0) and up (shard 1)
+    weights. ``prefix`` is the block's name in the model (its layers' methods are chosen by
+    name)."""
 
     def __init__(
         self,
@@ -18,15 +21,19 @@ class GatedMLP(nn.Module):
         intermediate_size: int,
         dtype: torch.dtype,
         device=None,
-        method: LinearMethod | None = None,
+        methods: LinearMethods | None = None,
+        prefix: str = "mlp",
     ) -> None:
         super().__init__()
+        methods = methods or LinearMethods()
         self.intermediate_size = intermediate_size
         self.gate_up_proj = Linear(
-            hidden_size, [intermediate_size] * 2, dtype=dtype, device=device, method=method
+            hidden_size, [intermediate_size] * 2, dtype=dtype, device=device,
+            method=methods.linear(f"{prefix}.gate_up_proj"),
         )
         self.down_proj = Linear(
-            intermediate_size, [hidden_size], dtype=dtype, device=device, method=method
+            intermediate_size, [hidden_size], dtype=dtype, device=device,
+            method=methods.linear(f"{prefix}.down_proj"),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,10 @@ class PanelLinear:
     def __init__(self, weight: torch.Tensor) -> None:
         self.packed: PackedWeight = pack_weight(weight)
 
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
+
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
         out = packed_linear(rows, self.packed, bias)
@@ -119,6 +123,10 @@ class MklPackedLinear:
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight
         self.mkl_weight = torch.ops.mkl._mkl_reorder_linear_weight(weight, BATCH_HINT)
+
+    @property
+    def nbytes(self) -> int:
+        return self.mkl_weight.nbytes
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]

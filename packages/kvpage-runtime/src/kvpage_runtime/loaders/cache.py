@@ -1,8 +1,9 @@
 """On-disk cache of converted GGUF models, so that a second load skips parsing and dequantizing.
 
-An entry is keyed by the GGUF file's name, size and modification time and holds the config
-(JSON), the dequantized fp32 weights in the model's parameter layout (safetensors) and the converted
-tokenizer (``save_pretrained``). Entries are written to a temporary folder and renamed into
+An entry is keyed by the GGUF file's name, size and modification time and by how it was
+loaded (low-bit weights kept, or all dequantized), and holds the config (JSON), the weights in
+the model's own layout (safetensors: low-bit layers packed as ``QuantizedPanels``, the other
+parameters dequantized to fp32) and the converted tokenizer (``save_pretrained``). Entries are written to a temporary folder and renamed into
 place, so a reader never sees a partial entry.
 """
 
@@ -22,7 +23,7 @@ import torch
 from kvpage_runtime.config import ModelConfig
 
 CACHE_ENV = "KVPAGE_CACHE_DIR"
-_FORMAT = 2  # bump whenever the cached layout or parameter names change
+_FORMAT = 3  # bump whenever the cached layout or parameter names change
 CONFIG_FILE = "kvpage_model.json"
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -32,9 +33,10 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvpage")
 
 
-def entry_dir(gguf_path: Path) -> Path:
+def entry_dir(gguf_path: Path, low_bit: bool) -> Path:
     stat = gguf_path.stat()
-    key = f"{_FORMAT}|{gguf_path.name}|{stat.st_size}|{stat.st_mtime_ns}"
+    kind = "low-bit" if low_bit else "dense"
+    key = f"{_FORMAT}|{kind}|{gguf_path.name}|{stat.st_size}|{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_root() / "gguf" / f"{gguf_path.stem}-{digest}"
 

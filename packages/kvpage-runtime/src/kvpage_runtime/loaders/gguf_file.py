@@ -1,9 +1,10 @@
-"""Reading a GGUF file: metadata -> ModelConfig, tensors -> dequantized Hugging Face-named arrays."""
+"""Reading a GGUF file: metadata -> ModelConfig, tensors -> Hugging Face-named arrays
+(dequantized, or the raw blocks of those that stay quantized)."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -118,42 +119,57 @@ class GGUFModelFile:
         )
         return {int(v) for v in (self.field(k) for k in keys) if v is not None}
 
-    def hf_tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor dequantized to fp32 and renamed, with llama.cpp's Q/K row permutation undone."""
+    def tensor_types(self) -> dict[str, str]:
+        """Hugging Face tensor name -> GGML type name (``Q4_1``, ``F32``...) of every tensor."""
+        return {hf_name: tensor.tensor_type.name
+                for name, tensor in self.tensors.items() if name not in _IGNORED
+                for hf_name in self._hf_names(name, _num_experts(tensor))}
+
+    def hf_tensors(
+        self, config: ModelConfig, keep_quantized: Callable[[str], bool] = lambda name: False
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor renamed, with llama.cpp's Q/K row permutation undone: dequantized to
+        fp32, or for names ``keep_quantized`` selects, its raw blocks (uint8 [rows, bytes per
+        row]; each row's blocks are its own, so the permutation moves them as they are)."""
         from gguf.quants import dequantize
 
         permuted = self.arch == "llama"
         for name, tensor in self.tensors.items():
             if name in _IGNORED:
                 continue
-            array = dequantize(tensor.data, tensor.tensor_type)
-            for hf_name, part in self._rename(name, array):
+            num_experts = _num_experts(tensor)
+            names = self._hf_names(name, num_experts)
+            raw = all(keep_quantized(hf_name) for hf_name in names)
+            array = tensor.data if raw else dequantize(tensor.data, tensor.tensor_type)
+            parts = array if num_experts else [array]  # experts: stacked along axis 0
+            for hf_name, part in zip(names, parts, strict=True):
                 if permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = config.num_heads if "q_proj" in hf_name else config.num_kv_heads
                     part = unpermute_rotary_rows(part, heads)
-                # memory-mapped (unquantized) tensors are read-only: copy those
+                # memory-mapped tensors (unquantized or raw blocks) are read-only: copy those
                 yield hf_name, torch.from_numpy(part if part.flags.writeable else part.copy())
 
-    def _rename(self, name: str, array: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+    def _hf_names(self, name: str, num_experts: int) -> list[str]:
+        """The Hugging Face names of GGUF tensor ``name``: one per expert for stacked experts."""
         stem, _, kind = name.rpartition(".")
         if stem in _GLOBAL_NAMES:
-            yield f"{_GLOBAL_NAMES[stem]}.{kind}", array
-            return
+            return [f"{_GLOBAL_NAMES[stem]}.{kind}"]
         match = _BLOCK.match(name)
         if match is None:
             raise ModelLoadError(f"GGUF tensor {name!r} is not understood")
         layer, part, kind = match.groups()
         prefix = f"model.layers.{layer}"
-        if part in _EXPERT_NAMES:  # stacked [num_experts, rows, cols]
-            for expert, weights in enumerate(array):
-                yield (
-                    f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[part]}.{kind}",
-                    weights,
-                )
-        elif part in _BLOCK_NAMES:
-            yield f"{prefix}.{_BLOCK_NAMES[part]}.{kind}", array
-        else:
-            raise ModelLoadError(f"GGUF tensor {name!r} is not understood")
+        if part in _EXPERT_NAMES:
+            return [f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[part]}.{kind}"
+                    for expert in range(num_experts)]
+        if part in _BLOCK_NAMES:
+            return [f"{prefix}.{_BLOCK_NAMES[part]}.{kind}"]
+        raise ModelLoadError(f"GGUF tensor {name!r} is not understood")
+
+
+def _num_experts(tensor) -> int:
+    """Experts stacked in a GGUF tensor (its outermost dimension, listed last), 0 if none."""
+    return int(tensor.shape[-1]) if len(tensor.shape) == 3 else 0
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Loading a Hugging Face model folder: config.json, safetensors weights, tokenizer files.
 
 Weights are read only from safetensors; pickle-based ``.bin``/``.pt`` files are refused,
-since unpickling can run arbitrary code.
+since unpickling can run arbitrary code. AWQ and GPTQ checkpoints load low-bit (see
+``layers.quantization``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from kvpage_runtime.errors import ModelLoadError
+from kvpage_runtime.layers.quantization import quantization_from_hf
 from kvpage_runtime.loaders.hf_config import model_config_from_hf
 from kvpage_runtime.loaders.loaded import LoadedModel
 from kvpage_runtime.models.registry import build_model
@@ -23,13 +25,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-def load_hf_folder(folder: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def load_hf_folder(
+    folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+) -> LoadedModel:
+    """``quantization``: see ``loaders.load_model``."""
     raw = read_json(folder / "config.json", "model configuration")
     config = model_config_from_hf(raw, dtype)
+    quantization_config = quantization_from_hf(raw, quantization)
     files = safetensors_files(folder)
     if not config.tie_word_embeddings and "lm_head.weight" not in tensor_names(files):
         config.tie_word_embeddings = True
-    model = build_model(config, device)
+    model = build_model(config, device, quantization_config)
     model.load_weights(iter_safetensors(files))
     model.eval()
     generation_config = _optional_json(folder / "generation_config.json")

@@ -2,11 +2,13 @@
 
 They differ only in configuration, so one implementation serves all of them. Module names
 follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused at load time.
+Each module is built with its name in the model (``prefix``), by which ``LinearMethods``
+gives each linear layer the method the checkpoint stores it in (dense, or low-bit).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from kvpage_kernels import rotary_embedding
@@ -16,19 +18,20 @@ from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.forward_batch import ForwardBatch
 from kvpage_runtime.layers.attention import KVCache, PagedAttention
-from kvpage_runtime.layers.embedding import LMHead, VocabEmbedding
-from kvpage_runtime.layers.linear import Linear, LinearMethod
+from kvpage_runtime.layers.embedding import TiedLMHead, VocabEmbedding
+from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.mlp import GatedMLP
 from kvpage_runtime.layers.norm import RMSNorm
+from kvpage_runtime.layers.quantization import LinearMethods, QuantizationConfig
 from kvpage_runtime.layers.rotary import RotaryEmbedding
 from kvpage_runtime.models.fused_decode import build_fused_decoder
 from kvpage_runtime.models.weights import WeightLoader
 
+PACKED = "packed"  # the name part of packed tensors in ``export_state``
+
 
 class LlamaAttention(nn.Module):
-    def __init__(
-        self, config: ModelConfig, device=None, method: LinearMethod | None = None
-    ) -> None:
+    def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str) -> None:
         super().__init__()
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
@@ -40,10 +43,11 @@ class LlamaAttention(nn.Module):
             bias=config.attention_bias,
             dtype=config.dtype,
             device=device,
-            method=method,
+            method=methods.linear(f"{prefix}.qkv_proj"),
         )
         self.o_proj = Linear(
-            config.q_size, [config.hidden_size], dtype=config.dtype, device=device, method=method
+            config.q_size, [config.hidden_size], dtype=config.dtype, device=device,
+            method=methods.linear(f"{prefix}.o_proj"),
         )
         self.attn = PagedAttention(
             config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_window
@@ -67,21 +71,22 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(
-        self, config: ModelConfig, device=None, method: LinearMethod | None = None
-    ) -> None:
+    def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, config.dtype, device
         )
-        self.self_attn = LlamaAttention(config, device, method)
+        self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, config.dtype, device
         )
-        self.mlp = self.build_mlp(config, device, method)
+        self.mlp = self.build_mlp(config, device, methods, f"{prefix}.mlp")
 
-    def build_mlp(self, config: ModelConfig, device, method: LinearMethod | None) -> nn.Module:
-        return GatedMLP(config.hidden_size, config.intermediate_size, config.dtype, device, method)
+    def build_mlp(
+        self, config: ModelConfig, device, methods: LinearMethods, prefix: str
+    ) -> nn.Module:
+        return GatedMLP(config.hidden_size, config.intermediate_size, config.dtype, device,
+                        methods, prefix)
 
     def forward(
         self,
@@ -106,15 +111,17 @@ class LlamaModel(nn.Module):
     layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     def __init__(
-        self, config: ModelConfig, device=None, method: LinearMethod | None = None
+        self, config: ModelConfig, device, methods: LinearMethods, prefix: str = "model"
     ) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = VocabEmbedding(
-            config.vocab_size, config.hidden_size, config.dtype, device
+            config.vocab_size, config.hidden_size, config.dtype, device,
+            methods.table(f"{prefix}.embed_tokens"),
         )
         self.layers = nn.ModuleList(
-            self.layer_class(config, device, method) for _ in range(config.num_layers)
+            self.layer_class(config, device, methods, f"{prefix}.layers.{i}")
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
         self.rotary = RotaryEmbedding(
@@ -160,7 +167,8 @@ class LlamaModel(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     """``model(batch, kv_caches)`` -> final hidden states; ``compute_logits(hidden)`` -> logits
-    (model dtype)."""
+    (model dtype). ``quantization`` (None: dense) says which layers the checkpoint stores in
+    low-bit form."""
 
     model_class: type[LlamaModel] = LlamaModel
     # checkpoint projection name -> (fused module name, shard index)
@@ -173,14 +181,17 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(
-        self, config: ModelConfig, device=None, method: LinearMethod | None = None
+        self, config: ModelConfig, device=None, quantization: QuantizationConfig | None = None
     ) -> None:
         super().__init__()
         self.config = config
-        self.model = self.model_class(config, device, method)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size, config.dtype, device)
+        methods = LinearMethods(quantization, self.stacked_params)
+        self.model = self.model_class(config, device, methods)
         if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
+            self.lm_head = TiedLMHead(self.model.embed_tokens)
+        else:
+            self.lm_head = Linear(config.hidden_size, [config.vocab_size], dtype=config.dtype,
+                                  device=device, method=methods.table("lm_head"))
 
     def bind_kv_caches(self, kv_caches: list[KVCache]) -> None:
         """Called once the engine allocated its KV caches: builds (and checks) the fused
@@ -203,26 +214,53 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
-            self.load_tensor(loader, name, tensor)
+            loader.load(self.model_name(name), tensor)
         loader.check_complete()
 
+    @classmethod
+    def model_name(cls, checkpoint_name: str) -> str:
+        """The name this model gives checkpoint tensor ``checkpoint_name`` (before fusing)."""
+        return checkpoint_name
+
     def export_state(self) -> dict[str, torch.Tensor]:
-        """Parameters in this model's own (fused) layout, each stored once (no tied duplicate)."""
-        state = self.state_dict()
-        if self.config.tie_word_embeddings:
-            del state["lm_head.weight"]
+        """The weights in this model's own (fused, packed) layout, each stored once: the
+        parameters, and the packed tensors of layers whose method keeps more than those."""
+        state = dict(self.state_dict())
+        for path, linear in self._linears():
+            for name, tensor in linear.method.packed_state(linear).items():
+                state[f"{path}.{PACKED}.{name}"] = tensor
         return {name: t.contiguous() for name, t in state.items()}
 
     def adopt_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Use the tensors of ``state`` (from ``export_state``) as parameters, without copying them."""
-        missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
-        if self.config.tie_word_embeddings:
-            self.lm_head.tie_to(self.model.embed_tokens)
-            missing = [name for name in missing if name != "lm_head.weight"]
-        if missing or unexpected:
+        """Use the tensors of ``state`` (from ``export_state``, on this model's device) as the
+        weights: parameters cast to the model dtype (not copied when they are in it), packed
+        tensors as they are."""
+        params, packed = _split_packed(state)
+        params = {name: t.to(self.config.dtype) for name, t in params.items()}
+        missing, unexpected = self.load_state_dict(params, strict=False, assign=True)
+        for path, linear in self._linears():
+            if path in packed:
+                linear.method.adopt_packed_state(linear, packed.pop(path))
+        if missing or unexpected or packed:
             raise ModelLoadError(
-                f"cached weights do not fit the model: missing {missing}, unexpected {unexpected}"
-            )
+                f"cached weights do not fit the model: missing {missing}, unexpected "
+                f"{unexpected + sorted(packed)}")
 
-    def load_tensor(self, loader: WeightLoader, name: str, tensor: torch.Tensor) -> None:
-        loader.load(name, tensor)
+    def _linears(self) -> Iterator[tuple[str, Linear]]:
+        return ((path, m) for path, m in self.named_modules() if isinstance(m, Linear))
+
+
+def _split_packed(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """``export_state``'s tensors as (parameters, {layer: its packed tensors by field})."""
+    params: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        path, _, field = name.rpartition(".")
+        layer, _, kind = path.rpartition(".")
+        if kind == PACKED:
+            packed.setdefault(layer, {})[field] = tensor
+        else:
+            params[name] = tensor
+    return params, packed

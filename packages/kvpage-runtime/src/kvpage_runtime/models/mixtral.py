@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import re
 
-import torch
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
-from kvpage_runtime.layers.linear import LinearMethod
 from kvpage_runtime.layers.moe import SparseMoE
-from kvpage_runtime.layers.weight_copy import copy_weight
+from kvpage_runtime.layers.quantization import LinearMethods
 from kvpage_runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from kvpage_runtime.models.weights import WeightLoader
 
-_EXPERT = re.compile(r"(?P<moe>.*\.mlp)\.experts\.(?P<expert>\d+)\.(?P<proj>w[123])\.weight$")
+# checkpoint expert projection -> the name of the same projection in a GatedMLP
+_EXPERT_PROJECTIONS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+_EXPERT = re.compile(r"\.experts\.(\d+)\.(w[123])\.")
 
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
-    def build_mlp(self, config: ModelConfig, device, method: LinearMethod | None) -> nn.Module:
+    def build_mlp(
+        self, config: ModelConfig, device, methods: LinearMethods, prefix: str
+    ) -> nn.Module:
         return SparseMoE(
             config.hidden_size,
             config.intermediate_size,
@@ -26,6 +27,8 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
             config.num_experts_per_tok,
             config.dtype,
             device,
+            methods,
+            prefix,
         )
 
 
@@ -36,13 +39,10 @@ class MixtralModel(LlamaModel):
 class MixtralForCausalLM(LlamaForCausalLM):
     model_class = MixtralModel
 
-    def load_tensor(self, loader: WeightLoader, name: str, tensor: torch.Tensor) -> None:
-        name = name.replace(".block_sparse_moe.", ".mlp.")
-        match = _EXPERT.match(name)
-        if match is None:
-            loader.load(name, tensor)
-            return
-        moe = loader.modules[match["moe"]]
-        slot = moe.expert_slot(int(match["expert"]), match["proj"])
-        copy_weight(slot, tensor, name)
-        loader.mark_loaded(name.removesuffix(".weight"))
+    @classmethod
+    def model_name(cls, checkpoint_name: str) -> str:
+        """``...block_sparse_moe.experts.3.w1.weight`` -> ``...mlp.experts.3.gate_proj.weight``
+        (each expert is a GatedMLP; w1 is its gate, w3 its up and w2 its down projection)."""
+        name = checkpoint_name.replace(".block_sparse_moe.", ".mlp.")
+        return _EXPERT.sub(
+            lambda m: f".experts.{m[1]}.{_EXPERT_PROJECTIONS[m[2]]}.", name)

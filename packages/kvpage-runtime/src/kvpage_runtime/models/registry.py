@@ -6,11 +6,11 @@ from torch import nn
 
 from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import UnsupportedModelError
-from kvpage_runtime.layers.linear import LinearMethod
+from kvpage_runtime.layers.quantization import QuantizationConfig
 from kvpage_runtime.models.llama import LlamaForCausalLM
 from kvpage_runtime.models.mixtral import MixtralForCausalLM
 
-_MODELS: dict[str, type[nn.Module]] = {
+_MODELS: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
@@ -19,7 +19,7 @@ _MODELS: dict[str, type[nn.Module]] = {
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
 
 
-def model_class(architecture: str) -> type[nn.Module]:
+def model_class(architecture: str) -> type[LlamaForCausalLM]:
     try:
         return _MODELS[architecture]
     except KeyError:
@@ -28,6 +28,9 @@ def model_class(architecture: str) -> type[nn.Module]:
         ) from None
 
 
-def build_model(config: ModelConfig, device=None, method: LinearMethod | None = None) -> nn.Module:
-    """An uninitialized model for ``config`` (weights still to be loaded)."""
-    return model_class(config.architecture)(config, device, method)
+def build_model(
+    config: ModelConfig, device=None, quantization: QuantizationConfig | None = None
+) -> nn.Module:
+    """An uninitialized model for ``config`` (weights still to be loaded); ``quantization``
+    (None: dense) says which layers the checkpoint stores in low-bit form."""
+    return model_class(config.architecture)(config, device, quantization)

@@ -1,0 +1,130 @@
+"""The linear method of low-bit weights, whatever checkpoint format they come in.
+
+Each shard's checkpoint tensors are collected as they arrive and converted, once all are
+there, into kvpage's one low-bit form (``kvpage_kernels.QuantizedWeight``) by the format's
+converter (``formats``); once a layer's shards are all converted, they are stacked (q/k/v,
+gate/up) and packed by ``kvpage_kernels.pack_weight`` into ``QuantizedPanels``, which stay
+low-bit in memory and which ``packed_linear`` multiplies by (and ``embedding_rows`` looks rows
+up in). The formats differ only in their tensor names and converter: a ``LowBitFormat`` each.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from kvpage_kernels import (
+    KernelInputError,
+    QuantizedPanels,
+    QuantizedWeight,
+    embedding_rows,
+    pack_weight,
+    packed_linear,
+)
+
+from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.layers.quantization.formats import QuantizationFormatError
+
+_PACKED_FIELDS = ("codes", "scales", "offsets", "input_order")  # the tensors of QuantizedPanels
+
+
+class LowBitFormat(Protocol):
+    """A checkpoint format of low-bit linear weights (AWQ, GPTQ, GGUF blocks)."""
+
+    tensor_names: tuple[str, ...]  # the tensors of one shard, all needed to convert it
+    ignored_names: tuple[str, ...]  # tensors a checkpoint may carry that are not needed
+
+    def convert(
+        self, tensors: dict[str, torch.Tensor], shard: int, shape: tuple[int, int]
+    ) -> QuantizedWeight:
+        """Shard ``shard``'s tensors as a weight of ``shape`` (out_features, in_features)."""
+
+
+class LowBitLinearMethod:
+    """Low-bit weights, in ``format``, of the layer named ``layer_name`` whose shards are the
+    checkpoint modules ``parts`` (errors name them)."""
+
+    def __init__(self, format: LowBitFormat, layer_name: str, parts: list[str]) -> None:
+        self.format = format
+        self.layer_name = layer_name
+        self.parts = parts
+        self.tensor_names = format.tensor_names
+        self.ignored_names = format.ignored_names
+
+    def create_weights(
+        self, layer: Linear, input_size: int, output_size: int, dtype: torch.dtype, device
+    ) -> None:
+        num_shards = len(layer.output_sizes)
+        layer.checkpoint_tensors = [{} for _ in range(num_shards)]  # until a shard converts
+        layer.shards = [None] * num_shards  # QuantizedWeight of each shard, until packed
+        layer.packed = None  # QuantizedPanels of the stacked shards
+        layer.dtype = dtype  # of embedding lookups
+        layer.device = torch.device(device or "cpu")
+
+    def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
+        if name in self.ignored_names:
+            return
+        tensors = layer.checkpoint_tensors[shard]
+        tensors[name] = tensor
+        if tensors.keys() == set(self.tensor_names):
+            layer.shards[shard] = self._convert(layer, tensors, shard)
+            layer.checkpoint_tensors[shard] = {}
+            if all(s is not None for s in layer.shards):
+                self._pack(layer)
+
+    def _convert(
+        self, layer: Linear, tensors: dict[str, torch.Tensor], shard: int
+    ) -> QuantizedWeight:
+        shape = (layer.output_sizes[shard], layer.input_size)
+        try:
+            weight = self.format.convert(tensors, shard, shape)
+        except QuantizationFormatError as e:
+            raise QuantizationFormatError(f"{self.parts[shard]}: {e}") from e
+        if (weight.out_features, weight.in_features) != shape:
+            raise QuantizationFormatError(
+                f"{self.parts[shard]}: its tensors hold a {weight.out_features} x "
+                f"{weight.in_features} weight, the model expects {shape[0]} x {shape[1]}")
+        return weight
+
+    def _pack(self, layer: Linear) -> None:
+        """Stack the shards and pack them, as soon as the last one is converted (so that the
+        layer holds one form at a time)."""
+        try:
+            weight = QuantizedWeight.stack(layer.shards)
+            layer.packed = pack_weight(_on_device(weight, layer.device))
+        except KernelInputError as e:
+            raise QuantizationFormatError(f"{self.layer_name}: {e}") from e
+        layer.shards = [None] * len(layer.shards)
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """Nothing left to do: the weight was packed as its last shard arrived."""
+
+    def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``packed_linear`` in fp32, converting activations of another dtype there and back."""
+        rows = x.reshape(-1, x.shape[-1]).float()
+        out = packed_linear(rows, layer.packed, None if bias is None else bias.float())
+        return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
+
+    def embedding(self, layer: Linear, ids: torch.Tensor) -> torch.Tensor:
+        return embedding_rows(layer.packed, ids.reshape(-1)).to(layer.dtype).view(
+            *ids.shape, layer.input_size)
+
+    def packed_state(self, layer: Linear) -> dict[str, torch.Tensor]:
+        tensors = {name: getattr(layer.packed, name) for name in _PACKED_FIELDS}
+        return {name: t for name, t in tensors.items() if t is not None}
+
+    def adopt_packed_state(self, layer: Linear, state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the packed weight; bits and group size follow from the tensors' shapes."""
+        codes, scales = state["codes"], state["scales"]
+        bits = 32 * codes.shape[1] // layer.input_size
+        layer.packed = QuantizedPanels(
+            codes, scales, state["offsets"], bits, layer.input_size // scales.shape[1],
+            state.get("input_order"), layer.output_size, layer.input_size)
+
+
+def _on_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight:
+    if weight.codes.device == device:
+        return weight
+    order = None if weight.input_order is None else weight.input_order.to(device)
+    return QuantizedWeight(weight.codes.to(device), weight.scales.to(device),
+                           weight.offsets.to(device), weight.bits, weight.group_size, order)
