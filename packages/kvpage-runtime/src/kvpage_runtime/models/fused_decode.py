@@ -6,9 +6,12 @@ the modules (kvpage's own GEMM on its panels, or MKL's on its packs where the cp
 GEMM is not used), so it computes exactly what they compute; in bf16 with MKL's bf16 GEMM on
 the plain weights, which agrees with the modules' GEMM to bf16 rounding (only on Intel CPUs:
 MKL's bf16 GEMM takes a slow path elsewhere, measured 0.6-0.75x oneDNN's per-layer decode on
-an AMD EPYC Zen 4). It is used on the CPU with the ``cpu`` kernel backend, for dense layers with the SiLU-gated MLP (fp32 ones
-packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules);
-Mixtral's experts, quantized linear methods, fp16 and prefill steps keep the per-layer path.
+an AMD EPYC Zen 4); low-bit (quantized) weights in fp32 with the C function that
+``packed_linear`` calls on them, bit-identical too. It is used on the CPU with the ``cpu``
+kernel backend, for layers with the SiLU-gated MLP (dense fp32 ones packed, so
+``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules); Mixtral's
+experts, fp16, low-bit weights in a bf16 model, layers mixing low-bit and dense weights and
+prefill steps keep the per-layer path (logged when the stack is built).
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
 
 It proves itself when it is built (once per KV cache, when the engine allocates it): one
@@ -34,6 +37,7 @@ from kvpage_kernels import (
     KernelError,
     KernelInputError,
     PackedWeight,
+    QuantizedPanels,
     select_backend,
 )
 from kvpage_kernels.cpu_isa import cpu_vendor
@@ -46,6 +50,7 @@ from kvpage_runtime.layers.attention import KVCache
 from kvpage_runtime.layers.linear import Linear, UnquantizedLinearMethod
 from kvpage_runtime.layers.mlp import GatedMLP
 from kvpage_runtime.layers.packed_gemm import DTYPE_NAMES, MklPackedLinear, PanelLinear
+from kvpage_runtime.layers.quantization.low_bit import LowBitLinearMethod
 
 if TYPE_CHECKING:
     from kvpage_runtime.models.llama import LlamaModel
@@ -80,7 +85,7 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
                    for layer, cache in zip(model.layers, kv_caches, strict=True)]
         if any(w is None for w in weights):
             return None
-        if not isinstance(weights[0].qkv, PackedWeight):  # MKL's routines inside torch
+        if not isinstance(weights[0].qkv, PackedWeight | QuantizedPanels):  # MKL's, in torch
             _check_torch_release()
         shape = _decoder_shape(model.config)
         _check_against_modules(model, shape, weights)
@@ -96,11 +101,16 @@ def _applies(config: ModelConfig, kv_caches: list[KVCache]) -> bool:
             and cache.dtype == config.dtype and select_backend(cache.device) == "cpu")
 
 
-def _weight(linear: Linear) -> torch.Tensor | PackedWeight | None:
+def _weight(linear: Linear) -> torch.Tensor | PackedWeight | QuantizedPanels:
     """The weight as the fused stack multiplies by it (in fp32 the layer's pack: panels for
-    kvpage's GEMM, or MKL's; plain in bf16), or None for a linear method it does not take."""
+    kvpage's GEMM, or MKL's, or low-bit panels; plain in bf16)."""
+    if isinstance(linear.method, LowBitLinearMethod):
+        if linear.dtype != torch.float32:
+            raise _Declined("the stack multiplies low-bit weights in fp32 only, and this model "
+                            f"runs in {DTYPE_NAMES.get(linear.dtype, linear.dtype)}")
+        return linear.packed
     if not isinstance(linear.method, UnquantizedLinearMethod):
-        return None
+        raise _Declined(f"the fused stack does not take {type(linear.method).__name__} weights")
     if linear.weight.dtype == torch.bfloat16:
         if cpu_vendor() != "GenuineIntel":
             raise _Declined("the stack's bf16 GEMM is MKL's, whose fast path needs an Intel CPU "
@@ -120,10 +130,8 @@ def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights |
     attn, mlp = layer.self_attn, layer.mlp
     if type(mlp) is not GatedMLP:
         return None
-    weights = [_weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
-    if any(w is None for w in weights):
-        return None
-    qkv, o, gate_up, down = weights
+    qkv, o, gate_up, down = (
+        _weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
     return DecoderLayerWeights(
         input_norm=layer.input_layernorm.weight.data,
         qkv=qkv,
