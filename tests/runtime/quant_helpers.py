@@ -17,6 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from model_helpers import save_tiny_model
 from safetensors.torch import load_file, save_file
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: the output column each nibble of a word holds
@@ -163,6 +164,16 @@ def write_quantized(dense: Path, folder: Path, reference: Path, scheme: AWQ | GP
     _save(reference, config, dequantized)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+
+
+def tiny_quantized(config, scheme: AWQ | GPTQ, folder: Path,
+                   tokenizer: Any | None = None) -> tuple[Path, Path]:
+    """A tiny random model for transformers ``config`` written as ``scheme``'s checkpoint:
+    (the quantized folder, the reference folder with its dequantized weights)."""
+    dense = save_tiny_model(config, folder / "dense")
+    quantized, reference = folder / "quantized", folder / "reference"
+    write_quantized(dense, quantized, reference, scheme, tokenizer)
+    return quantized, reference
 
 
 def _save(folder: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

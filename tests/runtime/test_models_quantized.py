@@ -33,7 +33,7 @@ from model_helpers import (
     random_prompts,
     save_tiny_model,
 )
-from quant_helpers import AWQ, GPTQ, write_quantized
+from quant_helpers import AWQ, GPTQ, tiny_quantized
 from test_loaders_gguf import write_gguf
 
 # inputs of 256 and 512: groups of 128 are several per row
@@ -75,10 +75,7 @@ def tokenizer():
 def quantized_checkpoint(name: str, tmp_path: Path, tokenizer) -> tuple[Path, Path]:
     """(the quantized folder, the reference folder with its dequantized weights)."""
     family, scheme = CHECKPOINTS[name]
-    dense = save_tiny_model(FAMILIES[family], tmp_path / "dense")
-    folder, reference = tmp_path / "quantized", tmp_path / "reference"
-    write_quantized(dense, folder, reference, scheme, tokenizer)
-    return folder, reference
+    return tiny_quantized(FAMILIES[family], scheme, tmp_path, tokenizer)
 
 
 def low_bit_layers(model: torch.nn.Module) -> dict[str, bool]:

@@ -59,6 +59,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="weights and activations dtype: auto, float32, bfloat16, float16 (default: %(default)s)",
     )
     g.add_argument(
+        "--quantization",
+        default=None,
+        help="weight format: awq, gptq or gguf (an error if the checkpoint is another), or "
+        "none to load a GGUF file dense (default: the checkpoint's; AWQ, GPTQ and GGUF "
+        "Q4_0/Q4_1/Q8_0 weights stay low-bit in memory)",
+    )
+    g.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -126,6 +133,7 @@ def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any
     return dict(
         model=model,
         dtype=args.dtype,
+        quantization=args.quantization,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,

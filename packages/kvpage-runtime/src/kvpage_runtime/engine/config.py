@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpage_runtime.errors import EngineConfigError
+from kvpage_runtime.layers.quantization import QUANTIZATION_CHOICES
 
 CPU_MAX_MODEL_LEN = 8192
 
@@ -21,6 +22,12 @@ class EngineConfig:
     capped to 8192 on the CPU. ``scheduling_policy`` is "fcfs" (arrival order) or "priority"
     (each request's ``priority``, lower first, then arrival order; preemption takes the
     lowest priority first).
+
+    ``quantization`` None loads what the checkpoint is: AWQ and GPTQ folders (config.json's
+    ``quantization_config``) and the low-bit blocks of GGUF files (Q4_0, Q4_1, Q8_0, as in
+    the default model) stay low-bit in memory. "awq", "gptq" or "gguf" insist on that format
+    (loading another is an error); "none" loads a GGUF file dense, every tensor dequantized to
+    ``dtype`` (the activations' dtype in every case).
     """
 
     model: str | None = None
@@ -37,6 +44,7 @@ class EngineConfig:
     tokenizer: str | None = None
     served_model_name: str | None = None
     scheduling_policy: str = "fcfs"
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -51,6 +59,10 @@ class EngineConfig:
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise EngineConfigError(
                 f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise EngineConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} or None, got "
+                f"{self.quantization!r}")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 
