@@ -1,4 +1,6 @@
-"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers loading the same file."""
+"""The default model (SmolLM2-135M-Instruct, Q4_1 GGUF with a Q8_0 embedding table) against
+transformers loading the same file: kvpage keeps its weights low-bit, transformers
+dequantizes them to fp32."""
 
 from __future__ import annotations
 
@@ -10,8 +12,13 @@ import torch
 import transformers
 from engine_fixtures import hf_model_from_gguf
 from kvpage_kernels import cpu_isa
-from kvpage_runtime.loaders import load_model
+from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.layers.quantization import gguf as gguf_blocks
+from kvpage_runtime.layers.quantization import low_bit
+from kvpage_runtime.layers.quantization.low_bit import LowBitLinearMethod
+from kvpage_runtime.loaders import cache, load_model
 from kvpage_runtime.loaders.default_model import default_model_path
+from kvpage_runtime.models.weights import resident_weight_bytes
 from model_helpers import PagedGreedyDriver, one_torch_thread  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
@@ -106,9 +113,46 @@ def test_tokenizer_and_template_match_transformers(kvpage_fp32, hf_reference):
 def test_cached_weights_equal_first_load(kvpage_fp32):
     first, cached = kvpage_fp32
     assert first.config == cached.config
-    ours, theirs = first.model.state_dict(), cached.model.state_dict()
+    ours, theirs = first.model.export_state(), cached.model.export_state()
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_weights_stay_low_bit(kvpage_fp32):
+    """Every linear layer and the embedding table (the tied LM head) stay packed low-bit:
+    the weights take their packed size in memory (norms aside), under a quarter of fp32."""
+    model = kvpage_fp32[1].model
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    assert all(isinstance(m.method, LowBitLinearMethod) for m in layers)
+    assert {m.packed.bits for m in layers} == {4, 8}  # Q4_1 layers, the Q8_0 table
+    packed = sum(m.packed.nbytes for m in layers)
+    assert resident_weight_bytes(model) <= 1.1 * packed
+    assert packed < sum(4 * m.input_size * m.output_size for m in layers) / 4
+
+
+def test_warm_start_reads_the_cache_without_converting(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.CACHE_ENV, str(tmp_path))
+    first = load_model(None, dtype="float32")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a warm start converted a weight")
+
+    monkeypatch.setattr(gguf_blocks, "gguf_weight", refuse)
+    monkeypatch.setattr(low_bit, "pack_weight", refuse)
+    warm = load_model(None, dtype="float32")
+    ours, theirs = first.model.export_state(), warm.model.export_state()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_dense_load_stays_available(kvpage_fp32):
+    """``quantization="none"``: every tensor dequantized at load, as before, same tokens."""
+    dense = load_model(None, dtype="float32", quantization="none")
+    assert not any(isinstance(m.method, LowBitLinearMethod)
+                   for m in dense.model.modules() if isinstance(m, Linear))
+    prompt = dense.tokenizer.encode("The capital of France is")
+    tokens = [PagedGreedyDriver(loaded, max_len=64, max_seqs=1).generate([prompt], 8)[0].tokens
+              for loaded in (dense, kvpage_fp32[1])]
+    assert tokens[0] == tokens[1]
 
 
 def test_greedy_matches_transformers(kvpage_fp32, hf_reference):
@@ -128,7 +172,7 @@ def test_bfloat16_generates_text(kvpage_fp32, tier, monkeypatch):
     if tier != "detected":
         monkeypatch.setenv(cpu_isa.ENV_VAR, tier)
     loaded = load_model(None, dtype="bfloat16")
-    assert loaded.model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.model.norm.weight.dtype == torch.bfloat16
     prompt = loaded.tokenizer.encode("The capital of France is")
     seq = PagedGreedyDriver(loaded, max_len=64, max_seqs=1).generate([prompt], 8)[0]
     assert "Paris" in loaded.tokenizer.decode(seq.tokens[len(prompt) :])
