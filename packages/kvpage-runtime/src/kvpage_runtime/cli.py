@@ -26,6 +26,7 @@ BENCH_SCRIPTS = {
     "cache": "cache_sim.py",
     "sched": "sched_sim.py",
     "kernels": "kernels.py",
+    "quant": "quant.py",
 }
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DEFAULT_MAX_WAITING_REQUESTS = 1024
