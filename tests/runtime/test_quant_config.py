@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import transformers
+from kvpage_runtime.cli import _engine_fields, build_parser
 from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.errors import EngineConfigError, ModelLoadError, UnsupportedModelError
 from kvpage_runtime.layers.linear import Linear
@@ -101,7 +102,8 @@ def test_asking_for_what_the_checkpoint_is_loads_it(awq_folder, tmp_path):
 
 
 def test_engine_config_checks_the_option():
-    assert EngineConfig(quantization="gguf").quantization == "gguf"
+    args = build_parser().parse_args(["serve", "--quantization", "none"])
+    assert EngineConfig(**_engine_fields(args, None)).quantization == "none"
     with pytest.raises(EngineConfigError, match="quantization must be one of awq, gptq, gguf, "
                                                 "none or None, got 'fp8'"):
         EngineConfig(quantization="fp8")
