@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from kvpage_runtime.cli import _engine_fields, build_parser
 from kvpage_runtime.engine.config import EngineConfig
@@ -16,7 +17,7 @@ from kvpage_runtime.layers.quantization import quantization_from_hf
 from kvpage_runtime.layers.quantization.awq import AWQConfig
 from kvpage_runtime.layers.quantization.gptq import GPTQConfig
 from kvpage_runtime.layers.quantization.low_bit import LowBitLinearMethod
-from kvpage_runtime.loaders import load_model
+from kvpage_runtime.loaders import load_model, resolve_dtype
 from model_helpers import (
     TINY,
     PagedGreedyDriver,
@@ -99,6 +100,13 @@ def test_asking_for_what_the_checkpoint_is_loads_it(awq_folder, tmp_path):
     with pytest.raises(ModelLoadError, match="quantization='gptq' was asked for, but the "
                                              "checkpoint is gguf"):
         load_model(str(gguf), "float32", quantization="gptq")
+
+
+def test_auto_dtype_is_fp32_for_low_bit_weights_on_the_cpu(awq_folder):
+    """Low-bit layers compute in fp32: bf16 activations would only add conversions."""
+    assert resolve_dtype("auto", "cpu", low_bit=True) == torch.float32
+    assert resolve_dtype("auto", "cuda", low_bit=True) == torch.bfloat16
+    assert load_model(str(awq_folder)).config.dtype == torch.float32
 
 
 def test_engine_config_checks_the_option():

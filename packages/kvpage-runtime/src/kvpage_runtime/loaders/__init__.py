@@ -19,9 +19,10 @@ import torch
 
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.packed_gemm import pack_model_weights
+from kvpage_runtime.layers.quantization import DENSE_LOAD
 from kvpage_runtime.loaders.default_model import default_model_path
 from kvpage_runtime.loaders.gguf import load_gguf
-from kvpage_runtime.loaders.hf import load_hf_folder
+from kvpage_runtime.loaders.hf import load_hf_folder, read_json
 from kvpage_runtime.loaders.loaded import LoadedModel, resolve_dtype
 
 __all__ = ["LoadedModel", "load_model", "resolve_dtype"]
@@ -35,29 +36,41 @@ def load_model(
 ) -> LoadedModel:
     """Load a Hugging Face model folder, a ``.gguf`` file, or (``model=None``) the default model.
 
-    ``dtype``: "auto" (bf16 where the hardware computes it natively, else fp32), "float32",
-    "bfloat16" or "float16"; the forward pass runs in it (low-bit weights are multiplied in
-    fp32, their activations converted there and back). Dense weights end packed for the
-    device's GEMM library where that is faster (``layers.packed_gemm``).
+    ``dtype``: "auto", "float32", "bfloat16" or "float16"; the forward pass runs in it
+    (low-bit weights are multiplied in fp32, their activations converted there and back).
+    "auto" is bf16 where the hardware computes it natively, else fp32, and fp32 for low-bit
+    weights on the CPU (see ``resolve_dtype``). Dense weights end packed for the device's
+    GEMM library where that is faster (``layers.packed_gemm``).
 
     ``quantization``: None loads what the checkpoint is (AWQ, GPTQ, a GGUF file's low-bit
     blocks, or dense); "awq", "gptq" or "gguf" insist on it (an error if the checkpoint is
     not); "none" loads a GGUF file dense, every tensor dequantized to ``dtype``.
     """
-    loaded = _load(model, resolve_dtype(dtype, device), torch.device(device), quantization)
+    path = default_model_path() if model is None else Path(model).expanduser()
+    low_bit = _loads_low_bit(path, quantization)
+    loaded = _load(path, resolve_dtype(dtype, device, low_bit), torch.device(device),
+                   quantization)
     pack_model_weights(loaded.model)
     return loaded
 
 
-def _load(model: str | Path | None, dtype: torch.dtype, device: torch.device,
+def _loads_low_bit(path: Path, quantization: str | None) -> bool:
+    """Whether the checkpoint at ``path`` loads with low-bit weights (as far as its header
+    says: a GGUF file's other types are dequantized)."""
+    if path.suffix == ".gguf":
+        return quantization != DENSE_LOAD
+    config = path / "config.json"
+    return config.is_file() and "quantization_config" in read_json(config, "model configuration")
+
+
+def _load(path: Path, dtype: torch.dtype, device: torch.device,
           quantization: str | None) -> LoadedModel:
-    path = default_model_path() if model is None else Path(model).expanduser()
     if path.suffix == ".gguf":
         return load_gguf(path, dtype, device, quantization)
     if path.is_dir():
         return load_hf_folder(path, dtype, device, quantization)
     if not path.exists():
         raise ModelLoadError(
-            f"model {str(model)!r} not found: expected a local model folder or a .gguf file"
+            f"model {str(path)!r} not found: expected a local model folder or a .gguf file"
         )
     raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")

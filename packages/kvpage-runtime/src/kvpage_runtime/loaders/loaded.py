@@ -52,13 +52,18 @@ def _cpu_has_bf16_instructions() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype, device: torch.device | str, low_bit: bool = False
+) -> torch.dtype:
     """``"auto"`` is bf16 on CUDA and on CPUs with native bf16 (``cpu_has_native_bf16``), else
-    fp32: where bf16 would be emulated, fp32 is faster."""
+    fp32: where bf16 would be emulated, fp32 is faster. A model with ``low_bit`` weights gets
+    fp32 on every CPU: those are multiplied in fp32 anyway, and fp32 activations spare the
+    conversions and let decode steps run through the fused decoder stack."""
     if isinstance(dtype, torch.dtype):
         resolved = dtype
     elif dtype == "auto":
-        native = torch.device(device).type == "cuda" or cpu_has_native_bf16()
+        on_cuda = torch.device(device).type == "cuda"
+        native = on_cuda or (cpu_has_native_bf16() and not low_bit)
         return torch.bfloat16 if native else torch.float32
     else:
         resolved = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
