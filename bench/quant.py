@@ -18,7 +18,7 @@ side in one run:
 - batch throughput: the 64-prompt chat workload (bench/workload_chat64.json, 128 tokens each,
   greedy, ignore_eos) in one ``LLM.generate``, against the dense bf16 path.
 
-    python bench/quant.py [--quick] [--llama-server PATH] [--results bench/RESULTS.md]
+    python bench/quant.py [--quick] [--llama-server PATH] [--json] [--results bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -214,6 +214,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens")
     parser.add_argument("--llama-server", help="a llama-server binary to compare single-stream")
+    parser.add_argument("--json", action="store_true", help="print {setup: figures} as JSON")
     parser.add_argument("--results", type=Path, help="append a markdown section to this file")
     args = parser.parse_args()
     s = QUICK if args.quick else FULL
@@ -223,8 +224,9 @@ def main() -> None:
         rows[setup.name].update(run_setup(setup, conversations, s))
     if args.llama_server:
         rows["llama-server -np 1"] = run_llama_server(args.llama_server, conversations, s)
-    table = report(rows, stream_bandwidth())
-    print(table)
+    bandwidth = stream_bandwidth()
+    table = report(rows, bandwidth)
+    print(json.dumps({"stream_bandwidth": bandwidth, **rows}, indent=1) if args.json else table)
     if args.results:
         command = "python bench/quant.py" + " --quick" * args.quick + (
             " --llama-server llama-server" if args.llama_server else "")
