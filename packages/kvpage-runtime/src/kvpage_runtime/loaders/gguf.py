@@ -60,17 +60,18 @@ def _load_cached(entry: Path, dtype: torch.dtype, device: torch.device) -> Loade
     config, extra = cache.config_from_json((entry / cache.CONFIG_FILE).read_text(), dtype)
     with safe_open(entry / cache.WEIGHTS_FILE, framework="pt") as f:
         state = {name: f.get_tensor(name).to(device) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    model = _build(config, device, extra["tensor_types"])
+    model, _ = _build(config, device, extra["tensor_types"])
     model.adopt_state(state)
     tokenizer = load_tokenizer(entry / cache.TOKENIZER_DIR)
     return _loaded(model, config, tokenizer, set(extra["eos_token_ids"]))
 
 
 def _build(config: ModelConfig, device: torch.device, tensor_types: dict[str, str] | None):
-    """The model for ``config``; ``tensor_types`` (the file's GGML types by the model's tensor
-    names) decides which layers stay low-bit, None that none does."""
+    """The model for ``config`` and its GGUF quantization: ``tensor_types`` (the file's GGML
+    types by the model's tensor names) decides which layers stay low-bit, None that none
+    does."""
     quantization = None if tensor_types is None else GGUFQuantization(tensor_types)
-    return model_class(config.architecture)(config, device, quantization)
+    return model_class(config.architecture)(config, device, quantization), quantization
 
 
 def build_gguf_model(
@@ -78,14 +79,12 @@ def build_gguf_model(
 ):
     """The model of ``gguf_file`` with its weights loaded (dense ones in ``config.dtype``) and
     the GGUF quantization it was built with (None for a dense load)."""
-    cls = model_class(config.architecture)
-    quantization = None
-    if low_bit:
-        types = gguf_file.tensor_types()
-        quantization = GGUFQuantization({cls.model_name(name): t for name, t in types.items()})
-    model = cls(config, device, quantization)
+    rename = model_class(config.architecture).model_name
+    tensor_types = ({rename(name): t for name, t in gguf_file.tensor_types().items()}
+                    if low_bit else None)
+    model, quantization = _build(config, device, tensor_types)
     kept = quantization.kept if quantization is not None else set()
-    model.load_weights(gguf_file.hf_tensors(config, lambda name: cls.model_name(name) in kept))
+    model.load_weights(gguf_file.hf_tensors(config, lambda name: rename(name) in kept))
     if quantization is not None and (dequantized := quantization.dequantized_types()):
         logger.info("GGUF tensors dequantized at load (low-bit kept for %s only): %s",
                     ", ".join(KEPT_TYPES),
@@ -117,7 +116,7 @@ def _convert(
         writer = threading.Thread(target=_write_cache, args=args, name="kvpage-cache-writer")
         writer.start()
         _writers[entry] = writer
-    model = _build(config, device, tensor_types)
+    model, _ = _build(config, device, tensor_types)
     model.adopt_state(state)
     return _loaded(model, config, tokenizer, eos)
 
