@@ -177,7 +177,8 @@ GGUF_CASES = {
         **SIZES, tie_word_embeddings=True), True, {"token_embd": "Q8_0", "*": "Q4_0"}),
     "qwen2-q4_1-q8_0-output": ("qwen2", transformers.Qwen2Config(**SIZES), False,
                                {"token_embd": "Q8_0", "output": "Q8_0", "*": "Q4_1"}),
-    "llama-q8_0": ("llama", transformers.LlamaConfig(**SIZES), True, {"*": "Q8_0"}),
+    # llama.cpp writes Mistral as a llama (its window, 4096 here, is past these contexts)
+    "mistral-q8_0": ("llama", transformers.MistralConfig(**SIZES), True, {"*": "Q8_0"}),
 }
 
 
