@@ -819,9 +819,9 @@ extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_strid
 // 32-bit words of per_word codes, the scales and offsets [groups][kPanelWidth] beside them).
 // A call multiplies each panel by every row of x (up to kBlockRows at a time) before it moves
 // on, so that each weight is read from memory once per call for a decode batch: OpenMP threads
-// take contiguous runs of panels, and for each tile of up to kTileRows rows the microkernel
-// keeps the tile's kTileRows x kPanelWidth sums in registers over all k inputs while the panel
-// (64 bytes per input in fp32, 8 in 4 bits) comes again from L2 for each tile; low-bit codes
+// take contiguous runs of panels, and for each tile of up to kRows rows (a panel type's) the
+// microkernel keeps the tile's kRows x kPanelWidth sums in registers over all k inputs while the
+// panel (64 bytes per input in fp32, 8 in 4 bits) comes again from L2 for each tile; low-bit codes
 // are dequantized in registers (QuantizedPanel), the weights of an input by one FMA per vector.
 // Blocking k measured slower on AMD Zen 4, even for k = 14,336: the panel streams through the
 // prefetchers either way, and each block costs a store and a reload of the sums. x is first
@@ -841,11 +841,15 @@ constexpr int kPanelWidth = 16;  // output columns per panel: pack_weight's PANE
 
 // Rows per microkernel call, measured on AMD Zen 4: with AVX-512, 12 rows of one 16-lane vector
 // (8 to 14 ran alike, 24 a third slower); with AVX2, 6 rows of two 8-lane vectors (12 sums,
-// 2 weights and a broadcast in its 16 registers; 4 rows ran 30 to 45% slower).
+// 2 weights and a broadcast in its 16 registers; 4 rows ran 30 to 45% slower), but 5 for low-bit
+// weights, whose dequantization needs registers too (6 rows spilled them: 64 rows took 41% more
+// time; 4 rows 9% more).
 #if defined(KVPAGE_SIMD)
 constexpr int kTileRows = Simd::width == 16 ? 12 : 6;
+constexpr int kLowBitTileRows = Simd::width == 16 ? 12 : 5;
 #else
 constexpr int kTileRows = 4;
+constexpr int kLowBitTileRows = 4;
 #endif
 
 template <int I>
@@ -867,7 +871,7 @@ inline void unrolled(Fn&& fn) {
 // and gives the weights of each of them (`weights`), or one weight (`value`, scalar tier).
 template <typename T>
 struct DensePanel {  // fp32 or bf16 weights, bf16 widened in registers
-    static constexpr int kStep = 1;
+    static constexpr int kStep = 1, kRows = kTileRows;
     const T* data;  // [depth][kPanelWidth]
     int64_t depth;
 
@@ -899,7 +903,7 @@ constexpr int kPrefetchLines = 8, kPrefetchGroups = 2;
 // q s + m once, as the reference's q * s + m does.
 template <int Bits>
 struct QuantizedPanel {
-    static constexpr int kStep = 32 / Bits;
+    static constexpr int kStep = 32 / Bits, kRows = kLowBitTileRows;
     static constexpr uint32_t kMask = (1u << Bits) - 1u;
     const uint32_t* words;  // [depth / kStep][kPanelWidth]
     const float* scales;    // [groups][kPanelWidth]
@@ -917,7 +921,8 @@ struct QuantizedPanel {
         Simd::V scaled[C], base[C];  // 2^Bits s, m - 2^Bits s
 
         Group() = default;
-        Group(const uint32_t* w, const float* s, const float* m) : words(w), scales(s), offsets(m) {
+        Group(const uint32_t* w, const float* s, const float* m)
+            : words(w), scales(s), offsets(m) {
             for (int c = 0; c < C; ++c) {
                 scaled[c] = Simd::mul(Simd::load(s + c * Simd::width), Simd::set1(1 << Bits));
                 base[c] = Simd::sub(Simd::load(m + c * Simd::width), scaled[c]);
@@ -938,10 +943,12 @@ struct QuantizedPanel {
             return Simd::fmadd(one_plus_q, scaled[c], base[c]);
         }
 #else
-        Group(const uint32_t* w, const float* s, const float* m) : words(w), scales(s), offsets(m) {}
+        Group(const uint32_t* w, const float* s, const float* m)
+            : words(w), scales(s), offsets(m) {}
 #endif
         float value(int64_t i, int j) const {
-            const uint32_t code = words[i / kStep * kPanelWidth + j] >> (Bits * (i % kStep)) & kMask;
+            const uint32_t word = words[i / kStep * kPanelWidth + j];
+            const uint32_t code = word >> (Bits * (i % kStep)) & kMask;
             return static_cast<float>(code) * scales[j] + offsets[j];
         }
     };
@@ -1088,7 +1095,7 @@ void panel_tile(const float* x, const Weights& w, int64_t first, int count, cons
 }
 #endif
 
-// panel_tile for M = 1 .. kTileRows rows, indexed by M - 1.
+// panel_tile for M = 1 .. N rows, indexed by M - 1.
 template <typename Weights, int... M>
 constexpr auto tile_kernels(std::integer_sequence<int, M...>) {
     using Kernel = void (*)(const float*, const Weights&, int64_t, int, const TileOut&);
@@ -1096,13 +1103,13 @@ constexpr auto tile_kernels(std::integer_sequence<int, M...>) {
         &panel_tile<M + 1, panels_per_tile(M + 1), Weights>...};
 }
 
-// The rows of a batch cut into as few tiles of at most kTileRows as possible, of sizes that
-// differ by one at most (16 rows: two tiles of 8, not 12 and 4).
+// The rows of a batch cut into as few tiles of at most tile_rows as possible, of sizes that
+// differ by one at most (16 rows in tiles of 12: two tiles of 8, not 12 and 4).
 struct RowTiles {
     int64_t count, base, longer;  // the first `longer` tiles have base + 1 rows, the rest base
 
-    explicit RowTiles(int64_t rows)
-        : count((rows + kTileRows - 1) / kTileRows),
+    RowTiles(int64_t rows, int tile_rows)
+        : count((rows + tile_rows - 1) / tile_rows),
           base(count > 0 ? rows / count : 0),
           longer(count > 0 ? rows % count : 0) {}
     int64_t first_row(int64_t t) const { return t * base + std::min(t, longer); }
@@ -1142,10 +1149,10 @@ std::pair<int64_t, int64_t> thread_share(int64_t num_panels) {
 template <typename Weights>
 void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weights& w,
                     const float* bias, float* out) {
-    static constexpr auto kernels =
-        tile_kernels<Weights>(std::make_integer_sequence<int, kTileRows>());
+    constexpr int kRows = decltype(w.panel(0))::kRows;
+    static constexpr auto kernels = tile_kernels<Weights>(std::make_integer_sequence<int, kRows>());
     const int64_t n = w.n, depth = w.depth;
-    const RowTiles tiles(rows);
+    const RowTiles tiles(rows, kRows);
     float* x_tiles = tile_buffer(static_cast<size_t>(rows * depth));
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
     const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
