@@ -22,6 +22,18 @@ row's result does not depend on the rest of its batch. On AMD Zen 4 at decode ba
 packed fp32 GEMM and 0.4 to 0.6 of MKL's packed sgemm, on either tier (README); the fused
 decoder stack calls the same C function.
 
+The same kernel multiplies low-bit weights (``QuantizedPanels``, from ``pack_weight`` of a
+``QuantizedWeight``: codes of 4 or 8 bits in 32-bit words within the panels, a scale and an
+offset per group of inputs and column): its panel type dequantizes in registers (a code
+shifted under the exponent of 1.0 reads 1 + q / 2^bits, and one FMA with the group's constants
+gives q * scale + offset), so the weights stream from memory as codes, 8 bytes per input and
+panel in 4 bits instead of 64 in fp32; GPTQ's input order is applied as x is copied into tiles.
+With the scales and offsets of checkpoints (fp16 values, or zero points times them) the
+dequantized weights equal the reference's, and the result is bit-identical to the fp32 GEMM on
+the dequantized weight. A one-row tile runs four panels side by side, and the words are
+prefetched ahead: a one-row decode step of SmolLM2-135M in 4 bits takes a third of the fp32
+step's time; at 16 and 64 rows the two take about as long (README).
+
 The library is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
 c++, else clang++), about 4 s (the runtime starts it on a background thread while the model
 loads), for one x86-64 CPU tier (``cpu_isa``): ``avx512`` builds for x86-64-v4 (AVX-512 F, BW,
