@@ -6,7 +6,7 @@ block tables); positions and slot mappings are computed with numpy over all toke
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +20,7 @@ from kvpage_runtime.forward_batch import ForwardBatch
 class ScheduledLike(Protocol):
     """The fields of kvpage_sched.ScheduledRequest the runner reads."""
 
+    request_id: str  # read only when drafts are given
     request: Any  # has all_token_ids
     start: int
     num_tokens: int
@@ -45,11 +46,16 @@ class ModelRunner:
         if pairs:
             copy_blocks(self.kv_caches, list(pairs))
 
-    def prepare(self, scheduled: Sequence[ScheduledLike]) -> ForwardBatch:
-        """Builds the flat batch: sequence i's tokens are all_token_ids[start:start+num_tokens]."""
+    def prepare(self, scheduled: Sequence[ScheduledLike],
+                drafts: Mapping[str, Sequence[int]] | None = None) -> ForwardBatch:
+        """Builds the flat batch: sequence i's tokens are all_token_ids[start:start+num_tokens],
+        then its draft tokens (``drafts`` by request id: speculative decoding's, computed in
+        the lookahead slots the scheduler reserved after them)."""
         num_seqs = len(scheduled)
+        extra = [drafts.get(s.request_id, ()) for s in scheduled] if drafts else [()] * num_seqs
         starts = np.fromiter((s.start for s in scheduled), dtype=np.int64, count=num_seqs)
-        q_lens = np.fromiter((s.num_tokens for s in scheduled), dtype=np.int64, count=num_seqs)
+        q_lens = np.fromiter((s.num_tokens + len(e) for s, e in zip(scheduled, extra, strict=True)),
+                             dtype=np.int64, count=num_seqs)
         tables = [s.block_ids for s in scheduled]
         max_blocks = max(len(t) for t in tables)
         block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int64)
@@ -57,6 +63,7 @@ class ModelRunner:
         for i, s in enumerate(scheduled):
             block_tables[i, : len(tables[i])] = tables[i]
             ids += s.request.all_token_ids[s.start : s.start + s.num_tokens]
+            ids += extra[i]
         query_start = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start[1:])
         total = int(query_start[-1])

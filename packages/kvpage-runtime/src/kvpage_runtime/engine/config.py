@@ -8,6 +8,7 @@ import torch
 
 from kvpage_runtime.errors import EngineConfigError
 from kvpage_runtime.layers.quantization import QUANTIZATION_CHOICES
+from kvpage_runtime.spec_decode.config import SpeculativeConfig
 
 CPU_MAX_MODEL_LEN = 8192
 
@@ -28,6 +29,11 @@ class EngineConfig:
     the default model) stay low-bit in memory. "awq", "gptq" or "gguf" insist on that format
     (loading another is an error); "none" loads a GGUF file dense, every tensor dequantized to
     ``dtype`` (the activations' dtype in every case).
+
+    ``speculative_config`` (vLLM's): ``{"method": "ngram", "num_speculative_tokens": k,
+    "prompt_lookup_max": 4, "prompt_lookup_min": 1}`` or ``{"method": "draft_model",
+    "model": path, "num_speculative_tokens": k}``, and ``"disable_by_batch_size"``
+    (see ``spec_decode.SpeculativeConfig``); None: no speculative decoding.
     """
 
     model: str | None = None
@@ -45,6 +51,7 @@ class EngineConfig:
     served_model_name: str | None = None
     scheduling_policy: str = "fcfs"
     quantization: str | None = None
+    speculative_config: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -63,6 +70,8 @@ class EngineConfig:
             raise EngineConfigError(
                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} or None, got "
                 f"{self.quantization!r}")
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)  # refuses a bad one by name
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -54,6 +54,8 @@ from kvpage_runtime.sampling import (
     TokenLogprobs,
     top_logprobs,
 )
+from kvpage_runtime.sampling.sampler import processes_logits
+from kvpage_runtime.spec_decode import Drafts, SpeculativeConfig, build_speculator
 
 logger = logging.getLogger("kvpage_runtime")
 
@@ -70,8 +72,19 @@ class _StepPlan:
     sample_logit_rows: list[int] = field(default_factory=list)
     forking: list[RequestGroup] = field(default_factory=list)
     beam_rows: list[tuple[str, int]] = field(default_factory=list)  # (beam id, logits row)
+    # (sequence, logits row of its last token, its drafts): a row per draft follows
+    speculative: list[tuple[Sequence, int, Drafts]] = field(default_factory=list)
     # (group, first prompt position, end position, first logits row)
     prompt_logprob_jobs: list[tuple[RequestGroup, int, int, int]] = field(default_factory=list)
+
+
+# what a sequence emits in a step: (sequence, tokens, their logprobs or None each)
+_Emitted = tuple[Sequence, list[int], list[TokenLogprobs | None]]
+
+
+def _emitted(seqs: list[Sequence], sampled: SamplerOutput) -> list[_Emitted]:
+    return [(seq, [token], [lp])
+            for seq, token, lp in zip(seqs, sampled.token_ids, sampled.logprobs, strict=True)]
 
 
 def _rows(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
@@ -120,13 +133,22 @@ class LLMEngine:
                          enable_prefix_caching=config.enable_prefix_caching)
         # with a sliding window, blocks that fall out of it go back to the pool as requests move on
         self.cache = KVCacheManager(pool, sliding_window=self.model_config.sliding_window)
+        self.spec_config = (SpeculativeConfig.from_dict(config.speculative_config)
+                            if config.speculative_config is not None else None)
         self.scheduler = Scheduler(self.cache, self._scheduler_config())
         self.runner = ModelRunner(loaded.model, self.model_config, budget.num_blocks,
                                   config.block_size, self.device, self.model_config.dtype)
+        self.speculator = None
+        if self.spec_config is not None:
+            self.speculator = build_speculator(self.spec_config, self.model_config.vocab_size,
+                                               budget.num_blocks, config.block_size, self.device,
+                                               self.model_config.dtype)
         self.sampler = Sampler(config.seed, self.device)
         self.timings = StepTimings()
         self.num_preemptions = 0
         self.num_failed_steps = 0  # forward steps that raised (their requests failed)
+        self.num_draft_tokens = 0  # speculative decoding: drafted, and of those accepted
+        self.num_accepted_tokens = 0
         self._failures_in_a_row = 0
         self._decode_token = make_token_decoder(self.tokenizer)
         self._groups: dict[str, RequestGroup] = {}
@@ -139,10 +161,11 @@ class LLMEngine:
         budget = cfg.max_num_batched_tokens
         if not cfg.enable_chunked_prefill:
             budget = max(budget, self.max_model_len)
+        lookahead = self.spec_config.num_speculative_tokens if self.spec_config else 0
         return SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=self.max_model_len,
                                enable_chunked_prefill=cfg.enable_chunked_prefill,
-                               policy=cfg.scheduling_policy)
+                               policy=cfg.scheduling_policy, num_lookahead_tokens=lookahead)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -262,27 +285,30 @@ class LLMEngine:
         t1 = time.perf_counter()
         self.timings.schedule += t1 - t0
         self.num_preemptions += len(out.preempted_ids)
+        if self.speculator is not None:
+            self.speculator.begin_step(out.block_copies, out.preempted_ids + out.finished_ids)
         if out.is_empty:
             return []
         try:
             self.runner.copy_blocks(out.block_copies)
-            plan = self._plan(out.scheduled)
-            batch = self.runner.prepare(out.scheduled)
+            drafts = self._propose(out.scheduled)
+            plan = self._plan(out.scheduled, drafts)
+            batch = self.runner.prepare(out.scheduled, {r: d.tokens for r, d in drafts.items()})
             t2 = time.perf_counter()
             logits = self.runner.execute(batch, plan.logits_indices)
         except Exception as exc:
             return self._fail_step(exc)
         self._failures_in_a_row = 0
         t3 = time.perf_counter()
-        sampled = self._sample(logits, plan)
+        emitted = self._sample(logits, plan) + self._verify(logits, plan)
         self._prompt_logprobs(plan, logits)
         for beam_id, row in plan.beam_rows:
             self.beams.report(beam_id, logits[row])
         t4 = time.perf_counter()
-        touched = self._apply_samples(out, plan, sampled)
+        touched = self._apply_samples(out, plan, emitted)
         outputs = [self._finish_output(g) for g in touched] + self.beams.advance()
         t5 = time.perf_counter()
-        self._record(t1, t2, t3, t4, t5, len(plan.sample_seqs))
+        self._record(t1, t2, t3, t4, t5, sum(len(tokens) for _, tokens, _ in emitted))
         return outputs
 
     def _fail_step(self, exc: Exception) -> list[RequestOutput]:
@@ -309,7 +335,20 @@ class LLMEngine:
                                   "are still held") from exc
         return outputs
 
-    def _plan(self, scheduled: list[ScheduledRequest]) -> _StepPlan:
+    def _propose(self, scheduled: list[ScheduledRequest]) -> dict[str, Drafts]:
+        """Speculative drafts for the step's decode requests that may speculate: those whose
+        sampling processes no logits (penalties, logit bias and min_tokens masking look at
+        tokens the drafts would change)."""
+        if self.speculator is None:
+            return {}
+        rows = {}
+        for sr in scheduled:
+            seq = self._seqs.get(sr.request_id)
+            if seq is not None and not processes_logits(row := self._sampling_row(seq)):
+                rows[sr.request_id] = row
+        return self.speculator.propose(scheduled, rows, self.sampler.generator)
+
+    def _plan(self, scheduled: list[ScheduledRequest], drafts: dict[str, Drafts]) -> _StepPlan:
         plan = _StepPlan()
         offset = 0
         now = time.time()
@@ -326,6 +365,12 @@ class LLMEngine:
                 group.metrics.first_scheduled_time = now
             if group.wants_prompt_logprobs:
                 self._plan_prompt_logprobs(plan, group, sr, offset)
+            if (draft := drafts.get(sr.request_id)) is not None:  # a row per draft follows
+                plan.speculative.append((seq, len(plan.logits_indices), draft))
+                last = offset + sr.num_tokens - 1
+                plan.logits_indices += range(last, last + len(draft.tokens) + 1)
+                offset += sr.num_tokens + len(draft.tokens)
+                continue
             if not sr.is_prefill_chunk:
                 row = len(plan.logits_indices)
                 plan.logits_indices.append(offset + sr.num_tokens - 1)
@@ -359,27 +404,55 @@ class LLMEngine:
         return SamplingRow(params, seq.group.prompt_token_ids, seq.token_ids, seq.generator,
                            blocked)
 
-    def _sample(self, logits: torch.Tensor, plan: _StepPlan) -> SamplerOutput:
-        """One token per row of ``plan.sample_seqs``. A batch that fails is sampled again row by
-        row, so that a fault fails only the requests whose rows raise (their token is None)."""
+    def _sample(self, logits: torch.Tensor, plan: _StepPlan) -> list[_Emitted]:
+        """One token for each of ``plan.sample_seqs``. A batch that fails is sampled again row
+        by row, so that a fault fails only the requests whose rows raise (they emit no token)."""
         rows = [self._sampling_row(seq) for seq in plan.sample_seqs]
         if not rows:
-            return SamplerOutput([], [])
+            return []
         logits = _rows(logits, plan.sample_logit_rows)
         try:
-            return self.sampler(logits, rows)
+            return _emitted(plan.sample_seqs, self.sampler(logits, rows))
         except Exception as exc:
             logger.warning("sampling the batch failed (%r): sampling row by row", exc)
-        sampled = SamplerOutput([], [])
+        emitted = []
         for i, (seq, row) in enumerate(zip(plan.sample_seqs, rows, strict=True)):
             try:
-                one = self.sampler(logits[i : i + 1], [row])
+                emitted += _emitted([seq], self.sampler(logits[i : i + 1], [row]))
             except Exception as exc:
                 self._fail(seq.group, f"sampling failed: {exc!r}")
-                one = SamplerOutput([None], [None])
-            sampled.token_ids += one.token_ids
-            sampled.logprobs += one.logprobs
-        return sampled
+                emitted.append((seq, [], []))  # nothing, but its failed output goes out
+        return emitted
+
+    def _verify(self, logits: torch.Tensor, plan: _StepPlan) -> list[_Emitted]:
+        """The tokens each speculating sequence emits: its accepted drafts and one more."""
+        emitted = []
+        for seq, row, drafts in plan.speculative:
+            try:
+                target = logits[row : row + len(drafts.tokens) + 1].float()
+                sampling = self._sampling_row(seq)
+                tokens = self.speculator.verify(target, drafts, sampling, self.sampler.generator)
+                emitted.append((seq, tokens, self._draft_logprobs(target, tokens, sampling)))
+            except Exception as exc:
+                self._fail(seq.group, f"verifying its drafts failed: {exc!r}")
+                emitted.append((seq, [], []))  # nothing, but its failed output goes out
+                continue
+            metrics = seq.group.metrics
+            metrics.num_draft_tokens += len(drafts.tokens)
+            metrics.num_accepted_tokens += len(tokens) - 1
+            self.num_draft_tokens += len(drafts.tokens)
+            self.num_accepted_tokens += len(tokens) - 1
+        return emitted
+
+    @staticmethod
+    def _draft_logprobs(target: torch.Tensor, tokens: list[int],
+                        row: SamplingRow) -> list[TokenLogprobs | None]:
+        """Logprobs of the emitted tokens, each from the target's logits at its position."""
+        k = row.params.logprobs
+        if k is None:
+            return [None] * len(tokens)
+        entries = top_logprobs(target[: len(tokens)], [k] * len(tokens))
+        return [e.with_sampled(t) for e, t in zip(entries, tokens, strict=True)]
 
     def _prompt_logprobs(self, plan: _StepPlan, logits: torch.Tensor) -> None:
         for group, lo, hi, row in plan.prompt_logprob_jobs:
@@ -395,26 +468,27 @@ class LLMEngine:
     def _position(self, lp: TokenLogprobs) -> PositionLogprobs:
         return {t: Logprob(v, r, self._decode_token(t)) for t, (v, r) in lp.entries().items()}
 
-    def _apply_samples(self, out, plan: _StepPlan, sampled: SamplerOutput) -> list[RequestGroup]:
-        """Appends sampled tokens, checks stops, updates the scheduler, forks n > 1 requests.
+    def _apply_samples(self, out, plan: _StepPlan, emitted: list[_Emitted]) -> list[RequestGroup]:
+        """Appends the emitted tokens (up to the one that stops a sequence), checks stops,
+        updates the scheduler, forks n > 1 requests.
 
         A request whose token processing (detokenizing, stop checks) raises fails alone."""
         new_tokens: dict[str, list[int]] = {}
         finished: dict[str, FinishReason] = {}
         touched: dict[str, RequestGroup] = {}
         now = time.time()
-        for seq, token, lp in zip(plan.sample_seqs, sampled.token_ids, sampled.logprobs, strict=True):
+        for seq, tokens, logprobs in emitted:
             group = seq.group
             touched[group.request_id] = group
             if group.error is not None:
                 continue
             try:
-                self._append_token(seq, token, lp)
+                appended = self._append_tokens(seq, tokens, logprobs)
             except Exception as exc:
                 self._fail(group, f"processing its output failed: {exc!r}")
                 continue
             if seq.seq_id in self._seqs:
-                new_tokens[seq.seq_id] = [token]
+                new_tokens[seq.seq_id] = appended
                 if seq.finished:
                     finished[seq.seq_id] = FinishReason(seq.finish_reason)
         forking_parents = {g.request_id for g in plan.forking}
@@ -430,6 +504,15 @@ class LLMEngine:
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
         return list(touched.values())
+
+    def _append_tokens(self, seq: Sequence, tokens: list[int],
+                       logprobs: list[TokenLogprobs | None]) -> list[int]:
+        """Appends tokens until one stops the sequence; returns those appended."""
+        for i, (token, lp) in enumerate(zip(tokens, logprobs, strict=True)):
+            self._append_token(seq, token, lp)
+            if seq.finished:
+                return tokens[: i + 1]
+        return tokens
 
     def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> None:
         seq.token_ids.append(token)
@@ -486,5 +569,7 @@ class LLMEngine:
             kv_cache_usage=cache.usage(), prefix_cache_hit_rate=cache.stats.hit_rate,
             num_free_blocks=free, num_total_blocks=total, num_blocks_held=total - free,
             num_preemptions=self.num_preemptions, num_failed_steps=self.num_failed_steps,
+            spec_decode_num_draft_tokens=self.num_draft_tokens,
+            spec_decode_num_accepted_tokens=self.num_accepted_tokens,
             prefix_cache_queries=cache.stats.query_tokens,
             prefix_cache_hits=cache.stats.hit_tokens)

@@ -23,6 +23,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    num_draft_tokens: int = 0  # speculative decoding: tokens drafted, and of those accepted
+    num_accepted_tokens: int = 0
 
 
 @dataclass
@@ -67,6 +69,8 @@ class EngineStats:
     num_failed_steps: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there
+    spec_decode_num_draft_tokens: int = 0
+    spec_decode_num_accepted_tokens: int = 0
 
 
 @dataclass

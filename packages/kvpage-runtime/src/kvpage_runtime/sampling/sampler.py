@@ -73,15 +73,9 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
                 greedy: list[bool]) -> torch.Tensor:
-        device = logits.device
-        greedy_mask = torch.tensor(greedy, device=device)
+        greedy_mask = torch.tensor(greedy, device=logits.device)
         best = argmax(logits)
-        temps = [1.0 if g else r.params.temperature for r, g in zip(rows, greedy, strict=True)]
-        temps = torch.tensor(temps, device=device)
-        logits = logits / temps.unsqueeze(1)
-        logits = _apply_top_k_top_p(logits, rows)
-        probs = logits.softmax(dim=-1)
-        probs = _apply_min_p(probs, rows)
+        probs = sampling_probs(logits, rows)
         noise = self._noise(probs, rows)
         sampled = argmax(probs / noise)
         return torch.where(greedy_mask, best, sampled)
@@ -96,12 +90,21 @@ class Sampler:
         return noise
 
 
+def sampling_probs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The distribution each row samples from: fp32 logits (logits processors applied) ->
+    temperature, top-k, top-p, softmax, min-p (greedy rows keep temperature 1)."""
+    temps = [r.params.temperature if not r.params.is_greedy else 1.0 for r in rows]
+    logits = logits / torch.tensor(temps, device=logits.device).unsqueeze(1)
+    probs = _apply_top_k_top_p(logits, rows).softmax(dim=-1)
+    return _apply_min_p(probs, rows)
+
+
 def _plain_greedy(row: SamplingRow) -> bool:
     """Greedy, and nothing but the argmax is needed: no logprobs, no logits processing."""
-    return row.params.is_greedy and row.params.logprobs is None and not _processes_logits(row)
+    return row.params.is_greedy and row.params.logprobs is None and not processes_logits(row)
 
 
-def _processes_logits(row: SamplingRow) -> bool:
+def processes_logits(row: SamplingRow) -> bool:
     """min_tokens masking, logit bias or penalties apply to this row."""
     p = row.params
     return bool(row.blocked_token_ids or p.logit_bias or p.needs_penalties)
@@ -109,7 +112,7 @@ def _processes_logits(row: SamplingRow) -> bool:
 
 def _apply_logits_processors(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """min_tokens masking, logit bias, penalties: only touches rows that ask for them."""
-    if not any(_processes_logits(r) for r in rows):
+    if not any(processes_logits(r) for r in rows):
         return logits
     blocked = [(i, t) for i, r in enumerate(rows) for t in r.blocked_token_ids]
     bias = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]

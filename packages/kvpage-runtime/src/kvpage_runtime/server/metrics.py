@@ -89,6 +89,16 @@ _ENGINE_COUNTERS = (
         "num_failed_steps",
         "Engine steps that raised (their requests failed; the engine recovered).",
     ),
+    (
+        "spec_decode_num_draft_tokens",
+        "spec_decode_num_draft_tokens",
+        "Speculative decoding: tokens drafted.",
+    ),
+    (
+        "spec_decode_num_accepted_tokens",
+        "spec_decode_num_accepted_tokens",
+        "Speculative decoding: drafted tokens the target accepted.",
+    ),
 )
 
 

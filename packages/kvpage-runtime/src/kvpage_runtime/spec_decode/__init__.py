@@ -1,0 +1,79 @@
+"""Speculative decoding: proposers draft tokens, the target verifies them in one forward pass.
+
+Each step the proposer (``ngram`` or ``draft_model``) drafts up to ``k`` tokens for each
+decode request that may speculate; the scheduler has reserved ``k`` lookahead slots after its
+token (``num_lookahead_tokens``), so the target computes the token and the drafts in the same
+forward pass and gives logits after each; ``rejection.verify`` accepts a prefix of the drafts
+and draws one more token so that the output is distributed exactly as without drafts; the
+scheduler keeps the accepted drafts' KV and rolls the rest back (the cache's ``truncate``).
+Requests with and without drafts, and with different numbers of them, share the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvpage_runtime.sampling import SamplingRow
+from kvpage_runtime.spec_decode import ngram
+from kvpage_runtime.spec_decode.config import SpeculativeConfig
+from kvpage_runtime.spec_decode.draft_model import DraftModelProposer, Drafts
+from kvpage_runtime.spec_decode.rejection import verify
+
+__all__ = ["Drafts", "SpeculativeConfig", "Speculator", "build_speculator"]
+
+
+class Speculator:
+    def __init__(self, config: SpeculativeConfig, draft_model: DraftModelProposer | None) -> None:
+        self.config = config
+        self.draft_model = draft_model
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.config.num_speculative_tokens
+
+    def begin_step(self, block_copies: Sequence[tuple[int, int]],
+                   released_ids: Sequence[str]) -> None:
+        """Follow the step's block copies; forget the requests whose blocks went back."""
+        if self.draft_model is not None:
+            self.draft_model.copy_blocks(block_copies)
+            self.draft_model.forget(released_ids)
+
+    def propose(self, scheduled: Sequence, rows: dict[str, SamplingRow],
+                generator: torch.Generator) -> dict[str, Drafts]:
+        """Drafts for the decode requests of ``scheduled`` that ``rows`` names (those allowed to
+        speculate), at most their reserved lookahead; none in a step too large to gain."""
+        limit = self.config.disable_by_batch_size
+        allowed = limit is None or len(scheduled) < limit
+        wanted = {sr.request_id: (min(self.config.num_speculative_tokens,
+                                      sr.num_lookahead_tokens), rows[sr.request_id])
+                  for sr in scheduled if allowed and sr.request_id in rows
+                  and not sr.is_prefill_chunk and sr.num_lookahead_tokens}
+        if self.draft_model is not None:
+            return self.draft_model.propose(scheduled, wanted, generator)  # catches up on all
+        drafts = {}
+        for sr in scheduled:
+            if sr.request_id in wanted:
+                tokens = ngram.propose(sr.request.all_token_ids, wanted[sr.request_id][0],
+                                       self.config.prompt_lookup_min,
+                                       self.config.prompt_lookup_max)
+                if tokens:
+                    drafts[sr.request_id] = Drafts(tokens, None)
+        return drafts
+
+    @staticmethod
+    def verify(target: torch.Tensor, drafts: Drafts, row: SamplingRow,
+               generator: torch.Generator) -> list[int]:
+        """The tokens the request emits this step (see ``rejection.verify``)."""
+        return verify(target, drafts.tokens, row, drafts.probs, row.generator or generator)
+
+
+def build_speculator(config: SpeculativeConfig, target_vocab_size: int, num_blocks: int,
+                     block_size: int, device: torch.device, dtype: torch.dtype) -> Speculator:
+    """The speculator ``config`` asks for, its draft model loaded if it has one."""
+    draft = None
+    if config.method == "draft_model":
+        draft = DraftModelProposer(config.model, target_vocab_size, num_blocks, block_size,
+                                   device, dtype)
+    return Speculator(config, draft)
