@@ -12,9 +12,13 @@ import torch
 import transformers
 from engine_fixtures import default_gguf
 from kvpage_runtime import LLM, SamplingParams
+from kvpage_runtime.cli import _engine_fields, build_parser
+from kvpage_runtime.engine.config import EngineConfig
+from kvpage_runtime.engine.outputs import EngineStats
 from kvpage_runtime.errors import EngineConfigError
 from kvpage_runtime.sampling import SamplingRow
 from kvpage_runtime.sampling.sampler import sampling_probs
+from kvpage_runtime.server.metrics import ServerMetrics
 from kvpage_runtime.spec_decode import ngram
 from kvpage_runtime.spec_decode.config import SpeculativeConfig
 from kvpage_runtime.spec_decode.rejection import verify
@@ -74,6 +78,27 @@ def two_sample_p_value(a: list[int], b: list[int]) -> float:
 def test_bad_configurations_are_refused_by_name(raw, named):
     with pytest.raises(EngineConfigError, match=named):
         SpeculativeConfig.from_dict(raw)
+
+
+def test_the_serve_option_reaches_the_engine_config():
+    raw = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2}'
+    args = build_parser().parse_args(["serve", "--speculative-config", raw])
+    config = EngineConfig(**_engine_fields(args, None))
+    assert SpeculativeConfig.from_dict(config.speculative_config).prompt_lookup_max == 2
+    for bad in ("{method: ngram}", "[1, 2]"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--speculative-config", bad])
+    with pytest.raises(EngineConfigError, match="unknown keys"):
+        EngineConfig(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
+                                         "num_lookahead_slots": 2})
+
+
+def test_prometheus_counters_carry_vllm_names():
+    stats = EngineStats(0, 0, 0.0, 0.0, 8, 8, 0, spec_decode_num_draft_tokens=12,
+                        spec_decode_num_accepted_tokens=7)
+    text = ServerMetrics(lambda: stats).exposition().decode()
+    assert "kvpage:spec_decode_num_draft_tokens_total 12.0" in text
+    assert "kvpage:spec_decode_num_accepted_tokens_total 7.0" in text
 
 
 def test_ngram_copies_what_followed_the_latest_earlier_occurrence():

@@ -40,6 +40,8 @@ def test_metrics_names(server):
         "kvpage:prefix_cache_queries_total",
         "kvpage:prefix_cache_hits_total",
         "kvpage:engine_step_failures_total",
+        "kvpage:spec_decode_num_draft_tokens_total",
+        "kvpage:spec_decode_num_accepted_tokens_total",
     ):
         assert name in metrics, name
     assert metrics["kvpage:prefix_cache_queries_total"] >= metrics["kvpage:prefix_cache_hits_total"]

@@ -52,6 +52,16 @@ def parse_memory(text: str) -> int | float:
     return int(float(number) * _MEMORY_UNITS[unit.lower()])
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument(
@@ -116,6 +126,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="order of waiting requests: arrival (fcfs), or each request's priority, lower "
         "first, then arrival (default: %(default)s)",
     )
+    g.add_argument(
+        "--speculative-config",
+        type=_json_object,
+        default=None,
+        help='speculative decoding as JSON, vLLM\'s keys: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4}\' or \'{"method": "draft_model", "model": PATH, '
+        '"num_speculative_tokens": 4}\', optionally "prompt_lookup_max", "prompt_lookup_min", '
+        '"disable_by_batch_size" (default: none)',
+    )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument(
@@ -143,6 +162,7 @@ def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any
         enable_prefix_caching=args.enable_prefix_caching,
         enable_chunked_prefill=args.enable_chunked_prefill,
         scheduling_policy=args.scheduling_policy,
+        speculative_config=args.speculative_config,
         seed=args.seed,
         device=args.device,
         tokenizer=args.tokenizer,
