@@ -5,6 +5,7 @@ that disagrees with the modules) is not used, and says why."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -185,3 +186,35 @@ def test_the_check_leaves_the_kv_cache_as_it_was(dtype, tmp_path, monkeypatch, c
     assert fused_log(caplog) == []
     for (k, v), (k_before, v_before) in zip(driver.kv_caches, before, strict=True):
         assert torch.equal(k, k_before) and torch.equal(v, v_before)
+
+
+def short_query_step(loaded, prompts, fused: bool, monkeypatch, query_len: int = 4):
+    """Hidden states and KV caches after prefilling all but the last ``query_len`` tokens of
+    each prompt, then computing those together (as speculative decoding verifies drafts)."""
+    monkeypatch.setenv(ENV_VAR, "1" if fused else "0")
+    driver = PagedGreedyDriver(loaded, block_size=4)
+    seqs = driver.new_sequences(prompts)
+    driver.step([(s, len(s.tokens) - query_len) for s in seqs])
+    batch = driver.build_batch([(s, query_len) for s in seqs])
+    batch = dataclasses.replace(batch, min_context_len=min(len(p) for p in prompts) - query_len)
+    return loaded.model(batch, driver.kv_caches), driver.kv_caches
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_short_queries_after_context_run_fused_one_row_per_token(family, tmp_path, monkeypatch):
+    """Each token becomes a sequence of its own whose context ends with it: the same causal
+    attention as the modules' (a decode kernel instead of the prefill one: equal to fp32
+    rounding), through a sliding window too."""
+    loaded = load_model(str(save_tiny_model(CONFIGS[family], tmp_path)), dtype=torch.float32)
+    prompts = random_prompts([7, 21, 12, 5], CONFIGS[family].vocab_size)
+    fused, fused_caches = short_query_step(loaded, prompts, True, monkeypatch)
+    plain, plain_caches = short_query_step(loaded, prompts, False, monkeypatch)
+    assert relative_error(fused, plain) < 1e-5
+    for (k, v), (k_plain, v_plain) in zip(fused_caches, plain_caches, strict=True):
+        assert relative_error(k, k_plain) < 1e-5 and relative_error(v, v_plain) < 1e-5
+    modules = loaded.model.model.run_layers
+    calls = []
+    monkeypatch.setattr(loaded.model.model, "run_layers",
+                        lambda *a: calls.append(a[3].max_query_len) or modules(*a))
+    short_query_step(loaded, prompts, True, monkeypatch)
+    assert 17 in calls and 4 not in calls  # the prefill ran on the modules, the queries fused

@@ -6,6 +6,7 @@ caching and preemption."""
 from __future__ import annotations
 
 import collections
+import random
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from kvpage_runtime.sampling import SamplingRow
 from kvpage_runtime.sampling.sampler import sampling_probs
 from kvpage_runtime.server.metrics import ServerMetrics
 from kvpage_runtime.spec_decode import ngram
+from kvpage_runtime.spec_decode.adaptive import DraftLengthChooser
 from kvpage_runtime.spec_decode.config import SpeculativeConfig
 from kvpage_runtime.spec_decode.rejection import verify
 from model_helpers import TINY, random_prompts, save_tiny_model
@@ -74,6 +76,7 @@ def two_sample_p_value(a: list[int], b: list[int]) -> float:
     ({"method": "ngram", "num_speculative_tokens": 2, "lookahead": 3}, "lookahead"),
     ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}, "prompt_lookup"),
     ({"method": "draft_model", "num_speculative_tokens": 2}, "model"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}, "adaptive"),
 ])
 def test_bad_configurations_are_refused_by_name(raw, named):
     with pytest.raises(EngineConfigError, match=named):
@@ -148,6 +151,59 @@ def test_greedy_verification_accepts_the_argmax_only():
     assert verify(target, [2, 0], row, None, gen) == [1]
 
 
+# ---- adaptive draft lengths ------------------------------------------------------------
+
+
+def simulate(chooser: DraftLengthChooser, rate, steps: int, num_decode: int = 1) -> list[int]:
+    """``steps`` steps whose tokens per second are ``rate(k)`` (with noise); their lengths."""
+    noise = random.Random(1)
+    chosen = []
+    for _ in range(steps):
+        k = chooser.choose(num_decode)
+        chosen.append(k)
+        chooser.record(num_decode, k, int(rate(k) * noise.uniform(0.8, 1.2)), 1.0)
+    return chosen
+
+
+def test_the_chooser_settles_on_the_fastest_length_and_explores_its_neighbours():
+    chooser = DraftLengthChooser(8)
+    rates = {0: 100, 1: 120, 2: 150, 4: 130, 8: 60}
+    chosen = simulate(chooser, rates.get, 2000)
+    assert chosen[:3] == [8, 8, 8]  # every length is tried, k first
+    late = collections.Counter(chosen[500:])
+    assert late[2] > 0.9 * 1500 and set(late) <= {1, 2, 4}
+    assert chooser.best(1) == 2
+
+
+def test_batch_sizes_keep_their_own_statistics():
+    chooser = DraftLengthChooser(4)
+    simulate(chooser, {0: 100, 1: 150, 2: 200, 4: 260}.get, 300, num_decode=1)
+    simulate(chooser, {0: 400, 1: 250, 2: 180, 4: 90}.get, 300, num_decode=16)
+    assert chooser.best(1) == 4 and chooser.best(16) == 0 and chooser.best(20) == 0
+    assert chooser.best(4) is None  # 4-7 decode requests: not measured yet
+
+
+def test_the_choice_follows_a_workload_that_changes():
+    chooser = DraftLengthChooser(8)
+    simulate(chooser, {0: 100, 1: 90, 2: 80, 4: 60, 8: 30}.get, 500)
+    assert chooser.best(1) == 0  # speculation off
+    chosen = simulate(chooser, {0: 100, 1: 140, 2: 180, 4: 230, 8: 300}.get, 3000)
+    assert chooser.best(1) == 8 and collections.Counter(chosen[-500:])[8] > 400
+
+
+def test_adaptive_speculation_measures_decode_steps_and_keeps_greedy_output(tmp_path):
+    """(On a tiny random model drafts are rarely accepted: speculation ends up off.)"""
+    folder = _folder("llama", tmp_path)
+    base = dict(dtype="float32", device="cpu", max_model_len=256, block_size=4)
+    prompts = _repetitive_prompts()
+    plain = _greedy(LLM(folder, **base), prompts)
+    llm = LLM(folder, **base, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+    _assert_same_greedy(_greedy(llm, prompts), plain)
+    chooser = llm.engine.speculator.chooser
+    decode_steps = [rate.steps for group in chooser._rates.values() for rate in group.values()]
+    assert decode_steps and min(decode_steps) >= chooser.trials  # every length was measured
+
+
 # ---- the engine: greedy output does not change ---------------------------------------------
 
 
@@ -197,7 +253,7 @@ def test_ngram_speculation_leaves_greedy_output_unchanged(family, tmp_path):
     prompts = _repetitive_prompts()
     plain = _greedy(LLM(folder, **base), prompts)
     for k in (1, 3, 5):
-        llm = LLM(folder, **base, speculative_config={"method": "ngram",
+        llm = LLM(folder, **base, speculative_config={"method": "ngram", "adaptive": False,
                                                       "num_speculative_tokens": k})
         _assert_same_greedy(_greedy(llm, prompts), plain)
         assert llm.engine.num_draft_tokens > 0 and llm.engine.num_accepted_tokens > 0
@@ -212,6 +268,7 @@ def test_draft_model_speculation_leaves_greedy_output_unchanged(tmp_path):
     plain = _greedy(LLM(target, **base), prompts)
     for k in (1, 3):
         llm = LLM(target, **base, speculative_config={"method": "draft_model", "model": draft,
+                                                      "adaptive": False,
                                                       "num_speculative_tokens": k})
         _assert_same_greedy(_greedy(llm, prompts), plain)
         assert llm.engine.num_draft_tokens > 0
@@ -225,7 +282,8 @@ def test_speculation_under_preemption_and_prefix_caching(tmp_path):
                 kv_cache_memory=40 * 4 * bytes_per_token)  # 40 blocks: preempts
     prompts = _repetitive_prompts()
     plain = _greedy(LLM(folder, **base), prompts)
-    llm = LLM(folder, **base, speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    llm = LLM(folder, **base, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                                  "adaptive": False})
     _assert_same_greedy(_greedy(llm, prompts), plain)
     assert llm.engine.num_preemptions > 0
     assert llm.engine.cache.num_free_blocks == llm.engine.cache.num_blocks
@@ -243,7 +301,8 @@ def test_a_draft_model_with_another_vocabulary_is_refused(tmp_path):
 
 def test_drafts_and_acceptances_are_counted_per_request(tmp_path):
     llm = LLM(_folder("llama", tmp_path), dtype="float32", device="cpu", max_model_len=256,
-              speculative_config={"method": "ngram", "num_speculative_tokens": 4})
+              speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                  "adaptive": False})
     out = llm.generate(_repetitive_prompts()[:1], GREEDY, use_tqdm=False)[0]
     assert out.metrics.num_draft_tokens > 0
     assert 0 < out.metrics.num_accepted_tokens <= out.metrics.num_draft_tokens
@@ -263,7 +322,8 @@ def test_sampled_tokens_keep_the_target_distribution(tmp_path, top_p):
     prompt = random_prompts([6], 640, seed=5)[0]
     base = dict(dtype="float32", device="cpu", max_model_len=64, max_num_seqs=256)
     counts = []
-    for spec in (None, {"method": "draft_model", "model": draft, "num_speculative_tokens": 2}):
+    for spec in (None, {"method": "draft_model", "model": draft, "num_speculative_tokens": 2,
+                        "adaptive": False}):
         llm = LLM(target, **base, speculative_config=spec)
         params = [SamplingParams(temperature=1.0, top_p=top_p, max_tokens=3, ignore_eos=True,
                                  seed=1_000_000 * (spec is not None) + i) for i in range(1500)]

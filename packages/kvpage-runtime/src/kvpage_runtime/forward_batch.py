@@ -15,7 +15,8 @@ class ForwardBatch:
     the last tokens of its ``seq_lens[i]`` tokens of context. ``slot_mapping`` gives, per token,
     ``block_id * block_size + offset`` in the KV cache (-1 skips the write).
     ``max_seq_len`` and ``max_query_len`` are host-side copies of the maxima, so that
-    no kernel has to read them back from the device.
+    no kernel has to read them back from the device; ``min_context_len`` too: the fewest
+    tokens of context any sequence has before its new tokens (0 when a prompt starts).
     """
 
     input_ids: torch.Tensor  # int64 [num_tokens]
@@ -26,6 +27,7 @@ class ForwardBatch:
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
     max_seq_len: int
     max_query_len: int
+    min_context_len: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -34,3 +36,21 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+    def one_row_per_token(self) -> ForwardBatch:
+        """The same tokens, each as a sequence of its own: the context of token ``j`` of a
+        sequence ends with it (earlier tokens of the step included, their KV written first),
+        over the sequence's block table. A decode kernel that takes one token per sequence
+        then computes short multi-token queries (speculative decoding's drafts, small prefill
+        chunks) exactly as causal attention over the sequence would."""
+        num_tokens = self.num_tokens
+        q_lens = self.query_start_loc[1:] - self.query_start_loc[:-1]
+        owner = torch.repeat_interleave(torch.arange(self.num_seqs, device=q_lens.device), q_lens,
+                                        output_size=num_tokens)
+        rows = torch.arange(num_tokens, device=q_lens.device)
+        tokens_after = self.query_start_loc[1:][owner] - 1 - rows  # later tokens of the step
+        seq_lens = (self.seq_lens[owner] - tokens_after).to(torch.int32)
+        return ForwardBatch(self.input_ids, self.positions, self.slot_mapping,
+                            self.block_tables[owner], seq_lens,
+                            torch.arange(num_tokens + 1, dtype=torch.int32, device=rows.device),
+                            self.max_seq_len, 1, self.min_context_len)

@@ -81,6 +81,7 @@ class ModelRunner:
             query_start_loc=self._tensor(query_start.astype(np.int32)),
             max_seq_len=int(seq_lens.max()),
             max_query_len=int(q_lens.max()),
+            min_context_len=int(starts.min()),
         )
 
     @torch.inference_mode()

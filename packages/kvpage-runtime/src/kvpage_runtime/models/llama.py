@@ -27,6 +27,11 @@ from kvpage_runtime.layers.rotary import RotaryEmbedding
 from kvpage_runtime.models.fused_decode import build_fused_decoder
 from kvpage_runtime.models.weights import WeightLoader
 
+# Steps whose sequences each bring at most this many tokens after some context (decode steps,
+# speculative decoding's verification, short prefill chunks that follow others) run through
+# the fused decoder stack, one row per token; prompts start on the layer modules, whose
+# prefill attention also serves long queries better.
+FUSED_MAX_QUERY_LEN = 16
 PACKED = "packed"  # the name part of packed tensors in ``export_state``
 
 
@@ -137,10 +142,13 @@ class LlamaModel(nn.Module):
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
         cos, sin = self.rotary.lookup(batch.positions)
-        one_token_each = batch.max_query_len == 1 and batch.num_tokens == batch.num_seqs
-        if one_token_each and (fused := self.fused_decoder(kv_caches)) is not None:
-            hidden, residual = fused(hidden, cos, sin, batch.slot_mapping, batch.block_tables,
-                                     batch.seq_lens, batch.query_start_loc)
+        one_token_each = batch.max_query_len == 1
+        short_after_context = batch.max_query_len <= FUSED_MAX_QUERY_LEN and batch.min_context_len
+        if ((one_token_each or short_after_context)
+                and (fused := self.fused_decoder(kv_caches)) is not None):
+            rows = batch.one_row_per_token() if batch.max_query_len > 1 else batch
+            hidden, residual = fused(hidden, cos, sin, rows.slot_mapping, rows.block_tables,
+                                     rows.seq_lens, rows.query_start_loc)
         else:
             hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches)
         hidden, _ = self.norm(hidden, residual)

@@ -7,6 +7,12 @@ forward pass and gives logits after each; ``rejection.verify`` accepts a prefix 
 and draws one more token so that the output is distributed exactly as without drafts; the
 scheduler keeps the accepted drafts' KV and rolls the rest back (the cache's ``truncate``).
 Requests with and without drafts, and with different numbers of them, share the batch.
+
+With ``adaptive`` (the default) each step drafts the length, up to ``k``, that has emitted
+the most tokens per second in recent steps with as many decode requests (``adaptive``):
+speculation switches itself off for batch sizes where it does not pay on this machine and
+this text, and comes back when it does. ``disable_by_batch_size`` switches it off above a
+fixed size instead, as vLLM's option does.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from kvpage_runtime.sampling import SamplingRow
 from kvpage_runtime.spec_decode import ngram
+from kvpage_runtime.spec_decode.adaptive import DraftLengthChooser
 from kvpage_runtime.spec_decode.config import SpeculativeConfig
 from kvpage_runtime.spec_decode.draft_model import DraftModelProposer, Drafts
 from kvpage_runtime.spec_decode.rejection import verify
@@ -25,9 +32,13 @@ __all__ = ["Drafts", "SpeculativeConfig", "Speculator", "build_speculator"]
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, draft_model: DraftModelProposer | None) -> None:
+    def __init__(self, config: SpeculativeConfig, draft_model: DraftModelProposer | None,
+                 seed: int = 0) -> None:
         self.config = config
         self.draft_model = draft_model
+        k = config.num_speculative_tokens
+        self.chooser = DraftLengthChooser(k, seed) if config.adaptive else None
+        self._step: tuple[int, int] | None = None  # (decode requests, draft length) measured
 
     @property
     def num_speculative_tokens(self) -> int:
@@ -36,6 +47,7 @@ class Speculator:
     def begin_step(self, block_copies: Sequence[tuple[int, int]],
                    released_ids: Sequence[str]) -> None:
         """Follow the step's block copies; forget the requests whose blocks went back."""
+        self._step = None
         if self.draft_model is not None:
             self.draft_model.copy_blocks(block_copies)
             self.draft_model.forget(released_ids)
@@ -43,13 +55,11 @@ class Speculator:
     def propose(self, scheduled: Sequence, rows: dict[str, SamplingRow],
                 generator: torch.Generator) -> dict[str, Drafts]:
         """Drafts for the decode requests of ``scheduled`` that ``rows`` names (those allowed to
-        speculate), at most their reserved lookahead; none in a step too large to gain."""
-        limit = self.config.disable_by_batch_size
-        allowed = limit is None or len(scheduled) < limit
-        wanted = {sr.request_id: (min(self.config.num_speculative_tokens,
-                                      sr.num_lookahead_tokens), rows[sr.request_id])
-                  for sr in scheduled if allowed and sr.request_id in rows
-                  and not sr.is_prefill_chunk and sr.num_lookahead_tokens}
+        speculate), at most their reserved lookahead and this step's draft length."""
+        k = self._draft_length(scheduled)
+        wanted = {sr.request_id: (min(k, sr.num_lookahead_tokens), rows[sr.request_id])
+                  for sr in scheduled if sr.request_id in rows and not sr.is_prefill_chunk
+                  and min(k, sr.num_lookahead_tokens)}
         if self.draft_model is not None:
             return self.draft_model.propose(scheduled, wanted, generator)  # catches up on all
         drafts = {}
@@ -62,6 +72,26 @@ class Speculator:
                     drafts[sr.request_id] = Drafts(tokens, None)
         return drafts
 
+    def _draft_length(self, scheduled: Sequence) -> int:
+        """k; 0 in a step of ``disable_by_batch_size`` requests or more; with ``adaptive``, the
+        chooser's length for a step of only decode requests (steps that compute prompts
+        draft k and are not measured)."""
+        limit = self.config.disable_by_batch_size
+        if limit is not None and len(scheduled) >= limit:
+            return 0
+        decode = sum(1 for sr in scheduled if sr.num_tokens == 1 and not sr.is_prefill_chunk)
+        if self.chooser is None or decode < len(scheduled):
+            return self.config.num_speculative_tokens
+        k = self.chooser.choose(decode)
+        self._step = (decode, k)
+        return k
+
+    def end_step(self, tokens: int, seconds: float) -> None:
+        """The step emitted ``tokens`` in ``seconds``: what its draft length paid."""
+        if self._step is not None:
+            self.chooser.record(*self._step, tokens, seconds)
+            self._step = None
+
     @staticmethod
     def verify(target: torch.Tensor, drafts: Drafts, row: SamplingRow,
                generator: torch.Generator) -> list[int]:
@@ -70,10 +100,11 @@ class Speculator:
 
 
 def build_speculator(config: SpeculativeConfig, target_vocab_size: int, num_blocks: int,
-                     block_size: int, device: torch.device, dtype: torch.dtype) -> Speculator:
+                     block_size: int, device: torch.device, dtype: torch.dtype,
+                     seed: int = 0) -> Speculator:
     """The speculator ``config`` asks for, its draft model loaded if it has one."""
     draft = None
     if config.method == "draft_model":
         draft = DraftModelProposer(config.model, target_vocab_size, num_blocks, block_size,
                                    device, dtype)
-    return Speculator(config, draft)
+    return Speculator(config, draft, seed)

@@ -18,7 +18,11 @@ class SpeculativeConfig:
     vocabulary). ``num_speculative_tokens``: the most drafts per request and step.
     ``disable_by_batch_size``: no drafts in a step that runs this many requests or more (a
     large batch is compute-bound, and every drafted position then costs what a token does);
-    None never disables."""
+    None never disables. ``adaptive``: each step of only decode requests drafts the length
+    (0, 1, 2, 4, .. k) that has emitted the most tokens per second in recent steps of as many
+    requests (see ``spec_decode.adaptive``); False always drafts k. Which steps draft then
+    depends on timings, and with it the random numbers a seeded request draws: for output
+    that repeats run to run with a ``seed``, set it False."""
 
     method: str
     num_speculative_tokens: int
@@ -26,6 +30,7 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1
     model: str | None = None
     disable_by_batch_size: int | None = None
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -41,6 +46,9 @@ class SpeculativeConfig:
         if (self.method == "draft_model") != (self.model is not None):
             raise EngineConfigError('speculative_config: "model" names the draft model, and '
                                     'is needed exactly when method is "draft_model"')
+        if not isinstance(self.adaptive, bool):
+            raise EngineConfigError("speculative_config adaptive must be true or false, got "
+                                    f"{self.adaptive!r}")
         if self.disable_by_batch_size is not None and self.disable_by_batch_size < 1:
             raise EngineConfigError("speculative_config disable_by_batch_size must be >= 1, got "
                                     f"{self.disable_by_batch_size}")

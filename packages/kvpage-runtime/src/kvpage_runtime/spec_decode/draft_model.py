@@ -2,11 +2,12 @@
 
 The draft model keeps its own paged KV cache, with the same block ids as the target's (one
 more cache tensor per layer, indexed by the target's block tables and slots), so it needs no
-block manager of its own: it computes every token the target computes (prompt chunks too),
-which also makes the prefix cache's blocks valid for it, it follows the target's block
-copies, and a rejected draft's KV is simply overwritten later. Each step it first catches up
-on the tokens it has not computed yet (its own rejected drafts included), then drafts ``k``
-tokens one forward pass at a time, for all requests of the step together.
+block manager of its own: it follows the target's block copies, and a rejected draft's KV is
+simply overwritten later. It runs only in steps where requests draft: each of those first
+catches up on the tokens the draft has not computed (from the prompt's start for a request
+new to it, prefix-cache hits included; else from its last valid token: tokens of steps
+without drafts and its own rejected drafts), then drafts ``k`` tokens one forward pass at a
+time, for all drafting requests of the step together.
 """
 
 from __future__ import annotations
@@ -69,23 +70,25 @@ class DraftModelProposer:
 
     def propose(self, scheduled: Sequence, wanted: dict[str, tuple[int, SamplingRow]],
                 generator: torch.Generator) -> dict[str, Drafts]:
-        """Catch up on every scheduled request's tokens, then draft ``k`` tokens for each
-        request in ``wanted`` (request id -> (k, its sampling row))."""
-        catch_up = [self._catch_up(sr) for sr in scheduled]
-        logits = self._forward(catch_up)
-        drafting = {sr.request_id: i for i, sr in enumerate(scheduled) if sr.request_id in wanted}
-        drafts = {rid: Drafts([], None) for rid in drafting}
-        rows = {rid: logits[i] for rid, i in drafting.items()}
-        longest = max((wanted[rid][0] for rid in drafting), default=0)
+        """Draft ``k`` tokens for each request in ``wanted`` (request id -> (k, its sampling
+        row)), after catching up on their tokens."""
+        drafting = [sr for sr in scheduled if sr.request_id in wanted]
+        if not drafting:
+            return {}
+        logits = self._forward([self._catch_up(sr) for sr in drafting], range(len(drafting)))
+        drafts = {sr.request_id: Drafts([], None) for sr in drafting}
+        rows = dict(zip(drafts, logits, strict=True))
+        by_id = {sr.request_id: sr for sr in drafting}
+        longest = max(wanted[rid][0] for rid in drafts)
         for step in range(longest):
-            active = [rid for rid in drafting if step < wanted[rid][0]]
+            active = [rid for rid in drafts if step < wanted[rid][0]]
             for rid in active:
                 self._draw(drafts[rid], rows[rid], wanted[rid][1], generator)
             if step + 1 == longest:
                 break
             fed = [rid for rid in active if step + 1 < wanted[rid][0]]
-            work = [self._feed(scheduled[drafting[rid]], drafts[rid].tokens) for rid in fed]
-            rows = dict(zip(fed, self._forward(work), strict=True))
+            work = [self._feed(by_id[rid], drafts[rid].tokens) for rid in fed]
+            rows = dict(zip(fed, self._forward(work, range(len(work))), strict=True))
         for rid, draft in drafts.items():  # it fed all drafts but the last
             self._computed[rid] += max(len(draft.tokens) - 1, 0)
         return drafts
@@ -94,7 +97,7 @@ class DraftModelProposer:
         """The tokens the target has (or will have after this step) that the draft has not
         computed; from where its KV stops being valid."""
         end = sr.start + sr.num_tokens
-        begin = min(self._computed.get(sr.request_id, sr.start), sr.start)
+        begin = min(self._computed.get(sr.request_id, 0), sr.start)
         self._computed[sr.request_id] = end
         return _Tokens(sr.request, begin, end - begin, sr.block_ids)
 
@@ -103,13 +106,14 @@ class DraftModelProposer:
         tokens = list(sr.request.all_token_ids[: sr.start + sr.num_tokens]) + drafts
         return _Tokens(_Extended(tokens), len(tokens) - 1, 1, sr.block_ids)
 
-    def _forward(self, work: list[_Tokens]) -> torch.Tensor:
-        """The draft model over ``work``; fp32 logits of each entry's last token."""
+    def _forward(self, work: list[_Tokens], entries: Sequence[int]) -> torch.Tensor:
+        """The draft model over ``work``; fp32 logits of the last token of the ``entries``
+        (indices into ``work``) that draft."""
         if not work:
             return torch.empty(0)
         batch = self.runner.prepare(work)
         last = torch.cumsum(torch.tensor([w.num_tokens for w in work]), 0) - 1
-        return self.runner.execute(batch, last.tolist()).float()
+        return self.runner.execute(batch, last[list(entries)].tolist()).float()
 
     @staticmethod
     def _draw(drafts: Drafts, logits: torch.Tensor, row: SamplingRow,
