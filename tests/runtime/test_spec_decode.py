@@ -154,41 +154,53 @@ def test_greedy_verification_accepts_the_argmax_only():
 # ---- adaptive draft lengths ------------------------------------------------------------
 
 
-def simulate(chooser: DraftLengthChooser, rate, steps: int, num_decode: int = 1) -> list[int]:
-    """``steps`` steps whose tokens per second are ``rate(k)`` (with noise); their lengths."""
-    noise = random.Random(1)
+def simulate(chooser: DraftLengthChooser, accept: float, costs: dict[int, float], steps: int,
+             num_decode: int = 1) -> list[int]:
+    """``steps`` steps of ``num_decode`` requests: each draft is accepted with chance
+    ``accept`` after an accepted one, a step drafting up to k takes ``costs[k]`` (with
+    noise). The lengths chosen."""
+    rng = random.Random(1)
     chosen = []
     for _ in range(steps):
         k = chooser.choose(num_decode)
         chosen.append(k)
-        chooser.record(num_decode, k, int(rate(k) * noise.uniform(0.8, 1.2)), 1.0)
+        for _ in range(num_decode if k else 0):
+            accepted = 0
+            while accepted < k and rng.random() < accept:
+                accepted += 1
+            chooser.record_drafts(k, accepted)
+        chooser.record_step(num_decode, k, costs[k] * rng.uniform(0.9, 1.1))
     return chosen
 
 
-def test_the_chooser_settles_on_the_fastest_length_and_explores_its_neighbours():
+ONE_STREAM = {0: 10.0, 1: 10.0, 2: 10.2, 4: 13.5, 8: 24.0}  # ms: reading weights dominates
+SIXTEEN = {0: 44.0, 1: 73.0, 2: 102.0, 4: 170.0, 8: 262.0}  # grows with the rows
+
+
+def test_the_chooser_drafts_the_length_with_the_most_tokens_per_second():
     chooser = DraftLengthChooser(8)
-    rates = {0: 100, 1: 120, 2: 150, 4: 130, 8: 60}
-    chosen = simulate(chooser, rates.get, 2000)
-    assert chosen[:3] == [8, 8, 8]  # every length is tried, k first
-    late = collections.Counter(chosen[500:])
-    assert late[2] > 0.9 * 1500 and set(late) <= {1, 2, 4}
-    assert chooser.best(1) == 2
+    chosen = simulate(chooser, 0.9, ONE_STREAM, 2000)
+    assert chosen[:2] == [8, 8]  # every length is timed first, k first
+    assert chooser.best(1) == 4  # 4.1 tokens in 13.5 ms; 8 gives 6.1 in 24, 2 gives 2.7 in 10.2
+    assert collections.Counter(chosen[100:])[4] > 0.95 * 1900
 
 
-def test_batch_sizes_keep_their_own_statistics():
-    chooser = DraftLengthChooser(4)
-    simulate(chooser, {0: 100, 1: 150, 2: 200, 4: 260}.get, 300, num_decode=1)
-    simulate(chooser, {0: 400, 1: 250, 2: 180, 4: 90}.get, 300, num_decode=16)
-    assert chooser.best(1) == 4 and chooser.best(16) == 0 and chooser.best(20) == 0
-    assert chooser.best(4) is None  # 4-7 decode requests: not measured yet
+def test_speculation_switches_off_where_it_does_not_pay():
+    chooser = DraftLengthChooser(8)
+    chosen = simulate(chooser, 0.3, SIXTEEN, 1000, num_decode=16)
+    assert chooser.best(16) == 0 and chooser.best(31) == 0
+    assert collections.Counter(chosen[100:])[0] > 0.95 * 900
+    assert chooser.best(1) is None  # one request per step: not timed yet
 
 
 def test_the_choice_follows_a_workload_that_changes():
     chooser = DraftLengthChooser(8)
-    simulate(chooser, {0: 100, 1: 90, 2: 80, 4: 60, 8: 30}.get, 500)
-    assert chooser.best(1) == 0  # speculation off
-    chosen = simulate(chooser, {0: 100, 1: 140, 2: 180, 4: 230, 8: 300}.get, 3000)
-    assert chooser.best(1) == 8 and collections.Counter(chosen[-500:])[8] > 400
+    costs = {0: 10.0, 1: 11.0, 2: 12.0, 4: 14.0, 8: 20.0}
+    simulate(chooser, 0.05, costs, 500)
+    assert chooser.best(1) == 0
+    chosen = simulate(chooser, 0.9, costs, 500)
+    late = collections.Counter(chosen[-300:])  # 8 and 4 give 0.31 and 0.29 tokens per ms
+    assert chooser.best(1) in (4, 8) and late[4] + late[8] > 285
 
 
 def test_adaptive_speculation_measures_decode_steps_and_keeps_greedy_output(tmp_path):
@@ -200,7 +212,7 @@ def test_adaptive_speculation_measures_decode_steps_and_keeps_greedy_output(tmp_
     llm = LLM(folder, **base, speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     _assert_same_greedy(_greedy(llm, prompts), plain)
     chooser = llm.engine.speculator.chooser
-    decode_steps = [rate.steps for group in chooser._rates.values() for rate in group.values()]
+    decode_steps = [t.steps for group in chooser._timings.values() for t in group.values()]
     assert decode_steps and min(decode_steps) >= chooser.trials  # every length was measured
 
 

@@ -142,7 +142,7 @@ class LLMEngine:
         if self.spec_config is not None:
             self.speculator = build_speculator(self.spec_config, self.model_config.vocab_size,
                                                budget.num_blocks, config.block_size, self.device,
-                                               self.model_config.dtype, config.seed)
+                                               self.model_config.dtype)
         self.sampler = Sampler(config.seed, self.device)
         self.timings = StepTimings()
         self.num_preemptions = 0
@@ -311,7 +311,7 @@ class LLMEngine:
         num_emitted = sum(len(tokens) for _, tokens, _ in emitted)
         self._record(t1, t2, t3, t4, t5, num_emitted)
         if self.speculator is not None:
-            self.speculator.end_step(num_emitted, t5 - t0)
+            self.speculator.end_step(t5 - t0)
         return outputs
 
     def _fail_step(self, exc: Exception) -> list[RequestOutput]:

@@ -32,12 +32,11 @@ __all__ = ["Drafts", "SpeculativeConfig", "Speculator", "build_speculator"]
 
 
 class Speculator:
-    def __init__(self, config: SpeculativeConfig, draft_model: DraftModelProposer | None,
-                 seed: int = 0) -> None:
+    def __init__(self, config: SpeculativeConfig, draft_model: DraftModelProposer | None) -> None:
         self.config = config
         self.draft_model = draft_model
         k = config.num_speculative_tokens
-        self.chooser = DraftLengthChooser(k, seed) if config.adaptive else None
+        self.chooser = DraftLengthChooser(k) if config.adaptive else None
         self._step: tuple[int, int] | None = None  # (decode requests, draft length) measured
 
     @property
@@ -65,11 +64,14 @@ class Speculator:
         drafts = {}
         for sr in scheduled:
             if sr.request_id in wanted:
-                tokens = ngram.propose(sr.request.all_token_ids, wanted[sr.request_id][0],
+                limit = wanted[sr.request_id][0]
+                tokens = ngram.propose(sr.request.all_token_ids, limit,
                                        self.config.prompt_lookup_min,
                                        self.config.prompt_lookup_max)
                 if tokens:
-                    drafts[sr.request_id] = Drafts(tokens, None)
+                    drafts[sr.request_id] = Drafts(tokens, None, limit)
+                elif self.chooser is not None:
+                    self.chooser.record_drafts(limit, 0)  # nothing to offer: nothing gained
         return drafts
 
     def _draft_length(self, scheduled: Sequence) -> int:
@@ -86,25 +88,26 @@ class Speculator:
         self._step = (decode, k)
         return k
 
-    def end_step(self, tokens: int, seconds: float) -> None:
-        """The step emitted ``tokens`` in ``seconds``: what its draft length paid."""
+    def end_step(self, seconds: float) -> None:
+        """The step took ``seconds``: what its draft length cost."""
         if self._step is not None:
-            self.chooser.record(*self._step, tokens, seconds)
+            self.chooser.record_step(*self._step, seconds)
             self._step = None
 
-    @staticmethod
-    def verify(target: torch.Tensor, drafts: Drafts, row: SamplingRow,
+    def verify(self, target: torch.Tensor, drafts: Drafts, row: SamplingRow,
                generator: torch.Generator) -> list[int]:
         """The tokens the request emits this step (see ``rejection.verify``)."""
-        return verify(target, drafts.tokens, row, drafts.probs, row.generator or generator)
+        tokens = verify(target, drafts.tokens, row, drafts.probs, row.generator or generator)
+        if self.chooser is not None:
+            self.chooser.record_drafts(drafts.limit, len(tokens) - 1)
+        return tokens
 
 
 def build_speculator(config: SpeculativeConfig, target_vocab_size: int, num_blocks: int,
-                     block_size: int, device: torch.device, dtype: torch.dtype,
-                     seed: int = 0) -> Speculator:
+                     block_size: int, device: torch.device, dtype: torch.dtype) -> Speculator:
     """The speculator ``config`` asks for, its draft model loaded if it has one."""
     draft = None
     if config.method == "draft_model":
         draft = DraftModelProposer(config.model, target_vocab_size, num_blocks, block_size,
                                    device, dtype)
-    return Speculator(config, draft, seed)
+    return Speculator(config, draft)

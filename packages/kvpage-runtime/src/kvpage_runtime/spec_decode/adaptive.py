@@ -1,78 +1,113 @@
-"""Choosing how many tokens to draft per step from what drafting has paid there.
+"""Choosing how many tokens to draft per step from what drafts are accepted and what they cost.
 
-Whether drafts pay depends on the hardware and the batch (a step's cost grows little with
-its rows while weights dominate, one decode step alone on the CPU, and about linearly once
-the batch is large) and on the text (copy-heavy output accepts most drafts, free text few).
-Neither is known in advance, so it is measured: steps are grouped by their number of decode
-requests (1, 2-3, 4-7, 8-15, ...), and each group keeps, for every draft length on the
-ladder 0, 1, 2, 4, .., k, a moving average of the tokens per second its steps emitted. A step
-drafts the length with the best average; each length is first tried a few times, and now and
-then (``explore``) a neighbour of the best one is tried again, so that the choice follows a
-workload that changes. Length 0 is speculation switched off for that batch size.
+Whether drafts pay depends on two things measured here, not assumed. The text: copy-heavy
+output accepts most drafts, free text few. The machine and the batch: a step's time grows
+little with its rows while reading the weights dominates (one decode step alone on the CPU),
+and about linearly once the batch is large. So the chooser keeps
+
+- the acceptance of each draft position ``i`` given that the ones before it were accepted,
+  from every verified request (discounted counts, so that the last few hundred requests'
+  steps weigh most; a position not yet seen takes the estimate of the one before it, which
+  makes a longer draft worth trying while the shorter ones are accepted);
+- the time of a step per draft length on the ladder 0, 1, 2, 4, .., k, separately for steps
+  of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means; each length is timed first,
+  k first, and lengths timed long ago are timed again now and then).
+
+A step drafts the length with the most expected tokens per second: expected tokens per
+request (1 + the sum over positions of the chance that the drafts up to there are all
+accepted) over the step's expected time. Length 0 is speculation switched off.
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 
 @dataclass
-class _Rate:
-    """A moving average of tokens per second, and how many steps it has seen."""
+class _Timing:
+    """Discounted sums of one draft length's step times in one group of batch sizes."""
 
-    value: float = 0.0
-    steps: int = 0
+    seconds: float = 0.0
+    weight: float = 0.0
+    steps: int = 0  # steps timed, not discounted
+    last: int = 0  # the group's step count when it was last timed
 
-    def add(self, sample: float, smoothing: float) -> None:
-        self.steps += 1
-        weight = max(smoothing, 1.0 / self.steps)  # the first samples are a plain mean
-        self.value += weight * (sample - self.value)
+    @property
+    def mean(self) -> float:
+        return self.seconds / self.weight
 
 
 @dataclass
 class DraftLengthChooser:
     max_k: int
-    seed: int = 0
-    explore: float = 0.05  # the chance that a step tries a neighbour of the best length
-    smoothing: float = 0.1  # weight of the newest step in a length's average
-    trials: int = 3  # steps each length gets before the averages are compared
-    _rates: dict[int, dict[int, _Rate]] = field(default_factory=dict)
-    _random: random.Random = field(init=False)
+    discount: float = 0.98  # each new observation multiplies the earlier ones by this
+    trials: int = 2  # steps each length is timed first
+    retime_after: int = 200  # a length not timed for this many steps of its group is again
+    prior_weight: float = 2.0  # pseudo-observations pulling a position to the one before it
+    _tries: list[float] = field(init=False)  # per draft position: requests verified there
+    _hits: list[float] = field(init=False)  # and accepted there
+    _timings: dict[int, dict[int, _Timing]] = field(default_factory=dict)
+    _steps: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ladder = [0] + [k for k in (1, 2, 4, 8, 16, 32, 64) if k < self.max_k] + [self.max_k]
-        self._random = random.Random(self.seed)
+        self._tries = [0.0] * self.max_k
+        self._hits = [0.0] * self.max_k
 
     @staticmethod
     def group(num_decode: int) -> int:
-        """Steps with 1, 2-3, 4-7, 8-15, ... decode requests share their statistics."""
+        """Steps with 1, 2-3, 4-7, 8-15, ... decode requests share their timings."""
         return num_decode.bit_length()
 
     def choose(self, num_decode: int) -> int:
         """The draft length for a step of ``num_decode`` decode requests."""
-        rates = self._rates.setdefault(self.group(num_decode),
-                                       {k: _Rate() for k in self.ladder})
-        untried = [k for k in reversed(self.ladder) if rates[k].steps < self.trials]
-        if untried:
-            return untried[0]
-        best = max(self.ladder, key=lambda k: rates[k].value)
-        if self._random.random() < self.explore:
-            i = self.ladder.index(best)
-            neighbours = self.ladder[max(i - 1, 0) : i] + self.ladder[i + 1 : i + 2]
-            return self._random.choice(neighbours)
-        return best
+        group = self.group(num_decode)
+        timings = self._timings.setdefault(group, {k: _Timing() for k in self.ladder})
+        step = self._steps.get(group, 0)
+        for k in reversed(self.ladder):
+            timing = timings[k]
+            if timing.steps < self.trials or step - timing.last > self.retime_after:
+                return k
+        tokens = self.expected_tokens()
+        return max(self.ladder, key=lambda k: tokens[k] / timings[k].mean)
 
-    def record(self, num_decode: int, k: int, tokens: int, seconds: float) -> None:
-        """A step of ``num_decode`` decode requests drafted up to ``k`` tokens each and emitted
-        ``tokens`` in ``seconds`` (scheduling to outputs)."""
-        rates = self._rates.get(self.group(num_decode))
-        if rates is not None and k in rates and seconds > 0:
-            rates[k].add(tokens / seconds, self.smoothing)
+    def expected_tokens(self) -> dict[int, float]:
+        """Expected tokens a request emits in a step, per draft length of the ladder."""
+        expected, reach, accept = [1.0], 1.0, 0.5
+        for i in range(self.max_k):
+            accept = (self._hits[i] + self.prior_weight * accept) / (
+                self._tries[i] + self.prior_weight)
+            reach *= accept
+            expected.append(expected[-1] + reach)
+        return {k: expected[k] for k in self.ladder}
+
+    def record_drafts(self, k: int, accepted: int) -> None:
+        """A request of a step that drafted up to ``k`` had ``accepted`` drafts accepted (0 also
+        when it had none to offer): positions up to the first refusal were tried."""
+        self._tries = [t * self.discount for t in self._tries]
+        self._hits = [h * self.discount for h in self._hits]
+        for i in range(min(accepted + 1, k)):
+            self._tries[i] += 1
+            self._hits[i] += i < accepted
+
+    def record_step(self, num_decode: int, k: int, seconds: float) -> None:
+        """A step of ``num_decode`` decode requests that drafted up to ``k`` took ``seconds``
+        (scheduling to outputs)."""
+        group = self.group(num_decode)
+        timings = self._timings.get(group)
+        if timings is None or k not in timings or seconds <= 0:
+            return
+        step = self._steps[group] = self._steps.get(group, 0) + 1
+        timing = timings[k]
+        timing.seconds = timing.seconds * self.discount + seconds
+        timing.weight = timing.weight * self.discount + 1
+        timing.steps += 1
+        timing.last = step
 
     def best(self, num_decode: int) -> int | None:
-        """The length currently preferred for steps of this size (None: none measured)."""
-        rates = self._rates.get(self.group(num_decode))
-        if not rates or any(r.steps == 0 for r in rates.values()):
+        """The length preferred for steps of this size (None: not all timed yet)."""
+        timings = self._timings.get(self.group(num_decode))
+        if not timings or any(t.steps == 0 for t in timings.values()):
             return None
-        return max(self.ladder, key=lambda k: rates[k].value)
+        tokens = self.expected_tokens()
+        return max(self.ladder, key=lambda k: tokens[k] / timings[k].mean)

@@ -42,10 +42,12 @@ class _Extended:
 
 @dataclass
 class Drafts:
-    """One request's drafts and the distributions they were drawn from (None: greedy)."""
+    """One request's drafts, the distributions they were drawn from (None: greedy), and how
+    many it was allowed (the proposer may find fewer)."""
 
     tokens: list[int]
     probs: torch.Tensor | None
+    limit: int
 
 
 class DraftModelProposer:
@@ -76,7 +78,7 @@ class DraftModelProposer:
         if not drafting:
             return {}
         logits = self._forward([self._catch_up(sr) for sr in drafting], range(len(drafting)))
-        drafts = {sr.request_id: Drafts([], None) for sr in drafting}
+        drafts = {sr.request_id: Drafts([], None, wanted[sr.request_id][0]) for sr in drafting}
         rows = dict(zip(drafts, logits, strict=True))
         by_id = {sr.request_id: sr for sr in drafting}
         longest = max(wanted[rid][0] for rid in drafts)
