@@ -8,7 +8,10 @@ Reports:
 3. A 512-token system prompt shared by 100 requests: prefix-hit rate and blocks saved.
 4. Parallel sampling, n=4 on a 500-token prompt with 200 output tokens each: blocks used with
    fork (copy-on-write) against four independent copies, and the ideal.
-5. Speed: block allocate+free operations per second, allocate_slots per decode step,
+5. Sliding window (Mistral's): one request grown to 8192 tokens (a 1024-token prompt in
+   512-token chunks, then decode) through kvpage-sched's scheduler with a 4096-token window:
+   the blocks it holds at the end and at the peak, against the same request without a window.
+6. Speed: block allocate+free operations per second, allocate_slots per decode step,
    lookup_prefix (a new request's, and the same request's again) and commit_full_blocks
    per 1k tokens.
 
@@ -36,6 +39,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvpage_cache import BlockPool, KVCacheManager
+from kvpage_sched import Request, Scheduler, SchedulerConfig
 
 MAX_MODEL_LEN = 2048
 
@@ -197,6 +201,25 @@ def parallel_sampling(n: int, prompt_len: int, output_len: int, block_size: int 
     }
 
 
+def sliding_window(context: int, window: int | None, prompt_len: int = 1024,
+                   chunk: int = 512, block_size: int = 16) -> dict:
+    """Blocks held by one request growing to ``context`` tokens under the scheduler, with a
+    sliding ``window`` (None: without); at the end and at the peak."""
+    cache = KVCacheManager(BlockPool(context // block_size + 8, block_size),
+                           sliding_window=window)
+    scheduler = Scheduler(cache, SchedulerConfig(max_num_batched_tokens=chunk,
+                                                 max_model_len=context))
+    scheduler.add_request(Request("long", list(range(prompt_len)), context - prompt_len))
+    peak = held = 0
+    while scheduler.has_unfinished_requests():
+        out = scheduler.schedule()
+        new = {s.request_id: [7] for s in out.scheduled if not s.is_prefill_chunk}
+        held = cache.num_blocks - cache.num_free_blocks  # in its last step: at the end
+        peak = max(peak, held)
+        scheduler.update_from_output(out, new, {})
+    return {"held_at_end": held, "peak": peak}
+
+
 def decode_all(mgr: KVCacheManager, request_ids: list[str], num_tokens: int) -> int:
     copies = 0
     for _ in range(num_tokens):
@@ -282,6 +305,9 @@ def run(quick: bool, seed: int) -> dict:
     }
     figures |= shared_system_prompt(100, 512, seed)
     figures |= parallel_sampling(4, 500, 200)
+    windowed, full = sliding_window(8192, 4096), sliding_window(8192, None)
+    figures |= {"window_blocks_end": windowed["held_at_end"], "window_blocks_peak": windowed["peak"],
+                "no_window_blocks_end": full["held_at_end"], "no_window_blocks_peak": full["peak"]}
     figures |= speed(500 if quick else 5000)
     return figures
 
@@ -317,6 +343,14 @@ def table(f: dict) -> str:
         (
             "n=4 fork: ratio (copy-on-write copies)",
             f"{f['fork_block_ratio_n4']:.4f} ({f['fork_copy_on_write_copies']})",
+        ),
+        (
+            "8192 tokens, window 4096: blocks held end / peak",
+            f"{f['window_blocks_end']} / {f['window_blocks_peak']}",
+        ),
+        (
+            "8192 tokens, no window: blocks held end / peak",
+            f"{f['no_window_blocks_end']} / {f['no_window_blocks_peak']}",
         ),
         ("block ops/s (allocate+free)", f"{f['block_ops_per_s']:,.0f}"),
         ("allocate_slots per decode, us", f"{f['decode_allocate_us']:.2f}"),

@@ -187,10 +187,11 @@ def test_the_chooser_drafts_the_length_with_the_most_tokens_per_second():
 
 def test_speculation_switches_off_where_it_does_not_pay():
     chooser = DraftLengthChooser(8)
-    chosen = simulate(chooser, 0.3, SIXTEEN, 1000, num_decode=16)
+    chosen = simulate(chooser, 0.3, SIXTEEN, 3000, num_decode=16)
     assert chooser.best(16) == 0 and chooser.best(31) == 0
-    assert collections.Counter(chosen[100:])[0] > 0.95 * 900
     assert chooser.best(1) is None  # one request per step: not timed yet
+    late = chosen[100:]  # re-timing the other lengths costs a few percent of the time
+    assert sum(SIXTEEN[k] for k in late) < 1.05 * SIXTEEN[0] * len(late)
 
 
 def test_the_choice_follows_a_workload_that_changes():

@@ -27,6 +27,8 @@ BENCH_SCRIPTS = {
     "sched": "sched_sim.py",
     "kernels": "kernels.py",
     "quant": "quant.py",
+    "beam_search": "beam_search.py",
+    "spec_decode": "spec_decode.py",
 }
 _MEMORY_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 DEFAULT_MAX_WAITING_REQUESTS = 1024

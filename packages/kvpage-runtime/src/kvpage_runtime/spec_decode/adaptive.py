@@ -11,7 +11,9 @@ and about linearly once the batch is large. So the chooser keeps
   makes a longer draft worth trying while the shorter ones are accepted);
 - the time of a step per draft length on the ladder 0, 1, 2, 4, .., k, separately for steps
   of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means; each length is timed first,
-  k first, and lengths timed long ago are timed again now and then).
+  k first, and timed again after ``retime_after`` steps of its group times how much slower
+  than the fastest length it is, so that re-timing costs about 1 / ``retime_after`` of the
+  time per length).
 
 A step drafts the length with the most expected tokens per second: expected tokens per
 request (1 + the sum over positions of the chance that the drafts up to there are all
@@ -42,7 +44,7 @@ class DraftLengthChooser:
     max_k: int
     discount: float = 0.98  # each new observation multiplies the earlier ones by this
     trials: int = 2  # steps each length is timed first
-    retime_after: int = 200  # a length not timed for this many steps of its group is again
+    retime_after: int = 200  # steps of a group before a length is timed again (x its slowness)
     prior_weight: float = 2.0  # pseudo-observations pulling a position to the one before it
     _tries: list[float] = field(init=False)  # per draft position: requests verified there
     _hits: list[float] = field(init=False)  # and accepted there
@@ -64,9 +66,13 @@ class DraftLengthChooser:
         group = self.group(num_decode)
         timings = self._timings.setdefault(group, {k: _Timing() for k in self.ladder})
         step = self._steps.get(group, 0)
+        untimed = [k for k in reversed(self.ladder) if timings[k].steps < self.trials]
+        if untimed:
+            return untimed[0]
+        fastest = min(timing.mean for timing in timings.values())
         for k in reversed(self.ladder):
             timing = timings[k]
-            if timing.steps < self.trials or step - timing.last > self.retime_after:
+            if step - timing.last > self.retime_after * timing.mean / fastest:
                 return k
         tokens = self.expected_tokens()
         return max(self.ladder, key=lambda k: tokens[k] / timings[k].mean)
