@@ -1,7 +1,9 @@
 """Offline throughput: kvpage LLM.generate against Hugging Face transformers, side by side.
 
 Workload: bench/workload_chat64.json (64 chat prompts, 128 new tokens each, ignore_eos), greedy,
-on the default model (SmolLM2-135M-Instruct), in fp32 and bf16. Contenders, in one process:
+on the default model (SmolLM2-135M-Instruct) with dense weights in fp32 and bf16 (kvpage with
+``quantization="none"``, the GGUF dequantized as transformers loads it; bench/quant.py
+measures the low-bit default against these). Contenders, in one process:
 transformers sequential generate (a subset), static batches of 16 and one batch of 64 (left
 padding), and kvpage; kvpage and the batch of 64 run twice, interleaved, and the better of
 each counts (the machine's speed drifts over a run). Also reported: kvpage's fraction of the
@@ -99,7 +101,7 @@ def hf_generate(model, batches: list[list[list[int]]], max_tokens: int, pad_id: 
 
 def run_kvpage(dtype_name: str, prompts: list[list[int]], max_tokens: int) -> dict:
     started = time.perf_counter()
-    llm = LLM(dtype=dtype_name)
+    llm = LLM(dtype=dtype_name, quantization="none")  # transformers' weights
     load_s = time.perf_counter() - started
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)

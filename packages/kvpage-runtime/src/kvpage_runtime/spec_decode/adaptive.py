@@ -10,10 +10,11 @@ and about linearly once the batch is large. So the chooser keeps
   steps weigh most; a position not yet seen takes the estimate of the one before it, which
   makes a longer draft worth trying while the shorter ones are accepted);
 - the time of a step per draft length on the ladder 0, 1, 2, 4, .., k, separately for steps
-  of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means; each length is timed first,
-  k first, and timed again after ``retime_after`` steps of its group times how much slower
-  than the fastest length it is, so that re-timing costs about 1 / ``retime_after`` of the
-  time per length).
+  of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means). Length 0 is timed first;
+  another length is timed, and timed again after ``retime_after`` steps of its group times
+  how much slower than the fastest length it is (so that re-timing costs about
+  1 / ``retime_after`` of the time), only while it could win by 5% were its steps as fast as
+  the fastest: when drafts are seldom accepted, no step is spent timing them.
 
 A step drafts the length with the most expected tokens per second: expected tokens per
 request (1 + the sum over positions of the chance that the drafts up to there are all
@@ -43,7 +44,7 @@ class _Timing:
 class DraftLengthChooser:
     max_k: int
     discount: float = 0.98  # each new observation multiplies the earlier ones by this
-    trials: int = 2  # steps each length is timed first
+    trials: int = 1  # steps each length is timed first (step times vary little)
     retime_after: int = 200  # steps of a group before a length is timed again (x its slowness)
     prior_weight: float = 2.0  # pseudo-observations pulling a position to the one before it
     _tries: list[float] = field(init=False)  # per draft position: requests verified there
@@ -65,17 +66,20 @@ class DraftLengthChooser:
         """The draft length for a step of ``num_decode`` decode requests."""
         group = self.group(num_decode)
         timings = self._timings.setdefault(group, {k: _Timing() for k in self.ladder})
-        step = self._steps.get(group, 0)
-        untimed = [k for k in reversed(self.ladder) if timings[k].steps < self.trials]
-        if untimed:
-            return untimed[0]
-        fastest = min(timing.mean for timing in timings.values())
-        for k in reversed(self.ladder):
-            timing = timings[k]
-            if step - timing.last > self.retime_after * timing.mean / fastest:
-                return k
+        if timings[0].steps < self.trials:
+            return 0  # the baseline first
         tokens = self.expected_tokens()
-        return max(self.ladder, key=lambda k: tokens[k] / timings[k].mean)
+        timed = {k: t for k, t in timings.items() if t.steps >= self.trials}
+        fastest = min(t.mean for t in timed.values())
+        best = max(timed, key=lambda k: tokens[k] / timed[k].mean)
+        step = self._steps.get(group, 0)
+        for k in reversed(self.ladder):
+            t = timings[k]
+            due = k not in timed or step - t.last > self.retime_after * t.mean / fastest
+            # timed (again) only if it could win by 5%, were its steps as fast as the fastest
+            if due and tokens[k] / fastest > 1.05 * tokens[best] / timed[best].mean:
+                return k
+        return best
 
     def expected_tokens(self) -> dict[int, float]:
         """Expected tokens a request emits in a step, per draft length of the ladder."""
@@ -111,9 +115,10 @@ class DraftLengthChooser:
         timing.last = step
 
     def best(self, num_decode: int) -> int | None:
-        """The length preferred for steps of this size (None: not all timed yet)."""
+        """The timed length preferred for steps of this size (None: none timed yet)."""
         timings = self._timings.get(self.group(num_decode))
-        if not timings or any(t.steps == 0 for t in timings.values()):
+        if not timings or timings[0].steps == 0:
             return None
         tokens = self.expected_tokens()
-        return max(self.ladder, key=lambda k: tokens[k] / timings[k].mean)
+        return max((k for k, t in timings.items() if t.steps),
+                   key=lambda k: tokens[k] / timings[k].mean)
