@@ -130,7 +130,7 @@ def configurations(draft: Path, ks: list[int], adaptive: bool
 
 
 def measure(args: argparse.Namespace, draft: Path) -> list[Run]:
-    sizes = {("chat", 1): 4 if args.quick else 8, ("chat", 16): 16 if args.quick else 32,
+    sizes = {("chat", 1): 4 if args.quick else 8, ("chat", 16): 16 if args.quick else 64,
              ("copy", 1): 4 if args.quick else 16, ("copy", 16): 16}
     runs = []
     for (name, concurrency), count in sizes.items():

@@ -76,14 +76,16 @@ class Speculator:
 
     def _draft_length(self, scheduled: Sequence) -> int:
         """k; 0 in a step of ``disable_by_batch_size`` requests or more; with ``adaptive``, the
-        chooser's length for a step of only decode requests (steps that compute prompts
-        draft k and are not measured)."""
+        chooser's length for the step's decode requests (a step that also computes prompts
+        takes the length preferred so far, 0 before any, and is not timed)."""
         limit = self.config.disable_by_batch_size
         if limit is not None and len(scheduled) >= limit:
             return 0
-        decode = sum(1 for sr in scheduled if sr.num_tokens == 1 and not sr.is_prefill_chunk)
-        if self.chooser is None or decode < len(scheduled):
+        if self.chooser is None:
             return self.config.num_speculative_tokens
+        decode = sum(1 for sr in scheduled if sr.num_tokens == 1 and not sr.is_prefill_chunk)
+        if decode < len(scheduled):
+            return (self.chooser.best(decode) or 0) if decode else 0
         k = self.chooser.choose(decode)
         self._step = (decode, k)
         return k
