@@ -10,8 +10,8 @@ and about linearly once the batch is large. So the chooser keeps
   steps weigh most; a position not yet seen takes the estimate of the one before it, which
   makes a longer draft worth trying while the shorter ones are accepted);
 - the time of a step per draft length on the ladder 0, 1, 2, 4, .., k, separately for steps
-  of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means). Length 0 is timed first;
-  another length is timed, and timed again after ``retime_after`` steps of its group times
+  of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means). Length 0 is timed first,
+  then the others from the shortest; a length is timed, and timed again after ``retime_after`` steps of its group times
   how much slower than the fastest length it is (so that re-timing costs about
   1 / ``retime_after`` of the time), only while it could win by 5% were its steps as fast as
   the fastest: when drafts are seldom accepted, no step is spent timing them.
@@ -73,7 +73,7 @@ class DraftLengthChooser:
         fastest = min(t.mean for t in timed.values())
         best = max(timed, key=lambda k: tokens[k] / timed[k].mean)
         step = self._steps.get(group, 0)
-        for k in reversed(self.ladder):
+        for k in self.ladder:  # the cheaper first: their acceptance bounds the longer ones'
             t = timings[k]
             due = k not in timed or step - t.last > self.retime_after * t.mean / fastest
             # timed (again) only if it could win by 5%, were its steps as fast as the fastest
