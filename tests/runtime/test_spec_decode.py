@@ -190,9 +190,9 @@ def test_speculation_switches_off_where_it_does_not_pay():
     chosen = simulate(chooser, 0.3, SIXTEEN, 3000, num_decode=16)
     assert chooser.best(16) == 0 and chooser.best(31) == 0
     assert chooser.best(1) is None  # one request per step: not timed yet
-    rarely = DraftLengthChooser(8)  # drafts seldom accepted: none is ever timed after the first
-    simulate(rarely, 0.01, SIXTEEN, 200, num_decode=16)
-    assert simulate(rarely, 0.01, SIXTEEN, 500, num_decode=1) == [0] * 500
+    rarely = DraftLengthChooser(8)  # drafts seldom accepted: hardly a step spent timing them
+    assert collections.Counter(simulate(rarely, 0.01, SIXTEEN, 300, num_decode=16))[0] >= 298
+    assert collections.Counter(simulate(rarely, 0.01, SIXTEEN, 500, num_decode=4))[0] >= 497
     late = chosen[100:]  # re-timing the other lengths costs a few percent of the time
     assert sum(SIXTEEN[k] for k in late) < 1.05 * SIXTEEN[0] * len(late)
 

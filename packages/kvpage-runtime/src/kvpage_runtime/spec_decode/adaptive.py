@@ -6,15 +6,17 @@ little with its rows while reading the weights dominates (one decode step alone 
 and about linearly once the batch is large. So the chooser keeps
 
 - the acceptance of each draft position ``i`` given that the ones before it were accepted,
-  from every verified request (discounted counts, so that the last few hundred requests'
-  steps weigh most; a position not yet seen takes the estimate of the one before it, which
-  makes a longer draft worth trying while the shorter ones are accepted);
+  from every verified request (discounted counts, so that the last several hundred
+  requests' steps weigh most; a position not yet seen takes the estimate of the one before
+  it, the first one 1/2, which makes a longer draft worth trying while the shorter ones are
+  accepted);
 - the time of a step per draft length on the ladder 0, 1, 2, 4, .., k, separately for steps
   of 1, 2-3, 4-7, 8-15, ... decode requests (discounted means). Length 0 is timed first,
-  then the others from the shortest; a length is timed, and timed again after ``retime_after`` steps of its group times
-  how much slower than the fastest length it is (so that re-timing costs about
-  1 / ``retime_after`` of the time), only while it could win by 5% were its steps as fast as
-  the fastest: when drafts are seldom accepted, no step is spent timing them.
+  then the others from the shortest; a length is timed, and timed again after
+  ``retime_after`` steps of its group times how much slower than the fastest length it is (so that re-timing costs about
+  1 / ``retime_after`` of the time), only while it could win by 5% at the least time its
+  steps may take (that of the slowest shorter length timed: more drafts never cost less), so
+  that when drafts are seldom accepted, or cost much, few steps are spent timing them.
 
 A step drafts the length with the most expected tokens per second: expected tokens per
 request (1 + the sum over positions of the chance that the drafts up to there are all
@@ -43,10 +45,11 @@ class _Timing:
 @dataclass
 class DraftLengthChooser:
     max_k: int
-    discount: float = 0.98  # each new observation multiplies the earlier ones by this
+    discount: float = 0.98  # each new step time multiplies a length's earlier ones by this
+    acceptance_discount: float = 0.998  # each verified request, the earlier acceptance counts
     trials: int = 1  # steps each length is timed first (step times vary little)
     retime_after: int = 200  # steps of a group before a length is timed again (x its slowness)
-    prior_weight: float = 2.0  # pseudo-observations pulling a position to the one before it
+    prior_weight: float = 1.0  # pseudo-observations pulling a position to the one before it
     _tries: list[float] = field(init=False)  # per draft position: requests verified there
     _hits: list[float] = field(init=False)  # and accepted there
     _timings: dict[int, dict[int, _Timing]] = field(default_factory=dict)
@@ -73,12 +76,15 @@ class DraftLengthChooser:
         fastest = min(t.mean for t in timed.values())
         best = max(timed, key=lambda k: tokens[k] / timed[k].mean)
         step = self._steps.get(group, 0)
+        floor = 0.0  # more drafts never cost less: a step takes at least a shorter one's time
         for k in self.ladder:  # the cheaper first: their acceptance bounds the longer ones'
             t = timings[k]
             due = k not in timed or step - t.last > self.retime_after * t.mean / fastest
-            # timed (again) only if it could win by 5%, were its steps as fast as the fastest
-            if due and tokens[k] / fastest > 1.05 * tokens[best] / timed[best].mean:
+            # timed (again) only if it could win by 5% at the least time it may take
+            if due and tokens[k] / max(floor, fastest) > 1.05 * tokens[best] / timed[best].mean:
                 return k
+            if k in timed:
+                floor = max(floor, t.mean)
         return best
 
     def expected_tokens(self) -> dict[int, float]:
@@ -94,8 +100,8 @@ class DraftLengthChooser:
     def record_drafts(self, k: int, accepted: int) -> None:
         """A request of a step that drafted up to ``k`` had ``accepted`` drafts accepted (0 also
         when it had none to offer): positions up to the first refusal were tried."""
-        self._tries = [t * self.discount for t in self._tries]
-        self._hits = [h * self.discount for h in self._hits]
+        self._tries = [t * self.acceptance_discount for t in self._tries]
+        self._hits = [h * self.acceptance_discount for h in self._hits]
         for i in range(min(accepted + 1, k)):
             self._tries[i] += 1
             self._hits[i] += i < accepted
