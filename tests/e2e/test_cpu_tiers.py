@@ -22,10 +22,12 @@ CPU_TESTS = [
     "tests/kernels/test_cpu_backend.py",
     "tests/kernels/test_fused_decoder.py",
     "tests/kernels/test_dispatch.py",
+    "tests/kernels/test_quantized_linear.py",
     "tests/runtime/test_packed_gemm.py",
     "tests/runtime/test_fused_decode.py",
     "tests/runtime/test_loaders.py",
     "tests/runtime/test_models_llama.py",
+    "tests/runtime/test_models_quantized.py",
     "tests/runtime/test_engine.py",
 ]
 MACHINES = {
