@@ -966,6 +966,7 @@ struct QuantizedPanel {
 // input of x that each of its inputs multiplies (null: the same one).
 template <typename T>
 struct DenseWeights {  // a PackedWeight
+    static constexpr bool kLowBit = false;
     const T* panels;
     int64_t n, depth;
     const int64_t* input_order = nullptr;
@@ -973,8 +974,18 @@ struct DenseWeights {  // a PackedWeight
     DensePanel<T> panel(int64_t p) const { return {panels + p * depth * kPanelWidth, depth}; }
 };
 
+// One panel of a GEMM's weights dequantized into an fp32 buffer, standing for every panel.
+struct BufferedPanel {
+    static constexpr bool kLowBit = false;
+    const float* data;
+    int64_t n, depth;
+
+    DensePanel<float> panel(int64_t) const { return {data, depth}; }
+};
+
 template <int Bits>
 struct QuantizedWeights {  // QuantizedPanels
+    static constexpr bool kLowBit = true;
     const uint32_t* codes;
     const float* scales;
     const float* offsets;
@@ -1145,14 +1156,53 @@ std::pair<int64_t, int64_t> thread_share(int64_t num_panels) {
     return {num_panels * thread / threads, num_panels * (thread + 1) / threads};
 }
 
+// The weights of a low-bit panel in fp32, as its microkernel reads them: [depth][kPanelWidth].
+template <typename Panel>
+void dequantize_panel(const Panel& panel, int64_t depth, float* dst) {
+    const int64_t group_size = panel.group_size();
+    for (int64_t begin = 0; begin < depth; begin += group_size) {
+        const auto group = panel.group(begin);
+#if defined(KVPAGE_SIMD)
+        for (int64_t i = begin; i < begin + group_size; i += Panel::kStep)
+            for (int c = 0; c < kPanelWidth / Simd::width; ++c) {
+                const auto block = group.load(i, c);
+                unrolled<Panel::kStep>([&](auto s) {
+                    Simd::store(dst + (i + s) * kPanelWidth + c * Simd::width,
+                                group.weights(block, s, c));
+                });
+            }
+#else
+        for (int64_t i = begin; i < begin + group_size; ++i)
+            for (int j = 0; j < kPanelWidth; ++j) dst[i * kPanelWidth + j] = group.value(i, j);
+#endif
+    }
+}
+
+// A buffer of at least n floats for the calling thread, apart from tile_buffer's.
+float* panel_buffer(size_t n) {
+    thread_local std::vector<float> buffer;
+    if (buffer.size() < n) buffer.resize(n);
+    return buffer.data();
+}
+
+// Low-bit panels are dequantized in registers as a tile of rows multiplies them, again for
+// every tile; with this many tiles or more, each panel is dequantized once into an fp32
+// buffer that every tile then reads (the same weights, so the same sums).
+constexpr int64_t kDequantizeOnceTiles = 2;
+
 // out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]), rows at most kBlockRows.
 template <typename Weights>
 void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weights& w,
                     const float* bias, float* out) {
     constexpr int kRows = decltype(w.panel(0))::kRows;
     static constexpr auto kernels = tile_kernels<Weights>(std::make_integer_sequence<int, kRows>());
+    static constexpr auto buffered_kernels =
+        tile_kernels<BufferedPanel>(std::make_integer_sequence<int, kTileRows>());
+    static_assert(kRows <= kTileRows);
     const int64_t n = w.n, depth = w.depth;
-    const RowTiles tiles(rows, kRows);
+    const bool dequantize_once =
+        Weights::kLowBit && RowTiles(rows, kRows).count >= kDequantizeOnceTiles;
+    const RowTiles tiles(rows, dequantize_once ? kTileRows : kRows);  // the fp32 tiles then
     float* x_tiles = tile_buffer(static_cast<size_t>(rows * depth));
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
     const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
@@ -1165,12 +1215,25 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
                          x_tiles + row * depth);
         }  // its closing barrier: every tile is copied before any is multiplied
         const auto [begin, end] = thread_share(num_panels);
-        for (int64_t p = begin; p < end; p += step) {
-            const int count = static_cast<int>(std::min<int64_t>(step, end - p));
-            for (int64_t t = 0; t < tiles.count; ++t) {
-                const int64_t row = tiles.first_row(t);
-                kernels[tiles.rows(t) - 1](x_tiles + row * depth, w, p, count,
-                                           TileOut{out + row * n, n, bias});
+        if (dequantize_once) {  // tiles of two rows or more: one panel at a time
+            float* panel = panel_buffer(static_cast<size_t>(depth * kPanelWidth));
+            for (int64_t p = begin; p < end; ++p) {
+                dequantize_panel(w.panel(p), depth, panel);
+                const BufferedPanel buffered{panel, n, depth};
+                for (int64_t t = 0; t < tiles.count; ++t) {
+                    const int64_t row = tiles.first_row(t);
+                    buffered_kernels[tiles.rows(t) - 1](x_tiles + row * depth, buffered, p, 1,
+                                                        TileOut{out + row * n, n, bias});
+                }
+            }
+        } else {
+            for (int64_t p = begin; p < end; p += step) {
+                const int count = static_cast<int>(std::min<int64_t>(step, end - p));
+                for (int64_t t = 0; t < tiles.count; ++t) {
+                    const int64_t row = tiles.first_row(t);
+                    kernels[tiles.rows(t) - 1](x_tiles + row * depth, w, p, count,
+                                               TileOut{out + row * n, n, bias});
+                }
             }
         }
     }

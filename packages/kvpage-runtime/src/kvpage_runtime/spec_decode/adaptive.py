@@ -20,7 +20,8 @@ and about linearly once the batch is large. So the chooser keeps
 
 A step drafts the length with the most expected tokens per second: expected tokens per
 request (1 + the sum over positions of the chance that the drafts up to there are all
-accepted) over the step's expected time. Length 0 is speculation switched off.
+accepted) over the step's expected time, provided it beats drafting nothing by 5%. Length 0
+is speculation switched off.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ class DraftLengthChooser:
         tokens = self.expected_tokens()
         timed = {k: t for k, t in timings.items() if t.steps >= self.trials}
         fastest = min(t.mean for t in timed.values())
-        best = max(timed, key=lambda k: tokens[k] / timed[k].mean)
+        best = self._best(tokens, timed)
         step = self._steps.get(group, 0)
         floor = 0.0  # more drafts never cost less: a step takes at least a shorter one's time
         for k in self.ladder:  # the cheaper first: their acceptance bounds the longer ones'
@@ -86,6 +87,13 @@ class DraftLengthChooser:
             if k in timed:
                 floor = max(floor, t.mean)
         return best
+
+    @staticmethod
+    def _best(tokens: dict[int, float], timed: dict[int, _Timing]) -> int:
+        """The timed length with the most tokens per second; 0 unless that beats 0 by 5%
+        (estimates are noisy, and a draft that only breaks even is not worth its risk)."""
+        best = max(timed, key=lambda k: tokens[k] / timed[k].mean)
+        return best if tokens[best] / timed[best].mean > 1.05 * tokens[0] / timed[0].mean else 0
 
     def expected_tokens(self) -> dict[int, float]:
         """Expected tokens a request emits in a step, per draft length of the ladder."""
@@ -125,6 +133,5 @@ class DraftLengthChooser:
         timings = self._timings.get(self.group(num_decode))
         if not timings or timings[0].steps == 0:
             return None
-        tokens = self.expected_tokens()
-        return max((k for k, t in timings.items() if t.steps),
-                   key=lambda k: tokens[k] / timings[k].mean)
+        return self._best(self.expected_tokens(),
+                          {k: t for k, t in timings.items() if t.steps})
