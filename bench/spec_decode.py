@@ -102,7 +102,8 @@ def run(llm_args: dict, name: str, conversations: list, params: SamplingParams,
                                                   return_dict=False)) for c in conversations]
     # warm up, and let the adaptive draft length try its lengths at this batch size (a server
     # does so once; each configuration here starts a fresh engine)
-    llm.generate(prompts[:concurrency], SamplingParams(max_tokens=48, ignore_eos=True),
+    llm.generate(prompts[:concurrency],
+                 SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=params.ignore_eos),
                  use_tqdm=False)
     engine = llm.engine
     drafted0, accepted0 = engine.num_draft_tokens, engine.num_accepted_tokens

@@ -205,6 +205,9 @@ def test_the_choice_follows_a_workload_that_changes():
     chosen = simulate(chooser, 0.9, costs, 500)
     late = collections.Counter(chosen[-300:])  # 8 and 4 give 0.31 and 0.29 tokens per ms
     assert chooser.best(1) in (4, 8) and late[4] + late[8] > 285
+    switched_off = DraftLengthChooser(8)  # off for long, it still finds when drafts pay again
+    simulate(switched_off, 0.02, ONE_STREAM, 300)
+    assert collections.Counter(simulate(switched_off, 0.9, ONE_STREAM, 1500)[-500:])[4] > 450
 
 
 def test_adaptive_speculation_measures_decode_steps_and_keeps_greedy_output(tmp_path):

@@ -16,7 +16,9 @@ and about linearly once the batch is large. So the chooser keeps
   ``retime_after`` steps of its group times how much slower than the fastest length it is (so that re-timing costs about
   1 / ``retime_after`` of the time), only while it could win by 5% at the least time its
   steps may take (that of the slowest shorter length timed: more drafts never cost less), so
-  that when drafts are seldom accepted, or cost much, few steps are spent timing them.
+  that when drafts are seldom accepted, or cost much, few steps are spent timing them; the
+  shortest draft is re-timed when due in any case, which measures the acceptance again as
+  the text changes (steps without drafts cannot).
 
 A step drafts the length with the most expected tokens per second: expected tokens per
 request (1 + the sum over positions of the chance that the drafts up to there are all
@@ -81,8 +83,11 @@ class DraftLengthChooser:
         for k in self.ladder:  # the cheaper first: their acceptance bounds the longer ones'
             t = timings[k]
             due = k not in timed or step - t.last > self.retime_after * t.mean / fastest
-            # timed (again) only if it could win by 5% at the least time it may take
-            if due and tokens[k] / max(floor, fastest) > 1.05 * tokens[best] / timed[best].mean:
+            # timed (again) only if it could win by 5% at the least time it may take; the
+            # shortest draft also when it is due, to measure the acceptance again (which
+            # steps without drafts never do)
+            could_win = tokens[k] / max(floor, fastest) > 1.05 * tokens[best] / timed[best].mean
+            if due and (could_win or (k == self.ladder[1] and k in timed)):
                 return k
             if k in timed:
                 floor = max(floor, t.mean)
