@@ -344,12 +344,14 @@ class LLMEngine:
         tokens the drafts would change)."""
         if self.speculator is None:
             return {}
-        rows = {}
-        for sr in scheduled:
-            seq = self._seqs.get(sr.request_id)
-            if seq is not None and not processes_logits(row := self._sampling_row(seq)):
-                rows[sr.request_id] = row
-        return self.speculator.propose(scheduled, rows, self.sampler.generator)
+
+        def row_if_allowed(request_id: str) -> SamplingRow | None:
+            seq = self._seqs.get(request_id)
+            if seq is None or processes_logits(row := self._sampling_row(seq)):
+                return None
+            return row
+
+        return self.speculator.propose(scheduled, row_if_allowed, self.sampler.generator)
 
     def _plan(self, scheduled: list[ScheduledRequest], drafts: dict[str, Drafts]) -> _StepPlan:
         plan = _StepPlan()

@@ -17,7 +17,7 @@ fixed size instead, as vLLM's option does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,16 +51,21 @@ class Speculator:
             self.draft_model.copy_blocks(block_copies)
             self.draft_model.forget(released_ids)
 
-    def propose(self, scheduled: Sequence, rows: dict[str, SamplingRow],
+    def propose(self, scheduled: Sequence, sampling_row: Callable[[str], SamplingRow | None],
                 generator: torch.Generator) -> dict[str, Drafts]:
-        """Drafts for the decode requests of ``scheduled`` that ``rows`` names (those allowed to
-        speculate), at most their reserved lookahead and this step's draft length."""
+        """Drafts for the decode requests of ``scheduled`` allowed to speculate (those whose
+        ``sampling_row`` is not None), at most their reserved lookahead and this step's draft
+        length; the rows are asked for only in a step that drafts."""
         k = self._draft_length(scheduled)
-        wanted = {sr.request_id: (min(k, sr.num_lookahead_tokens), rows[sr.request_id])
-                  for sr in scheduled if sr.request_id in rows and not sr.is_prefill_chunk
-                  and min(k, sr.num_lookahead_tokens)}
+        if k == 0:
+            return {}
+        wanted = {}
+        for sr in scheduled:
+            limit = min(k, sr.num_lookahead_tokens)
+            if limit and not sr.is_prefill_chunk and (row := sampling_row(sr.request_id)):
+                wanted[sr.request_id] = (limit, row)
         if self.draft_model is not None:
-            return self.draft_model.propose(scheduled, wanted, generator)  # catches up on all
+            return self.draft_model.propose(scheduled, wanted, generator)
         drafts = {}
         for sr in scheduled:
             if sr.request_id in wanted:
@@ -85,7 +90,7 @@ class Speculator:
             return self.config.num_speculative_tokens
         decode = sum(1 for sr in scheduled if sr.num_tokens == 1 and not sr.is_prefill_chunk)
         if decode < len(scheduled):
-            return (self.chooser.best(decode) or 0) if decode else 0
+            return self.chooser.best(decode) or 0
         k = self.chooser.choose(decode)
         self._step = (decode, k)
         return k
