@@ -31,7 +31,8 @@ def test_gpu_section_on_tiny_shapes_and_results_file(tmp_path):
            "sdpa_contiguous_ms": 1.0, "reference_ms": 2.0, "torch_vs_sdpa": 1.0,
            "reference_vs_torch": 2.0}
     section = bench.markdown_section({"date": "d", "machine": "m", "torch": "t", "threads": 1,
-                                      "cpu": [row]}, "python bench/kernels.py")
+                                      "cpu": [row], "gpu": result}, "python bench/kernels.py")
+    assert "| 2 | 40 | " in section and "| 1 x 24 | " in section  # the GPU tables
     path = tmp_path / "RESULTS.md"
     bench.append_results(str(path), section)
     bench.append_results(str(path), section)

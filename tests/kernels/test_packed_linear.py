@@ -101,9 +101,9 @@ def test_bad_arguments_are_named():
         pack_weight(torch.randn(33, 100, dtype=torch.float16))
     with pytest.raises(KernelInputError, match=r"weight must be \[out_features, in_features\]"):
         pack_weight(torch.randn(100))
-    with pytest.raises(KernelInputError, match=r"x must be fp32 \[rows, 100\]"):
-        packed_linear(x.bfloat16(), packed)
-    with pytest.raises(KernelInputError, match=r"x must be fp32 \[rows, 100\]"):
+    with pytest.raises(KernelInputError, match=r"x must be \[rows, 100\] .* in float32, got"):
+        packed_linear(x.bfloat16(), packed)  # 16-bit inputs are for low-bit weights only
+    with pytest.raises(KernelInputError, match=r"x must be \[rows, 100\] .* in float32, got"):
         packed_linear(torch.randn(4, 99), packed)
     with pytest.raises(KernelInputError, match=r"bias must be fp32 \[33\]"):
         packed_linear(x, packed, torch.randn(32))

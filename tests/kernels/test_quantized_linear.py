@@ -80,6 +80,22 @@ def test_the_torch_backend_matches_the_reference():
                             weight.dequantize(), b, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_16_bit_inputs_multiply_the_weight_rounded_to_their_dtype(dtype, backend):
+    """The contract of the GPU's w4a16 kernels on every backend: 16-bit x times the
+    dequantized weight rounded to x's dtype, summed in fp32, an fp32 result."""
+    x, weight, b, seed = random_problem(5, 160, 33, 4, 32, True, True)
+    x = x.to(dtype)
+    packed = pack_weight(weight)
+    expected = packed_linear(x, packed, b, backend="reference")
+    rounded = weight.dequantize().to(dtype).float()
+    assert torch.allclose(expected, x.float() @ rounded.T + b, rtol=1e-5, atol=1e-5)
+    actual = packed_linear(x, packed, b, backend=backend)
+    assert actual.dtype == torch.float32
+    assert_close_to_product(actual, expected, x.float(), rounded, b, seed)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_does_not_depend_on_its_batch(cpu_tier, bits):
     x, weight, b, seed = random_problem(65, 576, 200, bits, 32, True, True)
@@ -148,8 +164,9 @@ def test_bad_arguments_are_named():
         pack_weight(too_large)
     with pytest.raises(KernelInputError, match="weight must be a tensor or a QuantizedWeight"):
         pack_weight(weight.codes.numpy())
-    with pytest.raises(KernelInputError, match=r"x must be fp32 \[rows, 96\]"):
-        packed_linear(torch.randn(4, 95), packed)
+    with pytest.raises(KernelInputError, match=r"x must be \[rows, 96\] .* in float32 or "
+                       r"bfloat16 or float16, got torch.float64"):
+        packed_linear(x.double(), packed)
     with pytest.raises(KernelInputError, match=r"bias must be fp32 \[33\]"):
         packed_linear(x, packed, torch.randn(33).double())
     with pytest.raises(KernelInputError, match=r"packed.codes must be contiguous int32"):

@@ -131,15 +131,22 @@ def test_large_num_blocks_uses_64bit_offsets():
     check_large_num_blocks("triton", DEVICE)
 
 
-@pytest.mark.parametrize("rows, in_features, out_features, group_size, bits, ordered, bias", [
-    (1, 64, 33, 32, 4, False, True),
-    (5, 96, 40, 32, 8, True, False),
-    (17, 64, 20, 64, 4, True, True),
-    (0, 64, 33, 32, 8, False, False),
+@pytest.mark.parametrize("rows, in_features, out_features, group_size, bits, ordered, bias, dtype, splits", [
+    (1, 64, 33, 32, 4, False, True, torch.float32, None),
+    (5, 96, 40, 32, 8, True, False, torch.float32, None),
+    (17, 64, 20, 64, 4, True, True, torch.float32, None),
+    (0, 64, 33, 32, 8, False, False, torch.float32, None),
+    (3, 256, 40, 32, 4, True, True, torch.float32, 3),  # split-K: partial sums added up
+    (4, 192, 20, 96, 4, False, True, torch.float32, 2),  # tiles of 64 inputs across groups
+    pytest.param(2, 128, 24, 128, 4, False, True, torch.bfloat16, 2, marks=pytest.mark.skipif(
+        DEVICE == "cpu", reason="the Triton interpreter's bf16 dot and rounding are not a GPU's")),
+    (18, 96, 17, 32, 8, True, False, torch.float16, None),
 ])
-def test_quantized_linear(rows, in_features, out_features, group_size, bits, ordered, bias):
-    """Low-bit packed_linear against the reference (x @ the dequantized weight^T), with the
-    tolerance of two fp32 sums in different orders (``assert_close_to_product``)."""
+def test_quantized_linear(rows, in_features, out_features, group_size, bits, ordered, bias,
+                          dtype, splits):
+    """Low-bit packed_linear against the reference (x @ the dequantized weight^T, rounded to
+    x's dtype for 16-bit x), with the tolerance of two fp32 sums in different orders
+    (``assert_close_to_product``)."""
     seed = random.randrange(2**31)
     gen = torch.Generator().manual_seed(seed)
     weight = random_quantized(out_features, in_features, bits, group_size, ordered, gen)
@@ -148,9 +155,11 @@ def test_quantized_linear(rows, in_features, out_features, group_size, bits, ord
         for name in ("codes", "scales", "offsets", "input_order")
         if getattr(weight, name) is not None})
     packed = pack_weight(weight)
-    x = torch.randn(rows, in_features, generator=gen).to(DEVICE)
+    x = torch.randn(rows, in_features, generator=gen).to(DEVICE, dtype)
     b = torch.randn(out_features, generator=gen).to(DEVICE) if bias else None
     expected = packed_linear(x, packed, b, backend="reference")
-    actual = packed_linear(x, packed, b, backend="triton")
-    assert_close_to_product(actual.cpu(), expected.cpu(), x.cpu(), weight.dequantize().cpu(),
+    actual = (packed_linear(x, packed, b, backend="triton") if splits is None
+              else triton_backend.packed_linear(x, packed, b, num_splits=splits))
+    assert_close_to_product(actual.cpu(), expected.cpu(), x.float().cpu(),
+                            weight.dequantize().to(dtype).float().cpu(),
                             None if b is None else b.cpu(), seed)

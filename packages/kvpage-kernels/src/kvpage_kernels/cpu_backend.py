@@ -332,7 +332,7 @@ def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
 
 
 def packed_linear(x, packed, bias=None):
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return layer_ops.packed_linear(x, packed, bias)
     rows = x.shape[0]
     out = torch.empty(rows, packed.out_features)

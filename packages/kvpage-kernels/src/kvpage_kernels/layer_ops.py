@@ -44,9 +44,13 @@ def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear on the weight unpacked (and dequantized), which copies it at each call: for
-    backends with no GEMM of their own on the packed layout."""
-    return F.linear(x, packed.dense_weight(), bias)
+    """F.linear on the weight unpacked (and dequantized, then rounded to a 16-bit x's dtype),
+    in fp32, which copies it at each call: for backends with no GEMM of their own on the
+    packed layout (or on 16-bit inputs)."""
+    weight = packed.dense_weight()
+    if x.dtype != torch.float32:
+        weight, x = weight.to(x.dtype).float(), x.float()
+    return F.linear(x, weight, bias)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

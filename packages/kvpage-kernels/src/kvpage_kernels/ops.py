@@ -23,6 +23,7 @@ from .packed_weight import PackedWeight, QuantizedPanels
 from .quantized import QuantizedWeight, check_quantized
 
 BACKENDS = ("reference", "torch", "cpu", "triton", "cupy")
+HALF_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # of low-bit packed_linear
 ENV_VAR = "KVPAGE_KERNEL_BACKEND"
 _MODULES = {"reference": "reference", "torch": "torch_backend", "cpu": "cpu_backend",
             "triton": "triton_backend", "cupy": "cupy_backend"}
@@ -342,14 +343,17 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
                   backend: str | None = None) -> torch.Tensor:
     """x @ W.T + bias for the weight W that ``pack_weight`` packed: x fp32 [rows, in_features]
     (rows may be 0), bias fp32 [out_features] or None; returns a new fp32 [rows, out_features].
-    For ``QuantizedPanels`` W is the dequantized weight, in the inputs' natural order.
+    For ``QuantizedPanels`` W is the dequantized weight, in the inputs' natural order, and x
+    may also be bf16 or fp16: W is then rounded to x's dtype and the products summed in fp32
+    (as GPU w4a16 kernels multiply on tensor cores; the triton backend does so natively).
     The cpu backend computes each output as one chain of fused multiply-adds over the inputs in
     order (the ``input_order`` of quantized weights), the bias added last, so a row's result
     does not depend on the rest of the batch."""
     check_packed(packed)
-    _check(x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype == torch.float32,
-           lambda: f"x must be fp32 [rows, {packed.in_features}] (in_features of packed), got "
-           f"{x.dtype} {tuple(x.shape)}")
+    dtypes = HALF_INPUT_DTYPES if isinstance(packed, QuantizedPanels) else (torch.float32,)
+    _check(x.dim() == 2 and x.shape[1] == packed.in_features and x.dtype in dtypes,
+           lambda: f"x must be [rows, {packed.in_features}] (in_features of packed) in "
+           f"{' or '.join(str(d)[6:] for d in dtypes)}, got {x.dtype} {tuple(x.shape)}")
     _check(bias is None or (bias.shape == (packed.out_features,) and bias.dtype == torch.float32),
            lambda: f"bias must be fp32 [{packed.out_features}] (out_features of packed), got "
            f"{bias.dtype} {tuple(bias.shape)}")

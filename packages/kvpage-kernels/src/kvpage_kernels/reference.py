@@ -55,8 +55,11 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
 
 def packed_linear(x, packed, bias) -> torch.Tensor:
     """The plain matmul on the unpacked weight (bf16 weights widened to fp32, low-bit ones
-    dequantized, in the inputs' natural order)."""
-    out = x @ packed.dense_weight().T
+    dequantized, in the inputs' natural order, and rounded to a 16-bit x's dtype), in fp32."""
+    weight = packed.dense_weight()
+    if x.dtype != torch.float32:
+        weight, x = weight.to(x.dtype).float(), x.float()
+    out = x @ weight.T
     return out if bias is None else out + bias
 
 

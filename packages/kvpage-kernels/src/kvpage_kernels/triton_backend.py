@@ -3,16 +3,19 @@ packed_linear on low-bit weights.
 
 The attention kernels walk the keys of a sequence in tiles of TILE_N positions, looking each
 position's block up in the block table, so one kernel serves every cache block size. They
-use an online softmax in fp32; operands are cast to fp32 before every dot (exact for fp16 and
-bf16 inputs even at tf32 precision, which is used for them; fp32 inputs use full precision).
+use an online softmax in fp32; fp32 inputs are multiplied at full precision, 16-bit ones
+with 16-bit dots summed in fp32 (``_attention_precision``).
 All pointer offsets into the cache are computed in int64.
 
 packed_linear on ``QuantizedPanels`` reads the panels that ``pack_weight`` makes (the cpu
-backend's layout) tile by tile: each program dequantizes a [BLOCK_K, BLOCK_N] tile of codes
-(shift and mask of their 32-bit words, then ``q * scale + offset``) and multiplies it into an
-fp32 accumulator with ``tl.dot`` at full fp32 precision, the rows of x read in the weight's
-input order; tiles are at least 16 wide in every dimension (padded and masked), as GPUs need.
-fp32 and bf16 ``PackedWeight`` go to the torch path.
+backend's layout) tile by tile: each program loads a [BLOCK_K, BLOCK_N] tile of codes as
+their 32-bit words, unpacks them in registers (shift and mask), dequantizes them
+(``q * scale + offset`` in fp32, rounded to x's dtype) and multiplies them into an fp32
+accumulator with ``tl.dot``: full fp32 precision for fp32 x, tensor-core dots for bf16/fp16
+x; the rows of x are read in the weight's input order. Tiles are at least 16 wide in every
+dimension (padded and masked), as GPUs need, and a decode step's few rows split the inputs
+among programs (split-K, ``choose_linear_splits``) so that the GPU fills; the partial sums
+are added in a fixed order. fp32 and bf16 ``PackedWeight`` go to the torch path.
 
 On a machine with no GPU these kernels run under TRITON_INTERPRET=1 (set before this module
 is imported) on CPU tensors.
@@ -21,6 +24,7 @@ is imported) on CPU tensors.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -36,6 +40,7 @@ swap_blocks = swap_blocks_indexed
 # (a multiple of TILE_N) of one sequence.
 TILE_N = 32
 PARTITION_SIZE = 512
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -80,7 +85,11 @@ def _attend_range(q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, key_lo
         base += kv_head * stride_c_head
         load_ok = k_ok[:, None] & dim_ok[None, :]
         keys = tl.load(k_cache_ptr + base[:, None] + dims[None, :], mask=load_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(keys.to(tl.float32)), input_precision=PRECISION) * scale
+        if PRECISION == "native":
+            scores = tl.dot(q, tl.trans(keys)) * scale
+        else:
+            scores = tl.dot(q.to(tl.float32), tl.trans(keys.to(tl.float32)),
+                            input_precision=PRECISION) * scale
         if USE_SOFTCAP:
             scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores / softcap) + 1.0))
         allowed = k_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
@@ -93,7 +102,11 @@ def _attend_range(q, q_pos, k_cache_ptr, v_cache_ptr, table_ptr, kv_head, key_lo
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         values = tl.load(v_cache_ptr + base[:, None] + dims[None, :], mask=load_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32), input_precision=PRECISION)
+        if PRECISION == "native":
+            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p, values.to(tl.float32),
+                                                input_precision=PRECISION)
         m_i = m_new
     return m_i, l_i, acc
 
@@ -105,7 +118,7 @@ def _load_queries(q_ptr, first_row, rows, heads, row_ok, stride_q_tok, stride_q_
     offs = (first_row + rows).to(tl.int64)[:, None] * stride_q_tok
     offs += heads[:, None] * stride_q_head + dims[None, :]
     mask = row_ok[:, None] & (dims[None, :] < HEAD_DIM)
-    return tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return tl.load(q_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -228,39 +241,54 @@ def _copy_blocks_kernel(cache_ptr, pairs_ptr, block_numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _quantized_linear_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, order_ptr, bias_ptr,
-                             out_ptr, rows, n, depth, stride_x,
+def _quantized_linear_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, order_ptr, out_ptr,
+                             rows, n, depth, stride_x, split_depth,
                              BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
                              PANEL: tl.constexpr, HAS_ORDER: tl.constexpr,
-                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (row tile, column tile): out = x @ W^T (+ bias) over all the inputs."""
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """Program (row tile, column tile, split): the partial sum of x @ W^T over the inputs
+    [split * split_depth, (split + 1) * split_depth), into out[split]. Each tile of codes is
+    loaded once, a word per PER_WORD inputs, and unpacked in registers; the weights are
+    dequantized in fp32 and rounded to x's dtype (a no-op for fp32 x) for the dot. Where a
+    tile of inputs lies in one group (TILE_IN_GROUP) its scales and offsets are one row."""
     PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
     row_ok, col_ok = row < rows, col < n
     panel = (col // PANEL).to(tl.int64)
     codes_base = panel * (depth // PER_WORD * PANEL) + col % PANEL  # word 0 of each column
     groups_base = panel * (depth // GROUP_SIZE * PANEL) + col % PANEL
+    shifts = tl.arange(0, PER_WORD) * BITS
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for first in range(0, depth, BLOCK_K):
+    begin = split * split_depth
+    for first in range(begin, tl.minimum(begin + split_depth, depth), BLOCK_K):
         k = first + tl.arange(0, BLOCK_K)
         k_ok = k < depth
         source = tl.load(order_ptr + k, mask=k_ok, other=0) if HAS_ORDER else k
         x = tl.load(x_ptr + row.to(tl.int64)[:, None] * stride_x + source[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        tile_ok = k_ok[:, None] & col_ok[None, :]
-        words = tl.load(codes_ptr + codes_base[None, :] + (k // PER_WORD * PANEL)[:, None],
-                        mask=tile_ok, other=0)
-        codes = (words >> ((k % PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
-        at = groups_base[None, :] + (k // GROUP_SIZE * PANEL)[:, None]
+        word = first // PER_WORD + tl.arange(0, WORDS)
+        word_ok = (word < depth // PER_WORD)[:, None] & col_ok[None, :]
+        words = tl.load(codes_ptr + codes_base[None, :] + (word * PANEL)[:, None],
+                        mask=word_ok, other=0)
+        codes = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+        codes = tl.reshape(codes, (BLOCK_K, BLOCK_N))
+        if TILE_IN_GROUP:
+            at = (groups_base + first // GROUP_SIZE * PANEL)[None, :]
+            tile_ok = col_ok[None, :]
+        else:
+            at = groups_base[None, :] + (k // GROUP_SIZE * PANEL)[:, None]
+            tile_ok = k_ok[:, None] & col_ok[None, :]
         scales = tl.load(scales_ptr + at, mask=tile_ok, other=0.0)
         offsets = tl.load(offsets_ptr + at, mask=tile_ok, other=0.0)
-        weights = codes.to(tl.float32) * scales + offsets
-        acc += tl.dot(x, weights, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + col, mask=col_ok, other=0.0)[None, :]
-    tl.store(out_ptr + row.to(tl.int64)[:, None] * n + col[None, :], acc,
+        weights = (codes.to(tl.float32) * scales + offsets).to(x.dtype)
+        acc += tl.dot(x, weights, input_precision=PRECISION)
+    out = out_ptr + split.to(tl.int64) * rows * n
+    tl.store(out + row.to(tl.int64)[:, None] * n + col[None, :], acc,
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -292,12 +320,25 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
     return min(max_splits, triton.cdiv(2 * num_sms, programs))
 
 
+def _attention_precision(q_dtype: torch.dtype, cache_dtype: torch.dtype) -> str:
+    """How the attention kernels multiply: "ieee" fp32 dots for fp32; "native" 16-bit dots
+    summed in fp32 (the probabilities rounded to the cache's dtype for P @ V, as flash
+    attention does) when q and the cache share a 16-bit dtype; else operands cast to fp32 at
+    tf32 precision (exact for 16-bit values). The interpreter's bf16 dots are not a GPU's, so
+    bf16 takes the cast there."""
+    if q_dtype == torch.float32:
+        return "ieee"
+    if q_dtype == cache_dtype and (q_dtype == torch.float16 or not INTERPRETED):
+        return "native"
+    return "tf32"
+
+
 def _common_meta(q, k_cache, sliding_window, softcap) -> dict:
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     return dict(HEAD_DIM=head_dim, HEAD_PAD=max(16, triton.next_power_of_2(head_dim)),
                 BLOCK_SIZE=k_cache.shape[1], TILE_N=TILE_N,
                 USE_WINDOW=sliding_window is not None, USE_SOFTCAP=softcap is not None,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                PRECISION=_attention_precision(q.dtype, k_cache.dtype),
                 GROUP=q.shape[1] // num_kv_heads)
 
 
@@ -379,21 +420,45 @@ def copy_blocks(kv_caches, src_dst) -> None:
         _copy_blocks_kernel[grid](v_cache, pairs, block_numel, BLOCK=block)
 
 
-def packed_linear(x, packed, bias=None) -> torch.Tensor:
+def choose_linear_splits(row_tiles: int, col_tiles: int, depth_tiles: int,
+                         num_sms: int) -> int:
+    """Split-K for the low-bit GEMM: a decode step's few rows give too few (row, column)
+    tiles to fill the GPU, so the inputs are split until about 4 programs per SM run (each
+    split keeping at least 4 tiles of inputs)."""
+    programs = row_tiles * col_tiles
+    if programs >= 4 * num_sms:
+        return 1
+    return max(1, min(triton.cdiv(4 * num_sms, programs), depth_tiles // 4))
+
+
+def packed_linear(x, packed, bias=None, num_splits: int | None = None) -> torch.Tensor:
+    """num_splits overrides the automatic split-K choice."""
     if not isinstance(packed, QuantizedPanels):
         return layer_ops.packed_linear(x, packed, bias)
-    rows, n = x.shape[0], packed.out_features
-    out = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    rows, n, depth = x.shape[0], packed.out_features, packed.in_features
     if rows == 0:
-        return out
+        return torch.empty(0, n, dtype=torch.float32, device=x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     block_m = 16 if rows <= 16 else 64  # 16: the smallest dot
-    grid = (triton.cdiv(rows, block_m), triton.cdiv(n, 64))
+    block_n = 64
+    # a tile of inputs (a power of two) holds whole words, within one group where it can
+    block_k = max(16, 1 << (min(64, packed.group_size).bit_length() - 1))
+    grid = [triton.cdiv(rows, block_m), triton.cdiv(n, block_n), 1]
+    depth_tiles = triton.cdiv(depth, block_k)
+    if num_splits is None:
+        num_splits = choose_linear_splits(grid[0], grid[1], depth_tiles,
+                                          _num_sms(x.device.index or 0)) if x.is_cuda else 1
+    grid[2] = min(num_splits, depth_tiles)
+    split_depth = triton.cdiv(depth_tiles, grid[2]) * block_k
+    grid[2] = triton.cdiv(depth, split_depth)
+    partial = torch.empty(grid[2], rows, n, dtype=torch.float32, device=x.device)
     order = packed.input_order
-    _quantized_linear_kernel[grid](
+    _quantized_linear_kernel[tuple(grid)](
         x, packed.codes, packed.scales, packed.offsets, packed.codes if order is None else order,
-        out if bias is None else bias.contiguous(), out, rows, n, packed.in_features,
-        x.stride(0), BITS=packed.bits, GROUP_SIZE=packed.group_size, PANEL=PANEL_WIDTH,
-        HAS_ORDER=order is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=64,
-        BLOCK_K=32)
-    return out
+        partial, rows, n, depth, x.stride(0), split_depth, BITS=packed.bits,
+        GROUP_SIZE=packed.group_size, PANEL=PANEL_WIDTH, HAS_ORDER=order is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        TILE_IN_GROUP=packed.group_size % block_k == 0,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32")
+    out = partial[0] if grid[2] == 1 else partial.sum(0)
+    return out if bias is None else out.add_(bias)
