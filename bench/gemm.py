@@ -10,7 +10,14 @@ of the time of one step through every layer, in ms, and the bytes each format st
 step. Run once per CPU tier (``KVPAGE_CPU_ISA=avx2`` for the AVX2 paths; add the switches of
 bench/machine.py to hold torch's libraries back too).
 
+``--device cuda`` measures the triton backend's low-bit GEMM on the GPU, bf16 activations,
+against dense weights in bf16 (``F.linear``, cuBLAS), on Llama-3-8B's layers (4096 -> 6144 qkv, 4096 -> 4096
+o, 4096 -> 28672 gate_up, 14336 -> 4096 down, 32 layers, and a 4096 -> 128256 output layer),
+each figure the median replay of a CUDA graph of those calls: the kernels' own time, without
+the cost of launching them from Python.
+
     python bench/gemm.py [--rows 1 16 64] [--reps 9] [--json] [--results bench/RESULTS.md]
+                         [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -19,63 +26,122 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import kvpage_kernels
 import machine
 import torch
+import torch.nn.functional as F
 from kvpage_kernels import QuantizedWeight, pack_weight, packed_linear
 from kvpage_kernels.cpu_isa import cpu_isa
 
-LAYERS = 30
-SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576)}
-OUTPUT = (576, 49152)
 GROUP = 32
+SHAPE_NAMES = ("qkv", "o", "gate_up", "down")
 
 
-def quantized(out_features: int, in_features: int, bits: int, gen: torch.Generator):
+@dataclass
+class Model:
+    """The linear layers of one decode step: (in, out) of each shape, layers, output layer."""
+
+    name: str
+    shapes: tuple[tuple[int, int], ...]
+    layers: int
+    output: tuple[int, int]
+
+
+SMOLLM2 = Model("SmolLM2-135M", ((576, 960), (576, 576), (576, 3072), (1536, 576)), 30,
+                (576, 49152))
+LLAMA3_8B = Model("Llama-3-8B", ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)),
+                  32, (4096, 128256))
+
+
+def quantized(out_features: int, in_features: int, bits: int, device: str):
     groups = in_features // GROUP
     return QuantizedWeight(
-        codes=torch.randint(0, 2**bits, (out_features, in_features), generator=gen,
-                            dtype=torch.uint8),
-        scales=torch.rand(out_features, groups, generator=gen) * 0.01,
-        offsets=torch.randn(out_features, groups, generator=gen) * 0.01,
+        codes=torch.randint(0, 2**bits, (out_features, in_features), dtype=torch.uint8,
+                            device=device),
+        scales=torch.rand(out_features, groups, device=device) * 0.01,
+        offsets=torch.randn(out_features, groups, device=device) * 0.01,
         bits=bits, group_size=GROUP)
 
 
-def weights(fmt: str) -> list[tuple[str, object, int]]:
-    """(shape name, packed weight, bytes streamed) for every layer of a step, in order."""
-    gen = torch.Generator().manual_seed(0)
-    shapes = [(name, shape) for _ in range(LAYERS) for name, shape in SHAPES.items()]
+class Dense:
+    """A bf16 weight multiplied with F.linear: the GPU's dense baseline."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+        self.in_features = weight.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def weights(fmt: str, model: Model, device: str) -> list[tuple[str, object, int]]:
+    """(shape name, weight, bytes streamed) for every layer of a step, in order."""
+    torch.manual_seed(0)
+    shapes = [(name, shape) for _ in range(model.layers)
+              for name, shape in zip(SHAPE_NAMES, model.shapes, strict=True)]
     packed = []
-    for name, (in_features, out_features) in [*shapes, ("output", OUTPUT)]:
-        if fmt == "fp32":
-            w = pack_weight(torch.randn(out_features, in_features, generator=gen))
-            size = 4 * in_features * out_features
+    for name, (in_features, out_features) in [*shapes, ("output", model.output)]:
+        if fmt in ("fp32", "bf16"):
+            dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+            w = torch.randn(out_features, in_features, dtype=dtype, device=device)
+            w = pack_weight(w) if fmt == "fp32" else Dense(w)
+            size = w.nbytes if fmt == "fp32" else 2 * in_features * out_features
         else:
             bits = int(fmt.split("-")[0])
-            w = pack_weight(quantized(out_features, in_features, bits, gen))
+            w = pack_weight(quantized(out_features, in_features, bits, device))
             size = in_features * out_features * bits // 8 + 8 * out_features * (
                 in_features // GROUP)
         packed.append((name, w, size))
     return packed
 
 
-def time_step(layers: list[tuple[str, object, int]], rows: int, reps: int) -> dict:
-    inputs = {n: torch.randn(rows, w.in_features) for n, w, _ in layers[:5] + layers[-1:]}
-    per_shape = {name: [] for name in [*SHAPES, "output"]}
-    steps = []
-    for _ in range(reps + 1):  # the first is a warm-up
-        spent = dict.fromkeys(per_shape, 0.0)
-        for name, w, _ in layers:
-            start = time.perf_counter()
-            packed_linear(inputs[name], w)
-            spent[name] += time.perf_counter() - start
-        for name, seconds in spent.items():
-            per_shape[name].append(seconds)
-        steps.append(sum(spent.values()))
-    return {"step_ms": 1e3 * statistics.median(steps[1:]),
-            **{f"{name}_ms": 1e3 * statistics.median(v[1:]) for name, v in per_shape.items()}}
+def time_step(layers: list[tuple[str, object, int]], rows: int, reps: int, device: str) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # w4a16 on the GPU
+    inputs = {n: torch.randn(rows, w.in_features, device=device, dtype=dtype)
+              for n, w, _ in layers[:5] + layers[-1:]}
+    by_shape = {name: [layer for layer in layers if layer[0] == name]
+                for name in [*SHAPE_NAMES, "output"]}
+
+    def run(subset: list[tuple[str, object, int]]) -> None:
+        for name, w, _ in subset:
+            w(inputs[name]) if isinstance(w, Dense) else packed_linear(inputs[name], w)
+
+    timed = time_on_gpu if device == "cuda" else time_on_cpu
+    return {"step_ms": 1e3 * timed(lambda: run(layers), reps),
+            **{f"{name}_ms": 1e3 * timed(lambda s=subset: run(s), reps)
+               for name, subset in by_shape.items()}}
+
+
+def time_on_cpu(fn, reps: int) -> float:
+    """Median seconds of ``fn`` after a warm-up call."""
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def time_on_gpu(fn, reps: int) -> float:
+    """Median seconds of ``fn`` captured in a CUDA graph and replayed: the kernels' own time,
+    without Python's cost of launching each one."""
+    fn()  # compiles the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    times = []
+    for _ in range(reps + 1):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -84,17 +150,23 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=9)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--results", type=Path, help="append a markdown section to this file")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    if kvpage_kernels.select_backend("cpu") != "cpu":
+    backend = kvpage_kernels.select_backend(args.device)
+    if args.device == "cpu" and backend != "cpu":
         raise SystemExit("the cpu kernel backend is not available (no C++ compiler?)")
+    model, baseline = (SMOLLM2, "fp32") if args.device == "cpu" else (LLAMA3_8B, "bf16")
     results = []
-    for fmt in ("fp32", "4-bit", "8-bit"):
-        layers = weights(fmt)
+    for fmt in (baseline, "4-bit", "8-bit"):
+        layers = weights(fmt, model, args.device)
         streamed = sum(size for _, _, size in layers)
         for rows in args.rows:
             results.append({"format": fmt, "rows": rows, "mb_per_step": streamed / 1e6,
-                            **time_step(layers, rows, args.reps)})
+                            **time_step(layers, rows, args.reps, args.device)})
         del layers
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    args.model, args.baseline, args.backend = model, baseline, backend
     text = markdown(results, args)
     print(json.dumps(results) if args.json else text)
     if args.results:
@@ -103,17 +175,20 @@ def main() -> None:
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
-    fp32 = {r["rows"]: r["step_ms"] for r in results if r["format"] == "fp32"}
+    base = {r["rows"]: r["step_ms"] for r in results if r["format"] == args.baseline}
+    where = (f"{torch.cuda.get_device_name()}, {args.backend} backend" if args.device == "cuda"
+             else f"CPU tier {cpu_isa()}")
     lines = [
         f"\n## gemm.py — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n",
-        f"- machine: {machine.describe()}",
+        f"- machine: {machine.describe()}" + (f"; GPU {where}" if args.device == "cuda" else ""),
         f"- command: `python bench/gemm.py --rows {' '.join(map(str, args.rows))} "
-        f"--reps {args.reps}` (CPU tier {cpu_isa()})",
+        f"--reps {args.reps} --device {args.device}` ({where})",
         f"- versions: kvpage-kernels {kvpage_kernels.__version__}, torch {torch.__version__}",
-        "- SmolLM2-135M's linear layers (30 x qkv, o, gate_up, down, and the output layer), "
-        "random weights streamed from memory; ms per step, medians",
+        f"- {args.model.name}'s linear layers ({args.model.layers} x qkv, o, gate_up, down, and "
+        "the output layer), random weights streamed from memory; ms per step, medians",
         "",
-        "| format | rows | MB streamed | qkv | o | gate_up | down | output | step | vs fp32 |",
+        f"| format | rows | MB streamed | qkv | o | gate_up | down | output | step | vs "
+        f"{args.baseline} |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -121,7 +196,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
             f"| {r['format']} | {r['rows']} | {r['mb_per_step']:.0f} | {r['qkv_ms']:.1f} | "
             f"{r['o_ms']:.1f} | {r['gate_up_ms']:.1f} | {r['down_ms']:.1f} | "
             f"{r['output_ms']:.1f} | **{r['step_ms']:.1f}** | "
-            f"{r['step_ms'] / fp32[r['rows']]:.2f} |")
+            f"{r['step_ms'] / base[r['rows']]:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,7 @@ GPU (when CUDA is present): device copy bandwidth; paged decode achieved bandwid
 Llama-3-8B shapes (32 q heads, 8 kv heads, d 128, block 16) for each GPU backend, batch
 1/16/64/256 x context 512/2k/8k, against SDPA on contiguous K/V; prefill TFLOP/s.
 
-    python bench/kernels.py [--json] [--append-results bench/RESULTS.md] [--quick]
+    python bench/kernels.py [--json] [--append-results bench/RESULTS.md] [--quick] [--gpu-only]
 """
 
 from __future__ import annotations
@@ -270,6 +270,8 @@ def markdown_section(result: dict, command: str) -> str:
              "| case | shape | dtype | torch backend ms | cpu backend ms | SDPA contiguous ms "
              "| reference ms | torch / SDPA | cpu / SDPA | reference / torch |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    if not result["cpu"]:
+        del lines[-2:]
     for r in result["cpu"]:
         cpu_ms, cpu_ratio = r.get("cpu_ms"), r.get("cpu_vs_sdpa")
         lines.append(f"| {r['case']} | {r['model_shape']} | {r['dtype']} | {r['torch_ms']:.2f} "
@@ -278,7 +280,32 @@ def markdown_section(result: dict, command: str) -> str:
                      f"| {r['torch_vs_sdpa']:.2f} "
                      f"| {'-' if cpu_ratio is None else f'{cpu_ratio:.2f}'} "
                      f"| {r['reference_vs_torch']:.1f} |")
+    if "gpu" in result:
+        lines += gpu_markdown(result["gpu"])
     return "\n".join(lines) + "\n"
+
+
+def gpu_markdown(gpu: dict) -> list[str]:
+    """The GPU tables: decode GB/s of K/V read per second (and its fraction of the device's
+    copy bandwidth), prefill TFLOP/s, each backend beside SDPA on contiguous K/V."""
+    backends = [k[:-4] for k in gpu["decode"][0] if k.endswith("_gbs") and k != "copy_gbs"
+                and not k.startswith("sdpa")] if gpu["decode"] else []
+    lines = ["", f"GPU: {gpu['device']}, device copy {gpu['copy_gbs']:.0f} GB/s; Llama-3-8B "
+             "shapes (32 q heads, 8 kv heads, d 128, block 16), bf16.", "",
+             "| decode batch | context | " + " | ".join(f"{b} GB/s (of copy)" for b in backends)
+             + " | SDPA contiguous GB/s |",
+             "|---|---|" + "---|" * (len(backends) + 1)]
+    for r in gpu["decode"]:
+        cells = [f"{r[f'{b}_gbs']:.0f} ({r[f'{b}_of_copy']:.2f})" for b in backends]
+        lines.append(f"| {r['batch']} | {r['ctx']} | " + " | ".join(cells)
+                     + f" | {r['sdpa_contiguous_gbs']:.0f} |")
+    lines += ["", "| prefill seqs x len | " + " | ".join(f"{b} TFLOP/s" for b in backends)
+              + " | SDPA contiguous TFLOP/s |", "|---|" + "---|" * (len(backends) + 1)]
+    for r in gpu["prefill"]:
+        cells = [f"{r[f'{b}_tflops']:.0f}" for b in backends]
+        lines.append(f"| {r['seqs']} x {r['len']} | " + " | ".join(cells)
+                     + f" | {r['sdpa_contiguous_tflops']:.0f} |")
+    return lines
 
 
 RESULTS_HEADER = ("# Benchmark results\n\nEach benchmark in bench/ appends a section: date, "
@@ -303,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--machine", default=platform.processor() or platform.machine(),
                         help="machine description recorded with the results")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU figures")
     parser.add_argument("--append-results", metavar="PATH",
                         help="append the CPU figures as a markdown section to PATH")
     args = parser.parse_args(argv)
@@ -311,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     result = {"date": datetime.date.today().isoformat(), "machine": args.machine,
               "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu": run_cpu(args.quick)}
+              "cpu": [] if args.gpu_only else run_cpu(args.quick)}
     print_table(result["cpu"])
     if torch.cuda.is_available():
         batches = [1, 16, 64] if args.quick else [1, 16, 64, 256]

@@ -115,7 +115,8 @@ class BeamSearch:
         """``logprobs``: fp32 log-probabilities [len(live), vocab] of each live beam's next
         token, in the order of ``live``. Updates the search; returns the new live beams."""
         width, vocab = self.params.beam_width, logprobs.shape[1]
-        cum = torch.tensor([b.cum_logprob for b in self.live], dtype=torch.float32)
+        cum = torch.tensor([b.cum_logprob for b in self.live], dtype=torch.float32,
+                           device=logprobs.device)
         scores = (logprobs + cum[:, None]).reshape(-1)
         values, indices = scores.topk(min(self.keep, scores.numel()))
         generated = len(self.live[0].tokens) + 1

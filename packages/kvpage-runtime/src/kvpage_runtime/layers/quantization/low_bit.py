@@ -100,8 +100,13 @@ class LowBitLinearMethod:
         """Nothing left to do: the weight was packed as its last shard arrived."""
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``packed_linear`` in fp32, converting activations of another dtype there and back."""
-        rows = x.reshape(-1, x.shape[-1]).float()
+        """``packed_linear``, giving activations of another dtype back in theirs. On a GPU
+        bf16/fp16 activations go in as they are (its kernel multiplies them on tensor cores,
+        the weights rounded to their dtype, summing in fp32); elsewhere they are computed on in
+        fp32."""
+        rows = x.reshape(-1, x.shape[-1])
+        if not rows.is_cuda:
+            rows = rows.float()
         out = packed_linear(rows, layer.packed, None if bias is None else bias.float())
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
