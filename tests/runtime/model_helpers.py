@@ -42,6 +42,17 @@ def one_torch_thread():
     torch.set_num_threads(previous)
 
 
+def word_tokenizer(vocab_size: int = TINY["vocab_size"],
+                   eos: int = 2) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer with nothing to download: token ``i`` is the word ``t<i>``, EOS ``t<eos>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token=f"t{eos}")
+
+
 def save_tiny_model(config: transformers.PretrainedConfig, folder: Path, seed: int = 0) -> Path:
     """Random-weight model for ``config`` saved as safetensors in ``folder``."""
     torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from kvpage_runtime import LLM, BeamSearchParams, SamplingParams
-from model_helpers import TINY, hf_greedy, random_prompts, save_tiny_model
+from model_helpers import TINY, hf_greedy, random_prompts, save_tiny_model, word_tokenizer
 from quant_helpers import AWQ, GPTQ, tiny_quantized
 
 pytestmark = [pytest.mark.gpu,
@@ -25,16 +25,6 @@ NEW_TOKENS = 12
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 # a fixed KV cache (not a fraction of the GPU): test processes may share the device
 BASE = dict(device="cuda", max_model_len=256, block_size=16, kv_cache_memory=64 << 20)
-
-
-def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Token ``i`` is the word ``t<i>``; EOS is t2."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token=f"t{EOS}")
 
 
 def tiny_folder(folder: Path, config: transformers.PretrainedConfig | None = None) -> Path:

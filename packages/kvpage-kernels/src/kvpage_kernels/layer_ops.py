@@ -1,5 +1,5 @@
-"""The elementwise ops of a Llama layer, the packed linear and the greedy argmax, in plain
-torch (any device).
+"""The elementwise ops of a Llama layer, the packed linear, the greedy argmax and the LoRA
+ops, in plain torch (any device).
 
 They are what every backend serves unless it has its own (the cpu backend fuses them);
 ``ops`` dispatches to a backend's version when it defines one, else to these.
@@ -57,3 +57,24 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """Row-wise index of the first maximum (max().indices: several times faster than argmax
     on the CPU)."""
     return x.max(dim=-1).indices
+
+
+def _slot_rows(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(slot, indices of its rows) for each adapter slot present, -1 left out."""
+    slots = token_slots.long()
+    present = sorted(set(slots.tolist()) - {-1})
+    return [(slot, torch.nonzero(slots == slot).flatten()) for slot in present]
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """Rows grouped by slot: one matmul per adapter present in the batch."""
+    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    for slot, rows in _slot_rows(token_slots):
+        h[rows] = x[rows].float() @ lora_a[slot].float().T
+    return h
+
+
+def lora_expand(out: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor,
+                token_slots: torch.Tensor) -> None:
+    for slot, rows in _slot_rows(token_slots):
+        out[rows] = (out[rows].float() + h[rows] @ lora_b[slot].float().T).to(out.dtype)

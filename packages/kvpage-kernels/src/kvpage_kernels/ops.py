@@ -385,3 +385,55 @@ def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     _check(x.dim() == 2 and x.shape[1] > 0,
            lambda: f"x must be [rows, cols] with cols > 0, got {tuple(x.shape)}")
     return _layer_op(x.device, backend, "argmax")(x)
+
+
+LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_lora_slots(token_slots: torch.Tensor, tokens: int, num_slots: int) -> None:
+    _check(token_slots.dim() == 1 and token_slots.shape[0] == tokens
+           and token_slots.dtype == torch.int32,
+           lambda: f"token_slots must be int32 [{tokens}] (one per row of x), got "
+           f"{token_slots.dtype} {tuple(token_slots.shape)}")
+    if tokens and token_slots.device.type == "cpu":  # elsewhere the check would wait on the device
+        low, high = int(token_slots.min()), int(token_slots.max())
+        _check(low >= -1 and high < num_slots, lambda: f"token_slots must lie in [-1, "
+               f"{num_slots}) (-1: no adapter; num_slots of the weights), got [{low}, {high}]")
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, *,
+                backend: str | None = None) -> torch.Tensor:
+    """The first half of a mixed batch's LoRA deltas, each row through its own adapter:
+    x [tokens, in_features] (fp32, bf16 or fp16), lora_a [num_slots, rank, in_features] in x's
+    dtype (the adapters' A matrices stacked by slot), token_slots int32 [tokens] in
+    [-1, num_slots) (-1: no adapter). Returns fp32 [tokens, rank]: row t is
+    x[t] @ lora_a[token_slots[t]].T summed in fp32, zeros where the slot is -1."""
+    _check(x.dim() == 2 and x.dtype in LORA_DTYPES,
+           lambda: f"x must be [tokens, in_features] fp32, bf16 or fp16, got {x.dtype} "
+           f"{tuple(x.shape)}")
+    _check(lora_a.dim() == 3 and lora_a.shape[2] == x.shape[1] and lora_a.dtype == x.dtype,
+           lambda: f"lora_a must be [num_slots, rank, {x.shape[1]}] in x's dtype {x.dtype}, got "
+           f"{lora_a.dtype} {tuple(lora_a.shape)}")
+    _check_lora_slots(token_slots, x.shape[0], lora_a.shape[0])
+    return _layer_op(x.device, backend, "lora_shrink")(x, lora_a, token_slots)
+
+
+def lora_expand(out: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor,
+                token_slots: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """The second half: out[t] += h[t] @ lora_b[token_slots[t]].T in place for every row
+    with an adapter (the product summed in fp32, added to out in fp32 and rounded once to
+    out's dtype); rows whose slot is -1 are left as they are. out [tokens, out_features]
+    (fp32, bf16 or fp16, unit stride along the features), h fp32 [tokens, rank] (from
+    ``lora_shrink``), lora_b [num_slots, out_features, rank] in out's dtype. Returns out."""
+    _check(out.dim() == 2 and out.dtype in LORA_DTYPES and out.stride(-1) == 1,
+           lambda: f"out must be [tokens, out_features] fp32, bf16 or fp16 with unit stride "
+           f"along the features, got {out.dtype} {tuple(out.shape)}")
+    _check(h.dim() == 2 and h.shape[0] == out.shape[0] and h.dtype == torch.float32,
+           lambda: f"h must be fp32 [{out.shape[0]}, rank], got {h.dtype} {tuple(h.shape)}")
+    _check(lora_b.dim() == 3 and lora_b.shape[1:] == (out.shape[1], h.shape[1])
+           and lora_b.dtype == out.dtype,
+           lambda: f"lora_b must be [num_slots, {out.shape[1]}, {h.shape[1]}] in out's dtype "
+           f"{out.dtype}, got {lora_b.dtype} {tuple(lora_b.shape)}")
+    _check_lora_slots(token_slots, out.shape[0], lora_b.shape[0])
+    _layer_op(out.device, backend, "lora_expand")(out, h, lora_b, token_slots)
+    return out

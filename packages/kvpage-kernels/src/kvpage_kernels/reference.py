@@ -73,3 +73,18 @@ def copy_blocks(kv_caches, src_dst) -> None:
 def swap_blocks(src_cache, dst_cache, mapping) -> None:
     for src, dst in zip(*pairs_to_lists(mapping), strict=True):
         dst_cache[dst] = src_cache[src].to(dst_cache.device)
+
+
+def lora_shrink(x, lora_a, token_slots) -> torch.Tensor:
+    """One row at a time through its own adapter's A."""
+    h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            h[t] = lora_a[slot].float() @ x[t].float()
+    return h
+
+
+def lora_expand(out, h, lora_b, token_slots) -> None:
+    for t, slot in enumerate(token_slots.tolist()):
+        if slot >= 0:
+            out[t] = (out[t].float() + lora_b[slot].float() @ h[t]).to(out.dtype)

@@ -34,6 +34,8 @@ _EXPORTS = {
     "ModelLoadError": "kvpage_runtime.errors",
     "UnsupportedModelError": "kvpage_runtime.errors",
     "EngineConfigError": "kvpage_runtime.errors",
+    "LoRAAdapterError": "kvpage_runtime.errors",
+    "LoRARequest": "kvpage_runtime.lora.request",
 }
 
 __all__ = [
@@ -50,6 +52,8 @@ __all__ = [
     "EngineStats",
     "InvalidRequestError",
     "KVPageError",
+    "LoRAAdapterError",
+    "LoRARequest",
     "Logprob",
     "ModelLoadError",
     "RequestFailedError",
@@ -76,10 +80,12 @@ if TYPE_CHECKING:
         EngineOverloadedError,
         InvalidRequestError,
         KVPageError,
+        LoRAAdapterError,
         ModelLoadError,
         RequestFailedError,
         UnsupportedModelError,
     )
+    from kvpage_runtime.lora.request import LoRARequest
     from kvpage_runtime.sampling.beam_search import (
         BeamSearchOutput,
         BeamSearchParams,

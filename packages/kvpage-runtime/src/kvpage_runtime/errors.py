@@ -32,3 +32,8 @@ class EngineOverloadedError(KVPageError):
 class RequestFailedError(KVPageError):
     """Serving this request failed (a fault in its own processing, or in the engine step it was
     part of); the engine goes on serving the others."""
+
+
+class LoRAAdapterError(InvalidRequestError):
+    """A LoRA adapter cannot be served: a missing or malformed PEFT folder, or a feature or
+    size this engine does not support (named in the message)."""

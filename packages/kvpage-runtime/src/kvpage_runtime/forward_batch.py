@@ -17,6 +17,8 @@ class ForwardBatch:
     ``max_seq_len`` and ``max_query_len`` are host-side copies of the maxima, so that
     no kernel has to read them back from the device; ``min_context_len`` too: the fewest
     tokens of context any sequence has before its new tokens (0 when a prompt starts).
+    ``lora_slots`` gives each token's LoRA adapter slot (-1: the base model), or is None when
+    no token of the step has an adapter.
     """
 
     input_ids: torch.Tensor  # int64 [num_tokens]
@@ -28,6 +30,7 @@ class ForwardBatch:
     max_seq_len: int
     max_query_len: int
     min_context_len: int = 0
+    lora_slots: torch.Tensor | None = None  # int32 [num_tokens]
 
     @property
     def num_tokens(self) -> int:
@@ -53,4 +56,4 @@ class ForwardBatch:
         return ForwardBatch(self.input_ids, self.positions, self.slot_mapping,
                             self.block_tables[owner], seq_lens,
                             torch.arange(num_tokens + 1, dtype=torch.int32, device=rows.device),
-                            self.max_seq_len, 1, self.min_context_len)
+                            self.max_seq_len, 1, self.min_context_len, self.lora_slots)

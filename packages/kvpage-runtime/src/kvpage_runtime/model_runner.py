@@ -15,13 +15,14 @@ from kvpage_kernels import copy_blocks
 
 from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.forward_batch import ForwardBatch
+from kvpage_runtime.lora.manager import LoRAManager
 
 
 class ScheduledLike(Protocol):
     """The fields of kvpage_sched.ScheduledRequest the runner reads."""
 
     request_id: str  # read only when drafts are given
-    request: Any  # has all_token_ids
+    request: Any  # has all_token_ids and lora_id
     start: int
     num_tokens: int
     block_ids: Sequence[int]
@@ -29,8 +30,10 @@ class ScheduledLike(Protocol):
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
-                 block_size: int, device: torch.device, kv_dtype: torch.dtype) -> None:
+                 block_size: int, device: torch.device, kv_dtype: torch.dtype,
+                 lora: LoRAManager | None = None) -> None:
         self.model = model
+        self.lora = lora
         self.config = config
         self.block_size = block_size
         self.device = device
@@ -72,6 +75,11 @@ class ModelRunner:
         slots = (block_tables[seq_index, positions // self.block_size] * self.block_size
                  + positions % self.block_size)
         seq_lens = starts + q_lens
+        lora_slots = None
+        if self.lora is not None:
+            adapters = [None if s.request.lora_id is None else int(s.request.lora_id)
+                        for s in scheduled]
+            lora_slots = self.lora.bind(adapters, q_lens, self.device)
         return ForwardBatch(
             input_ids=self._tensor(np.asarray(ids, dtype=np.int64)),
             positions=self._tensor(positions),
@@ -82,11 +90,14 @@ class ModelRunner:
             max_seq_len=int(seq_lens.max()),
             max_query_len=int(q_lens.max()),
             min_context_len=int(starts.min()),
+            lora_slots=lora_slots,
         )
 
     @torch.inference_mode()
     def execute(self, batch: ForwardBatch, logits_indices: Sequence[int]) -> torch.Tensor:
         """Runs the model; returns logits (model dtype) for the flat token indices asked for."""
+        if self.lora is not None:
+            self.lora.batch.token_slots = batch.lora_slots
         hidden = self.model(batch, self.kv_caches)
         if not len(logits_indices):
             return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=self.device)

@@ -62,13 +62,13 @@ class BeamSearches:
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
             params: BeamSearchParams, max_new_tokens: int, arrival_time: float,
-            priority: int = 0) -> None:
-        """Queues the search's first beam (its forks inherit its priority)."""
+            priority: int = 0, lora_id: str | None = None) -> None:
+        """Queues the search's first beam (its forks inherit its priority and adapter)."""
         search = BeamSearch(params, self.eos_token_ids, max_new_tokens)
         run = _Run(request_id, prompt, prompt_token_ids, search, RequestMetrics(arrival_time), [])
         first = self._beam_id(request_id)
         self.scheduler.add_request(Request(first, prompt_token_ids, search.max_new_tokens,
-                                           priority))
+                                           priority, lora_id=lora_id))
         self._attach(run, [first])
         self._runs[request_id] = run
 

@@ -34,6 +34,11 @@ class EngineConfig:
     "prompt_lookup_max": 4, "prompt_lookup_min": 1}`` or ``{"method": "draft_model",
     "model": path, "num_speculative_tokens": k}``, and ``"disable_by_batch_size"``
     (see ``spec_decode.SpeculativeConfig``); None: no speculative decoding.
+
+    ``enable_lora`` serves PEFT LoRA adapters (``LoRARequest`` per request) over the model:
+    ``max_loras`` of them in one step (each a slot of stacked weights), of rank at most
+    ``max_lora_rank``, and ``max_cpu_loras`` (default: ``max_loras``) kept loaded in host
+    memory, as vLLM's options of the same names.
     """
 
     model: str | None = None
@@ -52,6 +57,10 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     quantization: str | None = None
     speculative_config: dict | None = None
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -70,6 +79,12 @@ class EngineConfig:
             raise EngineConfigError(
                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} or None, got "
                 f"{self.quantization!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            if getattr(self, name) < 1:
+                raise EngineConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise EngineConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                                    f"({self.max_loras})")
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)  # refuses a bad one by name
         if self.device is None:

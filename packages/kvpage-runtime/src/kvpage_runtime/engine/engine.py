@@ -44,6 +44,8 @@ from kvpage_runtime.engine.stop import stop_by_length, stop_by_string, stop_by_t
 from kvpage_runtime.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.loaders.hf import load_tokenizer
+from kvpage_runtime.lora.manager import LoRAManager
+from kvpage_runtime.lora.request import LoRARequest
 from kvpage_runtime.model_runner import ModelRunner
 from kvpage_runtime.sampling import (
     BeamSearchParams,
@@ -136,8 +138,13 @@ class LLMEngine:
         self.spec_config = (SpeculativeConfig.from_dict(config.speculative_config)
                             if config.speculative_config is not None else None)
         self.scheduler = Scheduler(self.cache, self._scheduler_config())
+        self.lora = None
+        if config.enable_lora:
+            self.lora = LoRAManager(loaded.model, config.max_loras, config.max_lora_rank,
+                                    config.max_cpu_loras, self.model_config.dtype, self.device)
         self.runner = ModelRunner(loaded.model, self.model_config, budget.num_blocks,
-                                  config.block_size, self.device, self.model_config.dtype)
+                                  config.block_size, self.device, self.model_config.dtype,
+                                  self.lora)
         self.speculator = None
         if self.spec_config is not None:
             self.speculator = build_speculator(self.spec_config, self.model_config.vocab_size,
@@ -165,7 +172,8 @@ class LLMEngine:
         return SchedulerConfig(max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=budget,
                                max_model_len=self.max_model_len,
                                enable_chunked_prefill=cfg.enable_chunked_prefill,
-                               policy=cfg.scheduling_policy, num_lookahead_tokens=lookahead)
+                               policy=cfg.scheduling_policy, num_lookahead_tokens=lookahead,
+                               max_loras=cfg.max_loras if cfg.enable_lora else None)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -176,11 +184,13 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Seq[int],
                     params: SamplingParams | BeamSearchParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+                    arrival_time: float | None = None, priority: int = 0,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validates and queues a request (a beam search with BeamSearchParams); raises
         InvalidRequestError when it cannot be served.
 
         ``priority`` orders requests under the "priority" scheduling policy (lower first).
+        ``lora_request`` runs it with that adapter (registered on first use).
         """
         params = params or SamplingParams()
         if request_id in self._groups or request_id in self._seqs or request_id in self.beams:
@@ -190,9 +200,10 @@ class LLMEngine:
                                       "enabled (scheduling_policy='priority')")
         token_ids = self.tokenize(prompt)
         self._check_prompt(token_ids)
+        lora_id = self._lora_key(lora_request)
         if isinstance(params, BeamSearchParams):
             return self._add_beam_search(request_id, prompt, token_ids, params, arrival_time,
-                                         priority)
+                                         priority, lora_id)
         params.validate_vocab(self.model_config.vocab_size)
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                              params, RequestMetrics(arrival_time or time.time()))
@@ -201,7 +212,8 @@ class LLMEngine:
         group.seqs = [self._new_sequence(group, i) for i in range(params.n)]
         request = Request(request_id, token_ids,
                           max_tokens=min(params.max_tokens, self.max_model_len - len(token_ids)),
-                          priority=priority, extra_keys=self._cache_keys(group))
+                          priority=priority, extra_keys=self._cache_keys(group),
+                          lora_id=lora_id)
         try:
             self.scheduler.add_request(request)
         except RequestRejectedError as exc:
@@ -211,13 +223,41 @@ class LLMEngine:
 
     def _add_beam_search(self, request_id: str, prompt: str | Seq[int], token_ids: list[int],
                          params: BeamSearchParams, arrival_time: float | None,
-                         priority: int) -> None:
+                         priority: int, lora_id: str | None) -> None:
         try:
             self.beams.add(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                            params, self.max_model_len - len(token_ids),
-                           arrival_time or time.time(), priority)
+                           arrival_time or time.time(), priority, lora_id)
         except RequestRejectedError as exc:
             raise InvalidRequestError(str(exc)) from exc
+
+    # ---- LoRA adapters ----------------------------------------------------------------------
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Registers (and loads, checking it) an adapter; raises LoRAAdapterError if it cannot
+        be served or InvalidRequestError if LoRA is not enabled."""
+        self._lora_manager().register(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter (requests already running with it finish as they are)."""
+        return self._lora_manager().remove(lora_int_id)
+
+    def list_loras(self) -> list[LoRARequest]:
+        return [] if self.lora is None else list(self.lora.registered.values())
+
+    def _lora_manager(self) -> LoRAManager:
+        if self.lora is None:
+            raise InvalidRequestError("LoRA adapters are not enabled: start the engine with "
+                                      "enable_lora=True (kvpage serve --enable-lora)")
+        return self.lora
+
+    def _lora_key(self, lora_request: LoRARequest | None) -> str | None:
+        if lora_request is None:
+            return None
+        manager = self._lora_manager()
+        if manager.registered.get(lora_request.lora_int_id) != lora_request:
+            manager.register(lora_request)
+        return lora_request.cache_key
 
     def _check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:

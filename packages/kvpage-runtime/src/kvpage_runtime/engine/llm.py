@@ -13,6 +13,7 @@ from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.engine import LLMEngine
 from kvpage_runtime.engine.outputs import RequestOutput
 from kvpage_runtime.errors import InvalidRequestError, RequestFailedError
+from kvpage_runtime.lora.request import LoRARequest
 from kvpage_runtime.sampling import (
     BeamSearchOutput,
     BeamSearchParams,
@@ -39,23 +40,30 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
                  prompt_token_ids: Sequence[Sequence[int]] | None = None,
                  use_tqdm: bool = True,
-                 priority: Sequence[int] | None = None) -> list[RequestOutput]:
+                 priority: Sequence[int] | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                 ) -> list[RequestOutput]:
         """Generates for every prompt (text or token ids); outputs come back in input order.
 
         ``priority`` (one per prompt, lower first) matters under
-        ``scheduling_policy="priority"``. A request the engine fails raises RequestFailedError.
+        ``scheduling_policy="priority"``. ``lora_request``: one adapter for every prompt, or
+        one (or None) per prompt (needs ``enable_lora=True``). A request the engine fails
+        raises RequestFailedError.
         """
         batch = _as_prompt_list(prompts, prompt_token_ids)
         params = _as_params_list(sampling_params, len(batch))
-        return self._run_all(batch, params, _as_priority_list(priority, len(batch)), use_tqdm)
+        return self._run_all(batch, params, _as_priority_list(priority, len(batch)), use_tqdm,
+                             _as_lora_list(lora_request, len(batch)))
 
     def _run_all(self, batch: list[Prompt], params: Sequence[SamplingParams | BeamSearchParams],
-                 priorities: list[int], use_tqdm: bool) -> list[RequestOutput]:
+                 priorities: list[int], use_tqdm: bool,
+                 loras: list[LoRARequest | None]) -> list[RequestOutput]:
         """Queues every prompt, steps the engine until all are done; outputs in input order."""
         ids = [f"{next(self._ids)}" for _ in batch]
         try:
-            for rid, prompt, p, prio in zip(ids, batch, params, priorities, strict=True):
-                self.engine.add_request(rid, prompt, p, priority=prio)
+            for rid, prompt, p, prio, lora in zip(ids, batch, params, priorities, loras,
+                                                  strict=True):
+                self.engine.add_request(rid, prompt, p, priority=prio, lora_request=lora)
             finals = self._run(len(batch), use_tqdm)
         except BaseException:  # invalid request, interrupt, model error: leave nothing behind
             for rid in ids:
@@ -64,13 +72,16 @@ class LLM:
         return [finals[rid] for rid in ids]
 
     def beam_search(self, prompts: Sequence[Prompt | dict[str, Any]], params: BeamSearchParams,
-                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+                    use_tqdm: bool = False,
+                    lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+                    ) -> list[BeamSearchOutput]:
         """Beam search for each prompt (text, token ids, or a dict with "prompt" or
         "prompt_token_ids"), all prompts' beams advancing together in the engine's batches;
         returns each prompt's hypotheses best first (``kvpage_runtime.sampling.beam_search``
         says how they are scored: as transformers' ``generate(num_beams=...)``)."""
         batch = [_unwrap_prompt(p) for p in prompts]
-        finals = self._run_all(batch, [params] * len(batch), [0] * len(batch), use_tqdm)
+        finals = self._run_all(batch, [params] * len(batch), [0] * len(batch), use_tqdm,
+                               _as_lora_list(lora_request, len(batch)))
         return [self._beam_output(out, params) for out in finals]
 
     def _beam_output(self, out: RequestOutput, params: BeamSearchParams) -> BeamSearchOutput:
@@ -86,11 +97,14 @@ class LLM:
 
     def chat(self, messages: Messages | Sequence[Messages],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             add_generation_prompt: bool = True, use_tqdm: bool = True) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, use_tqdm: bool = True,
+             lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
+             ) -> list[RequestOutput]:
         """Applies the tokenizer's chat template to each conversation, then generates."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm,
+                             lora_request=lora_request)
 
     def apply_chat_template(self, messages: Messages, add_generation_prompt: bool = True) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -142,6 +156,16 @@ def _unwrap_prompt(prompt: Prompt | dict[str, Any]) -> Prompt:
     if "prompt" in prompt:
         return prompt["prompt"]
     raise InvalidRequestError('a prompt dict needs "prompt" or "prompt_token_ids"')
+
+
+def _as_lora_list(lora: LoRARequest | Sequence[LoRARequest | None] | None,
+                  n: int) -> list[LoRARequest | None]:
+    if lora is None or isinstance(lora, LoRARequest):
+        return [lora] * n
+    lora = list(lora)
+    if len(lora) != n:
+        raise InvalidRequestError(f"got {len(lora)} lora_requests for {n} prompts")
+    return lora
 
 
 def _as_priority_list(priority: Sequence[int] | None, n: int) -> list[int]:

@@ -130,6 +130,7 @@ class Linear(nn.Module):
             if bias
             else None
         )
+        self.lora = None  # a lora.layers.LoRALayer where the engine serves adapters
 
     def tensor_names(self) -> tuple[str, ...]:
         """The checkpoint tensors each shard loads (the method's, and "bias" if it has one)."""
@@ -150,4 +151,7 @@ class Linear(nn.Module):
         self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.method.apply(self, x, self.bias)
+        y = self.method.apply(self, x, self.bias)
+        if self.lora is not None:
+            self.lora.add(x, y)
+        return y
