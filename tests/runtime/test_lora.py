@@ -184,3 +184,30 @@ def test_embedding_adapters_are_refused(tmp_path):
     with pytest.raises(LoRAAdapterError, match="embedding"):
         llm.engine.add_lora(LoRARequest("e", 1, str(adapter)))
     assert llm.engine.list_loras() == []
+
+
+@pytest.mark.slow
+def test_default_model_with_adapters_equals_transformers_and_peft(tmp_path):
+    """SmolLM2-135M-Instruct as ``LLM()`` serves it (its low-bit GGUF) with two adapters and
+    the base model in one batch, against transformers (the GGUF dequantized) + peft."""
+    from engine_fixtures import default_gguf, hf_model_from_gguf
+
+    base = hf_model_from_gguf(default_gguf())
+    configs = {"all-r8": ADAPTERS["all-r8"], "qv-r4-rslora": ADAPTERS["qv-r4-rslora"]}
+    loras = {name: LoRARequest(name, i, str(make_adapter(base, tmp_path / name, seed=i, **cfg)))
+             for i, (name, cfg) in enumerate(configs.items(), start=1)}
+    llm = LLM(dtype="float32", device="cpu", enable_lora=True, max_loras=2, max_lora_rank=8,
+              max_model_len=256)
+    prompts = [llm.get_tokenizer().encode(text) for text in (
+        "The capital of France is", "def fibonacci(n):", "Once upon a time")]
+    names = [None, *loras]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False,
+                        lora_request=[loras.get(n) for n in names])
+    references = {None: [reference(base, p) for p in prompts]}
+    wrapped = peft.PeftModel.from_pretrained(base, loras["all-r8"].lora_path, adapter_name="all-r8")
+    wrapped.load_adapter(loras["qv-r4-rslora"].lora_path, adapter_name="qv-r4-rslora")
+    for name in loras:
+        wrapped.set_adapter(name)
+        references[name] = [reference(wrapped.eval(), p) for p in prompts]
+    for i, (name, out) in enumerate(zip(names, outs, strict=True)):
+        assert_matches(out, references[name][i], f"adapter {name}")
