@@ -211,3 +211,24 @@ def test_default_model_with_adapters_equals_transformers_and_peft(tmp_path):
         references[name] = [reference(wrapped.eval(), p) for p in prompts]
     for i, (name, out) in enumerate(zip(names, outs, strict=True)):
         assert_matches(out, references[name][i], f"adapter {name}")
+
+
+def test_an_adapter_removed_midway_serves_its_requests_to_the_end(tmp_path):
+    folder, adapter = _peft_folder(tmp_path, r=4, lora_alpha=8, target_modules=ALL)
+    lora = LoRARequest("a", 1, str(adapter))
+    llm = LLM(str(folder), dtype="float32", device="cpu", enable_lora=True, max_model_len=64)
+    prompt = [5, 6, 7, 8]
+    expected = llm.generate(prompt_token_ids=[prompt], sampling_params=GREEDY, use_tqdm=False,
+                            lora_request=lora)[0].outputs[0].token_ids
+    engine = llm.engine
+    engine.add_request("r", prompt, GREEDY, lora_request=lora)
+    engine.step()
+    assert engine.remove_lora(1) and engine.list_loras() == []
+    final = None
+    while engine.has_unfinished_requests():
+        final = next((o for o in engine.step() if o.finished), final)
+    assert final.error is None and final.outputs[0].token_ids == expected
+    with pytest.raises(LoRAAdapterError, match="ids are not reused"):
+        engine.add_lora(LoRARequest("b", 1, str(tmp_path / "elsewhere")))
+    engine.add_lora(lora)  # the same adapter again is fine
+    assert engine.list_loras() == [lora]

@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,84 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+@dataclass(frozen=True)
+class LoRAModulePath:
+    """An adapter given with ``--lora-modules`` (vLLM's name and fields)."""
+
+    name: str
+    path: str
+    base_model_name: str | None = None
+
+
+def parse_lora_module(text: str) -> LoRAModulePath:
+    """``name=path``, or vLLM's JSON form ``{"name": ..., "path": ..., "base_model_name": ...}``
+    (``base_model_name`` optional)."""
+    if not text.lstrip().startswith("{"):
+        name, sep, path = text.partition("=")
+        if not (sep and name and path):
+            raise argparse.ArgumentTypeError(
+                f"expected name=path or a JSON object with name and path, got {text!r}")
+        return LoRAModulePath(name, path)
+    fields = _json_object(text)
+    try:
+        module = LoRAModulePath(**fields)
+    except TypeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid fields in {text}: {exc}") from None
+    if not all(isinstance(v, str) and v for v in (module.name, module.path)) or not isinstance(
+            module.base_model_name, str | None):
+        raise argparse.ArgumentTypeError(
+            f"name and path must be non-empty strings, base_model_name a string, in {text}")
+    return module
+
+
+def _add_lora_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument(
+        "--enable-lora",
+        action="store_true",
+        help="serve PEFT LoRA adapters over the model, each a model of /v1/models selected by "
+        'its name in "model"; with KVPAGE_ALLOW_RUNTIME_LORA_UPDATING=true, '
+        "/v1/load_lora_adapter and /v1/unload_lora_adapter change them at run time",
+    )
+    g.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=parse_lora_module,
+        default=[],
+        metavar="MODULE",
+        help="adapters to serve from the start (needs --enable-lora): name=path, or JSON "
+        '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "base"}\'',
+    )
+    g.add_argument(
+        "--max-loras",
+        type=int,
+        default=1,
+        help="most adapters in one batch (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=16,
+        help="largest adapter rank served (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept loaded in host memory (default: --max-loras)",
+    )
+
+
+def _lora_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """``EngineConfig`` fields from the LoRA options."""
+    return dict(
+        enable_lora=args.enable_lora,
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
+    )
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -180,7 +259,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model over an OpenAI-compatible HTTP API "
         "(/v1/completions, /v1/chat/completions, /v1/models, /tokenize, "
-        "/detokenize, /health, /version, /metrics).",
+        "/detokenize, /health, /version, /metrics; /v1/load_lora_adapter and "
+        "/v1/unload_lora_adapter with KVPAGE_ALLOW_RUNTIME_LORA_UPDATING=true).",
     )
     p.add_argument(
         "model",
@@ -237,6 +317,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "are aborted (default: %(default)s)",
     )
     _add_engine_args(p)
+    _add_lora_args(p)
     p.set_defaults(run=serve)
 
 
@@ -332,13 +413,28 @@ def _load_async_engine(args: argparse.Namespace) -> Any:
 
     try:
         return AsyncLLM(
-            EngineConfig(**_engine_fields(args, args.model)),
+            EngineConfig(**_engine_fields(args, args.model), **_lora_fields(args)),
             max_waiting_requests=args.max_waiting_requests,
         )
     except Exception as exc:  # any failure to load ends with one line, not a traceback
         logger.debug("engine start failed", exc_info=True)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"cannot load model {args.model or '(default)'}: {first_line}") from None
+
+
+async def _load_lora_modules(state: Any, modules: list[LoRAModulePath]) -> None:
+    """Registers the ``--lora-modules`` adapters, lora_int_id 1, 2, ... in order; one that
+    cannot be served ends the command."""
+    from kvpage_runtime.errors import InvalidRequestError
+    from kvpage_runtime.server.errors import APIError
+
+    for module in modules:
+        try:
+            await state.load_lora(module.name, module.path, module.base_model_name)
+        except (APIError, InvalidRequestError) as exc:
+            raise CLIError(f"cannot load LoRA adapter {module.name!r} from {module.path}: "
+                           f"{exc}") from None
+        logger.info("LoRA adapter %s from %s", module.name, module.path)
 
 
 def _log_startup(engine: Any, args: argparse.Namespace) -> None:
@@ -440,6 +536,11 @@ async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> int:
         stuck_timeout_s=args.health_stuck_timeout,
     )
     app = build_app(engine, settings)
+    try:
+        await _load_lora_modules(app.state.server, args.lora_modules)
+    except CLIError:
+        await engine.shutdown()
+        raise
     config = uvicorn.Config(
         app, log_level=args.log_level, limit_concurrency=args.limit_concurrency
     )
@@ -453,6 +554,8 @@ async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    if args.lora_modules and not args.enable_lora:
+        raise CLIError("--lora-modules needs --enable-lora")
     sock = bind_socket(args.host, args.port)
     try:
         return asyncio.run(_serve_async(args, sock))

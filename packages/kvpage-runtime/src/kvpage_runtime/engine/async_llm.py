@@ -1,9 +1,9 @@
 """AsyncLLM: an asyncio front over one LLMEngine, for the server.
 
-A background thread owns the engine: it takes commands (add, abort) from a thread-safe inbox,
-steps the engine while requests exist, and hands each RequestOutput to the stream of its
-request with ``loop.call_soon_threadsafe``. The forward pass releases the GIL, so the event
-loop stays responsive while the model runs.
+A background thread owns the engine: it takes commands (add, abort, LoRA adapter changes) from
+a thread-safe inbox, steps the engine while requests exist, and hands each RequestOutput to the
+stream of its request with ``loop.call_soon_threadsafe``. The forward pass releases the GIL, so
+the event loop stays responsive while the model runs.
 
 The engine is also *built* on that thread, so that it is the only thread of the process that
 runs torch's OpenMP parallel regions. A second OpenMP master (the main thread, had it loaded
@@ -35,6 +35,7 @@ from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.engine import LLMEngine
 from kvpage_runtime.engine.outputs import EngineStats, RequestOutput
 from kvpage_runtime.errors import EngineDeadError, EngineOverloadedError, RequestFailedError
+from kvpage_runtime.lora.request import LoRARequest
 from kvpage_runtime.sampling import SamplingParams
 
 logger = logging.getLogger("kvpage_runtime")
@@ -102,6 +103,7 @@ class AsyncLLM:
         self._stopping = False
         self._stopped: Future[BaseException | None] = Future()
         self._last_progress = time.monotonic()
+        self._loras: tuple[LoRARequest, ...] = ()  # the engine's adapters, as of its last change
         self.engine: LLMEngine
         built: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(built,), name="kvpage-engine",
@@ -176,9 +178,11 @@ class AsyncLLM:
         return await self._call(self.engine.stats)
 
     async def generate(self, prompt: str | Sequence[int], sampling_params: SamplingParams | None,
-                       request_id: str, priority: int = 0) -> AsyncIterator[RequestOutput]:
+                       request_id: str, priority: int = 0,
+                       lora_request: LoRARequest | None = None) -> AsyncIterator[RequestOutput]:
         """Streams cumulative outputs (a slow consumer sees only the newest); the last one has
-        finished=True.
+        finished=True. ``lora_request`` runs the request with that adapter (registered on first
+        use, as ``LLMEngine.add_request`` does).
 
         Raises InvalidRequestError (or EngineOverloadedError) before yielding anything when the
         request cannot be queued, RequestFailedError if serving it fails, EngineDeadError if
@@ -187,7 +191,8 @@ class AsyncLLM:
         stream = _Stream(asyncio.get_running_loop())
         params = sampling_params or SamplingParams()
         try:
-            await self._call(lambda: self._add(request_id, prompt, params, priority, stream))
+            await self._call(
+                lambda: self._add(request_id, prompt, params, priority, lora_request, stream))
         except asyncio.CancelledError:  # the add may still run: undo it
             self._submit(lambda: self._abort([request_id]), skippable=False)
             raise
@@ -210,6 +215,20 @@ class AsyncLLM:
         await asyncio.shield(asyncio.wrap_future(
             self._submit(lambda: self._abort(ids), skippable=False)))
 
+    async def add_lora(self, lora_request: LoRARequest) -> None:
+        """Registers and loads an adapter; raises LoRAAdapterError if it cannot be served, or
+        InvalidRequestError if LoRA is not enabled."""
+        await self._call(lambda: self._add_lora(lora_request))
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forgets an adapter; False if it was not registered."""
+        return await self._call(lambda: self._remove_lora(lora_int_id))
+
+    def list_loras(self) -> list[LoRARequest]:
+        """The registered adapters (a snapshot: never waits for the engine thread); it includes
+        every change whose call has returned."""
+        return list(self._loras)
+
     async def shutdown(self) -> None:
         if self._thread.is_alive():
             self._submit(self._stop, skippable=False)
@@ -228,14 +247,31 @@ class AsyncLLM:
         self._loop()
 
     def _add(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams,
-             priority: int, stream: _Stream) -> None:
+             priority: int, lora_request: LoRARequest | None, stream: _Stream) -> None:
         limit = self.max_waiting_requests
         if limit is not None and self.engine.scheduler.num_waiting >= limit:
             raise EngineOverloadedError(
                 f"the server is overloaded: {self.engine.scheduler.num_waiting} requests are "
                 f"waiting (max_waiting_requests={limit}); retry later")
-        self.engine.add_request(request_id, prompt, params, priority=priority)
+        try:
+            self.engine.add_request(request_id, prompt, params, priority=priority,
+                                    lora_request=lora_request)
+        finally:
+            if lora_request is not None:  # registered on first use, even if the add failed later
+                self._snapshot_loras()
         self._streams[request_id] = stream
+
+    def _add_lora(self, lora_request: LoRARequest) -> None:
+        self.engine.add_lora(lora_request)
+        self._snapshot_loras()
+
+    def _remove_lora(self, lora_int_id: int) -> bool:
+        removed = self.engine.remove_lora(lora_int_id)
+        self._snapshot_loras()
+        return removed
+
+    def _snapshot_loras(self) -> None:
+        self._loras = tuple(self.engine.list_loras())
 
     def _abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

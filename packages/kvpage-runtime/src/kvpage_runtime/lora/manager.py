@@ -45,7 +45,8 @@ class LoRAManager:
         self.layers: dict[str, LoRALayer] = {}
         self.targets: dict[str, tuple[str, int]] = {}
         self._attach(model, device)
-        self.registered: dict[int, LoRARequest] = {}
+        self.registered: dict[int, LoRARequest] = {}  # what the engine lists
+        self._known: dict[int, LoRARequest] = {}  # also removed ones, for requests in flight
         self._loaded: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._slots: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, LRU first
 
@@ -71,27 +72,32 @@ class LoRAManager:
 
     def register(self, request: LoRARequest) -> None:
         """Knows ``request`` from now on (loading it now, so a bad adapter fails here)."""
-        known = self.registered.get(request.lora_int_id)
-        if known is not None and known != request:
+        known = self._known.get(request.lora_int_id)
+        if known is not None and known != request:  # its KV may still be in the prefix cache
             raise LoRAAdapterError(f"lora_int_id {request.lora_int_id} is already adapter "
-                                   f"{known.lora_name!r} at {known.lora_path!r}")
-        self.registered[request.lora_int_id] = request
+                                   f"{known.lora_name!r} at {known.lora_path!r} (ids are not "
+                                   "reused, even once an adapter is removed)")
+        previous = self._known.get(request.lora_int_id)
+        self._known[request.lora_int_id] = request
         try:
             self._adapter(request.lora_int_id)
         except LoRAAdapterError:
-            del self.registered[request.lora_int_id]
+            self._known.pop(request.lora_int_id)
+            if previous is not None:
+                self._known[request.lora_int_id] = previous
             raise
+        self.registered[request.lora_int_id] = request
 
     def remove(self, lora_int_id: int) -> bool:
-        """Forgets an adapter (its slot is reused later); False if it was not registered."""
-        self._loaded.pop(lora_int_id, None)
-        self._slots.pop(lora_int_id, None)
+        """Unlists an adapter; False if it was not listed. Requests already queued or running
+        with it finish with it (it stays loadable for them; its slot and host copy go the
+        way of the least recently used)."""
         return self.registered.pop(lora_int_id, None) is not None
 
     def _adapter(self, lora_int_id: int) -> LoRAAdapter:
         adapter = self._loaded.get(lora_int_id)
         if adapter is None:
-            adapter = load_adapter(self.registered[lora_int_id], self.targets, self.max_rank,
+            adapter = load_adapter(self._known[lora_int_id], self.targets, self.max_rank,
                                    self.dtype)
             for (path, shard), (a, b) in adapter.weights.items():
                 self.layers[path].check(shard, a, b, adapter.request.lora_name)

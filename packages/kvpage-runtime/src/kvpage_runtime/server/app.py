@@ -14,6 +14,7 @@ from kvpage_runtime.server.chat import chat_prompt_ids, create_chat_completion
 from kvpage_runtime.server.completions import create_completion
 from kvpage_runtime.server.errors import APIError, error_response, install_error_handlers
 from kvpage_runtime.server.limits import BodySizeLimitMiddleware
+from kvpage_runtime.server.lora import lora_api
 from kvpage_runtime.server.metrics import ServerMetrics
 from kvpage_runtime.server.protocol import (
     ChatCompletionRequest,
@@ -55,13 +56,15 @@ api = APIRouter()
 
 @api.get("/v1/models")
 async def list_models(request: Request) -> ModelList:
+    """The base model's names, then each LoRA adapter with its folder and base model."""
     state = _state(request)
-    return ModelList(
-        data=[
-            ModelCard(id=name, root=name, max_model_len=state.max_model_len)
-            for name in state.model_names
-        ]
-    )
+    cards = [ModelCard(id=name, root=name, max_model_len=state.max_model_len)
+             for name in state.model_names]
+    cards += [ModelCard(id=lora.lora_name, root=lora.lora_path,
+                        parent=lora.base_model_name or state.model_names[0],
+                        max_model_len=state.max_model_len)
+              for lora in state.loras]
+    return ModelList(data=cards)
 
 
 @api.post("/v1/completions")
@@ -137,7 +140,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     """The OpenAI-compatible app over an ``AsyncLLM`` (or anything with its interface).
 
     With an API key, every route but /health and /version needs it (see ``auth``), checked
-    before the body is read; the body-size limit applies next.
+    before the body is read; the body-size limit applies next. /v1/load_lora_adapter and
+    /v1/unload_lora_adapter exist only with ``settings.allow_runtime_lora_updating``.
     """
     settings = settings or ServerSettings()
 
@@ -152,6 +156,8 @@ def build_app(engine: Any, settings: ServerSettings | None = None) -> FastAPI:
     app.state.server = ServerState(engine, settings, ServerMetrics(engine.stats))
     install_error_handlers(app)
     app.include_router(api)
+    if settings.allow_runtime_lora_updating:
+        app.include_router(lora_api)
     app.include_router(public)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # the outermost: runs first

@@ -79,7 +79,7 @@ class _Chat:
     def __init__(self, state: ServerState, req: ChatCompletionRequest) -> None:
         _check_request(state, req)
         self.state, self.req = state, req
-        self.model = state.check_model(req.model)
+        self.model, lora = state.resolve_model(req.model)
         self.id = random_id("chatcmpl")
         prompt_ids = chat_prompt_ids(state, req.messages, req.add_generation_prompt)
         self.k = req.top_logprobs or 0
@@ -95,7 +95,7 @@ class _Chat:
             vocab_size=state.vocab_size,
         )
         self.requests = EngineRequests(
-            state, [EngineCall(prompt_ids, params, self.id, req.priority)]
+            state, [EngineCall(prompt_ids, params, self.id, req.priority, lora)]
         )
 
     def _logprobs(self, ids: list[int], positions: list[Any]) -> ChatLogprobs | None:

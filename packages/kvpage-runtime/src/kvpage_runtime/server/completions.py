@@ -72,7 +72,7 @@ class _Completion:
 
     def __init__(self, state: ServerState, req: CompletionRequest) -> None:
         self.state, self.req = state, req
-        self.model = state.check_model(req.model)
+        self.model, lora = state.resolve_model(req.model)
         self.id = random_id("cmpl")
         self.prompts = _prompts(state, req.prompt)
         _check_request(state, req, len(self.prompts))
@@ -89,7 +89,7 @@ class _Completion:
                 prompt_logprobs=req.logprobs if req.echo else None,
                 vocab_size=state.vocab_size,
             )
-            calls.append(EngineCall(ids, params, f"{self.id}-{i}", req.priority))
+            calls.append(EngineCall(ids, params, f"{self.id}-{i}", req.priority, lora))
         self.requests = EngineRequests(state, calls)
 
     def _index(self, prompt_index: int, output_index: int) -> int:

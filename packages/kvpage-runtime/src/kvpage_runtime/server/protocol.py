@@ -222,6 +222,15 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(_Request):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    lora_name: str
+
+
 # ---------------------------------------------------------------- responses
 
 
@@ -319,6 +328,7 @@ class ModelCard(BaseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "kvpage"
     root: str | None = None
+    parent: str | None = None  # an adapter's base model
     max_model_len: int | None = None
 
 

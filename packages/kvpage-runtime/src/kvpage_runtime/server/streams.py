@@ -21,6 +21,7 @@ from fastapi import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
+from kvpage_runtime.lora.request import LoRARequest
 from kvpage_runtime.server.errors import error_body, to_api_error
 from kvpage_runtime.server.state import ServerState
 
@@ -35,6 +36,7 @@ class EngineCall:
     params: Any
     request_id: str
     priority: int = 0
+    lora_request: LoRARequest | None = None
 
 
 class EngineRequests:
@@ -95,7 +97,8 @@ class EngineRequests:
         self._state.active.add(call.request_id)
         try:
             async for output in self._state.engine.generate(
-                call.prompt, call.params, call.request_id, priority=call.priority
+                call.prompt, call.params, call.request_id, priority=call.priority,
+                lora_request=call.lora_request
             ):
                 tracker.observe(output)
                 self._unread.pop(index, None)  # re-inserted last: the requests take turns
