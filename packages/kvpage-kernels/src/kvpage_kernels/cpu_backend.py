@@ -11,6 +11,13 @@ run as one vectorized pass each, in fp32 and bf16, instead of a chain of small t
 rounding where those ops round (their fp32 sums and exp differ from torch's in the last bit).
 argmax (the greedy sampler's) is one vectorized pass per row.
 
+lora_shrink and lora_expand (multi-LoRA, each row through its own adapter slot) run on OpenMP
+threads over (block of 8 ranks, row) and (chunk of outputs, row) items, the rows grouped by
+slot so that consecutive items reuse one adapter block from cache; rows without an adapter
+(slot -1) cost nothing. Each output is one vector FMA chain over its inputs, its lanes summed in
+a fixed tree (for expand, a vector of outputs' sums at once), in fp32 for fp32 and bf16 (fp16
+goes to the torch ops): a row's results do not depend on its batch.
+
 packed_linear is the backend's own GEMM, on weights packed once by ``pack_weight`` in column
 panels of 16 outputs (``packed_weight``; fp32, or bf16 widened to fp32 in registers): OpenMP
 threads share out the panels, and each panel is multiplied by every row of the batch, a tile
@@ -190,6 +197,10 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvpage_quantized_linear.argtypes = [ctypes.POINTER(QuantizedMatrix), _ptr, _i64, _i64,
                                             _ptr, _ptr]
     lib.kvpage_quantized_linear.restype = ctypes.c_int
+    lib.kvpage_lora_shrink.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    lib.kvpage_lora_shrink.restype = ctypes.c_int64
+    lib.kvpage_lora_expand.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    lib.kvpage_lora_expand.restype = ctypes.c_int64
     return lib
 
 
@@ -358,3 +369,44 @@ def argmax(x):
     library().kvpage_argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(),
                             x.shape[0], x.shape[1])
     return out
+
+
+def _slot_outside(slots: torch.Tensor, bad: int, num_slots: int) -> KernelInputError:
+    """The error for token_slots[bad], which a kernel found outside [-1, num_slots)."""
+    return KernelInputError(f"token_slots[{bad}] = {int(slots[bad])} lies outside [-1, "
+                            f"{num_slots}) (-1: no adapter; num_slots of the weights)")
+
+
+def _lora_served(data: torch.Tensor, weights: torch.Tensor, token_slots: torch.Tensor) -> bool:
+    return (data.device.type == "cpu" and data.dtype in _DTYPE_CODES
+            and weights.dtype == data.dtype and token_slots.dtype == torch.int32)
+
+
+def lora_shrink(x, lora_a, token_slots):
+    if not _lora_served(x, lora_a, token_slots):
+        return layer_ops.lora_shrink(x, lora_a, token_slots)
+    (rows, depth), (num_slots, rank) = x.shape, lora_a.shape[:2]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    lora_a, slots = lora_a.contiguous(), token_slots.contiguous()
+    h = torch.empty(rows, rank, dtype=torch.float32)
+    bad = library().kvpage_lora_shrink(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0),
+                                       lora_a.data_ptr(), slots.data_ptr(), h.data_ptr(), rows,
+                                       num_slots, rank, depth)
+    if bad >= 0:
+        raise _slot_outside(slots, bad, num_slots)
+    return h
+
+
+def lora_expand(out, h, lora_b, token_slots) -> None:
+    rows, n = out.shape
+    in_place = out.stride(-1) == 1 and (rows <= 1 or out.stride(0) >= n)  # rows apart
+    if not (_lora_served(out, lora_b, token_slots) and in_place and h.dtype == torch.float32):
+        return layer_ops.lora_expand(out, h, lora_b, token_slots)
+    num_slots, rank = lora_b.shape[0], h.shape[1]
+    h, lora_b, slots = h.contiguous(), lora_b.contiguous(), token_slots.contiguous()
+    bad = library().kvpage_lora_expand(_DTYPE_CODES[out.dtype], out.data_ptr(), out.stride(0),
+                                       h.data_ptr(), lora_b.data_ptr(), slots.data_ptr(), rows,
+                                       num_slots, n, rank)
+    if bad >= 0:
+        raise _slot_outside(slots, bad, num_slots)
+    return None

@@ -146,6 +146,39 @@ struct Simd {
     static void store(float* dst, Lanes lanes, V x) { _mm512_mask_storeu_ps(dst, lanes, x); }
     static V keep(Lanes lanes, V x) { return _mm512_maskz_mov_ps(lanes, x); }  // others 0
 
+    // The first n (< width) values at src, zeros in the other lanes; the first n lanes to dst.
+    static V load_first(const float* src, int n) { return load(src, first(n), 0.f); }
+    static V load_first(const uint16_t* src, int n) {
+        const __m256i half = _mm256_maskz_loadu_epi16(first(n), src);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+    }
+    static void store_first(float* dst, int n, V x) { store(dst, first(n), x); }
+    static void store_first(uint16_t* dst, int n, V x) {
+        _mm256_mask_storeu_epi16(dst, first(n), _mm512_cvtepi32_epi16(bf16_bits(x)));
+    }
+
+    // Lane j = the sum of the lanes of p[j], for the width vectors p[0 .. width), in one tree
+    // of adds: pairs of vectors fold their halves, then their quarters, then lanes in 128-bit
+    // groups. The tree leaves input k's sum in lane 4 (k % 4) + k / 4, so p[j] goes in there.
+    static V sums(const V* p) {
+        const auto in = [p](int k) { return p[4 * (k % 4) + k / 4]; };
+        V halves[8], quarters[4], pairs[2];
+        for (int k = 0; k < 8; ++k) {
+            const V a = in(2 * k), b = in(2 * k + 1);
+            halves[k] = add(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+        }
+        for (int k = 0; k < 4; ++k) {
+            const V a = halves[2 * k], b = halves[2 * k + 1];
+            quarters[k] = add(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+        }
+        for (int k = 0; k < 2; ++k) {
+            const V a = quarters[2 * k], b = quarters[2 * k + 1];
+            pairs[k] = add(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+        }
+        return add(_mm512_shuffle_ps(pairs[0], pairs[1], 0x88),
+                   _mm512_shuffle_ps(pairs[0], pairs[1], 0xDD));
+    }
+
     // 32-bit integer lanes, the words of packed low-bit codes
     using Words = __m512i;
     static Words load_words(const uint32_t* src) { return _mm512_loadu_si512(src); }
@@ -234,6 +267,38 @@ struct Simd {
     }
     static void store(float* dst, Lanes lanes, V x) { _mm256_maskstore_ps(dst, lanes, x); }
     static V keep(Lanes lanes, V x) { return _mm256_and_ps(_mm256_castsi256_ps(lanes), x); }
+
+    // The first n (< width) values at src, zeros in the other lanes; the first n lanes to dst
+    // (bf16 through a buffer: AVX2 has no 16-bit masked loads and stores).
+    static V load_first(const float* src, int n) { return load(src, first(n), 0.f); }
+    static V load_first(const uint16_t* src, int n) {
+        uint16_t buffer[width] = {};
+        std::memcpy(buffer, src, n * sizeof(uint16_t));
+        return load(buffer);
+    }
+    static void store_first(float* dst, int n, V x) { store(dst, first(n), x); }
+    static void store_first(uint16_t* dst, int n, V x) {
+        uint16_t buffer[width];
+        store(buffer, x);
+        std::memcpy(dst, buffer, n * sizeof(uint16_t));
+    }
+
+    // Lane j = the sum of the lanes of p[j], for the width vectors p[0 .. width), in one tree
+    // of adds: pairs of vectors fold their 128-bit halves, then lanes within the halves. The
+    // tree leaves input k's sum in lane 4 (k % 2) + k / 2, so p[j] goes in there.
+    static V sums(const V* p) {
+        V halves[4], pairs[2];
+        for (int k = 0; k < 4; ++k) {  // inputs 2k and 2k + 1: p[k] and p[k + 4]
+            const V a = p[k], b = p[k + 4];
+            halves[k] = add(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+        }
+        for (int k = 0; k < 2; ++k) {
+            const V a = halves[2 * k], b = halves[2 * k + 1];
+            pairs[k] = add(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));
+        }
+        return add(_mm256_shuffle_ps(pairs[0], pairs[1], 0x88),
+                   _mm256_shuffle_ps(pairs[0], pairs[1], 0xDD));
+    }
 
     // 32-bit integer lanes, the words of packed low-bit codes
     using Words = __m256i;
@@ -808,6 +873,250 @@ extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_strid
         using T = std::remove_pointer_t<decltype(tag)>;
         silu_and_mul(static_cast<const T*>(x), x_stride, static_cast<T*>(out), rows, inner);
     });
+}
+
+// ---- multi-LoRA: each row of a batch through its own adapter (Punica's BGMV) --------------
+//
+// lora_shrink: h[t] = A_s x[t] (h fp32 [rows, rank]), lora_expand: out[t] += B_s h[t], with
+// A_s = a[s] [rank, depth] and B_s = b[s] [n, rank] the adapter of row t's slot s; rows whose
+// slot is -1 cost nothing (shrink writes their zeros). Work items are (block of ranks, row) and
+// (chunk of outputs, row), the rows grouped by slot, so that a thread's consecutive items read
+// the same block of one adapter, which stays in cache. With vector lanes each output is one
+// FMA chain per lane over its inputs in order, its lanes then summed in a fixed tree (expand
+// sums a vector of outputs' lanes at once: Simd::sums); on the scalar tier, one simd
+// reduction. The same instructions whatever the batch: a row's results do not depend on the
+// other rows.
+
+namespace {
+
+// Below this many multiply-adds a call runs on one thread.
+constexpr int64_t kLoraParallelWork = int64_t{1} << 16;
+
+// order = the rows whose slot is not -1, grouped by slot (row order within a slot). Returns -1,
+// or the first row whose slot lies outside [-1, num_slots) (then order is left unset).
+int64_t rows_by_slot(const int32_t* slots, int64_t rows, int64_t num_slots,
+                     std::vector<int64_t>& order) {
+    std::vector<int64_t> next(num_slots, 0);  // rows per slot, then where its next row goes
+    for (int64_t t = 0; t < rows; ++t) {
+        if (slots[t] < -1 || slots[t] >= num_slots) return t;
+        if (slots[t] >= 0) ++next[slots[t]];
+    }
+    int64_t total = 0;
+    for (int64_t& at : next) total += std::exchange(at, total);
+    order.resize(total);
+    for (int64_t t = 0; t < rows; ++t)
+        if (slots[t] >= 0) order[next[slots[t]]++] = t;
+    return -1;
+}
+
+// Ranks of a shrink item: 8 FMA chains share each vector of x.
+constexpr int kRankBlock = 8;
+
+// h[j] = sum over i of x[i] a_j[i] for the `count` (1 .. kRankBlock) rows a_j = a + j depth.
+template <typename T>
+void shrink_ranks(const T* x, const T* a, int64_t depth, int count, float* h) {
+#if defined(KVPAGE_SIMD)
+    const T* rows[kRankBlock];  // past count, the last row again (its sums dropped)
+    for (int j = 0; j < kRankBlock; ++j) rows[j] = a + std::min(j, count - 1) * depth;
+    Simd::V acc[kRankBlock];
+    for (Simd::V& v : acc) v = Simd::zero();
+    int64_t i = 0;
+    for (; i + Simd::width <= depth; i += Simd::width) {
+        const Simd::V xv = Simd::load(x + i);
+        for (int j = 0; j < kRankBlock; ++j)
+            acc[j] = Simd::fmadd(xv, Simd::load(rows[j] + i), acc[j]);
+    }
+    if (i < depth) {
+        const int tail = static_cast<int>(depth - i);
+        const Simd::V xv = Simd::load_first(x + i, tail);
+        for (int j = 0; j < kRankBlock; ++j)
+            acc[j] = Simd::fmadd(xv, Simd::load_first(rows[j] + i, tail), acc[j]);
+    }
+    for (int j = 0; j < count; ++j) h[j] = Simd::sum(acc[j]);
+#else
+    for (int j = 0; j < count; ++j) {
+        const T* row = a + j * depth;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < depth; ++i) sum += to_float(x[i]) * to_float(row[i]);
+        h[j] = sum;
+    }
+#endif
+}
+
+// h [rows, rank] = x [rows, depth] (rows x_stride apart) times each row's A^T, a [num_slots,
+// rank, depth]; zeros for rows whose slot is -1. Returns -1, or the first row whose slot lies
+// outside [-1, num_slots) (then nothing is written).
+template <typename T>
+int64_t lora_shrink(const T* x, int64_t x_stride, const T* a, const int32_t* slots, float* h,
+                    int64_t rows, int64_t num_slots, int64_t rank, int64_t depth) {
+    std::vector<int64_t> order;
+    const int64_t bad = rows_by_slot(slots, rows, num_slots, order);
+    if (bad >= 0) return bad;
+    for (int64_t t = 0; t < rows; ++t)
+        if (slots[t] < 0) std::fill(h + t * rank, h + (t + 1) * rank, 0.f);
+    const int64_t active = static_cast<int64_t>(order.size());
+    const int64_t items = (rank + kRankBlock - 1) / kRankBlock * active;
+#pragma omp parallel for schedule(static) if (active * rank * depth > kLoraParallelWork)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t t = order[item % active], first = item / active * kRankBlock;
+        const T* block = a + (static_cast<int64_t>(slots[t]) * rank + first) * depth;
+        shrink_ranks(x + t * x_stride, block, depth,
+                     static_cast<int>(std::min<int64_t>(kRankBlock, rank - first)),
+                     h + t * rank + first);
+    }
+    return -1;
+}
+
+// Outputs of an expand item: a multiple of 16 near 4,096 / rank, so that the item's block of
+// B (16 KB in fp32) stays in L1 while the rows of its slot take their turns.
+inline int64_t expand_chunk(int64_t rank) {
+    return std::max<int64_t>(16, 4096 / std::max<int64_t>(rank, 1) / 16 * 16);
+}
+
+#if defined(KVPAGE_SIMD)
+// Lanes that sum to h . b: products summed over the rank a vector of lanes at a time.
+template <typename T>
+inline Simd::V dot_lanes(const float* h, const T* b, int64_t rank) {
+    Simd::V acc = Simd::zero();
+    int64_t r = 0;
+    for (; r + Simd::width <= rank; r += Simd::width)
+        acc = Simd::fmadd(Simd::load(h + r), Simd::load(b + r), acc);
+    if (r < rank) {
+        const int tail = static_cast<int>(rank - r);
+        acc = Simd::fmadd(Simd::load_first(h + r, tail), Simd::load_first(b + r, tail), acc);
+    }
+    return acc;
+}
+
+// Likewise for a rank of C vectors, h already in registers (zeros past the rank), `tail` the
+// ranks in the last vector (width if Whole): the same sums, with no loop and h loaded once.
+template <int C, bool Whole, typename T>
+inline Simd::V dot_lanes(const Simd::V (&h)[C], const T* b, int tail) {
+    Simd::V acc = Simd::zero();
+    for (int c = 0; c + 1 < C; ++c) acc = Simd::fmadd(h[c], Simd::load(b + c * Simd::width), acc);
+    const T* last = b + (C - 1) * Simd::width;
+    return Simd::fmadd(h[C - 1], Whole ? Simd::load(last) : Simd::load_first(last, tail), acc);
+}
+
+// out[j] = round(out[j] + sum of the lanes of dot(b + j rank)) for the `count` outputs j, a
+// vector of outputs at a time, whose dots' lanes are summed together (Simd::sums).
+template <typename T, typename Dot>
+void add_dots(const T* b, int64_t rank, int64_t count, T* out, Dot dot) {
+    constexpr int W = Simd::width;
+    Simd::V dots[W];
+    int64_t first = 0;
+    for (; first + W <= count; first += W) {
+        for (int j = 0; j < W; ++j) dots[j] = dot(b + (first + j) * rank);
+        Simd::store(out + first, Simd::add(Simd::load(out + first), Simd::sums(dots)));
+    }
+    if (first < count) {  // the last outputs: past them, the last one's dot again (dropped)
+        const int n = static_cast<int>(count - first);
+        for (int j = 0; j < W; ++j) dots[j] = dot(b + (first + std::min(j, n - 1)) * rank);
+        T* dst = out + first;
+        Simd::store_first(dst, n, Simd::add(Simd::load_first(dst, n), Simd::sums(dots)));
+    }
+}
+
+// add_dots for a rank of C vectors, h kept in registers.
+template <int C, bool Whole, typename T>
+void expand_in_registers(const float* h, const T* b, int64_t rank, int64_t count, T* out) {
+    const int tail = static_cast<int>(rank - (C - 1) * Simd::width);
+    Simd::V hv[C];
+    for (int c = 0; c + 1 < C; ++c) hv[c] = Simd::load(h + c * Simd::width);
+    const float* last = h + (C - 1) * Simd::width;
+    hv[C - 1] = Whole ? Simd::load(last) : Simd::load_first(last, tail);
+    add_dots(b, rank, count, out,
+             [&](const T* row) { return dot_lanes<C, Whole>(hv, row, tail); });
+}
+
+// expand_in_registers for a rank of C vectors, the last one whole or not.
+template <int C, typename T>
+void expand_rank_vectors(const float* h, const T* b, int64_t rank, int64_t count, T* out) {
+    if (rank % Simd::width == 0) {
+        expand_in_registers<C, true>(h, b, rank, count, out);
+    } else {
+        expand_in_registers<C, false>(h, b, rank, count, out);
+    }
+}
+#endif
+
+// out[j] = round(out[j] + h . b_j) for the `count` outputs j of a chunk, b_j = b + j rank (with
+// vector lanes: ranks of up to 4 vectors with h in registers, longer ones looping over h).
+template <typename T>
+void expand_outputs(const float* h, const T* b, int64_t rank, int64_t count, T* out) {
+#if defined(KVPAGE_SIMD)
+    switch ((rank + Simd::width - 1) / Simd::width) {
+        case 1: return expand_rank_vectors<1>(h, b, rank, count, out);
+        case 2: return expand_rank_vectors<2>(h, b, rank, count, out);
+        case 3: return expand_rank_vectors<3>(h, b, rank, count, out);
+        case 4: return expand_rank_vectors<4>(h, b, rank, count, out);
+        default:
+            return add_dots(b, rank, count, out,
+                            [&](const T* row) { return dot_lanes(h, row, rank); });
+    }
+#else
+    for (int64_t j = 0; j < count; ++j) {
+        const T* row = b + j * rank;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t r = 0; r < rank; ++r) sum += h[r] * to_float(row[r]);
+        store(out + j, to_float(out[j]) + sum);
+    }
+#endif
+}
+
+// out [rows, n] (rows out_stride apart) += h [rows, rank] times each row's B^T, b [num_slots,
+// n, rank], summed in fp32 and rounded once to T; rows whose slot is -1 are not touched.
+// Returns -1, or the first row whose slot lies outside [-1, num_slots) (then nothing is written).
+template <typename T>
+int64_t lora_expand(T* out, int64_t out_stride, const float* h, const T* b, const int32_t* slots,
+                    int64_t rows, int64_t num_slots, int64_t n, int64_t rank) {
+    std::vector<int64_t> order;
+    const int64_t bad = rows_by_slot(slots, rows, num_slots, order);
+    if (bad >= 0) return bad;
+    const int64_t active = static_cast<int64_t>(order.size()), chunk = expand_chunk(rank);
+    const int64_t items = (n + chunk - 1) / chunk * active;
+#pragma omp parallel for schedule(static) if (active * n * rank > kLoraParallelWork)
+    for (int64_t item = 0; item < items; ++item) {
+        const int64_t t = order[item % active], first = item / active * chunk;
+        const T* block = b + (static_cast<int64_t>(slots[t]) * n + first) * rank;
+        expand_outputs(h + t * rank, block, rank, std::min(chunk, n - first),
+                       out + t * out_stride + first);
+    }
+    return -1;
+}
+
+}  // namespace
+
+// lora_shrink in fp32 (dtype 0) or bf16 (1): x and a in that dtype, h fp32 [rows, rank]
+// contiguous, slots int32 [rows]. Returns -1, -2 for an unknown dtype, or the first row whose
+// slot lies outside [-1, num_slots).
+extern "C" int64_t kvpage_lora_shrink(int32_t dtype, const void* x, int64_t x_stride,
+                                      const void* a, const int32_t* slots, float* h,
+                                      int64_t rows, int64_t num_slots, int64_t rank,
+                                      int64_t depth) {
+    int64_t result = -2;
+    with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        result = lora_shrink(static_cast<const T*>(x), x_stride, static_cast<const T*>(a), slots,
+                             h, rows, num_slots, rank, depth);
+    });
+    return result;
+}
+
+// lora_expand in fp32 (dtype 0) or bf16 (1): out and b in that dtype, h fp32 [rows, rank]
+// contiguous, slots int32 [rows]. Returns as kvpage_lora_shrink.
+extern "C" int64_t kvpage_lora_expand(int32_t dtype, void* out, int64_t out_stride,
+                                      const float* h, const void* b, const int32_t* slots,
+                                      int64_t rows, int64_t num_slots, int64_t n, int64_t rank) {
+    int64_t result = -2;
+    with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        result = lora_expand(static_cast<T*>(out), out_stride, h, static_cast<const T*>(b), slots,
+                             rows, num_slots, n, rank);
+    });
+    return result;
 }
 
 // ---- packed GEMM: out = x @ W^T + bias, the weights packed in column panels ---------------
