@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from kvpage_kernels.fused_decoder import FusedDecoder
 from kvpage_runtime import LLM, InvalidRequestError, LoRAAdapterError, LoRARequest, SamplingParams
 from model_helpers import TINY, random_prompts, save_tiny_model, word_tokenizer
 
@@ -98,9 +99,18 @@ def assert_matches(output, expected: list[tuple[int, float, float]], context: st
         assert abs(logprob - ref_logprob) < ATOL, f"{context} step {step}: {logprob} vs {ref_logprob}"
 
 
-def test_mixed_batch_equals_transformers_and_peft(family):
-    """Three adapters and the base model in one batch (max_loras 4: one step holds all)."""
+def test_mixed_batch_equals_transformers_and_peft(family, monkeypatch):
+    """Three adapters and the base model in one batch (max_loras 4: one step holds all);
+    decode steps run in the fused CPU stack where the family has one, adapters included."""
     folder, loras, models = family
+    fused_with_adapters = []
+    fused_call = FusedDecoder.__call__
+
+    def spy(self, *args):
+        fused_with_adapters.append(args[-1] is not None)
+        return fused_call(self, *args)
+
+    monkeypatch.setattr(FusedDecoder, "__call__", spy)
     llm = LLM(str(folder), dtype="float32", device="cpu", enable_lora=True, max_loras=4,
               max_lora_rank=16, max_model_len=128)
     prompts = random_prompts([5, 12, 9, 20, 7, 15, 3, 11], TINY["vocab_size"], seed=3)
@@ -115,6 +125,8 @@ def test_mixed_batch_equals_transformers_and_peft(family):
             moved += out.outputs[0].token_ids != [t for t, _, _ in reference(models[None], prompt)]
     assert moved >= 3, "the adapters should change some greedy paths"
     assert llm.engine.cache.num_free_blocks == llm.engine.cache.num_blocks
+    has_stack = llm.engine.runner.model.model.fused_decoder(llm.engine.runner.kv_caches)
+    assert any(fused_with_adapters) == (has_stack is not None)
 
 
 def test_adapters_evicted_and_reloaded_give_the_same_tokens(family, caplog):

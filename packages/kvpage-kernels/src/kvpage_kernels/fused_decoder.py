@@ -20,6 +20,11 @@ multiplied as they are by MKL's ``gemm_bf16bf16f32``: fp32 products and sums rou
 once, as oneDNN's bf16 linear does, though the summation order may differ (results agree to
 bf16 rounding). Where no C++ compiler is found (or, for the formats that call MKL, torch has
 none), ``unavailable_reason(weight_format)`` says why and callers keep their per-layer path.
+
+Layers may carry LoRA adapters (``LoRAWeights`` per projection, the layout of
+``lora_shrink``/``lora_expand``): a step given each row's adapter slot adds every row's
+deltas right after each projection's GEMM with the same kernels as those ops, so the stack
+still computes what the per-layer path computes.
 """
 
 from __future__ import annotations
@@ -82,24 +87,43 @@ class DecoderLayerWeights:
     down: Weight
     k_cache: torch.Tensor
     v_cache: torch.Tensor
+    lora: tuple[LoRAWeights | None, ...] | None = None  # qkv, o, gate_up, down
+
+
+@dataclass
+class LoRAWeights:
+    """One projection's adapter slots: ``a`` [num_slots, shards * rank, in_features] (as
+    ``lora_shrink`` takes it, each shard's ranks one block) and ``b`` one [num_slots,
+    shard_out_features, rank] per shard (as ``lora_expand`` takes it), the shards in the
+    order of the projection's output; all contiguous, in the stack's dtype."""
+
+    a: torch.Tensor
+    b: list[torch.Tensor]
 
 
 class _Shape(ctypes.Structure):
     _fields_ = [("sgemm_compute", _ptr), ("gemm_bf16", _ptr), ("num_layers", _i64), ("hidden", _i64), ("intermediate", _i64),
                 ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
                 ("block_size", _i64), ("num_slots", _i64), ("eps", _f32), ("scale", _f32),
-                ("window", _i32), ("weight_format", _i32)]
+                ("window", _i32), ("weight_format", _i32), ("lora_num_slots", _i64),
+                ("lora_rank", _i64)]
+
+
+class _LoRAProjection(ctypes.Structure):
+    _fields_ = [("a", _ptr), ("b", _ptr * 3), ("sizes", _i64 * 3), ("shards", _i64)]
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [(name, _ptr) for name in ("qkv", "qkv_bias", "o", "gate_up", "down", "input_norm",
-                                          "post_attention_norm", "k_cache", "v_cache")]
+    _fields_ = [*((name, _ptr) for name in ("qkv", "qkv_bias", "o", "gate_up", "down",
+                                            "input_norm", "post_attention_norm", "k_cache",
+                                            "v_cache")),
+                ("lora", _LoRAProjection * 4)]
 
 
 class _Step(ctypes.Structure):
     _fields_ = [("rows", _i64), ("cos", _ptr), ("sin", _ptr), ("cs_stride", _i64),
                 ("slot_mapping", _ptr), ("block_tables", _ptr), ("table_stride", _i64),
-                ("seq_lens", _ptr), ("query_start_loc", _ptr)]
+                ("seq_lens", _ptr), ("query_start_loc", _ptr), ("lora_slots", _ptr)]
 
 
 @functools.cache
@@ -175,19 +199,26 @@ class FusedDecoder:
         self._layers = layers
         cache = layers[0].k_cache
         self.dtype = layers[0].input_norm.dtype
+        self.lora_num_slots, self.lora_rank = _check_lora(shape, layers, self.dtype)
         self._shape = _Shape(
             _mkl_address(self.weight_format, "SGEMM_COMPUTE"),
             _mkl_address(self.weight_format, "GEMM_BF16BF16F32"), len(layers),
             shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads,
             shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
-            shape.sliding_window or 0, self.weight_format)
+            shape.sliding_window or 0, self.weight_format, self.lora_num_slots, self.lora_rank)
         self._matrices: list[cpu_backend.QuantizedMatrix] = []  # what _c_layers points to
         self._c_layers = (_Layer * len(layers))(*[
             _Layer(*(self._address(t) for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
                                                 w.input_norm, w.post_attention_norm, w.k_cache,
-                                                w.v_cache)))
+                                                w.v_cache)),
+                   (_LoRAProjection * 4)(*map(_lora_projection, w.lora or (None,) * 4)))
             for w in layers])
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether the layers carry LoRA slots (then a step may give ``lora_slots``)."""
+        return self.lora_num_slots > 0
 
     def _address(self, t: Weight | None) -> int | None:
         """Where the C side finds t: a quantized weight's C description, kept alive here."""
@@ -198,10 +229,12 @@ class FusedDecoder:
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                 query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                 query_start_loc: torch.Tensor, lora_slots: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [n, hidden_size] (the embeddings) and cos/sin [n, 1, head_dim // 2] (rows may
         be strided) in the layers' dtype; slot_mapping int64 [n]; block_tables int32
-        [n, max_blocks]; seq_lens int32 [n]; query_start_loc int32 [n + 1] = 0, 1, ..., n."""
+        [n, max_blocks]; seq_lens int32 [n]; query_start_loc int32 [n + 1] = 0, 1, ..., n;
+        lora_slots int32 [n], each row's adapter slot (-1: none), or None: no adapter."""
         rows = hidden.shape[0]
         if (hidden.shape != (rows, self.shape.hidden_size) or seq_lens.shape[0] != rows
                 or slot_mapping.shape[0] != rows
@@ -218,14 +251,66 @@ class FusedDecoder:
         cos, sin = cos.reshape(rows, -1), sin.reshape(rows, -1)
         tables, slots = block_tables.contiguous(), slot_mapping.contiguous()
         lens, starts = seq_lens.contiguous(), query_start_loc.contiguous()
+        adapters = None if lora_slots is None else self._checked_lora_slots(lora_slots, rows)
         step = _Step(rows, cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(),
-                     tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr())
+                     tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr(),
+                     None if adapters is None else adapters.data_ptr())
         bad = _decoder_stack()(_DTYPE_CODES[self.dtype], ctypes.byref(self._shape),
                                self._c_layers, ctypes.byref(step), out.data_ptr(),
                                residual.data_ptr())
         if bad >= 0:
             raise cpu_backend.slot_outside_cache(slots, bad, self._shape.num_slots)
         return out, residual
+
+    def _checked_lora_slots(self, lora_slots: torch.Tensor, rows: int) -> torch.Tensor:
+        if not self.has_lora:
+            raise KernelInputError("lora_slots given, but the layers carry no LoRA weights")
+        if lora_slots.shape != (rows,) or lora_slots.dtype != torch.int32:
+            raise KernelInputError(f"lora_slots must be int32 [{rows}], got {lora_slots.dtype} "
+                                   f"{tuple(lora_slots.shape)}")
+        low, high = int(lora_slots.min()), int(lora_slots.max())
+        if low < -1 or high >= self.lora_num_slots:
+            raise KernelInputError(f"lora_slots must lie in [-1, {self.lora_num_slots}), got "
+                                   f"[{low}, {high}]")
+        return lora_slots.contiguous()
+
+
+def _lora_projection(weights: LoRAWeights | None) -> _LoRAProjection:
+    if weights is None:
+        return _LoRAProjection()
+    b = [t.data_ptr() for t in weights.b] + [0] * (3 - len(weights.b))
+    sizes = [t.shape[1] for t in weights.b] + [0] * (3 - len(weights.b))
+    return _LoRAProjection(weights.a.data_ptr(), (_ptr * 3)(*b), (_i64 * 3)(*sizes),
+                           len(weights.b))
+
+
+def _check_lora(shape: DecoderShape, layers: list[DecoderLayerWeights],
+                dtype: torch.dtype) -> tuple[int, int]:
+    """(num_slots, rank) that every layer's LoRA weights share, (0, 0) without any; raises
+    KernelInputError naming the first that does not fit."""
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    features = [(shape.hidden_size, q + 2 * kv), (q, shape.hidden_size),
+                (shape.hidden_size, 2 * shape.intermediate_size),
+                (shape.intermediate_size, shape.hidden_size)]  # (in, out) of each projection
+    found = [(i, w, features[j]) for i, layer in enumerate(layers)
+             for j, w in enumerate(layer.lora or ()) if w is not None]
+    if not found:
+        return 0, 0
+    num_slots, rank = found[0][1].a.shape[0], found[0][1].b[0].shape[2]
+    for i, w, (in_features, out_features) in found:
+        tensors = [w.a, *w.b]
+        if not (1 <= len(w.b) <= 3
+                and w.a.shape == (num_slots, len(w.b) * rank, in_features)
+                and sum(b.shape[1] for b in w.b) == out_features
+                and all(b.shape[0] == num_slots and b.shape[2] == rank for b in w.b)
+                and all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
+                        for t in tensors)):
+            raise KernelInputError(
+                f"layer {i}: LoRA weights must be contiguous {dtype} CPU tensors, a [{num_slots}, "
+                f"shards * {rank}, {in_features}] and 1 to 3 b [{num_slots}, out, {rank}] whose "
+                f"outs add up to {out_features}, got a {tuple(w.a.shape)} and b "
+                f"{[tuple(b.shape) for b in w.b]}")
+    return num_slots, rank
 
 
 def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> WeightFormat:

@@ -1066,12 +1066,14 @@ void expand_outputs(const float* h, const T* b, int64_t rank, int64_t count, T* 
 #endif
 }
 
-// out [rows, n] (rows out_stride apart) += h [rows, rank] times each row's B^T, b [num_slots,
-// n, rank], summed in fp32 and rounded once to T; rows whose slot is -1 are not touched.
-// Returns -1, or the first row whose slot lies outside [-1, num_slots) (then nothing is written).
+// out [rows, n] (rows out_stride apart) += h [rows, rank] (rows h_stride apart) times each
+// row's B^T, b [num_slots, n, rank], summed in fp32 and rounded once to T; rows whose slot is
+// -1 are not touched. Returns -1, or the first row whose slot lies outside [-1, num_slots)
+// (then nothing is written).
 template <typename T>
-int64_t lora_expand(T* out, int64_t out_stride, const float* h, const T* b, const int32_t* slots,
-                    int64_t rows, int64_t num_slots, int64_t n, int64_t rank) {
+int64_t lora_expand(T* out, int64_t out_stride, const float* h, int64_t h_stride, const T* b,
+                    const int32_t* slots, int64_t rows, int64_t num_slots, int64_t n,
+                    int64_t rank) {
     std::vector<int64_t> order;
     const int64_t bad = rows_by_slot(slots, rows, num_slots, order);
     if (bad >= 0) return bad;
@@ -1081,7 +1083,7 @@ int64_t lora_expand(T* out, int64_t out_stride, const float* h, const T* b, cons
     for (int64_t item = 0; item < items; ++item) {
         const int64_t t = order[item % active], first = item / active * chunk;
         const T* block = b + (static_cast<int64_t>(slots[t]) * n + first) * rank;
-        expand_outputs(h + t * rank, block, rank, std::min(chunk, n - first),
+        expand_outputs(h + t * h_stride, block, rank, std::min(chunk, n - first),
                        out + t * out_stride + first);
     }
     return -1;
@@ -1113,8 +1115,8 @@ extern "C" int64_t kvpage_lora_expand(int32_t dtype, void* out, int64_t out_stri
     int64_t result = -2;
     with_dtype(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        result = lora_expand(static_cast<T*>(out), out_stride, h, static_cast<const T*>(b), slots,
-                             rows, num_slots, n, rank);
+        result = lora_expand(static_cast<T*>(out), out_stride, h, rank, static_cast<const T*>(b),
+                             slots, rows, num_slots, n, rank);
     });
     return result;
 }
@@ -1637,6 +1639,15 @@ using GemmBf16 = void (*)(const char* transa, const char* transb, const int32_t*
                           const uint16_t* a, const int32_t* lda, const uint16_t* b,
                           const int32_t* ldb, const float* beta, float* c, const int32_t* ldc);
 
+// One projection's LoRA adapters (fused_decoder.LoRAWeights): a [num_slots, shards * rank, in]
+// and per shard b [num_slots, sizes[i], rank], in the stack's dtype; a == null: none.
+struct LoRAProjection {
+    const void* a;
+    const void* b[3];
+    int64_t sizes[3];
+    int64_t shards;
+};
+
 struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) and KV cache
     const void* qkv;
     const void* qkv_bias;  // null: no bias
@@ -1647,6 +1658,7 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
     const void* post_attention_norm;
     void* k_cache;
     void* v_cache;
+    LoRAProjection lora[4];  // qkv, o, gate_up, down
 };
 
 // DecoderShape::weight_format, fused_decoder.WeightFormat: 0 fp32 MKL packs (sgemm_compute),
@@ -1663,6 +1675,7 @@ struct DecoderShape {
     float eps, scale;
     int32_t window;  // 0: none
     int32_t weight_format;
+    int64_t lora_num_slots, lora_rank;  // 0: no LoRA
 };
 
 struct DecodeStep {  // this step's batch: one new token per sequence
@@ -1675,6 +1688,7 @@ struct DecodeStep {  // this step's batch: one new token per sequence
     int64_t table_stride;
     const int32_t* seq_lens;
     const int32_t* query_start_loc;
+    const int32_t* lora_slots;  // each row's adapter slot (-1: none, all in range); null: none
 };
 
 // out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32: packed_linear on panels (fp32 or
@@ -1722,9 +1736,9 @@ void linear(const DecoderShape& s, const uint16_t* x, int64_t rows, int64_t k, c
 template <typename T>
 struct Scratch {
     T *normed, *qkv, *qk, *attn, *gate_up, *act;
-    float* acc;
+    float *acc, *lora_h;
     std::unique_ptr<T[]> data;
-    std::unique_ptr<float[]> acc_data;
+    std::unique_ptr<float[]> acc_data, lora_data;
 
     Scratch(const DecoderShape& s, int64_t n) {
         const int64_t d = s.head_dim, q = s.num_heads * d, kv = s.num_kv_heads * d;
@@ -1747,8 +1761,27 @@ struct Scratch {
             acc_data.reset(new float[n * std::max(q + 2 * kv, 2 * s.intermediate)]);
             acc = acc_data.get();
         }
+        lora_data.reset(new float[n * 3 * s.lora_rank]);  // the widest shrink: q, k and v
+        lora_h = lora_data.get();
     }
 };
+
+// out [rows, n] += each row's adapter's delta for x [rows, k], as the layer modules add it
+// (lora_shrink over every shard, then lora_expand into each shard's columns).
+template <typename T>
+void add_lora(const DecoderShape& s, const DecodeStep& b, const LoRAProjection& p, const T* x,
+              int64_t rows, int64_t k, T* out, int64_t n, float* h) {
+    if (b.lora_slots == nullptr || p.a == nullptr) return;
+    const int64_t rank = s.lora_rank, ranks = p.shards * rank;
+    lora_shrink(x, k, static_cast<const T*>(p.a), b.lora_slots, h, rows, s.lora_num_slots, ranks,
+                k);
+    int64_t offset = 0;
+    for (int64_t i = 0; i < p.shards; ++i) {
+        lora_expand(out + offset, n, h + i * rank, ranks, static_cast<const T*>(p.b[i]),
+                    b.lora_slots, rows, s.lora_num_slots, p.sizes[i], rank);
+        offset += p.sizes[i];
+    }
+}
 
 // One layer: hidden [rows, hidden] (this layer's input, the previous MLP's output) and the
 // residual stream are updated in place; `first` means there is no residual yet.
@@ -1766,6 +1799,7 @@ int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeS
                     s.eps);
     }
     linear(s, x.normed, n, s.hidden, w.qkv, w.qkv_bias, qkv_size, x.qkv, x.acc);
+    add_lora(s, b, w.lora[0], x.normed, n, s.hidden, x.qkv, qkv_size, x.lora_h);
     rotary<T>(x.qkv, qkv_size, d, static_cast<const T*>(b.cos), static_cast<const T*>(b.sin),
               b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d / 2);
     const int64_t qk_stride = q_size + kv_size;
@@ -1782,11 +1816,14 @@ int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeS
                     static_cast<int32_t>(s.block_size), s.scale, s.window, 0.f};
     dispatch_head_dim<T>(p);
     linear(s, x.attn, n, q_size, w.o, nullptr, s.hidden, hidden, x.acc);
+    add_lora(s, b, w.lora[1], x.attn, n, q_size, hidden, s.hidden, x.lora_h);
     rms_norm<T>(hidden, s.hidden, residual, s.hidden, static_cast<const T*>(w.post_attention_norm),
                 x.normed, residual, n, s.hidden, s.eps);
     linear(s, x.normed, n, s.hidden, w.gate_up, nullptr, 2 * s.intermediate, x.gate_up, x.acc);
+    add_lora(s, b, w.lora[2], x.normed, n, s.hidden, x.gate_up, 2 * s.intermediate, x.lora_h);
     silu_and_mul<T>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
     linear(s, x.act, n, s.intermediate, w.down, nullptr, s.hidden, hidden, x.acc);
+    add_lora(s, b, w.lora[3], x.act, n, s.intermediate, hidden, s.hidden, x.lora_h);
     return -1;
 }
 

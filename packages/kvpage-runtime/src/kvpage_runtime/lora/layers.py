@@ -1,10 +1,10 @@
 """The LoRA side of a linear layer: every slot's adapter stacked, applied to a mixed batch.
 
 A layer of several shards (fused q/k/v, gate/up) stacks each shard's A along the rank
-(``a`` [max_loras, shards * max_rank, in_features]) and places each shard's B in its own
-block of rows and columns (``b`` [max_loras, out_features, shards * max_rank], zero
-elsewhere), so that one shrink and one expand serve the whole layer, shards an adapter does
-not adapt staying zero.
+(``a`` [max_loras, shards * max_rank, in_features]), so that one shrink serves the whole
+layer, and keeps each shard's B apart (``b[shard]`` [max_loras, shard_out_features,
+max_rank]), expanded into that shard's columns of the output; shards an adapter does not
+adapt stay zero. Ranks below ``max_rank`` are padded with zeros.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class LoRALayer:
         self.max_rank = max_rank
         ranks = len(output_sizes) * max_rank
         self.a = torch.zeros(max_loras, ranks, input_size, dtype=dtype, device=device)
-        self.b = torch.zeros(max_loras, sum(output_sizes), ranks, dtype=dtype, device=device)
+        self.b = [torch.zeros(max_loras, size, max_rank, dtype=dtype, device=device)
+                  for size in output_sizes]
         self.batch = batch
 
     def check(self, shard: int, a: torch.Tensor, b: torch.Tensor, adapter: str) -> None:
@@ -51,16 +52,22 @@ class LoRALayer:
     def set_slot(self, slot: int, shards: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Slot ``slot`` holds ``shards`` (shard -> (A, B), checked); the others are zero."""
         self.a[slot].zero_()
-        self.b[slot].zero_()
+        for b in self.b:
+            b[slot].zero_()
         for shard, (a, b) in shards.items():
-            rank, size = a.shape[0], self.output_sizes[shard]
-            first = shard * self.max_rank
+            rank, first = a.shape[0], shard * self.max_rank
             self.a[slot, first : first + rank] = a
-            rows = slice(self.offsets[shard], self.offsets[shard] + size)
-            self.b[slot, rows, first : first + rank] = b
+            self.b[shard][slot, :, :rank] = b
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """y += the LoRA delta of each token of x with an adapter (nothing when none has)."""
         slots = self.batch.token_slots
-        if slots is not None:
-            lora_expand(y, lora_shrink(x, self.a, slots), self.b, slots)
+        if slots is None:
+            return
+        h = lora_shrink(x, self.a, slots)
+        if len(self.b) == 1:
+            lora_expand(y, h, self.b[0], slots)
+            return
+        for shard, (offset, size) in enumerate(zip(self.offsets, self.output_sizes, strict=True)):
+            ranks = slice(shard * self.max_rank, (shard + 1) * self.max_rank)
+            lora_expand(y[:, offset : offset + size], h[:, ranks], self.b[shard], slots)

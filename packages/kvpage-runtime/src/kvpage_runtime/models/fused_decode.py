@@ -41,7 +41,12 @@ from kvpage_kernels import (
     select_backend,
 )
 from kvpage_kernels.cpu_isa import cpu_vendor
-from kvpage_kernels.fused_decoder import DecoderLayerWeights, DecoderShape, FusedDecoder
+from kvpage_kernels.fused_decoder import (
+    DecoderLayerWeights,
+    DecoderShape,
+    FusedDecoder,
+    LoRAWeights,
+)
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
@@ -142,7 +147,17 @@ def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights |
         down=down,
         k_cache=kv_cache[0],
         v_cache=kv_cache[1],
+        lora=_lora_weights(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
     )
+
+
+def _lora_weights(*linears: Linear) -> tuple[LoRAWeights | None, ...] | None:
+    """The adapter slots of the projections (``Linear.lora``, set where the engine serves
+    LoRA adapters), or None where none has any."""
+    if all(linear.lora is None for linear in linears):
+        return None
+    return tuple(None if linear.lora is None else LoRAWeights(linear.lora.a, linear.lora.b)
+                 for linear in linears)
 
 
 def _check_torch_release() -> None:

@@ -144,12 +144,12 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary.lookup(batch.positions)
         one_token_each = batch.max_query_len == 1
         short_after_context = batch.max_query_len <= FUSED_MAX_QUERY_LEN and batch.min_context_len
-        # steps with LoRA adapters run on the layer modules, which add the adapters' deltas
-        if ((one_token_each or short_after_context) and batch.lora_slots is None
-                and (fused := self.fused_decoder(kv_caches)) is not None):
+        if ((one_token_each or short_after_context)
+                and (fused := self.fused_decoder(kv_caches)) is not None
+                and (batch.lora_slots is None or fused.has_lora)):
             rows = batch.one_row_per_token() if batch.max_query_len > 1 else batch
             hidden, residual = fused(hidden, cos, sin, rows.slot_mapping, rows.block_tables,
-                                     rows.seq_lens, rows.query_start_loc)
+                                     rows.seq_lens, rows.query_start_loc, rows.lora_slots)
         else:
             hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches)
         hidden, _ = self.norm(hidden, residual)
