@@ -13,7 +13,14 @@ import pytest
 import torch
 import transformers
 from kvpage_kernels.fused_decoder import FusedDecoder
-from kvpage_runtime import LLM, InvalidRequestError, LoRAAdapterError, LoRARequest, SamplingParams
+from kvpage_runtime import (
+    LLM,
+    BeamSearchParams,
+    InvalidRequestError,
+    LoRAAdapterError,
+    LoRARequest,
+    SamplingParams,
+)
 from model_helpers import TINY, random_prompts, save_tiny_model, word_tokenizer
 
 peft = pytest.importorskip("peft")
@@ -121,6 +128,7 @@ def test_mixed_batch_equals_transformers_and_peft(family, monkeypatch):
     for prompt, name, out in zip(prompts, names, outs, strict=True):
         expected = reference(models[name], prompt)
         assert_matches(out, expected, f"adapter {name}")
+        assert out.lora_request is loras.get(name)
         if name is not None:
             moved += out.outputs[0].token_ids != [t for t, _, _ in reference(models[None], prompt)]
     assert moved >= 3, "the adapters should change some greedy paths"
@@ -244,3 +252,17 @@ def test_an_adapter_removed_midway_serves_its_requests_to_the_end(tmp_path):
         engine.add_lora(LoRARequest("b", 1, str(tmp_path / "elsewhere")))
     engine.add_lora(lora)  # the same adapter again is fine
     assert engine.list_loras() == [lora]
+
+
+def test_beam_search_with_an_adapter_equals_transformers_and_peft(family):
+    from test_beam_search import _transformers_beams
+
+    folder, loras, models = family
+    name = "all-r8"
+    llm = LLM(str(folder), dtype="float32", device="cpu", enable_lora=True, max_loras=2,
+              max_lora_rank=16, max_model_len=128, block_size=4)
+    prompt = random_prompts([9], TINY["vocab_size"], seed=11)[0]
+    out = llm.beam_search([prompt], BeamSearchParams(3, 10), lora_request=loras[name])[0]
+    sequences, scores = _transformers_beams(models[name], prompt, 3, 1.0)
+    for seq, tokens, score in zip(out.sequences, sequences, scores, strict=True):
+        assert seq.tokens == prompt + tokens and abs(seq.score - score) < ATOL

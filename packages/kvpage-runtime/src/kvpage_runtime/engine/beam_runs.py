@@ -21,6 +21,7 @@ import torch
 from kvpage_sched import Request, Scheduler
 
 from kvpage_runtime.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvpage_runtime.lora.request import LoRARequest
 from kvpage_runtime.sampling.beam_search import BeamSearch, BeamSearchParams, Hypothesis
 
 
@@ -33,6 +34,7 @@ class _Run:
     metrics: RequestMetrics
     beam_ids: list[str]  # the scheduler requests of search.live, in its order
     reported: dict[str, torch.Tensor] = field(default_factory=dict)  # beam id -> logprobs
+    lora_request: LoRARequest | None = None
 
     @property
     def ready(self) -> bool:
@@ -62,13 +64,15 @@ class BeamSearches:
 
     def add(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
             params: BeamSearchParams, max_new_tokens: int, arrival_time: float,
-            priority: int = 0, lora_id: str | None = None) -> None:
+            priority: int = 0, lora_request: LoRARequest | None = None) -> None:
         """Queues the search's first beam (its forks inherit its priority and adapter)."""
         search = BeamSearch(params, self.eos_token_ids, max_new_tokens)
-        run = _Run(request_id, prompt, prompt_token_ids, search, RequestMetrics(arrival_time), [])
+        run = _Run(request_id, prompt, prompt_token_ids, search, RequestMetrics(arrival_time), [],
+                   lora_request=lora_request)
         first = self._beam_id(request_id)
         self.scheduler.add_request(Request(first, prompt_token_ids, search.max_new_tokens,
-                                           priority, lora_id=lora_id))
+                                           priority, lora_id=None if lora_request is None
+                                           else lora_request.cache_key))
         self._attach(run, [first])
         self._runs[request_id] = run
 
@@ -148,4 +152,4 @@ class BeamSearches:
         if unfinished is not None and not outputs:
             outputs = [CompletionOutput(0, "", [], None, None, unfinished)]
         return RequestOutput(run.request_id, run.prompt, run.prompt_token_ids, None, outputs,
-                             True, run.metrics)
+                             True, run.metrics, lora_request=run.lora_request)

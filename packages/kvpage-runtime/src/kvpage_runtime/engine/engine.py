@@ -203,10 +203,11 @@ class LLMEngine:
         lora_id = self._lora_key(lora_request)
         if isinstance(params, BeamSearchParams):
             return self._add_beam_search(request_id, prompt, token_ids, params, arrival_time,
-                                         priority, lora_id)
+                                         priority, lora_request)
         params.validate_vocab(self.model_config.vocab_size)
         group = RequestGroup(request_id, prompt if isinstance(prompt, str) else None, token_ids,
-                             params, RequestMetrics(arrival_time or time.time()))
+                             params, RequestMetrics(arrival_time or time.time()),
+                             lora_request=lora_request)
         if params.prompt_logprobs is not None:
             group.prompt_logprobs = [None]
         group.seqs = [self._new_sequence(group, i) for i in range(params.n)]
@@ -223,11 +224,11 @@ class LLMEngine:
 
     def _add_beam_search(self, request_id: str, prompt: str | Seq[int], token_ids: list[int],
                          params: BeamSearchParams, arrival_time: float | None,
-                         priority: int, lora_id: str | None) -> None:
+                         priority: int, lora_request: LoRARequest | None) -> None:
         try:
             self.beams.add(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                            params, self.max_model_len - len(token_ids),
-                           arrival_time or time.time(), priority, lora_id)
+                           arrival_time or time.time(), priority, lora_request)
         except RequestRejectedError as exc:
             raise InvalidRequestError(str(exc)) from exc
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from kvpage_runtime.lora.request import LoRARequest
+
 
 @dataclass
 class Logprob:
@@ -54,6 +56,7 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics
     error: str | None = None  # why the engine failed this request (its outputs end "error")
+    lora_request: LoRARequest | None = None  # the adapter it ran with
 
 
 @dataclass

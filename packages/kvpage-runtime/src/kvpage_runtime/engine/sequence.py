@@ -14,6 +14,7 @@ from kvpage_runtime.engine.outputs import (
     RequestOutput,
 )
 from kvpage_runtime.engine.stop import held_back_chars
+from kvpage_runtime.lora.request import LoRARequest
 from kvpage_runtime.sampling import SamplingParams
 
 
@@ -71,6 +72,7 @@ class RequestGroup:
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # filled chunk by chunk
     forked: bool = False
     error: str | None = None  # set when the engine failed this request
+    lora_request: LoRARequest | None = None
 
     @property
     def finished(self) -> bool:
@@ -91,4 +93,5 @@ class RequestGroup:
             finished=self.finished,
             metrics=self.metrics,
             error=self.error,
+            lora_request=self.lora_request,
         )
