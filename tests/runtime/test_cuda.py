@@ -172,3 +172,29 @@ def test_seeded_sampling_repeats_on_the_gpu(backend, tiny, prompts):
     again = _tokens(llm.generate(prompt_token_ids=prompts[:3], sampling_params=params,
                                  use_tqdm=False))
     assert again == first[:3]
+
+
+def test_lora_mixed_batch_equals_the_cpu_engine(backend, tmp_path, monkeypatch):
+    """Two PEFT adapters and the base model in one batch: the same greedy tokens as the
+    CPU engine (itself held to transformers + peft in test_lora.py)."""
+    from kvpage_runtime import LoRARequest
+    from test_lora import ALL, make_adapter
+
+    folder = tiny_folder(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loras = [LoRARequest(f"a{i}", i, str(make_adapter(base, tmp_path / f"a{i}", seed=i, r=8,
+                                                      lora_alpha=16, target_modules=ALL)))
+             for i in (1, 2)]
+    prompts = random_prompts([5, 17, 9, 30, 12, 3], VOCAB, seed=6)
+    per_prompt = [None, *loras] * 2
+    tokens = {}
+    for device in ("cpu", "cuda"):
+        with monkeypatch.context() as env:
+            if device == "cpu":
+                env.delenv("KVPAGE_KERNEL_BACKEND")
+            llm = LLM(str(folder), dtype="float32", enable_lora=True, max_loras=2,
+                      max_lora_rank=8, **{**BASE, "device": device})
+            tokens[device] = _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY,
+                                                  use_tqdm=False, lora_request=per_prompt))
+        assert _all_blocks_free(llm)
+    assert tokens["cuda"] == tokens["cpu"]
