@@ -243,7 +243,8 @@ def test_a_sampler_fault_fails_that_request_alone(live):
             streamed = client.post("/v1/completions", json={
                 "prompt": [5, 7], "max_tokens": 8, "temperature": 0.9, "seed": POISON_SEED,
                 "stream": True})
-            fine = client.post("/v1/completions", json={"prompt": [5, 8], "max_tokens": 8})
+            fine = client.post("/v1/completions", json={"prompt": [5, 8], "max_tokens": 8,
+                                                         "ignore_eos": True})  # sampled: EOS may come
             return await asyncio.gather(poisoned, streamed, fine)
 
     poisoned, streamed, fine = asyncio.run(run())
