@@ -23,12 +23,14 @@ CPU_TESTS = [
     "tests/kernels/test_fused_decoder.py",
     "tests/kernels/test_dispatch.py",
     "tests/kernels/test_quantized_linear.py",
+    "tests/kernels/test_lora.py",
     "tests/runtime/test_packed_gemm.py",
     "tests/runtime/test_fused_decode.py",
     "tests/runtime/test_loaders.py",
     "tests/runtime/test_models_llama.py",
     "tests/runtime/test_models_quantized.py",
     "tests/runtime/test_engine.py",
+    "tests/runtime/test_lora.py::test_mixed_batch_equals_transformers_and_peft",
 ]
 MACHINES = {
     "avx2": {"KVPAGE_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",

@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import uvicorn
 from engine_fixtures import make_tiny_model_dir
 from kvpage_runtime import AsyncLLM, EngineConfig
 from kvpage_runtime.server import ServerSettings, build_app
 
-from .live_server import free_port
+from .live_server import free_port, serving_in_thread
 
 MAX_MODEL_LEN = 2304
 IDLE_TIMEOUT_S = 60.0
@@ -109,17 +108,8 @@ def live(tmp_path_factory):
     _plant(engine, faults)
     settings = ServerSettings()
     app = build_app(engine, settings)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    yield InProcessServer(f"http://127.0.0.1:{port}", engine, settings, faults, app)
-    server.should_exit = True
-    thread.join(60)
+    with serving_in_thread(app) as url:
+        yield InProcessServer(url, engine, settings, faults, app)
 
 
 def test_priority_reaches_the_engine(live):

@@ -7,9 +7,6 @@ load and unload at run time with KVPAGE_ALLOW_RUNTIME_LORA_UPDATING (and only th
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +22,7 @@ from kvpage_runtime.server.state import RUNTIME_LORA_UPDATING_ENV
 from model_helpers import TINY, save_tiny_model, word_tokenizer
 from test_lora import make_adapter  # skips this module too where peft is not installed
 
-from .live_server import API_KEY, free_port
+from .live_server import API_KEY, free_port, serving_in_thread
 
 BASE = "tiny-base"
 NEW_TOKENS = 8
@@ -66,26 +63,6 @@ def expected(models) -> dict[str | None, list[int]]:
             for lora, out in zip(loras, outs, strict=True)}
 
 
-@contextlib.contextmanager
-def _serving(app) -> Iterator[str]:
-    """Serves ``app`` on 127.0.0.1 from a thread; yields its URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, name="lora-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{server.config.port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="module")
 def url(models) -> Iterator[str]:
     """A server with an API key, runtime LoRA updating on, and both adapters registered as
@@ -99,7 +76,7 @@ def url(models) -> Iterator[str]:
         app = build_app(engine, ServerSettings(api_key=API_KEY))
     modules = [LoRAModulePath(name, str(path)) for name, path in paths.items()]
     asyncio.run(_load_lora_modules(app.state.server, modules))
-    with _serving(app) as base_url:
+    with serving_in_thread(app) as base_url:
         yield base_url
 
 

@@ -199,7 +199,8 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvpage_quantized_linear.restype = ctypes.c_int
     lib.kvpage_lora_shrink.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
     lib.kvpage_lora_shrink.restype = ctypes.c_int64
-    lib.kvpage_lora_expand.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
+    lib.kvpage_lora_expand.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64,
+                                       _i64, _i64]
     lib.kvpage_lora_expand.restype = ctypes.c_int64
     return lib
 
@@ -403,10 +404,11 @@ def lora_expand(out, h, lora_b, token_slots) -> None:
     if not (_lora_served(out, lora_b, token_slots) and in_place and h.dtype == torch.float32):
         return layer_ops.lora_expand(out, h, lora_b, token_slots)
     num_slots, rank = lora_b.shape[0], h.shape[1]
-    h, lora_b, slots = h.contiguous(), lora_b.contiguous(), token_slots.contiguous()
+    h = h if h.stride(-1) == 1 else h.contiguous()  # a shard's ranks of a wider h: read in place
+    lora_b, slots = lora_b.contiguous(), token_slots.contiguous()
     bad = library().kvpage_lora_expand(_DTYPE_CODES[out.dtype], out.data_ptr(), out.stride(0),
-                                       h.data_ptr(), lora_b.data_ptr(), slots.data_ptr(), rows,
-                                       num_slots, n, rank)
+                                       h.data_ptr(), h.stride(0), lora_b.data_ptr(),
+                                       slots.data_ptr(), rows, num_slots, n, rank)
     if bad >= 0:
         raise _slot_outside(slots, bad, num_slots)
     return None

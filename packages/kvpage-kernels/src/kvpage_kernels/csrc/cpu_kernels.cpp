@@ -1108,15 +1108,16 @@ extern "C" int64_t kvpage_lora_shrink(int32_t dtype, const void* x, int64_t x_st
 }
 
 // lora_expand in fp32 (dtype 0) or bf16 (1): out and b in that dtype, h fp32 [rows, rank]
-// contiguous, slots int32 [rows]. Returns as kvpage_lora_shrink.
+// (rows h_stride apart), slots int32 [rows]. Returns as kvpage_lora_shrink.
 extern "C" int64_t kvpage_lora_expand(int32_t dtype, void* out, int64_t out_stride,
-                                      const float* h, const void* b, const int32_t* slots,
-                                      int64_t rows, int64_t num_slots, int64_t n, int64_t rank) {
+                                      const float* h, int64_t h_stride, const void* b,
+                                      const int32_t* slots, int64_t rows, int64_t num_slots,
+                                      int64_t n, int64_t rank) {
     int64_t result = -2;
     with_dtype(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
-        result = lora_expand(static_cast<T*>(out), out_stride, h, rank, static_cast<const T*>(b),
-                             slots, rows, num_slots, n, rank);
+        result = lora_expand(static_cast<T*>(out), out_stride, h, h_stride,
+                             static_cast<const T*>(b), slots, rows, num_slots, n, rank);
     });
     return result;
 }

@@ -43,10 +43,6 @@ class LoRAAdapter:
     rank: int
     weights: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
-
 
 def load_adapter(request: LoRARequest, targets: dict[str, tuple[str, int]],
                  max_rank: int, dtype: torch.dtype) -> LoRAAdapter:

@@ -15,6 +15,7 @@ import torch
 from kvpage_kernels import lora_expand, lora_shrink
 
 from kvpage_runtime.errors import LoRAAdapterError
+from kvpage_runtime.layers.linear import Linear
 
 
 @dataclass
@@ -28,17 +29,17 @@ class LoRABatch:
 class LoRALayer:
     """Slots of stacked adapter weights for one ``Linear``; ``add`` adds the step's deltas."""
 
-    def __init__(self, path: str, input_size: int, output_sizes: list[int], max_loras: int,
-                 max_rank: int, dtype: torch.dtype, device: torch.device, batch: LoRABatch):
+    def __init__(self, path: str, linear: Linear, max_loras: int, max_rank: int,
+                 dtype: torch.dtype, device: torch.device, batch: LoRABatch):
         self.path = path
-        self.input_size = input_size
-        self.output_sizes = output_sizes
-        self.offsets = [sum(output_sizes[:i]) for i in range(len(output_sizes))]
+        self.input_size = linear.input_size
+        self.output_sizes = linear.output_sizes
+        self.offsets = linear.shard_offsets
         self.max_rank = max_rank
-        ranks = len(output_sizes) * max_rank
-        self.a = torch.zeros(max_loras, ranks, input_size, dtype=dtype, device=device)
+        ranks = len(self.output_sizes) * max_rank
+        self.a = torch.zeros(max_loras, ranks, self.input_size, dtype=dtype, device=device)
         self.b = [torch.zeros(max_loras, size, max_rank, dtype=dtype, device=device)
-                  for size in output_sizes]
+                  for size in self.output_sizes]
         self.batch = batch
 
     def check(self, shard: int, a: torch.Tensor, b: torch.Tensor, adapter: str) -> None:
@@ -65,9 +66,6 @@ class LoRALayer:
         if slots is None:
             return
         h = lora_shrink(x, self.a, slots)
-        if len(self.b) == 1:
-            lora_expand(y, h, self.b[0], slots)
-            return
         for shard, (offset, size) in enumerate(zip(self.offsets, self.output_sizes, strict=True)):
             ranks = slice(shard * self.max_rank, (shard + 1) * self.max_rank)
             lora_expand(y[:, offset : offset + size], h[:, ranks], self.b[shard], slots)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvpage_runtime.errors import EngineConfigError, LoRAAdapterError
-from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.layers.linear import Linear, checkpoint_parts
 from kvpage_runtime.lora.adapter import LoRAAdapter, load_adapter
 from kvpage_runtime.lora.layers import LoRABatch, LoRALayer
 from kvpage_runtime.lora.request import LoRARequest
@@ -58,15 +58,12 @@ class LoRAManager:
             leaf = path.rpartition(".")[2]
             if not isinstance(module, Linear) or leaf not in ADAPTABLE or ".experts." in path:
                 continue
-            layer = LoRALayer(path, module.input_size, module.output_sizes, self.max_loras,
-                              self.max_rank, self.dtype, device, self.batch)
+            layer = LoRALayer(path, module, self.max_loras, self.max_rank, self.dtype, device,
+                              self.batch)
             module.lora = layer
             self.layers[path] = layer
-            parent = path.rpartition(".")[0]
-            parts = sorted((shard, part) for part, (fused, shard) in stacked.items()
-                           if fused == leaf)
-            for shard, part in parts or [(0, leaf)]:
-                self.targets[f"{parent}.{part}"] = (path, shard)
+            for shard, part in enumerate(checkpoint_parts(path, stacked)):
+                self.targets[part] = (path, shard)
 
     # ---- registry --------------------------------------------------------------------------
 
