@@ -58,6 +58,29 @@ class QuantizedWeight:
     def num_groups(self) -> int:
         return self.in_features // self.group_size
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def narrow(self, dim: int, start: int, length: int) -> QuantizedWeight:
+        """Outputs (``dim`` 0) or inputs (``dim`` 1) ``start:start + length``, as
+        ``torch.Tensor.narrow``: a tensor-parallel rank's slice. Inputs are cut at group
+        boundaries only, and not where the inputs are reordered (act-order)."""
+        if dim == 0:
+            return QuantizedWeight(self.codes.narrow(0, start, length),
+                                   self.scales.narrow(0, start, length),
+                                   self.offsets.narrow(0, start, length), self.bits,
+                                   self.group_size, self.input_order)
+        if self.input_order is not None:
+            raise KernelInputError("a weight whose inputs are reordered (act-order) cannot be "
+                                   "split along its inputs")
+        if start % self.group_size or length % self.group_size:
+            raise KernelInputError(
+                f"inputs {start}:{start + length} do not fall on groups of {self.group_size}")
+        groups = slice(start // self.group_size, (start + length) // self.group_size)
+        return QuantizedWeight(self.codes.narrow(1, start, length), self.scales[:, groups],
+                               self.offsets[:, groups], self.bits, self.group_size)
+
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight [out_features, in_features], in the inputs' natural order."""
         expand = lambda t: t.repeat_interleave(self.group_size, dim=1)  # noqa: E731

@@ -45,7 +45,15 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
-        """Bytes of K and V cache one token takes across all layers (in ``dtype``, default the model's)."""
+    def kv_heads_per_rank(self, tensor_parallel_size: int = 1) -> int:
+        """KV heads each rank holds: an equal part, or one (replicated) when there are fewer
+        KV heads than ranks."""
+        return max(1, self.num_kv_heads // tensor_parallel_size)
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype | None = None,
+                                 tensor_parallel_size: int = 1) -> int:
+        """Bytes of K and V cache one token takes across all layers on one rank (in ``dtype``,
+        default the model's)."""
         itemsize = torch.empty((), dtype=dtype or self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        heads = self.kv_heads_per_rank(tensor_parallel_size)
+        return 2 * self.num_layers * heads * self.head_dim * itemsize

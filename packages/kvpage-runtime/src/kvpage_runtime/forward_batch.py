@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -57,3 +58,44 @@ class ForwardBatch:
                             self.block_tables[owner], seq_lens,
                             torch.arange(num_tokens + 1, dtype=torch.int32, device=rows.device),
                             self.max_seq_len, 1, self.min_context_len, self.lora_slots)
+
+
+@dataclass
+class StepInputs:
+    """A step's ``ForwardBatch`` on the host (NumPy arrays, same fields): what the model runner
+    prepares from the scheduled requests, and what the driver sends the other
+    tensor-parallel ranks, each of which moves it to its device (``to_batch``)."""
+
+    input_ids: np.ndarray  # int64 [num_tokens]
+    positions: np.ndarray  # int64 [num_tokens]
+    slot_mapping: np.ndarray  # int64 [num_tokens]
+    block_tables: np.ndarray  # int32 [num_seqs, max_blocks]
+    seq_lens: np.ndarray  # int32 [num_seqs]
+    query_start_loc: np.ndarray  # int32 [num_seqs + 1]
+    min_context_len: int = 0
+    lora_slots: np.ndarray | None = None  # int32 [num_tokens]
+
+    @property
+    def max_seq_len(self) -> int:
+        return int(self.seq_lens.max())
+
+    @property
+    def max_query_len(self) -> int:
+        return int(np.diff(self.query_start_loc).max())
+
+    def to_batch(self, device: torch.device) -> ForwardBatch:
+        def tensor(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(device, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=tensor(self.input_ids),
+            positions=tensor(self.positions),
+            slot_mapping=tensor(self.slot_mapping),
+            block_tables=tensor(self.block_tables),
+            seq_lens=tensor(self.seq_lens),
+            query_start_loc=tensor(self.query_start_loc),
+            max_seq_len=self.max_seq_len,
+            max_query_len=self.max_query_len,
+            min_context_len=self.min_context_len,
+            lora_slots=None if self.lora_slots is None else tensor(self.lora_slots),
+        )

@@ -1,7 +1,9 @@
-"""ModelRunner: owns the paged KV cache, turns a scheduled step into a ForwardBatch, runs the model.
+"""ModelRunner: owns the paged KV cache, turns a scheduled step into its inputs, runs the model.
 
 Per step the Python work is one short loop over the scheduled requests (their token slices and
 block tables); positions and slot mappings are computed with numpy over all tokens at once.
+The inputs stay on the host (``StepInputs``) until ``execute`` moves them to the device, so
+that a tensor-parallel driver can send the same inputs to every rank.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from kvpage_kernels import copy_blocks
 
 from kvpage_runtime.config import ModelConfig
-from kvpage_runtime.forward_batch import ForwardBatch
+from kvpage_runtime.forward_batch import StepInputs
 from kvpage_runtime.lora.manager import LoRAManager
 
 
@@ -29,15 +31,20 @@ class ScheduledLike(Protocol):
 
 
 class ModelRunner:
+    """Runs one model (or one tensor-parallel rank's shard of it, ``tensor_parallel_size``
+    ranks in all: its KV caches hold its own KV heads, with the same block ids as every
+    rank's)."""
+
     def __init__(self, model: torch.nn.Module, config: ModelConfig, num_blocks: int,
                  block_size: int, device: torch.device, kv_dtype: torch.dtype,
-                 lora: LoRAManager | None = None) -> None:
+                 lora: LoRAManager | None = None, tensor_parallel_size: int = 1) -> None:
         self.model = model
         self.lora = lora
         self.config = config
         self.block_size = block_size
         self.device = device
-        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        shape = (num_blocks, block_size, config.kv_heads_per_rank(tensor_parallel_size),
+                 config.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=kv_dtype, device=device),
              torch.zeros(shape, dtype=kv_dtype, device=device))
@@ -50,8 +57,8 @@ class ModelRunner:
             copy_blocks(self.kv_caches, list(pairs))
 
     def prepare(self, scheduled: Sequence[ScheduledLike],
-                drafts: Mapping[str, Sequence[int]] | None = None) -> ForwardBatch:
-        """Builds the flat batch: sequence i's tokens are all_token_ids[start:start+num_tokens],
+                drafts: Mapping[str, Sequence[int]] | None = None) -> StepInputs:
+        """Builds the flat batch's inputs: sequence i's tokens are all_token_ids[start:start+num_tokens],
         then its draft tokens (``drafts`` by request id: speculative decoding's, computed in
         the lookahead slots the scheduler reserved after them)."""
         num_seqs = len(scheduled)
@@ -79,23 +86,23 @@ class ModelRunner:
         if self.lora is not None:
             adapters = [None if s.request.lora_id is None else int(s.request.lora_id)
                         for s in scheduled]
-            lora_slots = self.lora.bind(adapters, q_lens, self.device)
-        return ForwardBatch(
-            input_ids=self._tensor(np.asarray(ids, dtype=np.int64)),
-            positions=self._tensor(positions),
-            slot_mapping=self._tensor(slots),
-            block_tables=self._tensor(block_tables.astype(np.int32)),
-            seq_lens=self._tensor(seq_lens.astype(np.int32)),
-            query_start_loc=self._tensor(query_start.astype(np.int32)),
-            max_seq_len=int(seq_lens.max()),
-            max_query_len=int(q_lens.max()),
+            lora_slots = self.lora.bind(adapters, q_lens)
+        return StepInputs(
+            input_ids=np.asarray(ids, dtype=np.int64),
+            positions=positions,
+            slot_mapping=slots,
+            block_tables=block_tables.astype(np.int32),
+            seq_lens=seq_lens.astype(np.int32),
+            query_start_loc=query_start.astype(np.int32),
             min_context_len=int(starts.min()),
             lora_slots=lora_slots,
         )
 
     @torch.inference_mode()
-    def execute(self, batch: ForwardBatch, logits_indices: Sequence[int]) -> torch.Tensor:
-        """Runs the model; returns logits (model dtype) for the flat token indices asked for."""
+    def execute(self, inputs: StepInputs, logits_indices: Sequence[int]) -> torch.Tensor | None:
+        """Runs the model; returns logits (model dtype) for the flat token indices asked for
+        (None on a tensor-parallel rank other than the driver)."""
+        batch = inputs.to_batch(self.device)
         if self.lora is not None:
             self.lora.batch.token_slots = batch.lora_slots
         hidden = self.model(batch, self.kv_caches)
@@ -103,6 +110,3 @@ class ModelRunner:
             return torch.empty(0, self.config.vocab_size, dtype=torch.float32, device=self.device)
         index = torch.as_tensor(np.asarray(logits_indices, dtype=np.int64), device=self.device)
         return self.model.compute_logits(hidden.index_select(0, index))
-
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(array).to(self.device, non_blocking=True)

@@ -305,6 +305,7 @@ class AsyncLLM:
         except BaseException as exc:  # every waiting request must learn why it ends
             logger.exception("engine loop failed")
             self._error = exc
+        self.engine.shutdown()
         reason = self.dead_error
         for stream in self._streams.values():
             stream.put(reason)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvpage_runtime.distributed.executor import EXECUTOR_BACKENDS
 from kvpage_runtime.errors import EngineConfigError
 from kvpage_runtime.layers.quantization import QUANTIZATION_CHOICES
 from kvpage_runtime.spec_decode.config import SpeculativeConfig
@@ -39,6 +40,12 @@ class EngineConfig:
     ``max_loras`` of them in one step (each a slot of stacked weights), of rank at most
     ``max_lora_rank``, and ``max_cpu_loras`` (default: ``max_loras``) kept loaded in host
     memory, as vLLM's options of the same names.
+
+    ``tensor_parallel_size`` splits every layer over that many ranks (processes, each with its
+    shard of the weights and of the KV cache; see ``distributed``), started by
+    ``distributed_executor_backend``: "mp" (the default: processes on this machine) or "ray"
+    (actors on a Ray cluster). On the CPU the ranks share the cores, each with
+    1/``tensor_parallel_size`` of torch's threads; on CUDA each has a GPU.
     """
 
     model: str | None = None
@@ -61,6 +68,8 @@ class EngineConfig:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -85,10 +94,21 @@ class EngineConfig:
         if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
             raise EngineConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
                                     f"({self.max_loras})")
+        self._check_parallel()
         if self.speculative_config is not None:
             SpeculativeConfig.from_dict(self.speculative_config)  # refuses a bad one by name
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _check_parallel(self) -> None:
+        size, backend = self.tensor_parallel_size, self.distributed_executor_backend
+        if size < 1:
+            raise EngineConfigError(f"tensor_parallel_size must be >= 1, got {size}")
+        if backend is not None and backend not in EXECUTOR_BACKENDS:
+            raise EngineConfigError(f"distributed_executor_backend must be one of "
+                                    f"{', '.join(EXECUTOR_BACKENDS)}, got {backend!r}")
+        if size > 1 and self.enable_lora:
+            raise EngineConfigError("enable_lora is not supported with tensor_parallel_size > 1")
 
     def resolve_max_model_len(self, model_max: int) -> int:
         """The context length served: asked for, or the model's (capped on the CPU)."""

@@ -27,6 +27,7 @@ from kvpage_sched import (
     SchedulerConfig,
 )
 
+from kvpage_runtime.distributed.executor import TensorParallelDriver
 from kvpage_runtime.engine.beam_runs import BeamSearches
 from kvpage_runtime.engine.config import EngineConfig
 from kvpage_runtime.engine.detokenizer import IncrementalDetokenizer, make_token_decoder
@@ -106,13 +107,32 @@ def _prepare_kernels(device: str) -> threading.Thread:
     return thread
 
 
+def _start_workers(config: EngineConfig) -> TensorParallelDriver | None:
+    """Tensor parallel: starts ranks 1.. (they load their shards meanwhile); None for one."""
+    if config.tensor_parallel_size == 1:
+        return None
+    return TensorParallelDriver.start(
+        config.tensor_parallel_size, config.distributed_executor_backend or "mp",
+        model=config.model, dtype=config.dtype, device=config.device,
+        quantization=config.quantization)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         started = time.perf_counter()
         kernels = _prepare_kernels(config.device)
-        loaded = load_model(config.model, dtype=config.dtype, device=config.device,
-                            quantization=config.quantization)
+        self.parallel = _start_workers(config)
+        try:
+            loaded = load_model(config.model, dtype=config.dtype, device=config.device,
+                                quantization=config.quantization,
+                                tp=self.parallel.tp if self.parallel else None)
+            if self.parallel is not None:
+                self.parallel.connect()
+        except BaseException:
+            if self.parallel is not None:
+                self.parallel.shutdown(graceful=False)
+            raise
         kernels.join()
         self.load_seconds = time.perf_counter() - started
         self.model_config = loaded.config
@@ -127,7 +147,8 @@ class LLMEngine:
         self.max_model_len = config.resolve_max_model_len(self.model_config.max_position_embeddings)
         self.device = torch.device(config.device)
         budget = plan_kv_cache(
-            bytes_per_token=self.model_config.kv_cache_bytes_per_token(),
+            bytes_per_token=self.model_config.kv_cache_bytes_per_token(
+                tensor_parallel_size=config.tensor_parallel_size),
             block_size=config.block_size, max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs, kv_cache_memory=config.kv_cache_memory,
             device=self.device)
@@ -144,7 +165,9 @@ class LLMEngine:
                                     config.max_cpu_loras, self.model_config.dtype, self.device)
         self.runner = ModelRunner(loaded.model, self.model_config, budget.num_blocks,
                                   config.block_size, self.device, self.model_config.dtype,
-                                  self.lora)
+                                  self.lora, config.tensor_parallel_size)
+        if self.parallel is not None:
+            self.runner = self.parallel.attach(self.runner, budget.num_blocks, config.block_size)
         self.speculator = None
         if self.spec_config is not None:
             self.speculator = build_speculator(self.spec_config, self.model_config.vocab_size,
@@ -162,6 +185,11 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self.beams = BeamSearches(self.scheduler, self.tokenizer, self.eos_token_ids)
         self._salt = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers, if any (also done at exit)."""
+        if self.parallel is not None:
+            self.parallel.shutdown()
 
     def _scheduler_config(self) -> SchedulerConfig:
         cfg = self.config
@@ -337,6 +365,8 @@ class LLMEngine:
             batch = self.runner.prepare(out.scheduled, {r: d.tokens for r, d in drafts.items()})
             t2 = time.perf_counter()
             logits = self.runner.execute(batch, plan.logits_indices)
+        except EngineDeadError:
+            raise
         except Exception as exc:
             return self._fail_step(exc)
         self._failures_in_a_row = 0

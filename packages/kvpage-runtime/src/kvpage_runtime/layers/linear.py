@@ -9,12 +9,15 @@ is the ``LinearMethod``'s business, so that low-bit methods (AWQ, GPTQ, GGUF blo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvpage_runtime.distributed.parallel import TensorParallel
+from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.packed_gemm import pack_linear_weight
 from kvpage_runtime.layers.weight_copy import copy_weight
 
@@ -36,7 +39,8 @@ class LinearMethod(Protocol):
         """Register the layer's weight parameters (uninitialized)."""
 
     def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
-        """Take checkpoint tensor ``name`` (one of ``tensor_names``) of shard ``shard``."""
+        """Take checkpoint tensor ``name`` (one of ``tensor_names``) of shard ``shard``: the
+        whole tensor, of which a tensor-parallel layer keeps its slice (``layer.parallel``)."""
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         """Final layout for the device, once the weights are loaded, cast and placed."""
@@ -71,7 +75,8 @@ class UnquantizedLinearMethod:
 
     def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
         offset, size = layer.shard_offsets[shard], layer.output_sizes[shard]
-        copy_weight(layer.weight.data[offset : offset + size], tensor, f"{name} shard {shard}")
+        copy_weight(layer.weight.data[offset : offset + size], layer.rank_slice(tensor, shard),
+                    f"{name} shard {shard}")
 
     def process_weights_after_loading(self, layer: Linear) -> None:
         layer.packed = pack_linear_weight(layer.weight)
@@ -92,6 +97,39 @@ class UnquantizedLinearMethod:
 
 
 DENSE = UnquantizedLinearMethod()
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """A tensor-parallel layer's slice of the checkpoint's weight [out, in].
+
+    ``dim`` 0 (column parallel): of shard i's ``totals[i]`` output rows, the layer holds
+    ``output_sizes[i]`` from ``starts[i]``. ``dim`` 1 (row parallel): of the ``totals[0]``
+    inputs, the layer holds ``input_size`` from ``starts[0]``; its output is a partial sum,
+    summed over the ranks by an all-reduce unless ``reduce`` is False (a block that sums
+    several layers' outputs reduces once, itself). The bias of a row-parallel layer is added
+    once, after the sum.
+    """
+
+    tp: TensorParallel
+    dim: int
+    starts: tuple[int, ...]
+    totals: tuple[int, ...]
+    reduce: bool = True
+
+    @classmethod
+    def column(cls, tp: TensorParallel, parts: Sequence[tuple[int, int]]) -> Parallel | None:
+        """Column parallel, shard i's rows from ``parts[i] = (start, total)``; None for a
+        single rank."""
+        if tp.size == 1:
+            return None
+        return cls(tp, 0, tuple(p[0] for p in parts), tuple(p[1] for p in parts))
+
+    @classmethod
+    def row(cls, tp: TensorParallel, start: int, total: int, reduce: bool = True
+            ) -> Parallel | None:
+        """Row parallel, inputs from ``start`` of ``total``; None for a single rank."""
+        return None if tp.size == 1 else cls(tp, 1, (start,), (total,), reduce)
 
 
 def checkpoint_parts(name: str, stacked: dict[str, tuple[str, int]]) -> list[str]:
@@ -115,8 +153,10 @@ class Linear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device=None,
         method: LinearMethod | None = None,
+        parallel: Parallel | None = None,
     ) -> None:
         super().__init__()
+        self.parallel = parallel
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
         self.output_size = sum(self.output_sizes)
@@ -143,15 +183,49 @@ class Linear(nn.Module):
         """Load checkpoint tensor ``name`` (one the layer ``accepts``) for one shard."""
         if name == "bias":
             offset, size = self.shard_offsets[shard], self.output_sizes[shard]
+            if self.parallel is not None and self.parallel.dim == 0:
+                tensor = self.rank_slice(tensor, shard)
             copy_weight(self.bias.data[offset : offset + size], tensor, f"bias shard {shard}")
         else:
             self.method.load_shard(self, name, tensor, shard)
+
+    def checkpoint_shape(self, shard: int) -> tuple[int, int]:
+        """Shard ``shard``'s whole weight (out, in) in the checkpoint, before any split."""
+        split = self.parallel
+        out, inputs = self.output_sizes[shard], self.input_size
+        if split is None:
+            return out, inputs
+        return (split.totals[shard], inputs) if split.dim == 0 else (out, split.totals[0])
+
+    def rank_slice(self, tensor: torch.Tensor, shard: int) -> torch.Tensor:
+        """This rank's slice of shard ``shard``'s whole checkpoint weight [out, in] (a tensor,
+        or a low-bit ``QuantizedWeight``) or bias [out] of a column-parallel layer; the weight
+        itself where the layer is not split."""
+        split = self.parallel
+        if split is None:
+            return tensor
+        index = shard if split.dim == 0 else 0
+        size = self.output_sizes[shard] if split.dim == 0 else self.input_size
+        if tensor.shape[split.dim] != split.totals[index]:
+            side = "outputs" if split.dim == 0 else "inputs"
+            raise ModelLoadError(
+                f"checkpoint tensor of shape {tuple(tensor.shape)} has "
+                f"{tensor.shape[split.dim]} {side}, the model expects {split.totals[index]}")
+        return tensor.narrow(split.dim, split.starts[index], size)
 
     def pack_weights(self) -> None:
         self.method.process_weights_after_loading(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None and self.parallel.dim == 1:
+            return self._row_parallel(x)
         y = self.method.apply(self, x, self.bias)
         if self.lora is not None:
             self.lora.add(x, y)
         return y
+
+    def _row_parallel(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.method.apply(self, x, None)
+        if self.parallel.reduce:
+            self.parallel.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias

@@ -6,14 +6,17 @@ import torch
 from kvpage_kernels import silu_and_mul
 from torch import nn
 
-from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.distributed.parallel import TensorParallel
+from kvpage_runtime.layers.linear import Linear, Parallel
 from kvpage_runtime.layers.quantization import LinearMethods
 
 
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)); ``gate_up_proj`` stacks the gate (shard 0) and up (shard 1)
     weights. ``prefix`` is the block's name in the model (its layers' methods are chosen by
-    name)."""
+    name). Tensor parallel: each rank holds a slice of the intermediate size (gate/up column
+    parallel, down row parallel), and ``reduce_results`` False leaves the sum over the ranks
+    to the caller (a mixture of experts sums once for all its experts)."""
 
     def __init__(
         self,
@@ -23,17 +26,23 @@ class GatedMLP(nn.Module):
         device=None,
         methods: LinearMethods | None = None,
         prefix: str = "mlp",
+        tp: TensorParallel | None = None,
+        reduce_results: bool = True,
     ) -> None:
         super().__init__()
         methods = methods or LinearMethods()
-        self.intermediate_size = intermediate_size
+        tp = tp or TensorParallel()
+        start, self.intermediate_size = tp.split(intermediate_size, "intermediate size")
+        part = (start, intermediate_size)
         self.gate_up_proj = Linear(
-            hidden_size, [intermediate_size] * 2, dtype=dtype, device=device,
+            hidden_size, [self.intermediate_size] * 2, dtype=dtype, device=device,
             method=methods.linear(f"{prefix}.gate_up_proj"),
+            parallel=Parallel.column(tp, [part, part]),
         )
         self.down_proj = Linear(
-            intermediate_size, [hidden_size], dtype=dtype, device=device,
+            self.intermediate_size, [hidden_size], dtype=dtype, device=device,
             method=methods.linear(f"{prefix}.down_proj"),
+            parallel=Parallel.row(tp, start, intermediate_size, reduce_results),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

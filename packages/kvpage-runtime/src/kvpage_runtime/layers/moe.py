@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.mlp import GatedMLP
 from kvpage_runtime.layers.quantization import LinearMethods
@@ -17,7 +18,8 @@ class SparseMoE(nn.Module):
     its layers take the linear method the checkpoint quantized them with; the router ``gate``
     is always dense. Tokens are grouped by expert with one sort, so the work is one expert call
     per expert that received tokens; the token count per expert is read back to the host once
-    per layer.
+    per layer. Tensor parallel: every rank routes (the router is whole on each) and holds a
+    slice of every expert's intermediate size; the mixed output is summed over the ranks once.
     """
 
     def __init__(
@@ -30,14 +32,16 @@ class SparseMoE(nn.Module):
         device=None,
         methods: LinearMethods | None = None,
         prefix: str = "mlp",
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tp or TensorParallel()
         self.num_experts = num_experts
         self.top_k = top_k
         self.gate = Linear(hidden_size, [num_experts], dtype=dtype, device=device)
         self.experts = nn.ModuleList(
             GatedMLP(hidden_size, intermediate_size, dtype, device, methods,
-                     f"{prefix}.experts.{e}")
+                     f"{prefix}.experts.{e}", self.tp, reduce_results=False)
             for e in range(num_experts)
         )
 
@@ -63,4 +67,4 @@ class SparseMoE(nn.Module):
             0, order.argsort()
         )  # back to (token, choice) order
         mixed = per_choice.view(*experts.shape, -1) * weights.unsqueeze(-1)
-        return mixed.sum(dim=1).to(x.dtype)
+        return self.tp.all_reduce(mixed.sum(dim=1).to(x.dtype))

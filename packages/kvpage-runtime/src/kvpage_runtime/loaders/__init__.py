@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.packed_gemm import pack_model_weights
 from kvpage_runtime.layers.quantization import DENSE_LOAD
@@ -33,6 +34,7 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     quantization: str | None = None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """Load a Hugging Face model folder, a ``.gguf`` file, or (``model=None``) the default model.
 
@@ -45,11 +47,14 @@ def load_model(
     ``quantization``: None loads what the checkpoint is (AWQ, GPTQ, a GGUF file's low-bit
     blocks, or dense); "awq", "gptq" or "gguf" insist on it (an error if the checkpoint is
     not); "none" loads a GGUF file dense, every tensor dequantized to ``dtype``.
+
+    ``tp`` (None: one rank): the model is this rank's shard, each checkpoint tensor sliced as
+    it is read (a rank holds at most one whole tensor at a time, never the whole model).
     """
     path = default_model_path() if model is None else Path(model).expanduser()
     low_bit = _loads_low_bit(path, quantization)
     loaded = _load(path, resolve_dtype(dtype, device, low_bit), torch.device(device),
-                   quantization)
+                   quantization, tp or TensorParallel())
     pack_model_weights(loaded.model)
     return loaded
 
@@ -64,11 +69,11 @@ def _loads_low_bit(path: Path, quantization: str | None) -> bool:
 
 
 def _load(path: Path, dtype: torch.dtype, device: torch.device,
-          quantization: str | None) -> LoadedModel:
+          quantization: str | None, tp: TensorParallel) -> LoadedModel:
     if path.suffix == ".gguf":
-        return load_gguf(path, dtype, device, quantization)
+        return load_gguf(path, dtype, device, quantization, tp=tp)
     if path.is_dir():
-        return load_hf_folder(path, dtype, device, quantization)
+        return load_hf_folder(path, dtype, device, quantization, tp)
     if not path.exists():
         raise ModelLoadError(
             f"model {str(path)!r} not found: expected a local model folder or a .gguf file"

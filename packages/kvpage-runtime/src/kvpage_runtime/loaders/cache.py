@@ -1,7 +1,8 @@
 """On-disk cache of converted GGUF models, so that a second load skips parsing and dequantizing.
 
 An entry is keyed by the GGUF file's name, size and modification time and by how it was
-loaded (low-bit weights kept, or all dequantized), and holds the config (JSON), the weights in
+loaded (low-bit weights kept, or all dequantized; the tensor-parallel rank it is a shard
+for), and holds the config (JSON), the weights in
 the model's own layout (safetensors: low-bit layers packed as ``QuantizedPanels``, the other
 parameters dequantized to fp32) and the converted tokenizer (``save_pretrained``). Entries are written to a temporary folder and renamed into
 place, so a reader never sees a partial entry.
@@ -33,9 +34,11 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "kvpage")
 
 
-def entry_dir(gguf_path: Path, low_bit: bool) -> Path:
+def entry_dir(gguf_path: Path, low_bit: bool, rank: int = 0, world_size: int = 1) -> Path:
     stat = gguf_path.stat()
     kind = "low-bit" if low_bit else "dense"
+    if world_size > 1:
+        kind += f"|tp-rank-{rank}-of-{world_size}"
     key = f"{_FORMAT}|{kind}|{gguf_path.name}|{stat.st_size}|{stat.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_root() / "gguf" / f"{gguf_path.stem}-{digest}"

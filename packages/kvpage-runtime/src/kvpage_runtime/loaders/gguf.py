@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.quantization import DENSE_LOAD, GGUFQuantization
 from kvpage_runtime.layers.quantization.config import check_requested
@@ -39,50 +40,56 @@ def load_gguf(
     device: torch.device,
     quantization: str | None = None,
     use_cache: bool = True,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
     """``quantization``: None or "gguf" keeps the low-bit blocks kvpage multiplies by, "none"
-    dequantizes every tensor (the dense load)."""
+    dequantizes every tensor (the dense load). ``tp``: the rank whose shard to load (each
+    rank converts and caches its own)."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     low_bit = quantization != DENSE_LOAD
     if low_bit:
         check_requested(quantization, "gguf")
-    entry = cache.entry_dir(path, low_bit)
+    tp = tp or TensorParallel()
+    entry = cache.entry_dir(path, low_bit, tp.rank, tp.size)
     writer = _writers.pop(entry, None)
     if writer is not None:
         writer.join()
     if use_cache and cache.is_complete(entry):
-        return _load_cached(entry, dtype, device)
-    return _convert(path, entry if use_cache else None, low_bit, dtype, device)
+        return _load_cached(entry, dtype, device, tp)
+    return _convert(path, entry if use_cache else None, low_bit, dtype, device, tp)
 
 
-def _load_cached(entry: Path, dtype: torch.dtype, device: torch.device) -> LoadedModel:
+def _load_cached(entry: Path, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallel) -> LoadedModel:
     config, extra = cache.config_from_json((entry / cache.CONFIG_FILE).read_text(), dtype)
     with safe_open(entry / cache.WEIGHTS_FILE, framework="pt") as f:
         state = {name: f.get_tensor(name).to(device) for name in f.keys()}  # noqa: SIM118 (not a dict)
-    model, _ = _build(config, device, extra["tensor_types"])
+    model, _ = _build(config, device, extra["tensor_types"], tp)
     model.adopt_state(state)
     tokenizer = load_tokenizer(entry / cache.TOKENIZER_DIR)
     return _loaded(model, config, tokenizer, set(extra["eos_token_ids"]))
 
 
-def _build(config: ModelConfig, device: torch.device, tensor_types: dict[str, str] | None):
+def _build(config: ModelConfig, device: torch.device, tensor_types: dict[str, str] | None,
+           tp: TensorParallel | None):
     """The model for ``config`` and its GGUF quantization: ``tensor_types`` (the file's GGML
     types by the model's tensor names) decides which layers stay low-bit, None that none
     does."""
     quantization = None if tensor_types is None else GGUFQuantization(tensor_types)
-    return model_class(config.architecture)(config, device, quantization), quantization
+    return model_class(config.architecture)(config, device, quantization, tp), quantization
 
 
 def build_gguf_model(
-    gguf_file: GGUFModelFile, config: ModelConfig, device: torch.device, low_bit: bool
+    gguf_file: GGUFModelFile, config: ModelConfig, device: torch.device, low_bit: bool,
+    tp: TensorParallel | None = None,
 ):
     """The model of ``gguf_file`` with its weights loaded (dense ones in ``config.dtype``) and
     the GGUF quantization it was built with (None for a dense load)."""
     rename = model_class(config.architecture).model_name
     tensor_types = ({rename(name): t for name, t in gguf_file.tensor_types().items()}
                     if low_bit else None)
-    model, quantization = _build(config, device, tensor_types)
+    model, quantization = _build(config, device, tensor_types, tp)
     kept = quantization.kept if quantization is not None else set()
     model.load_weights(gguf_file.hf_tensors(config, lambda name: rename(name) in kept))
     if quantization is not None and (dequantized := quantization.dequantized_types()):
@@ -93,7 +100,8 @@ def build_gguf_model(
 
 
 def _convert(
-    path: Path, entry: Path | None, low_bit: bool, dtype: torch.dtype, device: torch.device
+    path: Path, entry: Path | None, low_bit: bool, dtype: torch.dtype, device: torch.device,
+    tp: TensorParallel,
 ) -> LoadedModel:
     """Convert into a model whose dense parameters are fp32 (cached as is), then take its
     state into a model of ``dtype``, as a cached load does.
@@ -106,7 +114,7 @@ def _convert(
     config = gguf_file.model_config(dtype)
     eos = gguf_file.eos_token_ids()
     converted, quantization = build_gguf_model(
-        gguf_file, dataclasses.replace(config, dtype=torch.float32), device, low_bit)
+        gguf_file, dataclasses.replace(config, dtype=torch.float32), device, low_bit, tp)
     state = converted.export_state()
     tensor_types = None if quantization is None else quantization.tensor_types
     tokenizer = load_tokenizer(path.parent, gguf_file=path.name)
@@ -116,7 +124,7 @@ def _convert(
         writer = threading.Thread(target=_write_cache, args=args, name="kvpage-cache-writer")
         writer.start()
         _writers[entry] = writer
-    model, _ = _build(config, device, tensor_types)
+    model, _ = _build(config, device, tensor_types, tp)
     model.adopt_state(state)
     return _loaded(model, config, tokenizer, eos)
 

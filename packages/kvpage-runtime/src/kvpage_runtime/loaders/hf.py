@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.quantization import quantization_from_hf
 from kvpage_runtime.loaders.hf_config import model_config_from_hf
@@ -26,16 +27,17 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def load_hf_folder(
-    folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None
+    folder: Path, dtype: torch.dtype, device: torch.device, quantization: str | None = None,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
-    """``quantization``: see ``loaders.load_model``."""
+    """``quantization`` and ``tp``: see ``loaders.load_model``."""
     raw = read_json(folder / "config.json", "model configuration")
     config = model_config_from_hf(raw, dtype)
     quantization_config = quantization_from_hf(raw, quantization)
     files = safetensors_files(folder)
     if not config.tie_word_embeddings and "lm_head.weight" not in tensor_names(files):
         config.tie_word_embeddings = True
-    model = build_model(config, device, quantization_config)
+    model = build_model(config, device, quantization_config, tp)
     model.load_weights(iter_safetensors(files))
     model.eval()
     generation_config = _optional_json(folder / "generation_config.json")

@@ -106,8 +106,7 @@ class LoRAManager:
 
     # ---- a step ----------------------------------------------------------------------------
 
-    def bind(self, seq_adapters: list[int | None], q_lens: np.ndarray,
-             device: torch.device) -> torch.Tensor | None:
+    def bind(self, seq_adapters: list[int | None], q_lens: np.ndarray) -> np.ndarray | None:
         """Puts the step's adapters in slots; returns each token's slot (int32, -1 for
         tokens of base-model requests), or None when the step has no adapter at all."""
         ids = {i for i in seq_adapters if i is not None}
@@ -116,7 +115,7 @@ class LoRAManager:
         slot_of = self._activate(ids)
         per_seq = np.fromiter((-1 if i is None else slot_of[i] for i in seq_adapters),
                               dtype=np.int32, count=len(seq_adapters))
-        return torch.from_numpy(np.repeat(per_seq, q_lens)).to(device, non_blocking=True)
+        return np.repeat(per_seq, q_lens)
 
     def _activate(self, ids: Iterable[int]) -> dict[int, int]:
         ids = set(ids)

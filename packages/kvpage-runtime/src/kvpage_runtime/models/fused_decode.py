@@ -83,6 +83,10 @@ class _Declined(Exception):
 def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDecoder | None:
     """The fused stack over ``model``'s layers and ``kv_caches``, or None where it does not
     apply or does not prove itself."""
+    if model.tp.size > 1:
+        logger.info("decode steps run layer by layer: the fused stack has no collectives for "
+                    "tensor parallelism")
+        return None
     if not _applies(model.config, kv_caches):
         return None
     try:

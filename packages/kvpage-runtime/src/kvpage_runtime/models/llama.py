@@ -3,7 +3,8 @@
 They differ only in configuration, so one implementation serves all of them. Module names
 follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused at load time.
 Each module is built with its name in the model (``prefix``), by which ``LinearMethods``
-gives each linear layer the method the checkpoint stores it in (dense, or low-bit).
+gives each linear layer the method the checkpoint stores it in (dense, or low-bit), and with
+its tensor-parallel group (``tp``), by which a rank builds its slice of each layer.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from kvpage_kernels import rotary_embedding
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.forward_batch import ForwardBatch
 from kvpage_runtime.layers.attention import KVCache, PagedAttention
 from kvpage_runtime.layers.embedding import TiedLMHead, VocabEmbedding
-from kvpage_runtime.layers.linear import Linear
+from kvpage_runtime.layers.linear import Linear, Parallel
 from kvpage_runtime.layers.mlp import GatedMLP
 from kvpage_runtime.layers.norm import RMSNorm
 from kvpage_runtime.layers.quantization import LinearMethods, QuantizationConfig
@@ -36,27 +38,34 @@ PACKED = "packed"  # the name part of packed tensors in ``export_state``
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str) -> None:
+    """Tensor parallel: each rank computes its query heads and their KV heads (QKV column
+    parallel), and o_proj (row parallel) sums the ranks' heads."""
+
+    def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
+                 tp: TensorParallel) -> None:
         super().__init__()
-        self.num_heads = config.num_heads
-        self.num_kv_heads = config.num_kv_heads
-        self.head_dim = config.head_dim
-        self.qk_size = config.q_size + config.kv_size
+        heads = tp.heads(config.num_heads, config.num_kv_heads)
+        self.num_heads = heads.num_heads
+        self.num_kv_heads = heads.num_kv_heads
+        self.head_dim = d = config.head_dim
+        q_size, kv_size = self.num_heads * d, self.num_kv_heads * d
+        self.qk_size = q_size + kv_size
+        kv_part = (heads.kv_start * d, config.kv_size)
         self.qkv_proj = Linear(
             config.hidden_size,
-            [config.q_size, config.kv_size, config.kv_size],
+            [q_size, kv_size, kv_size],
             bias=config.attention_bias,
             dtype=config.dtype,
             device=device,
             method=methods.linear(f"{prefix}.qkv_proj"),
+            parallel=Parallel.column(tp, [(heads.q_start * d, config.q_size), kv_part, kv_part]),
         )
         self.o_proj = Linear(
-            config.q_size, [config.hidden_size], dtype=config.dtype, device=device,
+            q_size, [config.hidden_size], dtype=config.dtype, device=device,
             method=methods.linear(f"{prefix}.o_proj"),
+            parallel=Parallel.row(tp, heads.q_start * d, config.q_size),
         )
-        self.attn = PagedAttention(
-            config.num_heads, config.num_kv_heads, config.head_dim, config.sliding_window
-        )
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
 
     def forward(
         self,
@@ -76,22 +85,24 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str) -> None:
+    def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
+                 tp: TensorParallel) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, config.dtype, device
         )
-        self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn")
+        self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn", tp)
         self.post_attention_layernorm = RMSNorm(
             config.hidden_size, config.rms_norm_eps, config.dtype, device
         )
-        self.mlp = self.build_mlp(config, device, methods, f"{prefix}.mlp")
+        self.mlp = self.build_mlp(config, device, methods, f"{prefix}.mlp", tp)
 
     def build_mlp(
-        self, config: ModelConfig, device, methods: LinearMethods, prefix: str
+        self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
+        tp: TensorParallel,
     ) -> nn.Module:
         return GatedMLP(config.hidden_size, config.intermediate_size, config.dtype, device,
-                        methods, prefix)
+                        methods, prefix, tp)
 
     def forward(
         self,
@@ -116,16 +127,18 @@ class LlamaModel(nn.Module):
     layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
 
     def __init__(
-        self, config: ModelConfig, device, methods: LinearMethods, prefix: str = "model"
+        self, config: ModelConfig, device, methods: LinearMethods, prefix: str = "model",
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp or TensorParallel()
         self.embed_tokens = VocabEmbedding(
             config.vocab_size, config.hidden_size, config.dtype, device,
-            methods.table(f"{prefix}.embed_tokens"),
+            methods.table(f"{prefix}.embed_tokens"), self.tp,
         )
         self.layers = nn.ModuleList(
-            self.layer_class(config, device, methods, f"{prefix}.layers.{i}")
+            self.layer_class(config, device, methods, f"{prefix}.layers.{i}", self.tp)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
@@ -177,7 +190,7 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """``model(batch, kv_caches)`` -> final hidden states; ``compute_logits(hidden)`` -> logits
     (model dtype). ``quantization`` (None: dense) says which layers the checkpoint stores in
-    low-bit form."""
+    low-bit form; ``tp`` (None: one rank) which slice of each layer this model holds."""
 
     model_class: type[LlamaModel] = LlamaModel
     # checkpoint projection name -> (fused module name, shard index)
@@ -190,17 +203,20 @@ class LlamaForCausalLM(nn.Module):
     }
 
     def __init__(
-        self, config: ModelConfig, device=None, quantization: QuantizationConfig | None = None
+        self, config: ModelConfig, device=None, quantization: QuantizationConfig | None = None,
+        tp: TensorParallel | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.tp = tp or TensorParallel()
         methods = LinearMethods(quantization, self.stacked_params)
-        self.model = self.model_class(config, device, methods)
+        self.model = self.model_class(config, device, methods, tp=self.tp)
         if config.tie_word_embeddings:
             self.lm_head = TiedLMHead(self.model.embed_tokens)
         else:
-            self.lm_head = Linear(config.hidden_size, [config.vocab_size], dtype=config.dtype,
-                                  device=device, method=methods.table("lm_head"))
+            self.lm_head = VocabEmbedding(config.vocab_size, config.hidden_size, config.dtype,
+                                          device, methods.table("lm_head"), self.tp,
+                                          serves_lm_head=True)
 
     def bind_kv_caches(self, kv_caches: list[KVCache]) -> None:
         """Called once the engine allocated its KV caches: builds (and checks) the fused
@@ -212,8 +228,9 @@ class LlamaForCausalLM(nn.Module):
         return self.model(batch, kv_caches)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Logits of ``hidden``'s rows; None on the ranks other than the driver."""
+        return self.lm_head.logits(hidden)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named checkpoint tensors into this model; raises if any is missing."""

@@ -7,6 +7,7 @@ import re
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.layers.moe import SparseMoE
 from kvpage_runtime.layers.quantization import LinearMethods
 from kvpage_runtime.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
@@ -18,7 +19,8 @@ _EXPERT = re.compile(r"\.experts\.(\d+)\.(w[123])\.")
 
 class MixtralDecoderLayer(LlamaDecoderLayer):
     def build_mlp(
-        self, config: ModelConfig, device, methods: LinearMethods, prefix: str
+        self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
+        tp: TensorParallel,
     ) -> nn.Module:
         return SparseMoE(
             config.hidden_size,
@@ -29,6 +31,7 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
             device,
             methods,
             prefix,
+            tp,
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from kvpage_runtime.config import ModelConfig
+from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import UnsupportedModelError
 from kvpage_runtime.layers.quantization import QuantizationConfig
 from kvpage_runtime.models.llama import LlamaForCausalLM
@@ -29,8 +30,10 @@ def model_class(architecture: str) -> type[LlamaForCausalLM]:
 
 
 def build_model(
-    config: ModelConfig, device=None, quantization: QuantizationConfig | None = None
+    config: ModelConfig, device=None, quantization: QuantizationConfig | None = None,
+    tp: TensorParallel | None = None,
 ) -> nn.Module:
     """An uninitialized model for ``config`` (weights still to be loaded); ``quantization``
-    (None: dense) says which layers the checkpoint stores in low-bit form."""
-    return model_class(config.architecture)(config, device, quantization)
+    (None: dense) says which layers the checkpoint stores in low-bit form, ``tp`` (None: one
+    rank) which slice of each layer the model holds."""
+    return model_class(config.architecture)(config, device, quantization, tp)

@@ -75,16 +75,21 @@ class LowBitLinearMethod:
     def _convert(
         self, layer: Linear, tensors: dict[str, torch.Tensor], shard: int
     ) -> QuantizedWeight:
-        shape = (layer.output_sizes[shard], layer.input_size)
+        """The shard's whole weight converted, then (tensor parallel) this rank's slice."""
+        shape = layer.checkpoint_shape(shard)
         try:
             weight = self.format.convert(tensors, shard, shape)
         except QuantizationFormatError as e:
             raise QuantizationFormatError(f"{self.parts[shard]}: {e}") from e
-        if (weight.out_features, weight.in_features) != shape:
+        if weight.shape != shape:
             raise QuantizationFormatError(
                 f"{self.parts[shard]}: its tensors hold a {weight.out_features} x "
                 f"{weight.in_features} weight, the model expects {shape[0]} x {shape[1]}")
-        return weight
+        try:
+            return layer.rank_slice(weight, shard)
+        except KernelInputError as e:
+            raise QuantizationFormatError(
+                f"{self.parts[shard]} cannot be split for tensor parallelism: {e}") from e
 
     def _pack(self, layer: Linear) -> None:
         """Stack the shards and pack them, as soon as the last one is converted (so that the
