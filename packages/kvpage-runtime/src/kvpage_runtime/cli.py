@@ -216,6 +216,20 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         '"num_speculative_tokens": 4}\', optionally "prompt_lookup_max", "prompt_lookup_min", '
         '"disable_by_batch_size" (default: none)',
     )
+    g.add_argument(
+        "--tensor-parallel-size", "-tp",
+        type=int,
+        default=1,
+        help="split every layer over this many ranks (processes; on the CPU they share the "
+        "cores) (default: %(default)s)",
+    )
+    g.add_argument(
+        "--distributed-executor-backend",
+        choices=["mp", "ray"],
+        default=None,
+        help="how the tensor-parallel ranks start: mp (processes on this machine) or ray "
+        "(actors on the Ray cluster of RAY_ADDRESS, else a local one) (default: mp)",
+    )
     g.add_argument("--seed", type=int, default=0, help="engine random seed (default: %(default)s)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument(
@@ -244,6 +258,8 @@ def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any
         enable_chunked_prefill=args.enable_chunked_prefill,
         scheduling_policy=args.scheduling_policy,
         speculative_config=args.speculative_config,
+        tensor_parallel_size=args.tensor_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
         seed=args.seed,
         device=args.device,
         tokenizer=args.tokenizer,

@@ -28,6 +28,7 @@ import torch
 from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.distributed.worker import (
     Channel,
+    TIMEOUT_ENV,
     WorkerArgs,
     collective_timeout_s,
     connect,
@@ -50,8 +51,9 @@ class Workers(Protocol):
     def dead(self) -> list[str]:
         """One line per worker that has ended ("rank 2 (pid 1234) exited with code -9")."""
 
-    def stop(self) -> None:
-        """Ends every worker (those that ignore the driver's stop message too)."""
+    def stop(self, grace_s: float) -> None:
+        """Ends every worker, giving each ``grace_s`` to end on its own first (after the
+        driver's stop message)."""
 
 
 class ProcessWorkers:
@@ -73,10 +75,10 @@ class ProcessWorkers:
         return [f"rank {rank} (pid {p.pid}) exited with code {p.returncode}"
                 for rank, p in enumerate(self.processes, start=1) if p.poll() is not None]
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float) -> None:
         for process in self.processes:
             try:
-                process.wait(_STOP_GRACE_S)
+                process.wait(grace_s)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
@@ -101,7 +103,7 @@ class RayWorkers:
         self.started_ray = not ray.is_initialized()
         if self.started_ray:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False,
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                      log_to_driver=True)
         actor = ray.remote(num_cpus=0, num_gpus=1 if cuda else 0)(_RayWorker)
         self.actors = [actor.options(name=None).remote() for _ in args]
@@ -119,8 +121,8 @@ class RayWorkers:
                     lines.append(f"rank {rank} (Ray actor) died: {exc}")
         return lines
 
-    def stop(self) -> None:
-        self.ray.wait(self.runs, num_returns=len(self.runs), timeout=_STOP_GRACE_S)
+    def stop(self, grace_s: float) -> None:
+        self.ray.wait(self.runs, num_returns=len(self.runs), timeout=grace_s)
         for actor in self.actors:
             self.ray.kill(actor)
         if self.started_ray:
@@ -133,8 +135,9 @@ class TensorParallelDriver:
     engine's model runner: the result runs every step on all ranks."""
 
     def __init__(self, tp: TensorParallel, workers: Workers, init_method: str,
-                 device: torch.device, timeout_s: float) -> None:
+                 device: torch.device, timeout_s: float, threads_before: int) -> None:
         self.tp = tp
+        self.threads_before = threads_before  # torch threads of the process, given back at the end
         self.workers = workers
         self.init_method = init_method
         self.device = device
@@ -150,7 +153,8 @@ class TensorParallelDriver:
             raise EngineConfigError(f"distributed_executor_backend must be one of "
                                     f"{', '.join(EXECUTOR_BACKENDS)}, got {backend!r}")
         cuda = torch.device(device).type == "cuda"
-        threads = None if cuda else max(1, torch.get_num_threads() // size)
+        threads_before = torch.get_num_threads()
+        threads = None if cuda else max(1, threads_before // size)
         if threads is not None:
             torch.set_num_threads(threads)
             logger.info("tensor parallel over %d CPU ranks, %d torch thread(s) each", size,
@@ -164,7 +168,7 @@ class TensorParallelDriver:
         workers = ProcessWorkers(args) if backend == "mp" else RayWorkers(args, cuda)
         tp = TensorParallel(0, size)
         return cls(tp, workers, init_method, torch.device(_rank_device(device, 0, backend)),
-                   timeout_s)
+                   timeout_s, threads_before)
 
     def connect(self) -> None:
         """Meets the workers (watching that none dies meanwhile) and raises the first load
@@ -216,7 +220,8 @@ class TensorParallelDriver:
         except Exception as exc:
             dead = self.workers.dead()
             what = "; ".join(dead) if dead else f"{type(exc).__name__}: {exc}"
-            self._fail(f"a tensor-parallel step failed: {what}", exc)
+            self._fail(f"a tensor-parallel step failed: {what} (ranks wait for each other "
+                       f"{self.timeout_s:g} s at most, {TIMEOUT_ENV})", exc)
 
     def _fail(self, reason: str, cause: BaseException | None = None):
         self.shutdown(graceful=False)
@@ -233,9 +238,10 @@ class TensorParallelDriver:
                 self.channel.send(("stop",))
             except Exception as exc:
                 logger.warning("could not tell the tensor-parallel workers to stop: %s", exc)
-        self.workers.stop()
+        self.workers.stop(_STOP_GRACE_S if graceful else 0.0)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        torch.set_num_threads(self.threads_before)
 
 
 class TensorParallelRunner:

@@ -3,10 +3,12 @@
 Every rank other than the driver (rank 0, the engine's own process) runs ``run_worker``, under
 either executor: it loads its shard, meets the other ranks (``connect``), reports whether the
 load succeeded, then obeys the driver's messages until told to stop. The driver sends each
-message to all workers at once, over a gloo group of its own (``broadcast_object_list``:
-a step's inputs are a few NumPy arrays, pickled compactly); the activations' collectives go
-over the device group (gloo on the CPU, NCCL on CUDA), whose timeout bounds how long a rank
-waits for a dead or hung peer.
+message to all workers at once, over a gloo group of its own (two broadcasts: the length,
+then the pickled message; a step's inputs are a few NumPy arrays, pickled compactly). A worker
+waits for the next message as long as the engine is idle; the driver waits for the workers to
+take one, and ranks wait in the activations' collectives (the device group: gloo on the CPU,
+NCCL on CUDA) for at most the timeout, which so bounds how long a dead or hung peer goes
+unnoticed.
 
 Messages: ``("cache", num_blocks, block_size)`` allocates the KV caches, ``("copy", pairs)``
 copies blocks, ``("step", inputs, logits_indices)`` runs a forward pass, ``("stop",)`` ends.
@@ -62,16 +64,22 @@ class Channel:
 
     tp: TensorParallel
     messages: Any  # the gloo group the driver's messages go over
+    timeout: timedelta  # how long the driver waits for the workers to take a message
 
     def send(self, message: tuple) -> None:
         """Driver: ``message`` to every worker."""
-        dist.broadcast_object_list([message], src=0, group=self.messages)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        for tensor in (torch.tensor([len(data)], dtype=torch.int64),
+                       torch.frombuffer(bytearray(data), dtype=torch.uint8)):
+            dist.broadcast(tensor, src=0, group=self.messages, async_op=True).wait(self.timeout)
 
     def receive(self) -> tuple:
         """Worker: the driver's next message (waits as long as the engine is idle)."""
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.messages)
-        return box[0]
+        length = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(length, src=0, group=self.messages)
+        data = torch.empty(int(length), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=self.messages)
+        return pickle.loads(data.numpy().tobytes())
 
     def gather_status(self, error: str | None) -> list[str | None]:
         """Every rank's load error (None: loaded), on the driver; [] on the workers."""
@@ -88,7 +96,7 @@ def connect(tp: TensorParallel, init_method: str, device: torch.device,
                             world_size=tp.size, timeout=timedelta(seconds=timeout_s))
     tp.group = dist.group.WORLD
     messages = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
-    return Channel(tp, messages)
+    return Channel(tp, messages, timedelta(seconds=timeout_s))
 
 
 def run_worker(args: WorkerArgs) -> None:
