@@ -27,8 +27,8 @@ import torch
 
 from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.distributed.worker import (
-    Channel,
     TIMEOUT_ENV,
+    Channel,
     WorkerArgs,
     collective_timeout_s,
     connect,
