@@ -107,6 +107,24 @@ def test_tensor_parallel_matches_one_rank(name, tmp_path):
     assert_same_greedy(outputs, reference)
 
 
+def test_gloo_all_reduce_gives_the_same_tokens(tmp_path, monkeypatch):
+    """CPU ranks on one machine all-reduce through shared memory; over gloo (as ranks on
+    several machines do) the tokens are the same."""
+    config, tp = FAMILIES["llama-tp2"]
+    folder = tiny_folder(config, tmp_path / "llama")
+    rows = prompts()
+    reference, _, _ = generate(folder, engine_options(config, 1), rows)
+    for switch, shared in (("1", True), ("0", False)):
+        monkeypatch.setenv("KVPAGE_SHM_ALL_REDUCE", switch)
+        llm = LLM(str(folder), **engine_options(config, tp))
+        try:
+            assert (llm.engine.parallel.tp.shm_all_reduce is not None) == shared
+        finally:
+            llm.engine.shutdown()
+    outputs, _, _ = generate(folder, engine_options(config, tp), rows)
+    assert_same_greedy(outputs, reference)
+
+
 @pytest.mark.parametrize("scheme", [AWQ(32), GPTQ(4, 32, sym=False, desc_act=False)],
                          ids=["awq-g32", "gptq-4bit-g32"])
 def test_quantized_layers_split_at_group_boundaries(scheme, tmp_path):
@@ -319,3 +337,4 @@ def test_ray_executor_matches_one_rank(tmp_path):
     done = subprocess.run(prefix + [sys.executable, "-c", RAY_CHECK, str(folder)], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "ray ok" in done.stdout, done.stderr[-3000:]
+

@@ -191,6 +191,8 @@ class TensorParallelDriver:
         if "error" in joined:
             self._fail(f"the ranks could not meet at {self.init_method}: {joined['error']}")
         self.channel = joined["channel"]
+        if self.tp.shm_all_reduce is not None:
+            self.tp.shm_all_reduce.peers_alive = lambda: not self.workers.dead()
         errors = [(rank, e) for rank, e in enumerate(self.channel.gather_status(None)) if e]
         if errors:
             self.shutdown()

@@ -46,11 +46,13 @@ class HeadSplit:
 class TensorParallel:
     """Rank ``rank`` of ``size``. ``group`` is the torch.distributed group of the activations'
     collectives (gloo on the CPU, NCCL on CUDA); it is set once the ranks have met
-    (``distributed.worker.connect``), after the shard may already have been loaded."""
+    (``distributed.worker.connect``), after the shard may already have been loaded, and so is
+    ``shm_all_reduce`` where CPU ranks share a machine (``shm_all_reduce``)."""
 
     rank: int = 0
     size: int = 1
     group: Any = None
+    shm_all_reduce: Any = None  # a SharedMemoryAllReduce, or None
     stats: CommStats = field(default_factory=CommStats)
 
     def split(self, total: int, what: str) -> tuple[int, int]:
@@ -88,7 +90,10 @@ class TensorParallel:
         """The sum of ``x`` over the ranks, in place."""
         if self.size > 1:
             started = time.perf_counter()
-            torch.distributed.all_reduce(x, group=self.group)
+            if self.shm_all_reduce is not None and self.shm_all_reduce.fits(x):
+                self.shm_all_reduce(x)
+            else:
+                torch.distributed.all_reduce(x, group=self.group)
             self._count(started)
         return x
 
@@ -99,10 +104,14 @@ class TensorParallel:
             return x
         started = time.perf_counter()
         x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
-        torch.distributed.gather(x, parts, dst=0, group=self.group)
+        if self.shm_all_reduce is not None and self.shm_all_reduce.fits(x):
+            gathered = self.shm_all_reduce.gather(x)
+        else:
+            parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == 0 else None
+            torch.distributed.gather(x, parts, dst=0, group=self.group)
+            gathered = torch.cat(parts, dim=-1) if parts is not None else None
         self._count(started)
-        return torch.cat(parts, dim=-1) if parts is not None else None
+        return gathered
 
     def _count(self, started: float) -> None:
         self.stats.collective_seconds += time.perf_counter() - started
