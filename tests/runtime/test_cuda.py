@@ -198,3 +198,27 @@ def test_lora_mixed_batch_equals_the_cpu_engine(backend, tmp_path, monkeypatch):
                                                   use_tqdm=False, lora_request=per_prompt))
         assert _all_blocks_free(llm)
     assert tokens["cuda"] == tokens["cpu"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("executor", ["mp", "ray"])
+def test_tensor_parallel_over_nccl_equals_one_gpu(backend, tmp_path, executor):
+    """TP=2 over NCCL, a GPU per rank, gives the one-GPU engine's greedy tokens."""
+    from test_tensor_parallel import FAMILIES, assert_same_greedy
+
+    if executor == "ray":
+        pytest.importorskip("ray")
+    config, _ = FAMILIES["llama-tp2"]
+    folder = tiny_folder(tmp_path / "llama", config)
+    prompts = random_prompts([5, 17, 33, 9], VOCAB)
+    params = SamplingParams(temperature=0.0, logprobs=5, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = []
+    for size in (1, 2):
+        llm = LLM(str(folder), dtype="float32", tensor_parallel_size=size,
+                  distributed_executor_backend=executor, **BASE)
+        try:
+            outputs.append(llm.generate(prompt_token_ids=prompts, sampling_params=params,
+                                        use_tqdm=False))
+        finally:
+            llm.engine.shutdown()
+    assert_same_greedy(outputs[1], outputs[0])

@@ -149,6 +149,8 @@ class TensorParallelDriver:
     @classmethod
     def start(cls, size: int, backend: str, *, model: str | None, dtype: str, device: str,
               quantization: str | None) -> TensorParallelDriver:
+        """Starts ranks 1..size-1, which load ``model`` in ``dtype`` (resolved by the driver,
+        so that every rank computes in the same one) on ``device``."""
         if backend not in EXECUTOR_BACKENDS:
             raise EngineConfigError(f"distributed_executor_backend must be one of "
                                     f"{', '.join(EXECUTOR_BACKENDS)}, got {backend!r}")

@@ -43,7 +43,7 @@ from kvpage_runtime.engine.outputs import (
 from kvpage_runtime.engine.sequence import RequestGroup, Sequence
 from kvpage_runtime.engine.stop import stop_by_length, stop_by_string, stop_by_token
 from kvpage_runtime.errors import EngineDeadError, InvalidRequestError, ModelLoadError
-from kvpage_runtime.loaders import load_model
+from kvpage_runtime.loaders import load_model, model_dtype
 from kvpage_runtime.loaders.hf import load_tokenizer
 from kvpage_runtime.lora.manager import LoRAManager
 from kvpage_runtime.lora.request import LoRARequest
@@ -111,9 +111,10 @@ def _start_workers(config: EngineConfig) -> TensorParallelDriver | None:
     """Tensor parallel: starts ranks 1.. (they load their shards meanwhile); None for one."""
     if config.tensor_parallel_size == 1:
         return None
+    dtype = model_dtype(config.model, config.dtype, config.device, config.quantization)
     return TensorParallelDriver.start(
         config.tensor_parallel_size, config.distributed_executor_backend or "mp",
-        model=config.model, dtype=config.dtype, device=config.device,
+        model=config.model, dtype=str(dtype).removeprefix("torch."), device=config.device,
         quantization=config.quantization)
 
 

@@ -26,7 +26,7 @@ from kvpage_runtime.loaders.gguf import load_gguf
 from kvpage_runtime.loaders.hf import load_hf_folder, read_json
 from kvpage_runtime.loaders.loaded import LoadedModel, resolve_dtype
 
-__all__ = ["LoadedModel", "load_model", "resolve_dtype"]
+__all__ = ["LoadedModel", "load_model", "model_dtype", "resolve_dtype"]
 
 
 def load_model(
@@ -51,12 +51,21 @@ def load_model(
     ``tp`` (None: one rank): the model is this rank's shard, each checkpoint tensor sliced as
     it is read (a rank holds at most one whole tensor at a time, never the whole model).
     """
-    path = default_model_path() if model is None else Path(model).expanduser()
-    low_bit = _loads_low_bit(path, quantization)
-    loaded = _load(path, resolve_dtype(dtype, device, low_bit), torch.device(device),
+    path = _model_path(model)
+    loaded = _load(path, model_dtype(model, dtype, device, quantization), torch.device(device),
                    quantization, tp or TensorParallel())
     pack_model_weights(loaded.model)
     return loaded
+
+
+def model_dtype(model: str | Path | None, dtype: str | torch.dtype, device: str | torch.device,
+                quantization: str | None = None) -> torch.dtype:
+    """The dtype ``load_model`` computes in for these arguments (``"auto"`` resolved)."""
+    return resolve_dtype(dtype, device, _loads_low_bit(_model_path(model), quantization))
+
+
+def _model_path(model: str | Path | None) -> Path:
+    return default_model_path() if model is None else Path(model).expanduser()
 
 
 def _loads_low_bit(path: Path, quantization: str | None) -> bool:
