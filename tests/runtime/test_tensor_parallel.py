@@ -54,7 +54,7 @@ def prompts() -> list[list[int]]:
 def engine_options(config, tp: int) -> dict:
     """Prefix caching on, prompts chunked by 24 tokens, and a KV cache of 8 blocks per rank:
     fewer than the prompts need at once, so requests are preempted."""
-    head_dim = config.hidden_size // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = max(1, config.num_key_value_heads // tp)
     bytes_per_block = 2 * config.num_hidden_layers * kv_heads * head_dim * 4 * BLOCK
     return dict(dtype="float32", tensor_parallel_size=tp, enable_prefix_caching=True,

@@ -16,6 +16,14 @@ class ModelConfig:
     "llama3") and that type's parameters, spelled as in Hugging Face configs.
     ``sliding_window`` is the number of most recent tokens (including the current one) a
     token attends to, or None for full attention.
+
+    Family options (defaults: Llama's): ``qk_norm`` "head" normalizes each query and key head
+    (RMSNorm over the head dimension, Qwen3), "full" the whole query and key projections
+    (OLMo 2), both before RoPE; ``post_norm`` places the norms after attention and after the
+    MLP instead of before them (OLMo 2); Granite's ``embedding_multiplier`` scales the
+    embeddings, ``residual_multiplier`` each block's output before the residual add,
+    ``attention_multiplier`` is the softmax scale (None: head_dim ** -0.5) and the logits are
+    divided by ``logits_scaling``.
     """
 
     architecture: str
@@ -35,6 +43,12 @@ class ModelConfig:
     attention_bias: bool = False
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    qk_norm: str | None = None
+    post_norm: bool = False
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    attention_multiplier: float | None = None
+    logits_scaling: float = 1.0
     dtype: torch.dtype = torch.float32
 
     @property

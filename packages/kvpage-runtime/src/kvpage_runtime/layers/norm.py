@@ -7,6 +7,9 @@ import torch
 from kvpage_kernels import rms_norm
 from torch import nn
 
+from kvpage_runtime.distributed.parallel import TensorParallel
+from kvpage_runtime.errors import ModelLoadError
+
 
 class RMSNorm(nn.Module):
     """RMSNorm whose ``forward(x, residual)`` also folds in the residual add that precedes it.
@@ -27,3 +30,31 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return rms_norm(x, self.weight, self.eps, residual)
+
+
+class ProjectionRMSNorm(nn.Module):
+    """RMSNorm over a whole projection (OLMo 2's query and key norms), of which a
+    tensor-parallel rank holds the ``size`` values from ``start`` of ``total``: the sum of
+    squares is summed over the ranks, and the rank keeps its slice of the weight."""
+
+    def __init__(self, total: int, start: int, size: int, eps: float, dtype: torch.dtype,
+                 device=None, tp: TensorParallel | None = None) -> None:
+        super().__init__()
+        self.total, self.start, self.eps = total, start, eps
+        self.tp = tp or TensorParallel()
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def rank_slice(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the checkpoint's whole weight."""
+        if tensor.shape != (self.total,):
+            raise ModelLoadError(f"norm weight of shape {tuple(tensor.shape)}, the model "
+                                 f"expects ({self.total},)")
+        return tensor.narrow(0, self.start, self.weight.shape[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return rms_norm(x, self.weight, self.eps)
+        squares = x.float().square().sum(dim=-1, keepdim=True)
+        mean = self.tp.all_reduce(squares) / self.total
+        return self.weight * (x.float() * torch.rsqrt(mean + self.eps)).to(x.dtype)

@@ -13,6 +13,20 @@ from kvpage_runtime.models.registry import model_class
 _QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}
 
 
+def _family_options(architecture: str, raw: dict[str, Any]) -> dict[str, Any]:
+    """``ModelConfig``'s family options (see there) that ``architecture`` sets."""
+    if architecture == "Qwen3ForCausalLM":
+        return {"qk_norm": "head"}
+    if architecture == "Olmo2ForCausalLM":
+        return {"qk_norm": "full", "post_norm": True}
+    if architecture == "GraniteForCausalLM":
+        return {"embedding_multiplier": raw.get("embedding_multiplier", 1.0),
+                "residual_multiplier": raw.get("residual_multiplier", 1.0),
+                "attention_multiplier": raw.get("attention_multiplier", 1.0),
+                "logits_scaling": raw.get("logits_scaling", 1.0)}
+    return {}
+
+
 def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig:
     architecture = _architecture(raw)
     model_class(architecture)  # fails early, listing the supported architectures
@@ -46,6 +60,7 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
             num_experts=raw.get("num_local_experts", 0),
             num_experts_per_tok=raw.get("num_experts_per_tok", 0),
             dtype=dtype,
+            **_family_options(architecture, raw),
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None

@@ -87,6 +87,9 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
         logger.info("decode steps run layer by layer: the fused stack has no collectives for "
                     "tensor parallelism")
         return None
+    if (missing := _missing_from_stack(model.config)) is not None:
+        logger.info("decode steps run layer by layer: the fused stack has no %s", missing)
+        return None
     if not _applies(model.config, kv_caches):
         return None
     try:
@@ -102,6 +105,17 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
     except _Declined as e:
         logger.log(e.level, "decode steps run layer by layer: %s", e)
         return None
+
+
+def _missing_from_stack(config: ModelConfig) -> str | None:
+    """What of this family's decoder layer the fused stack does not compute, or None."""
+    if config.qk_norm is not None:
+        return "query and key norms (Qwen3, OLMo 2)"
+    if config.post_norm:
+        return "norms after attention and the MLP (OLMo 2)"
+    if config.residual_multiplier != 1.0 or config.attention_multiplier is not None:
+        return "residual and attention multipliers (Granite)"
+    return None
 
 
 def _applies(config: ModelConfig, kv_caches: list[KVCache]) -> bool:

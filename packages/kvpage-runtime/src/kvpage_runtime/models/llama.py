@@ -1,6 +1,9 @@
-"""The Llama family: Llama 2/3, SmolLM2, Mistral (GQA, sliding window) and Qwen2 (QKV bias).
+"""The Llama family: Llama 2/3, SmolLM2, Mistral (GQA, sliding window), Qwen2 (QKV bias),
+Qwen3 (per-head q/k norms), OLMo 2 (norms after the blocks, q/k norms over the projections)
+and Granite (multipliers).
 
-They differ only in configuration, so one implementation serves all of them. Module names
+They differ only in configuration (``ModelConfig``'s family options), so one implementation
+serves all of them. Module names
 follow the Hugging Face checkpoints, except that q/k/v and gate/up are fused at load time.
 Each module is built with its name in the model (``prefix``), by which ``LinearMethods``
 gives each linear layer the method the checkpoint stores it in (dense, or low-bit), and with
@@ -23,7 +26,7 @@ from kvpage_runtime.layers.attention import KVCache, PagedAttention
 from kvpage_runtime.layers.embedding import TiedLMHead, VocabEmbedding
 from kvpage_runtime.layers.linear import Linear, Parallel
 from kvpage_runtime.layers.mlp import GatedMLP
-from kvpage_runtime.layers.norm import RMSNorm
+from kvpage_runtime.layers.norm import ProjectionRMSNorm, RMSNorm
 from kvpage_runtime.layers.quantization import LinearMethods, QuantizationConfig
 from kvpage_runtime.layers.rotary import RotaryEmbedding
 from kvpage_runtime.models.fused_decode import build_fused_decoder
@@ -39,7 +42,8 @@ PACKED = "packed"  # the name part of packed tensors in ``export_state``
 
 class LlamaAttention(nn.Module):
     """Tensor parallel: each rank computes its query heads and their KV heads (QKV column
-    parallel), and o_proj (row parallel) sums the ranks' heads."""
+    parallel), and o_proj (row parallel) sums the ranks' heads. ``config.qk_norm``: the
+    queries and keys are normalized before RoPE, per head or over the whole projection."""
 
     def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
                  tp: TensorParallel) -> None:
@@ -65,7 +69,18 @@ class LlamaAttention(nn.Module):
             method=methods.linear(f"{prefix}.o_proj"),
             parallel=Parallel.row(tp, heads.q_start * d, config.q_size),
         )
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window,
+                                   config.attention_multiplier)
+        self.q_norm = self.k_norm = None
+        eps, dtype = config.rms_norm_eps, config.dtype
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(d, eps, dtype, device)
+            self.k_norm = RMSNorm(d, eps, dtype, device)
+        elif config.qk_norm == "full":
+            self.q_norm = ProjectionRMSNorm(config.q_size, heads.q_start * d, q_size, eps,
+                                            dtype, device, tp)
+            self.k_norm = ProjectionRMSNorm(config.kv_size, heads.kv_start * d, kv_size, eps,
+                                            dtype, device, tp)
 
     def forward(
         self,
@@ -77,24 +92,45 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.qk_size]
+        if self.q_norm is not None:
+            qk = self.normalize_qk(qk)
         # q and k heads are rotated together in one pass.
-        qk = rotary_embedding(qkv[:, : self.qk_size].view(n, -1, self.head_dim), cos, sin)
+        qk = rotary_embedding(qk.view(n, -1, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.qk_size :].view(n, self.num_kv_heads, self.head_dim)
         return self.o_proj(self.attn(q, k, v, batch, kv_cache))
 
+    def normalize_qk(self, qk: torch.Tensor) -> torch.Tensor:
+        """Queries and keys [n, q_size + kv_size] through their norms."""
+        q, k = qk.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+                        dim=-1)
+        if isinstance(self.q_norm, RMSNorm):  # per head
+            d = self.head_dim
+            q = self.q_norm(q.reshape(-1, d)).view(q.shape)
+            k = self.k_norm(k.reshape(-1, d)).view(k.shape)
+        else:
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+        return torch.cat([q, k], dim=-1)
+
 
 class LlamaDecoderLayer(nn.Module):
+    """Norms before attention and the MLP (``input_layernorm``, ``post_attention_layernorm``),
+    or, with ``config.post_norm``, after them (``post_attention_layernorm``,
+    ``post_feedforward_layernorm``)."""
+
     def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
                  tp: TensorParallel) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, config.dtype, device
-        )
+        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)  # noqa: E731
+        self.post_norm = config.post_norm
+        self.residual_multiplier = config.residual_multiplier
+        if config.post_norm:
+            self.post_feedforward_layernorm = norm()
+        else:
+            self.input_layernorm = norm()
         self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn", tp)
-        self.post_attention_layernorm = RMSNorm(
-            config.hidden_size, config.rms_norm_eps, config.dtype, device
-        )
+        self.post_attention_layernorm = norm()
         self.mlp = self.build_mlp(config, device, methods, f"{prefix}.mlp", tp)
 
     def build_mlp(
@@ -114,13 +150,26 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, residual stream before it); the next norm adds them."""
+        if self.post_norm:
+            return self.forward_post_norm(hidden, residual, cos, sin, batch, kv_cache)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, batch, kv_cache)
+        hidden = self.scaled(self.self_attn(hidden, cos, sin, batch, kv_cache))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return self.scaled(self.mlp(hidden)), residual
+
+    def forward_post_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                          cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                          kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden if residual is None else hidden + residual
+        x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, kv_cache))
+        return self.post_feedforward_layernorm(self.mlp(x)), x
+
+    def scaled(self, block_output: torch.Tensor) -> torch.Tensor:
+        m = self.residual_multiplier
+        return block_output if m == 1.0 else block_output * m
 
 
 class LlamaModel(nn.Module):
@@ -154,6 +203,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
         hidden = self.embed_tokens(batch.input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            hidden = hidden * self.config.embedding_multiplier
         cos, sin = self.rotary.lookup(batch.positions)
         one_token_each = batch.max_query_len == 1
         short_after_context = batch.max_query_len <= FUSED_MAX_QUERY_LEN and batch.min_context_len
@@ -230,7 +281,9 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of ``hidden``'s rows; None on the ranks other than the driver."""
-        return self.lm_head.logits(hidden)
+        logits = self.lm_head.logits(hidden)
+        scaling = self.config.logits_scaling
+        return logits if logits is None or scaling == 1.0 else logits / scaling
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named checkpoint tensors into this model; raises if any is missing."""
