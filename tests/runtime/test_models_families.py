@@ -1,4 +1,4 @@
-"""Qwen3, OLMo 2 and Granite against transformers, and split over tensor-parallel ranks.
+"""Qwen3, OLMo 2, Granite and Phi-3 against transformers, and split over tensor-parallel ranks.
 
 Odd sizes: five query heads over one KV head (a KV group of five), a hidden size that is no
 multiple of 64 (80), three layers."""
@@ -21,19 +21,40 @@ def config(name: str, sizes: dict) -> transformers.PretrainedConfig:
         return transformers.Qwen3Config(**sizes, head_dim=24)
     if name == "olmo2":
         return transformers.Olmo2Config(**sizes)
+    if name == "phi3":  # fused q/k/v and gate/up in the checkpoint, a window on every layer
+        return transformers.Phi3Config(**sizes, sliding_window=12, pad_token_id=0)
     return transformers.GraniteConfig(**sizes, **GRANITE)
 
 
-CONFIGS = {name: config(name, ODD) for name in ("qwen3", "olmo2", "granite")}
+FAMILIES = ("qwen3", "olmo2", "granite", "phi3")
+CONFIGS = {name: config(name, ODD) for name in FAMILIES}
 qwen3 = family_fixture(CONFIGS["qwen3"])
+# YaRN past its original context: prompts of 33 tokens and 16 more against 32 positions
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+qwen3_yarn = family_fixture(transformers.Qwen3Config(**ODD, head_dim=24, rope_scaling=YARN))
+llama_yarn_mscale = family_fixture(transformers.LlamaConfig(
+    **ODD, rope_scaling={**YARN, "mscale": 0.8, "mscale_all_dim": 0.5, "beta_fast": 16}))
 olmo2 = family_fixture(CONFIGS["olmo2"])
 granite = family_fixture(CONFIGS["granite"])
+phi3 = family_fixture(CONFIGS["phi3"])
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_qwen3_matches_transformers(qwen3, schedule, record_property):
     assert qwen3.loaded.config.qk_norm == "head" and qwen3.loaded.config.head_dim == 24
     record_property("near_ties", qwen3.check(*schedule))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_yarn_past_the_original_context_matches_transformers(qwen3_yarn, schedule,
+                                                             record_property):
+    assert qwen3_yarn.loaded.config.rope_scaling["rope_type"] == "yarn"
+    record_property("near_ties", qwen3_yarn.check(*schedule))
+
+
+def test_yarn_attention_factor_from_mscales_matches_transformers(llama_yarn_mscale,
+                                                                 record_property):
+    record_property("near_ties", llama_yarn_mscale.check(*SCHEDULES[0]))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -48,7 +69,13 @@ def test_granite_matches_transformers(granite, schedule, record_property):
     record_property("near_ties", granite.check(*schedule))
 
 
-@pytest.mark.parametrize("name", ["qwen3", "olmo2", "granite"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_phi3_matches_transformers(phi3, schedule, record_property):
+    assert phi3.loaded.config.sliding_window == 12
+    record_property("near_ties", phi3.check(*schedule))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 def test_families_split_over_two_ranks(name, tmp_path):
     """OLMo 2's q/k norms span every head: their statistic is summed over the ranks."""
     split = config(name, {**ODD, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -68,3 +95,23 @@ def test_decode_steps_run_layer_by_layer(olmo2, caplog):
     with caplog.at_level("INFO"):
         assert build_fused_decoder(olmo2.loaded.model.model, caches) is None
     assert "the fused stack has no query and key norms" in caplog.text
+
+
+@pytest.mark.parametrize("params", [
+    {"factor": 4.0, "original_max_position_embeddings": 32},
+    {"factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2},
+    {"factor": 2.0, "original_max_position_embeddings": 128, "mscale": 0.7,
+     "mscale_all_dim": 0.3, "truncate": False},
+    {"factor": 4.0, "original_max_position_embeddings": 32, "attention_factor": 1.3},
+])
+def test_yarn_frequencies_equal_transformers(params):
+    from kvpage_runtime.layers.rotary import rope_inv_freq
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.LlamaConfig(
+        **ODD, rope_theta=10000.0, rope_scaling={"rope_type": "yarn", **params})
+    expected, expected_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    ours, factor = rope_inv_freq(16, 10000.0, {"rope_type": "yarn", **params},
+                                 ODD["max_position_embeddings"])
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
+    assert factor == pytest.approx(expected_factor)

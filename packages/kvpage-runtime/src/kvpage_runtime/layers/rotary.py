@@ -13,7 +13,7 @@ from torch import nn
 
 from kvpage_runtime.errors import UnsupportedModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
@@ -37,15 +37,52 @@ def llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Ten
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+def yarn_inv_freq(head_dim: int, theta: float, params: dict[str, Any],
+                  max_positions: int) -> tuple[torch.Tensor, float]:
+    """YaRN: frequencies interpolated by ``factor`` below a ramp of dimensions, kept above it
+    (between ``beta_slow`` and ``beta_fast`` rotations over the original context), and the
+    attention factor that scales cos and sin (from ``mscale``/``mscale_all_dim`` when both are
+    given), as transformers computes them."""
+    original = params.get("original_max_position_embeddings") or max_positions
+    factor = params.get("factor") or max_positions / original
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else _yarn_mscale(factor))
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(params.get("beta_fast") or 32), correction_dim(
+        params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = default_inv_freq(head_dim, theta)
+    keep = 1 - ramp
+    return extrapolated / factor * (1 - keep) + extrapolated * keep, attention_factor
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None,
+                  max_positions: int) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies, and the factor cos and sin are scaled by (1 but for YaRN)."""
     inv_freq = default_inv_freq(head_dim, theta)
     rope_type = (scaling or {}).get("rope_type", "default")
     if rope_type == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if rope_type == "linear":
-        return inv_freq / scaling["factor"]
+        return inv_freq / scaling["factor"], 1.0
     if rope_type == "llama3":
-        return llama3_inv_freq(inv_freq, scaling)
+        return llama3_inv_freq(inv_freq, scaling), 1.0
+    if rope_type == "yarn":
+        return yarn_inv_freq(head_dim, theta, scaling, max_positions)
     raise UnsupportedModelError(
         f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )
@@ -67,9 +104,9 @@ class RotaryEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        inv_freq, attention_factor = rope_inv_freq(head_dim, theta, scaling, max_positions)
         freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
+        cos_sin = (torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention_factor).to(dtype)
         self.register_buffer("cos_sin_cache", cos_sin.to(device), persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

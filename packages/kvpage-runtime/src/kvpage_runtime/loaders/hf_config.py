@@ -82,6 +82,8 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if rope_type == "default":
         return theta, None
+    if "original_max_position_embeddings" in raw:  # Phi-3 keeps it beside the scaling
+        params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
     return theta, {"rope_type": rope_type, **params}
 
 

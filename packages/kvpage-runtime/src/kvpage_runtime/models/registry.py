@@ -10,6 +10,7 @@ from kvpage_runtime.errors import UnsupportedModelError
 from kvpage_runtime.layers.quantization import QuantizationConfig
 from kvpage_runtime.models.llama import LlamaForCausalLM
 from kvpage_runtime.models.mixtral import MixtralForCausalLM
+from kvpage_runtime.models.phi3 import Phi3ForCausalLM
 
 _MODELS: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -18,6 +19,7 @@ _MODELS: dict[str, type[LlamaForCausalLM]] = {
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "Olmo2ForCausalLM": LlamaForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
