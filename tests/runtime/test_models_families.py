@@ -1,4 +1,5 @@
-"""Qwen3, OLMo 2, Granite and Phi-3 against transformers, and split over tensor-parallel ranks.
+"""Qwen3, Qwen3-MoE, OLMo 2, Granite and Phi-3 against transformers, and split over
+tensor-parallel ranks.
 
 Odd sizes: five query heads over one KV head (a KV group of five), a hidden size that is no
 multiple of 64 (80), three layers."""
@@ -19,6 +20,10 @@ GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_mult
 def config(name: str, sizes: dict) -> transformers.PretrainedConfig:
     if name == "qwen3":
         return transformers.Qwen3Config(**sizes, head_dim=24)
+    if name == "qwen3-moe":  # eight small experts, two per token; layer 1 dense
+        return transformers.Qwen3MoeConfig(**sizes, head_dim=24, num_experts=8,
+                                           num_experts_per_tok=2, moe_intermediate_size=48,
+                                           mlp_only_layers=[1], norm_topk_prob=True)
     if name == "olmo2":
         return transformers.Olmo2Config(**sizes)
     if name == "phi3":  # fused q/k/v and gate/up in the checkpoint, a window on every layer
@@ -26,7 +31,7 @@ def config(name: str, sizes: dict) -> transformers.PretrainedConfig:
     return transformers.GraniteConfig(**sizes, **GRANITE)
 
 
-FAMILIES = ("qwen3", "olmo2", "granite", "phi3")
+FAMILIES = ("qwen3", "qwen3-moe", "olmo2", "granite", "phi3")
 CONFIGS = {name: config(name, ODD) for name in FAMILIES}
 qwen3 = family_fixture(CONFIGS["qwen3"])
 # YaRN past its original context: prompts of 33 tokens and 16 more against 32 positions
@@ -37,6 +42,10 @@ llama_yarn_mscale = family_fixture(transformers.LlamaConfig(
 olmo2 = family_fixture(CONFIGS["olmo2"])
 granite = family_fixture(CONFIGS["granite"])
 phi3 = family_fixture(CONFIGS["phi3"])
+qwen3_moe = family_fixture(CONFIGS["qwen3-moe"])
+qwen3_moe_unnormalized = family_fixture(transformers.Qwen3MoeConfig(
+    **{**CONFIGS["qwen3-moe"].to_dict(), "norm_topk_prob": False, "mlp_only_layers": [],
+       "decoder_sparse_step": 2}))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -67,6 +76,20 @@ def test_olmo2_matches_transformers(olmo2, schedule, record_property):
 def test_granite_matches_transformers(granite, schedule, record_property):
     assert granite.loaded.config.logits_scaling == 3.0
     record_property("near_ties", granite.check(*schedule))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_qwen3_moe_matches_transformers(qwen3_moe, schedule, record_property):
+    config = qwen3_moe.loaded.config
+    assert (config.num_experts, config.moe_layers, config.norm_topk_prob) == (8, [0, 2], True)
+    record_property("near_ties", qwen3_moe.check(*schedule))
+
+
+def test_qwen3_moe_every_other_layer_unnormalized_matches_transformers(
+        qwen3_moe_unnormalized, record_property):
+    config = qwen3_moe_unnormalized.loaded.config
+    assert (config.moe_layers, config.norm_topk_prob) == ([1], False)
+    record_property("near_ties", qwen3_moe_unnormalized.check(*SCHEDULES[0]))
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)

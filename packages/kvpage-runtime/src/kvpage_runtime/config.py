@@ -23,7 +23,10 @@ class ModelConfig:
     MLP instead of before them (OLMo 2); Granite's ``embedding_multiplier`` scales the
     embeddings, ``residual_multiplier`` each block's output before the residual add,
     ``attention_multiplier`` is the softmax scale (None: head_dim ** -0.5) and the logits are
-    divided by ``logits_scaling``.
+    divided by ``logits_scaling``. Mixtures of experts (``num_experts`` > 0): the layers listed
+    in ``moe_layers`` (None: all) have ``num_experts`` experts of ``moe_intermediate_size``
+    (None: ``intermediate_size``), of which each token takes ``num_experts_per_tok``, their
+    router probabilities renormalized when ``norm_topk_prob``; the other layers a dense MLP.
     """
 
     architecture: str
@@ -43,6 +46,9 @@ class ModelConfig:
     attention_bias: bool = False
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None
+    norm_topk_prob: bool = True
+    moe_layers: list[int] | None = None
     qk_norm: str | None = None
     post_norm: bool = False
     embedding_multiplier: float = 1.0
@@ -50,6 +56,9 @@ class ModelConfig:
     attention_multiplier: float | None = None
     logits_scaling: float = 1.0
     dtype: torch.dtype = torch.float32
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.num_experts > 0 and (self.moe_layers is None or index in self.moe_layers)
 
     @property
     def q_size(self) -> int:

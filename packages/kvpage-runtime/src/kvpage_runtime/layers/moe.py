@@ -1,4 +1,5 @@
-"""Sparse mixture-of-experts block (Mixtral): softmax router, top-k experts, renormalized weights."""
+"""Sparse mixture-of-experts block (Mixtral, Qwen3-MoE): softmax router, top-k experts, their
+weights renormalized or not."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from kvpage_runtime.layers.quantization import LinearMethods
 
 
 class SparseMoE(nn.Module):
-    """Each token goes through its top-k SiLU-gated experts, mixed by renormalized router probabilities.
+    """Each token goes through its top-k SiLU-gated experts, mixed by their router
+    probabilities (renormalized to sum to 1 over the k when ``normalize_top_k``).
 
     Each expert is a ``GatedMLP`` (``experts.{e}.gate_up_proj``, ``experts.{e}.down_proj``), so
     its layers take the linear method the checkpoint quantized them with; the router ``gate``
@@ -33,11 +35,13 @@ class SparseMoE(nn.Module):
         methods: LinearMethods | None = None,
         prefix: str = "mlp",
         tp: TensorParallel | None = None,
+        normalize_top_k: bool = True,
     ) -> None:
         super().__init__()
         self.tp = tp or TensorParallel()
         self.num_experts = num_experts
         self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
         self.gate = Linear(hidden_size, [num_experts], dtype=dtype, device=device)
         self.experts = nn.ModuleList(
             GatedMLP(hidden_size, intermediate_size, dtype, device, methods,
@@ -46,10 +50,12 @@ class SparseMoE(nn.Module):
         )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert ids [n, k] and their fp32 weights [n, k], renormalized to sum to 1."""
+        """Top-k expert ids [n, k] and their fp32 weights [n, k]."""
         probs = torch.softmax(self.gate(x).float(), dim=-1)
         weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        return weights / weights.sum(dim=-1, keepdim=True), experts
+        if self.normalize_top_k:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)

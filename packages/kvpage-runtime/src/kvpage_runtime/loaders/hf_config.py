@@ -17,6 +17,15 @@ def _family_options(architecture: str, raw: dict[str, Any]) -> dict[str, Any]:
     """``ModelConfig``'s family options (see there) that ``architecture`` sets."""
     if architecture == "Qwen3ForCausalLM":
         return {"qk_norm": "head"}
+    if architecture == "Qwen3MoeForCausalLM":
+        num_layers, skipped = raw["num_hidden_layers"], set(raw.get("mlp_only_layers") or [])
+        step = raw.get("decoder_sparse_step", 1)
+        return {"qk_norm": "head",  # transformers 5 writes num_experts as num_local_experts
+                "num_experts": raw.get("num_experts") or raw["num_local_experts"],
+                "moe_intermediate_size": raw["moe_intermediate_size"],
+                "norm_topk_prob": bool(raw.get("norm_topk_prob", False)),
+                "moe_layers": [i for i in range(num_layers)
+                               if i not in skipped and (i + 1) % step == 0]}
     if architecture == "Olmo2ForCausalLM":
         return {"qk_norm": "full", "post_norm": True}
     if architecture == "GraniteForCausalLM":
@@ -41,7 +50,7 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
     try:
         num_heads = raw["num_attention_heads"]
         theta, scaling = _rope(raw)
-        return ModelConfig(
+        fields = dict(
             architecture=architecture,
             vocab_size=raw["vocab_size"],
             hidden_size=raw["hidden_size"],
@@ -60,8 +69,8 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
             num_experts=raw.get("num_local_experts", 0),
             num_experts_per_tok=raw.get("num_experts_per_tok", 0),
             dtype=dtype,
-            **_family_options(architecture, raw),
         )
+        return ModelConfig(**{**fields, **_family_options(architecture, raw)})
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
 

@@ -26,6 +26,7 @@ from kvpage_runtime.layers.attention import KVCache, PagedAttention
 from kvpage_runtime.layers.embedding import TiedLMHead, VocabEmbedding
 from kvpage_runtime.layers.linear import Linear, Parallel
 from kvpage_runtime.layers.mlp import GatedMLP
+from kvpage_runtime.layers.moe import SparseMoE
 from kvpage_runtime.layers.norm import ProjectionRMSNorm, RMSNorm
 from kvpage_runtime.layers.quantization import LinearMethods, QuantizationConfig
 from kvpage_runtime.layers.rotary import RotaryEmbedding
@@ -117,10 +118,11 @@ class LlamaAttention(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Norms before attention and the MLP (``input_layernorm``, ``post_attention_layernorm``),
     or, with ``config.post_norm``, after them (``post_attention_layernorm``,
-    ``post_feedforward_layernorm``)."""
+    ``post_feedforward_layernorm``). The MLP of layer ``index`` is a mixture of experts where
+    the config says so (``is_moe_layer``)."""
 
     def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
-                 tp: TensorParallel) -> None:
+                 tp: TensorParallel, index: int) -> None:
         super().__init__()
         norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)  # noqa: E731
         self.post_norm = config.post_norm
@@ -131,14 +133,15 @@ class LlamaDecoderLayer(nn.Module):
             self.input_layernorm = norm()
         self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn", tp)
         self.post_attention_layernorm = norm()
-        self.mlp = self.build_mlp(config, device, methods, f"{prefix}.mlp", tp)
-
-    def build_mlp(
-        self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
-        tp: TensorParallel,
-    ) -> nn.Module:
-        return GatedMLP(config.hidden_size, config.intermediate_size, config.dtype, device,
-                        methods, prefix, tp)
+        prefix = f"{prefix}.mlp"
+        if config.is_moe_layer(index):
+            self.mlp = SparseMoE(
+                config.hidden_size, config.moe_intermediate_size or config.intermediate_size,
+                config.num_experts, config.num_experts_per_tok, config.dtype, device, methods,
+                prefix, tp, config.norm_topk_prob)
+        else:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.dtype,
+                                device, methods, prefix, tp)
 
     def forward(
         self,
@@ -173,8 +176,6 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    layer_class: type[LlamaDecoderLayer] = LlamaDecoderLayer
-
     def __init__(
         self, config: ModelConfig, device, methods: LinearMethods, prefix: str = "model",
         tp: TensorParallel | None = None,
@@ -187,7 +188,7 @@ class LlamaModel(nn.Module):
             methods.table(f"{prefix}.embed_tokens"), self.tp,
         )
         self.layers = nn.ModuleList(
-            self.layer_class(config, device, methods, f"{prefix}.layers.{i}", self.tp)
+            LlamaDecoderLayer(config, device, methods, f"{prefix}.layers.{i}", self.tp, i)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
@@ -243,7 +244,6 @@ class LlamaForCausalLM(nn.Module):
     (model dtype). ``quantization`` (None: dense) says which layers the checkpoint stores in
     low-bit form; ``tp`` (None: one rank) which slice of each layer this model holds."""
 
-    model_class: type[LlamaModel] = LlamaModel
     # checkpoint projection name -> (fused module name, shard index)
     stacked_params = {
         "q_proj": ("qkv_proj", 0),
@@ -261,7 +261,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.tp = tp or TensorParallel()
         methods = LinearMethods(quantization, self.stacked_params)
-        self.model = self.model_class(config, device, methods, tp=self.tp)
+        self.model = LlamaModel(config, device, methods, tp=self.tp)
         if config.tie_word_embeddings:
             self.lm_head = TiedLMHead(self.model.embed_tokens)
         else:

@@ -20,6 +20,7 @@ _MODELS: dict[str, type[LlamaForCausalLM]] = {
     "Olmo2ForCausalLM": LlamaForCausalLM,
     "GraniteForCausalLM": LlamaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Qwen3MoeForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
 }
 SUPPORTED_ARCHITECTURES = tuple(_MODELS)
