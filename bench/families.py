@@ -1,0 +1,121 @@
+"""Offline throughput per model family, each at the default model's size, against transformers.
+
+For each family a random-weight model shaped like SmolLM2-135M (30 layers, hidden size 576, 9
+query and 3 KV heads, intermediate size 1536, its vocabulary and tokenizer; Qwen3-MoE with 8
+experts of 256 per layer, two per token), saved as safetensors, goes through
+bench/throughput.py in fp32 (64 chat prompts x 128 tokens, greedy, ignore_eos; kvpage's
+better of two rounds against transformers' best static batch), in a process of its own, one
+family after another. Also reported: whether the family's decode steps run in the fused CPU
+decode stack (and what keeps them out of it).
+
+    python bench/families.py [--quick] [--json] [--results bench/RESULTS.md] [--families a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import machine
+import torch
+import transformers
+from kvpage_runtime.loaders.default_model import default_model_path
+from kvpage_runtime.loaders.hf import read_json
+from kvpage_runtime.loaders.hf_config import model_config_from_hf
+from kvpage_runtime.models.fused_decode import _missing_from_stack
+
+SHAPE = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+             tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
+             initializer_range=0.05)
+FAMILIES = {
+    "llama (SmolLM2)": lambda: transformers.LlamaConfig(**SHAPE),
+    "qwen3": lambda: transformers.Qwen3Config(**SHAPE, head_dim=64),
+    "qwen3-moe": lambda: transformers.Qwen3MoeConfig(
+        **SHAPE, head_dim=64, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
+        norm_topk_prob=True),
+    "olmo2": lambda: transformers.Olmo2Config(**SHAPE),
+    "granite": lambda: transformers.GraniteConfig(
+        **SHAPE, embedding_multiplier=12.0, residual_multiplier=0.22,
+        attention_multiplier=0.015625, logits_scaling=8.0),
+    "phi3": lambda: transformers.Phi3Config(**{**SHAPE, "pad_token_id": 0}, sliding_window=None),
+}
+
+
+def save_family(name: str, folder: Path, tokenizer) -> Path:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[name](), dtype=torch.float32)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def fused_path(folder: Path) -> str:
+    config = model_config_from_hf(read_json(folder / "config.json", "config"), torch.float32)
+    missing = _missing_from_stack(config)
+    return "yes" if missing is None else f"no: {missing}"
+
+
+def run_family(name: str, folder: Path, quick: bool) -> dict:
+    command = [sys.executable, str(Path(__file__).with_name("throughput.py")), "--model",
+               str(folder), "--dtypes", "fp32", "--json"] + (["--quick"] if quick else [])
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout[done.stdout.index("{"):])
+    fp32 = report["fp32"]
+    return {"family": name, "kvpage_tok_s": fp32["kvpage_tok_s"],
+            "hf_best_static_tok_s": max(fp32["hf_static16_tok_s"], fp32["hf_batch64_tok_s"]),
+            "ratio": fp32["ratio_vs_hf_best_static"], "fused_decode": fused_path(folder),
+            "versions": report["versions"]}
+
+
+def markdown(report: dict, command: str) -> str:
+    lines = [f"\n## families.py — {report['date']}\n",
+             f"- machine: {report['machine']}", f"- command: `{command}`",
+             f"- versions: {report['versions']}", f"- workload: {report['workload']}", "",
+             "| family | kvpage tok/s | transformers best static batch | x | fused decode stack |",
+             "|---|---|---|---|---|"]
+    for r in report["families"]:
+        lines.append(f"| {r['family']} | {r['kvpage_tok_s']} | {r['hf_best_static_tok_s']} | "
+                     f"**{r['ratio']}** | {r['fused_decode']} |")
+    lines += ["", "- each family in a process of its own, one after another; output tokens/s; "
+              "the machine is shared: compare within a row."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 prompts x 32 tokens")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--results", type=Path, help="append a markdown section to this file")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    args = parser.parse_args()
+    gguf = default_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.families.split(","):
+            folder = save_family(name, Path(tmp) / name.split()[0], tokenizer)
+            results.append(run_family(name, folder, args.quick))
+            print(f"{name}: {results[-1]['ratio']}x", file=sys.stderr, flush=True)
+    size = "16 prompts x 32 tokens" if args.quick else "64 prompts x 128 tokens"
+    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": f"{machine.describe()}, {torch.get_num_threads()} torch threads",
+              "versions": results[0]["versions"],
+              "workload": f"random-weight models of SmolLM2-135M's shape, fp32: {size} of "
+                          "bench/workload_chat64.json, greedy, ignore_eos",
+              "families": results}
+    command = "python bench/families.py" + (" --quick" if args.quick else "")
+    text = markdown(report, command)
+    print(json.dumps(report, indent=1) if args.json else text)
+    if args.results:
+        with args.results.open("a") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
