@@ -138,3 +138,16 @@ def test_yarn_frequencies_equal_transformers(params):
                                  ODD["max_position_embeddings"])
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0)
     assert factor == pytest.approx(expected_factor)
+
+
+def test_unsupported_rope_settings_are_refused_by_name():
+    from kvpage_runtime.errors import UnsupportedModelError
+    from kvpage_runtime.layers.rotary import RotaryEmbedding
+    from kvpage_runtime.loaders.hf_config import model_config_from_hf
+
+    raw = {**CONFIGS["qwen3"].to_dict(), "architectures": ["Qwen3ForCausalLM"],
+           "partial_rotary_factor": 0.5}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor 0.5"):
+        model_config_from_hf(raw, torch.float32)
+    with pytest.raises(UnsupportedModelError, match="rope_type 'longrope' is not supported"):
+        RotaryEmbedding(16, 64, 10000.0, {"rope_type": "longrope"}, torch.float32)

@@ -106,7 +106,7 @@ class RayWorkers:
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
                      log_to_driver=True)
         actor = ray.remote(num_cpus=0, num_gpus=1 if cuda else 0)(_RayWorker)
-        self.actors = [actor.options(name=None).remote() for _ in args]
+        self.actors = [actor.remote() for _ in args]
         self.runs = [a.run.remote(arg) for a, arg in zip(self.actors, args, strict=True)]
 
     def dead(self) -> list[str]:

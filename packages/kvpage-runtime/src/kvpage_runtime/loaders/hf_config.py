@@ -87,6 +87,10 @@ def _architecture(raw: dict[str, Any]) -> str:
 def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(theta, scaling) from either ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
     params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+    partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise UnsupportedModelError(
+            f"partial_rotary_factor {partial} is not supported (RoPE over the whole head only)")
     theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if rope_type == "default":

@@ -166,6 +166,7 @@ class LlamaDecoderLayer(nn.Module):
     def forward_post_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                           cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
                           kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """OLMo 2: x + norm(attention(x)), then the MLP's normalized output beside it."""
         x = hidden if residual is None else hidden + residual
         x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, kv_cache))
         return self.post_feedforward_layernorm(self.mlp(x)), x
