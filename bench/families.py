@@ -13,7 +13,6 @@ decode stack (and what keeps them out of it).
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -22,9 +21,9 @@ import time
 from pathlib import Path
 
 import machine
+import report as report_tools
 import torch
 import transformers
-from kvpage_runtime.loaders.default_model import default_model_path
 from kvpage_runtime.loaders.hf import read_json
 from kvpage_runtime.loaders.hf_config import model_config_from_hf
 from kvpage_runtime.models.fused_decode import _missing_from_stack
@@ -88,14 +87,10 @@ def markdown(report: dict, command: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 prompts x 32 tokens")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--results", type=Path, help="append a markdown section to this file")
+    parser = report_tools.parser(__doc__)
     parser.add_argument("--families", default=",".join(FAMILIES))
     args = parser.parse_args()
-    gguf = default_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = report_tools.default_tokenizer()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.families.split(","):
@@ -110,11 +105,7 @@ def main() -> None:
                           "bench/workload_chat64.json, greedy, ignore_eos",
               "families": results}
     command = "python bench/families.py" + (" --quick" if args.quick else "")
-    text = markdown(report, command)
-    print(json.dumps(report, indent=1) if args.json else text)
-    if args.results:
-        with args.results.open("a") as f:
-            f.write(text)
+    report_tools.publish(report, markdown(report, command), args)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,7 @@ on the default model (SmolLM2-135M-Instruct, its low-bit GGUF as ``LLM()`` serve
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import platform
 import tempfile
 import time
@@ -29,13 +27,12 @@ from pathlib import Path
 import kvpage_runtime
 import machine
 import peft
+import report as report_tools
 import torch
 import transformers
 from kvpage_runtime import LLM, LoRARequest, SamplingParams
-from kvpage_runtime.loaders.default_model import default_model_path
 from throughput import FULL, QUICK, Target, hf_generate, hf_model
 
-WORKLOAD = Path(__file__).with_name("workload_chat64.json")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIXES = [(1, 8), (4, 8), (8, 8), (1, 16), (4, 16), (8, 16)]  # (adapters, rank)
 
@@ -115,17 +112,10 @@ def markdown(report: dict, command: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 prompts x 32 tokens")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--results", type=Path, help="append a markdown section to this file")
-    args = parser.parse_args()
+    args = report_tools.parser(__doc__).parse_args()
     s = QUICK if args.quick else FULL
-    gguf = default_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    conversations = json.loads(WORKLOAD.read_text())["conversations"][: s.num_prompts]
-    prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)) for c in conversations]
+    tokenizer = report_tools.default_tokenizer()
+    prompts = report_tools.chat_prompts(tokenizer, s.num_prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = hf_model(torch.float32, Target(None, "cpu"))
     report = {
@@ -151,11 +141,7 @@ def main() -> None:
         report["base_tok_s"] = max(base)
         report["peft_tok_s"] = run_peft(model, prompts, s.max_tokens, adapters[16], pad_id)
     command = "python bench/lora.py" + (" --quick" if args.quick else "")
-    text = markdown(report, command)
-    print(json.dumps(report, indent=1) if args.json else text)
-    if args.results:
-        with args.results.open("a") as f:
-            f.write(text)
+    report_tools.publish(report, markdown(report, command), args)
 
 
 if __name__ == "__main__":

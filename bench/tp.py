@@ -19,9 +19,7 @@ the logits' gather, waiting for the slower rank included) and in sending each st
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import os
 import platform
 import tempfile
@@ -30,13 +28,12 @@ from pathlib import Path
 
 import kvpage_runtime
 import machine
+import report as report_tools
 import torch
 import transformers
 from kvpage_runtime import LLM, SamplingParams
-from kvpage_runtime.loaders.default_model import default_model_path
 from throughput import FULL, QUICK
 
-WORKLOAD = Path(__file__).with_name("workload_chat64.json")
 SETUPS = [("TP=1", 1, True), ("TP=1, fused decode off", 1, False), ("TP=2", 2, True)]
 MODEL = dict(vocab_size=49152, hidden_size=512, intermediate_size=1536, num_hidden_layers=30,
              num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192,
@@ -104,17 +101,10 @@ def markdown(report: dict, command: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16 prompts x 32 tokens")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--results", type=Path, help="append a markdown section to this file")
-    args = parser.parse_args()
+    args = report_tools.parser(__doc__).parse_args()
     s = QUICK if args.quick else FULL
-    gguf = default_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    conversations = json.loads(WORKLOAD.read_text())["conversations"][: s.num_prompts]
-    prompts = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False)) for c in conversations]
+    tokenizer = report_tools.default_tokenizer()
+    prompts = report_tools.chat_prompts(tokenizer, s.num_prompts)
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{machine.describe()}, {torch.get_num_threads()} torch threads in all",
@@ -128,11 +118,7 @@ def main() -> None:
         report["setups"] = [{"setup": name, **run(folder, prompts, s.max_tokens, tp, fused)}
                             for name, tp, fused in SETUPS]
     command = "python bench/tp.py" + (" --quick" if args.quick else "")
-    text = markdown(report, command)
-    print(json.dumps(report, indent=1) if args.json else text)
-    if args.results:
-        with args.results.open("a") as f:
-            f.write(text)
+    report_tools.publish(report, markdown(report, command), args)
 
 
 if __name__ == "__main__":
