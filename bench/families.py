@@ -73,9 +73,7 @@ def run_family(name: str, folder: Path, quick: bool) -> dict:
 
 
 def markdown(report: dict, command: str) -> str:
-    lines = [f"\n## families.py — {report['date']}\n",
-             f"- machine: {report['machine']}", f"- command: `{command}`",
-             f"- versions: {report['versions']}", f"- workload: {report['workload']}", "",
+    lines = [*report_tools.heading("families.py", report, command),
              "| family | kvpage tok/s | transformers best static batch | x | fused decode stack |",
              "|---|---|---|---|---|"]
     for r in report["families"]:

@@ -91,9 +91,7 @@ def run_peft(model: transformers.PreTrainedModel, prompts: list[list[int]], max_
 
 def markdown(report: dict, command: str) -> str:
     base = report["base_tok_s"]
-    lines = [f"\n## lora.py — {report['date']}\n",
-             f"- machine: {report['machine']}", f"- command: `{command}`",
-             f"- versions: {report['versions']}", f"- workload: {report['workload']}", "",
+    lines = [*report_tools.heading("lora.py", report, command),
              "| setup | max_loras | output tok/s | x base |", "|---|---|---|---|",
              f"| base model (rounds {report['base_rounds_tok_s']}) | - | {base:.1f} | 1.00 |"]
     for r in report["mixes"]:

@@ -34,6 +34,14 @@ def chat_prompts(tokenizer, num_prompts: int) -> list[list[int]]:
                                                return_dict=False)) for c in conversations]
 
 
+def heading(script: str, report: dict, command: str) -> list[str]:
+    """The first lines of a results section: title with the date, machine, command, versions
+    and workload (``report``'s fields of those names), then a blank line."""
+    return [f"\n## {script} — {report['date']}\n", f"- machine: {report['machine']}",
+            f"- command: `{command}`", f"- versions: {report['versions']}",
+            f"- workload: {report['workload']}", ""]
+
+
 def publish(report: dict, text: str, args: argparse.Namespace) -> None:
     """Prints the report (JSON with ``--json``, else ``text``) and appends ``text`` to
     ``--results``."""

@@ -82,9 +82,7 @@ def run(folder: Path, prompts: list[list[int]], max_tokens: int, tp: int, fused:
 
 def markdown(report: dict, command: str) -> str:
     base = report["setups"][0]["tok_s"]
-    lines = [f"\n## tp.py — {report['date']}\n",
-             f"- machine: {report['machine']}", f"- command: `{command}`",
-             f"- versions: {report['versions']}", f"- workload: {report['workload']}", "",
+    lines = [*report_tools.heading("tp.py", report, command),
              "| setup | output tok/s | x TP=1 | steps | forward s | collectives | step inputs |",
              "|---|---|---|---|---|---|---|"]
     for r in report["setups"]:

@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import httpx
-from test_tensor_parallel import FAMILIES, alive, tiny_folder
+from test_tensor_parallel import FAMILIES, ends, tiny_folder
 
 from .live_server import cli, free_port, wait_healthy
 
@@ -46,5 +46,5 @@ def test_server_serves_with_two_ranks_and_stops_them_on_sigterm(tmp_path):
     finally:
         if server.poll() is None:
             server.kill()
-    assert not any(alive(pid) for pid in workers)
+    assert all(ends(pid, within_s=60) for pid in workers)
     assert "Traceback" not in log_path.read_text()

@@ -34,7 +34,7 @@ from kvpage_runtime.distributed.worker import (
     connect,
     run_worker,
 )
-from kvpage_runtime.errors import EngineConfigError, EngineDeadError, ModelLoadError
+from kvpage_runtime.errors import EngineDeadError, ModelLoadError
 from kvpage_runtime.forward_batch import StepInputs
 from kvpage_runtime.model_runner import ModelRunner, ScheduledLike
 
@@ -150,10 +150,8 @@ class TensorParallelDriver:
     def start(cls, size: int, backend: str, *, model: str | None, dtype: str, device: str,
               quantization: str | None) -> TensorParallelDriver:
         """Starts ranks 1..size-1, which load ``model`` in ``dtype`` (resolved by the driver,
-        so that every rank computes in the same one) on ``device``."""
-        if backend not in EXECUTOR_BACKENDS:
-            raise EngineConfigError(f"distributed_executor_backend must be one of "
-                                    f"{', '.join(EXECUTOR_BACKENDS)}, got {backend!r}")
+        so that every rank computes in the same one) on ``device``. ``backend`` is one of
+        ``EXECUTOR_BACKENDS`` (``EngineConfig`` checks it)."""
         cuda = torch.device(device).type == "cuda"
         threads_before = torch.get_num_threads()
         threads = None if cuda else max(1, threads_before // size)
@@ -212,7 +210,6 @@ class TensorParallelDriver:
         started = _now()
         self.channel.send(message)
         stats.message_seconds += _now() - started
-        stats.messages += 1
 
     def guarded(self, call):
         """``call()``, any failure of which ends the ranks: a step that failed midway cannot
@@ -274,9 +271,6 @@ class TensorParallelRunner:
     def _execute(self, inputs: StepInputs, logits_indices: list[int]) -> torch.Tensor:
         self.driver.send(("step", inputs, logits_indices))
         return self.runner.execute(inputs, logits_indices)
-
-    def shutdown(self) -> None:
-        self.driver.shutdown()
 
 
 def _rank_device(device: str, rank: int, backend: str) -> str:

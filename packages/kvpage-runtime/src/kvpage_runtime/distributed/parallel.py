@@ -21,13 +21,12 @@ from kvpage_runtime.errors import EngineConfigError
 
 @dataclass
 class CommStats:
-    """Seconds the driver spent in collectives (waiting for slower ranks included) and in
-    sending each step's inputs, and how many of each it ran."""
+    """Seconds the driver spent in collectives (waiting for slower ranks included), how many
+    it ran, and seconds spent sending each step's inputs."""
 
     collective_seconds: float = 0.0
     collectives: int = 0
     message_seconds: float = 0.0
-    messages: int = 0
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ TIMEOUT_ENV = "KVPAGE_DISTRIBUTED_TIMEOUT"
 SHM_ENV = "KVPAGE_SHM_ALL_REDUCE"  # "0": CPU ranks on one machine all-reduce over gloo too
 DEFAULT_TIMEOUT_S = 120.0
 _IDLE_FOREVER = timedelta(days=3650)  # a worker waits for the driver's next message this long
+# how long the ranks may take to start and load their shards before they meet (each watched
+# by the driver meanwhile, so a rank that dies is reported at once)
+_STARTUP = timedelta(minutes=30)
 
 
 def collective_timeout_s() -> float:
@@ -92,12 +95,13 @@ class Channel:
 
 def connect(tp: TensorParallel, init_method: str, device: torch.device,
             timeout_s: float) -> Channel:
-    """Joins the ranks' rendezvous; sets ``tp.group`` to the activations' group (and, for CPU
-    ranks on one machine, ``tp.shm_all_reduce``, unless ``KVPAGE_SHM_ALL_REDUCE=0``)."""
+    """Joins the ranks' rendezvous; sets ``tp.group`` to the activations' group, whose waits
+    last ``timeout_s`` at most (and, for CPU ranks on one machine, ``tp.shm_all_reduce``,
+    unless ``KVPAGE_SHM_ALL_REDUCE=0``)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=tp.rank,
-                            world_size=tp.size, timeout=timedelta(seconds=timeout_s))
-    tp.group = dist.group.WORLD
+                            world_size=tp.size, timeout=_STARTUP)
+    tp.group = dist.new_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     messages = dist.new_group(backend="gloo", timeout=_IDLE_FOREVER)
     if device.type == "cpu" and os.environ.get(SHM_ENV) != "0" and same_machine(messages):
         tp.shm_all_reduce = SharedMemoryAllReduce(tp.rank, tp.size, messages, timeout_s)

@@ -72,6 +72,7 @@ class LlamaAttention(nn.Module):
         )
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window,
                                    config.attention_multiplier)
+        self.qk_norm = config.qk_norm
         self.q_norm = self.k_norm = None
         eps, dtype = config.rms_norm_eps, config.dtype
         if config.qk_norm == "head":
@@ -94,7 +95,7 @@ class LlamaAttention(nn.Module):
         n = x.shape[0]
         qkv = self.qkv_proj(x)
         qk = qkv[:, : self.qk_size]
-        if self.q_norm is not None:
+        if self.qk_norm is not None:
             qk = self.normalize_qk(qk)
         # q and k heads are rotated together in one pass.
         qk = rotary_embedding(qk.view(n, -1, self.head_dim), cos, sin)
@@ -106,7 +107,7 @@ class LlamaAttention(nn.Module):
         """Queries and keys [n, q_size + kv_size] through their norms."""
         q, k = qk.split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim],
                         dim=-1)
-        if isinstance(self.q_norm, RMSNorm):  # per head
+        if self.qk_norm == "head":
             d = self.head_dim
             q = self.q_norm(q.reshape(-1, d)).view(q.shape)
             k = self.k_norm(k.reshape(-1, d)).view(k.shape)
