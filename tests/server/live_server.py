@@ -33,14 +33,19 @@ def serving_in_thread(app, startup_timeout_s: float = 60) -> Iterator[str]:
     process, where a test can reach it); yields the URL once the server has started."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(),
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, name="test-server", daemon=True)
+    started = threading.Event()
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            started.set()
+
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=lambda: (server.run(), started.set()), name="test-server",
+                              daemon=True)
     thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:  # uvicorn offers no event to wait on
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
+    started.wait(startup_timeout_s)  # set once serving, or when the thread ends without it
+    assert server.started, "server did not start"
     try:
         yield f"http://127.0.0.1:{server.config.port}"
     finally:
