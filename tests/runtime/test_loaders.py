@@ -194,15 +194,6 @@ def test_unsupported_rope_type_is_named(llama_folder, tmp_path):
         load_model(str(folder))
 
 
-def test_mixed_sliding_window_layers_are_refused(tmp_path):
-    config = transformers.Qwen2Config(
-        **SMALL, use_sliding_window=True, sliding_window=8, max_window_layers=1
-    )
-    folder = save_tiny_model(config, tmp_path / "qwen2")
-    with pytest.raises(UnsupportedModelError, match="sliding-window and full-attention"):
-        load_model(str(folder))
-
-
 def test_unexpected_tensor_is_named(llama_folder, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -1,5 +1,5 @@
-"""Qwen3, Qwen3-MoE, OLMo 2, Granite and Phi-3 against transformers, and split over
-tensor-parallel ranks.
+"""Qwen3, Qwen3-MoE, OLMo 2, Granite, Phi-3, Gemma 2 and Gemma 3 against transformers, and
+split over tensor-parallel ranks.
 
 Odd sizes: five query heads over one KV head (a KV group of five), a hidden size that is no
 multiple of 64 (80), three layers."""
@@ -15,6 +15,11 @@ ODD = {**TINY, "hidden_size": 80, "num_attention_heads": 5, "num_key_value_heads
        "intermediate_size": 144}
 GRANITE = dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.09,
                logits_scaling=3.0)
+# Gemma: a window shorter than most prompts, scores and logits capped where the caps bite
+GEMMA = dict(head_dim=24, sliding_window=12, query_pre_attn_scalar=20)
+# Gemma 3: full layers on a scaled RoPE of base 1e6, sliding ones on a plain one of base 1e4
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 
 
 def config(name: str, sizes: dict) -> transformers.PretrainedConfig:
@@ -28,10 +33,16 @@ def config(name: str, sizes: dict) -> transformers.PretrainedConfig:
         return transformers.Olmo2Config(**sizes)
     if name == "phi3":  # fused q/k/v and gate/up in the checkpoint, a window on every layer
         return transformers.Phi3Config(**sizes, sliding_window=12, pad_token_id=0)
+    if name == "gemma2":  # layers 0 and 2 slide, 1 attends in full
+        return transformers.Gemma2Config(**sizes, **GEMMA, attn_logit_softcapping=2.0,
+                                         final_logit_softcapping=4.0)
+    if name == "gemma3":  # layers 0 and 1 slide, 2 attends in full
+        return transformers.Gemma3TextConfig(**sizes, **GEMMA, sliding_window_pattern=3,
+                                             rope_parameters=GEMMA3_ROPE)
     return transformers.GraniteConfig(**sizes, **GRANITE)
 
 
-FAMILIES = ("qwen3", "qwen3-moe", "olmo2", "granite", "phi3")
+FAMILIES = ("qwen3", "qwen3-moe", "olmo2", "granite", "phi3", "gemma2", "gemma3")
 CONFIGS = {name: config(name, ODD) for name in FAMILIES}
 qwen3 = family_fixture(CONFIGS["qwen3"])
 # YaRN past its original context: prompts of 33 tokens and 16 more against 32 positions
@@ -43,6 +54,8 @@ olmo2 = family_fixture(CONFIGS["olmo2"])
 granite = family_fixture(CONFIGS["granite"])
 phi3 = family_fixture(CONFIGS["phi3"])
 qwen3_moe = family_fixture(CONFIGS["qwen3-moe"])
+gemma2 = family_fixture(CONFIGS["gemma2"])
+gemma3 = family_fixture(CONFIGS["gemma3"])
 qwen3_moe_unnormalized = family_fixture(transformers.Qwen3MoeConfig(
     **{**CONFIGS["qwen3-moe"].to_dict(), "norm_topk_prob": False, "mlp_only_layers": [],
        "decoder_sparse_step": 2}))
@@ -68,7 +81,7 @@ def test_yarn_attention_factor_from_mscales_matches_transformers(llama_yarn_msca
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_olmo2_matches_transformers(olmo2, schedule, record_property):
-    assert olmo2.loaded.config.post_norm
+    assert olmo2.loaded.config.norm_placement == "post"
     record_property("near_ties", olmo2.check(*schedule))
 
 
@@ -96,6 +109,70 @@ def test_qwen3_moe_every_other_layer_unnormalized_matches_transformers(
 def test_phi3_matches_transformers(phi3, schedule, record_property):
     assert phi3.loaded.config.sliding_window == 12
     record_property("near_ties", phi3.check(*schedule))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gemma2_matches_transformers(gemma2, schedule, record_property):
+    config = gemma2.loaded.config
+    assert (config.sliding_window, config.sliding_window_layers) == (12, [0, 2])
+    assert (config.attn_logit_softcapping, config.final_logit_softcapping) == (2.0, 4.0)
+    assert config.cache_sliding_window is None  # layer 1 reads every block
+    record_property("near_ties", gemma2.check(*schedule))
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gemma3_matches_transformers(gemma3, schedule, record_property):
+    config = gemma3.loaded.config
+    assert (config.sliding_window_layers, config.qk_norm) == ([0, 1], "head")
+    assert (config.rope_theta, config.local_rope_theta) == (1e6, 1e4)
+    assert config.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    record_property("near_ties", gemma3.check(*schedule))
+
+
+def test_gemma_configs_without_layer_types_follow_the_sliding_window_pattern():
+    """Older config.json files name no layer types: every pattern-th layer attends in full
+    (Gemma 2: every second, Gemma 3: every sixth unless ``sliding_window_pattern`` says),
+    and Gemma 3's sliding layers rotate by ``rope_local_base_freq``."""
+    from kvpage_runtime.loaders.hf_config import model_config_from_hf
+
+    def old_style(name: str, **extra) -> dict:
+        raw = {**CONFIGS[name].to_dict(), "num_hidden_layers": 7, **extra}
+        for key in ("layer_types", "rope_parameters", "sliding_window_pattern"):
+            raw.pop(key, None)
+        return raw
+
+    gemma2 = model_config_from_hf(old_style("gemma2", architectures=["Gemma2ForCausalLM"]),
+                                  torch.float32)
+    assert gemma2.sliding_window_layers == [0, 2, 4, 6]
+    gemma3 = model_config_from_hf(old_style(
+        "gemma3", architectures=["Gemma3ForCausalLM"], rope_theta=1e6,
+        rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_local_base_freq=1e4),
+        torch.float32)
+    assert gemma3.sliding_window_layers == [0, 1, 2, 3, 4, 6]
+    assert (gemma3.rope_theta, gemma3.local_rope_theta, gemma3.local_rope_scaling) == (
+        1e6, 1e4, None)
+    assert gemma3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+
+
+def test_gemma_in_bf16_rounds_the_embedding_scale_to_bf16():
+    """transformers multiplies the embeddings by sqrt(hidden_size) as a tensor of the model's
+    dtype: sqrt(80) in bf16 is 8.9375, not 8.944."""
+    from kvpage_runtime.loaders.hf_config import model_config_from_hf
+
+    raw = {**CONFIGS["gemma2"].to_dict(), "architectures": ["Gemma2ForCausalLM"]}
+    assert model_config_from_hf(raw, torch.bfloat16).embedding_multiplier == 8.9375
+    assert model_config_from_hf(raw, torch.float32).embedding_multiplier == pytest.approx(
+        80 ** 0.5, rel=1e-7)
+
+
+def test_qwen2_with_full_attention_below_max_window_layers_matches_transformers(
+        tmp_path, record_property):
+    from family_checks import FamilyCase
+
+    case = FamilyCase(transformers.Qwen2Config(
+        **ODD, use_sliding_window=True, sliding_window=12, max_window_layers=1), tmp_path)
+    assert case.loaded.config.sliding_window_layers == [1, 2]
+    record_property("near_ties", case.check(*SCHEDULES[0]))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

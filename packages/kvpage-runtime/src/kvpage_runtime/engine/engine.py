@@ -156,7 +156,7 @@ class LLMEngine:
         pool = BlockPool(budget.num_blocks, config.block_size,
                          enable_prefix_caching=config.enable_prefix_caching)
         # with a sliding window, blocks that fall out of it go back to the pool as requests move on
-        self.cache = KVCacheManager(pool, sliding_window=self.model_config.sliding_window)
+        self.cache = KVCacheManager(pool, sliding_window=self.model_config.cache_sliding_window)
         self.spec_config = (SpeculativeConfig.from_dict(config.speculative_config)
                             if config.speculative_config is not None else None)
         self.scheduler = Scheduler(self.cache, self._scheduler_config())

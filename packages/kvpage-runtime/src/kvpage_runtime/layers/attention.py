@@ -12,14 +12,15 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 
 class PagedAttention(nn.Module):
-    """Causal (optionally sliding-window) attention of new tokens over their whole cached context.
+    """Causal (optionally sliding-window, optionally soft-capped) attention of new tokens over
+    their whole cached context.
 
     The kernel backend is whatever ``kvpage_kernels.select_backend`` picks for the device.
     """
 
     def __init__(
         self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None,
-        scale: float | None = None,
+        scale: float | None = None, softcap: float | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -27,6 +28,7 @@ class PagedAttention(nn.Module):
         self.head_dim = head_dim
         self.scale = head_dim**-0.5 if scale is None else scale
         self.sliding_window = sliding_window
+        self.softcap = softcap
 
     def forward(
         self,
@@ -48,6 +50,7 @@ class PagedAttention(nn.Module):
             batch.query_start_loc,
             self.scale,
             sliding_window=self.sliding_window,
+            softcap=self.softcap,
             max_seq_len=batch.max_seq_len,
             max_query_len=batch.max_query_len,
         )

@@ -1,18 +1,45 @@
-"""SiLU-gated feed-forward block with gate and up projections fused into one matmul."""
+"""Gated feed-forward block (SiLU, or GELU with the tanh approximation) with gate and up
+projections fused into one matmul."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from kvpage_kernels import silu_and_mul
 from torch import nn
+from torch.nn import functional as F
 
 from kvpage_runtime.distributed.parallel import TensorParallel
+from kvpage_runtime.errors import UnsupportedModelError
 from kvpage_runtime.layers.linear import Linear, Parallel
 from kvpage_runtime.layers.quantization import LinearMethods
 
 
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, approximate="tanh") * up over [n, 2 * d] (Gemma's GeGLU)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+# Hugging Face's ``hidden_act`` names -> the gated activation over [gate | up].
+GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": silu_and_mul,
+    "gelu_pytorch_tanh": gelu_tanh_and_mul,
+}
+
+
+def gated_activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return GATED_ACTIVATIONS[name]
+    except KeyError:
+        raise UnsupportedModelError(
+            f"hidden_act {name!r} is not supported; supported: {', '.join(GATED_ACTIVATIONS)}"
+        ) from None
+
+
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); ``gate_up_proj`` stacks the gate (shard 0) and up (shard 1)
+    """down(act(gate(x)) * up(x)), act SiLU or ``activation``; ``gate_up_proj`` stacks the gate (shard 0) and up (shard 1)
     weights. ``prefix`` is the block's name in the model (its layers' methods are chosen by
     name). Tensor parallel: each rank holds a slice of the intermediate size (gate/up column
     parallel, down row parallel), and ``reduce_results`` False leaves the sum over the ranks
@@ -28,8 +55,11 @@ class GatedMLP(nn.Module):
         prefix: str = "mlp",
         tp: TensorParallel | None = None,
         reduce_results: bool = True,
+        activation: str = "silu",
     ) -> None:
         super().__init__()
+        self.activation = activation
+        self.act_and_mul = gated_activation(activation)
         methods = methods or LinearMethods()
         tp = tp or TensorParallel()
         start, self.intermediate_size = tp.split(intermediate_size, "intermediate size")
@@ -46,4 +76,4 @@ class GatedMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))

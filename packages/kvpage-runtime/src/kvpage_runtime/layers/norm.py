@@ -16,15 +16,22 @@ class RMSNorm(nn.Module):
 
     With a residual, returns ``(norm(x + residual), x + residual)`` so that decoder layers
     carry the running sum without separate add ops. The op is ``kvpage_kernels.rms_norm``
-    (one fused pass in fp32 and bf16 on the compiled CPU backend).
+    (one fused pass in fp32 and bf16 on the compiled CPU backend). With an ``offset`` (Gemma's
+    1), the norm scales by offset + the checkpoint's weight, which is what it stores.
     """
 
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device=None) -> None:
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device=None,
+                 offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(
             torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False
         )
         self.eps = eps
+        self.offset = offset
+
+    def from_checkpoint(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The weight to store for the checkpoint's ``tensor`` (offset added in fp32)."""
+        return tensor if self.offset == 0.0 else tensor.float() + self.offset
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -45,7 +52,7 @@ class ProjectionRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device),
                                    requires_grad=False)
 
-    def rank_slice(self, tensor: torch.Tensor) -> torch.Tensor:
+    def from_checkpoint(self, tensor: torch.Tensor) -> torch.Tensor:
         """This rank's part of the checkpoint's whole weight."""
         if tensor.shape != (self.total,):
             raise ModelLoadError(f"norm weight of shape {tuple(tensor.shape)}, the model "

@@ -8,13 +8,25 @@ import torch
 
 from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
+from kvpage_runtime.layers.mlp import gated_activation
 from kvpage_runtime.models.registry import model_class
 
 _QKV_BIAS_ARCHITECTURES = {"Qwen2ForCausalLM"}
+_GEMMA_ARCHITECTURES = {"Gemma2ForCausalLM", "Gemma3ForCausalLM"}
+# transformers' defaults for fields a Gemma config.json may leave out
+_GEMMA_DEFAULTS = {
+    "Gemma2ForCausalLM": {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                          "sliding_window_pattern": 2},
+    "Gemma3ForCausalLM": {"attn_logit_softcapping": None, "final_logit_softcapping": None,
+                          "sliding_window_pattern": 6},
+}
 
 
-def _family_options(architecture: str, raw: dict[str, Any]) -> dict[str, Any]:
+def _family_options(architecture: str, raw: dict[str, Any], dtype: torch.dtype
+                    ) -> dict[str, Any]:
     """``ModelConfig``'s family options (see there) that ``architecture`` sets."""
+    if architecture in _GEMMA_ARCHITECTURES:
+        return _gemma_options(architecture, raw, dtype)
     if architecture == "Qwen3ForCausalLM":
         return {"qk_norm": "head"}
     if architecture == "Qwen3MoeForCausalLM":
@@ -27,7 +39,7 @@ def _family_options(architecture: str, raw: dict[str, Any]) -> dict[str, Any]:
                 "moe_layers": [i for i in range(num_layers)
                                if i not in skipped and (i + 1) % step == 0]}
     if architecture == "Olmo2ForCausalLM":
-        return {"qk_norm": "full", "post_norm": True}
+        return {"qk_norm": "full", "norm_placement": "post"}
     if architecture == "GraniteForCausalLM":
         return {"embedding_multiplier": raw.get("embedding_multiplier", 1.0),
                 "residual_multiplier": raw.get("residual_multiplier", 1.0),
@@ -36,20 +48,53 @@ def _family_options(architecture: str, raw: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def _gemma_options(architecture: str, raw: dict[str, Any], dtype: torch.dtype
+                   ) -> dict[str, Any]:
+    if raw.get("use_bidirectional_attention"):
+        raise UnsupportedModelError(
+            f"{architecture} with use_bidirectional_attention (an embedding model) is not "
+            "supported: kvpage serves causal language models")
+    defaults = _GEMMA_DEFAULTS[architecture]
+    options = {
+        "norm_placement": "sandwich",
+        "norm_offset": 1.0,
+        # transformers multiplies by sqrt(hidden_size) as a tensor of the model dtype
+        "embedding_multiplier": float(torch.tensor(raw["hidden_size"] ** 0.5, dtype=dtype)),
+        "attention_multiplier": raw.get("query_pre_attn_scalar", 256) ** -0.5,
+        "attn_logit_softcapping": raw.get("attn_logit_softcapping",
+                                          defaults["attn_logit_softcapping"]),
+        "final_logit_softcapping": raw.get("final_logit_softcapping",
+                                           defaults["final_logit_softcapping"]),
+    }
+    if architecture == "Gemma3ForCausalLM":
+        options["qk_norm"] = "head"
+        options["local_rope_theta"], options["local_rope_scaling"] = _local_rope(raw)
+    return options
+
+
+def _local_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """Gemma 3's RoPE for the sliding layers: ``rope_parameters["sliding_attention"]``
+    (transformers 5), else the plain RoPE of base ``rope_local_base_freq``."""
+    per_layer_type = raw.get("rope_parameters") or {}
+    if "sliding_attention" in per_layer_type:
+        return _rope(raw, per_layer_type["sliding_attention"])
+    return raw.get("rope_local_base_freq", 10000.0), None
+
+
 def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig:
     architecture = _architecture(raw)
     model_class(architecture)  # fails early, listing the supported architectures
-    if raw.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(
-            f"hidden_act {raw['hidden_act']!r} is not supported (only 'silu')"
-        )
+    hidden_act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+    gated_activation(hidden_act)  # fails early, listing the supported activations
     if architecture not in _QKV_BIAS_ARCHITECTURES and (
         raw.get("attention_bias") or raw.get("mlp_bias")
     ):
         raise UnsupportedModelError(f"{architecture} with attention_bias/mlp_bias is not supported")
     try:
         num_heads = raw["num_attention_heads"]
-        theta, scaling = _rope(raw)
+        per_layer_type = raw.get("rope_parameters") or {}
+        theta, scaling = _rope(raw, per_layer_type.get("full_attention"))
+        window, window_layers = _sliding_window(raw, architecture)
         fields = dict(
             architecture=architecture,
             vocab_size=raw["vocab_size"],
@@ -64,13 +109,15 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
             rope_scaling=scaling,
             max_position_embeddings=raw.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            sliding_window=_sliding_window(raw),
+            sliding_window=window,
+            sliding_window_layers=window_layers,
+            hidden_act=hidden_act,
             attention_bias=architecture in _QKV_BIAS_ARCHITECTURES,
             num_experts=raw.get("num_local_experts", 0),
             num_experts_per_tok=raw.get("num_experts_per_tok", 0),
             dtype=dtype,
         )
-        return ModelConfig(**{**fields, **_family_options(architecture, raw)})
+        return ModelConfig(**{**fields, **_family_options(architecture, raw, dtype)})
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
 
@@ -84,9 +131,11 @@ def _architecture(raw: dict[str, Any]) -> str:
     return architectures[0]
 
 
-def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(theta, scaling) from either ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
-    params = dict(raw.get("rope_parameters") or raw.get("rope_scaling") or {})
+def _rope(raw: dict[str, Any], params: dict[str, Any] | None = None
+          ) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from ``params`` if given (one layer type's), else from either
+    ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
+    params = dict(params or raw.get("rope_parameters") or raw.get("rope_scaling") or {})
     partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise UnsupportedModelError(
@@ -100,25 +149,33 @@ def _rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, {"rope_type": rope_type, **params}
 
 
-def _sliding_window(raw: dict[str, Any]) -> int | None:
-    """The window when every layer slides, None when none does; mixed layouts are unsupported."""
+def _sliding_window(raw: dict[str, Any], architecture: str
+                    ) -> tuple[int | None, list[int] | None]:
+    """(the window, the layers that slide when only some do) from ``sliding_window`` and the
+    layers' kinds; (None, None) when no layer slides."""
     window = raw.get("sliding_window")
     if window is None:
-        return None
+        return None, None
+    kinds = _layer_types(raw, architecture)
+    sliding = [i for i, kind in enumerate(kinds) if kind == "sliding_attention"]
+    if not sliding:
+        return None, None
+    return window, None if len(sliding) == len(kinds) else sliding
+
+
+def _layer_types(raw: dict[str, Any], architecture: str) -> list[str]:
+    """Each layer's kind, "sliding_attention" or "full_attention": ``layer_types`` where the
+    config lists them (transformers 5), else by the rule of the family's older configs."""
     num_layers = raw["num_hidden_layers"]
-    if "layer_types" in raw and raw["layer_types"]:
-        sliding = sum(kind == "sliding_attention" for kind in raw["layer_types"])
+    if raw.get("layer_types"):
+        return list(raw["layer_types"])
+    if architecture in _GEMMA_ARCHITECTURES:  # every pattern-th layer attends in full
+        pattern = raw.get("sliding_window_pattern",
+                          _GEMMA_DEFAULTS[architecture]["sliding_window_pattern"])
+        slides = [(i + 1) % pattern != 0 for i in range(num_layers)]
     elif "use_sliding_window" in raw:  # Qwen2: layers from max_window_layers on slide
-        first = (
-            raw.get("max_window_layers", num_layers) if raw["use_sliding_window"] else num_layers
-        )
-        sliding = max(0, num_layers - first)
+        first = raw.get("max_window_layers", num_layers) if raw["use_sliding_window"] else num_layers
+        slides = [i >= first for i in range(num_layers)]
     else:
-        sliding = num_layers
-    if sliding == 0:
-        return None
-    if sliding == num_layers:
-        return window
-    raise UnsupportedModelError(
-        "models mixing sliding-window and full-attention layers are not supported"
-    )
+        slides = [True] * num_layers
+    return ["sliding_attention" if s else "full_attention" for s in slides]

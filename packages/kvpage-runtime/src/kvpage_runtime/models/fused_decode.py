@@ -110,11 +110,17 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
 def _missing_from_stack(config: ModelConfig) -> str | None:
     """What of this family's decoder layer the fused stack does not compute, or None."""
     if config.qk_norm is not None:
-        return "query and key norms (Qwen3, OLMo 2)"
-    if config.post_norm:
-        return "norms after attention and the MLP (OLMo 2)"
+        return "query and key norms (Qwen3, OLMo 2, Gemma 3)"
+    if config.norm_placement != "pre":
+        return "norms after attention and the MLP (OLMo 2, Gemma 2/3)"
     if config.residual_multiplier != 1.0 or config.attention_multiplier is not None:
-        return "residual and attention multipliers (Granite)"
+        return "residual and attention multipliers (Granite, Gemma 2/3)"
+    if config.hidden_act != "silu" or config.norm_offset != 0.0:
+        return "GeGLU MLP and norm offset (Gemma 2/3)"
+    if config.attn_logit_softcapping is not None:
+        return "attention soft-capping (Gemma 2)"
+    if config.sliding_window_layers is not None or config.local_rope_theta is not None:
+        return "sliding and full-attention layers in one model (Gemma 2/3, Qwen2)"
     return None
 
 

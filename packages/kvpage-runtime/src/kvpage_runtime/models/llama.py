@@ -1,6 +1,7 @@
 """The Llama family: Llama 2/3, SmolLM2, Mistral (GQA, sliding window), Qwen2 (QKV bias),
-Qwen3 (per-head q/k norms), OLMo 2 (norms after the blocks, q/k norms over the projections)
-and Granite (multipliers).
+Qwen3 (per-head q/k norms), OLMo 2 (norms after the blocks, q/k norms over the projections),
+Granite (multipliers) and Gemma 2/3 (norms around the blocks, GeGLU, soft-capping, sliding
+and full layers alternating, a RoPE of their own for the sliding layers).
 
 They differ only in configuration (``ModelConfig``'s family options), so one implementation
 serves all of them. Module names
@@ -44,10 +45,11 @@ PACKED = "packed"  # the name part of packed tensors in ``export_state``
 class LlamaAttention(nn.Module):
     """Tensor parallel: each rank computes its query heads and their KV heads (QKV column
     parallel), and o_proj (row parallel) sums the ranks' heads. ``config.qk_norm``: the
-    queries and keys are normalized before RoPE, per head or over the whole projection."""
+    queries and keys are normalized before RoPE, per head or over the whole projection.
+    ``index``: the layer's, which says whether it slides (``config.layer_sliding_window``)."""
 
     def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
-                 tp: TensorParallel) -> None:
+                 tp: TensorParallel, index: int) -> None:
         super().__init__()
         heads = tp.heads(config.num_heads, config.num_kv_heads)
         self.num_heads = heads.num_heads
@@ -70,14 +72,15 @@ class LlamaAttention(nn.Module):
             method=methods.linear(f"{prefix}.o_proj"),
             parallel=Parallel.row(tp, heads.q_start * d, config.q_size),
         )
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d, config.sliding_window,
-                                   config.attention_multiplier)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d,
+                                   config.layer_sliding_window(index),
+                                   config.attention_multiplier, config.attn_logit_softcapping)
         self.qk_norm = config.qk_norm
         self.q_norm = self.k_norm = None
         eps, dtype = config.rms_norm_eps, config.dtype
         if config.qk_norm == "head":
-            self.q_norm = RMSNorm(d, eps, dtype, device)
-            self.k_norm = RMSNorm(d, eps, dtype, device)
+            self.q_norm = RMSNorm(d, eps, dtype, device, config.norm_offset)
+            self.k_norm = RMSNorm(d, eps, dtype, device, config.norm_offset)
         elif config.qk_norm == "full":
             self.q_norm = ProjectionRMSNorm(config.q_size, heads.q_start * d, q_size, eps,
                                             dtype, device, tp)
@@ -116,24 +119,33 @@ class LlamaAttention(nn.Module):
         return torch.cat([q, k], dim=-1)
 
 
+# ``config.norm_placement`` -> the norms of a decoder layer, by their checkpoint names.
+LAYER_NORMS = {
+    "pre": ("input_layernorm", "post_attention_layernorm"),
+    "post": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "sandwich": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm"),
+}
+
+
 class LlamaDecoderLayer(nn.Module):
-    """Norms before attention and the MLP (``input_layernorm``, ``post_attention_layernorm``),
-    or, with ``config.post_norm``, after them (``post_attention_layernorm``,
-    ``post_feedforward_layernorm``). The MLP of layer ``index`` is a mixture of experts where
-    the config says so (``is_moe_layer``)."""
+    """Norms (``config.norm_placement``) before attention and the MLP (``input_layernorm``,
+    ``post_attention_layernorm``), after them (OLMo 2: ``post_attention_layernorm``,
+    ``post_feedforward_layernorm``) or both (Gemma: all four). The MLP of layer ``index`` is a
+    mixture of experts where the config says so (``is_moe_layer``); a sliding layer of a model
+    with a RoPE of its own for those (``config.local_rope_theta``) rotates by that one."""
 
     def __init__(self, config: ModelConfig, device, methods: LinearMethods, prefix: str,
                  tp: TensorParallel, index: int) -> None:
         super().__init__()
-        norm = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)  # noqa: E731
-        self.post_norm = config.post_norm
+        self.norm_placement = config.norm_placement
+        for name in LAYER_NORMS[config.norm_placement]:
+            setattr(self, name, RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype,
+                                        device, config.norm_offset))
         self.residual_multiplier = config.residual_multiplier
-        if config.post_norm:
-            self.post_feedforward_layernorm = norm()
-        else:
-            self.input_layernorm = norm()
-        self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn", tp)
-        self.post_attention_layernorm = norm()
+        self.local_rope = (config.local_rope_theta is not None
+                           and config.layer_sliding_window(index) is not None)
+        self.self_attn = LlamaAttention(config, device, methods, f"{prefix}.self_attn", tp, index)
         prefix = f"{prefix}.mlp"
         if config.is_moe_layer(index):
             self.mlp = SparseMoE(
@@ -142,7 +154,7 @@ class LlamaDecoderLayer(nn.Module):
                 prefix, tp, config.norm_topk_prob)
         else:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, config.dtype,
-                                device, methods, prefix, tp)
+                                device, methods, prefix, tp, activation=config.hidden_act)
 
     def forward(
         self,
@@ -154,8 +166,10 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, residual stream before it); the next norm adds them."""
-        if self.post_norm:
+        if self.norm_placement == "post":
             return self.forward_post_norm(hidden, residual, cos, sin, batch, kv_cache)
+        if self.norm_placement == "sandwich":
+            return self.forward_sandwich_norm(hidden, residual, cos, sin, batch, kv_cache)
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -171,6 +185,18 @@ class LlamaDecoderLayer(nn.Module):
         x = hidden if residual is None else hidden + residual
         x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, kv_cache))
         return self.post_feedforward_layernorm(self.mlp(x)), x
+
+    def forward_sandwich_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                              cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
+                              kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gemma: x + norm(attention(norm(x))), then norm(MLP(norm(.))) beside it."""
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos, sin, batch, kv_cache))
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
     def scaled(self, block_output: torch.Tensor) -> torch.Tensor:
         m = self.residual_multiplier
@@ -193,7 +219,8 @@ class LlamaModel(nn.Module):
             LlamaDecoderLayer(config, device, methods, f"{prefix}.layers.{i}", self.tp, i)
             for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device,
+                            config.norm_offset)
         self.rotary = RotaryEmbedding(
             config.head_dim,
             config.max_position_embeddings,
@@ -202,6 +229,11 @@ class LlamaModel(nn.Module):
             config.dtype,
             device,
         )
+        self.local_rotary = None  # the sliding layers' own RoPE (Gemma 3)
+        if config.local_rope_theta is not None:
+            self.local_rotary = RotaryEmbedding(
+                config.head_dim, config.max_position_embeddings, config.local_rope_theta,
+                config.local_rope_scaling, config.dtype, device)
         self._fused = (None, None)  # (KV cache it was built for, fused decoder or None)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
@@ -209,6 +241,7 @@ class LlamaModel(nn.Module):
         if self.config.embedding_multiplier != 1.0:
             hidden = hidden * self.config.embedding_multiplier
         cos, sin = self.rotary.lookup(batch.positions)
+        local = None if self.local_rotary is None else self.local_rotary.lookup(batch.positions)
         one_token_each = batch.max_query_len == 1
         short_after_context = batch.max_query_len <= FUSED_MAX_QUERY_LEN and batch.min_context_len
         if ((one_token_each or short_after_context)
@@ -218,18 +251,21 @@ class LlamaModel(nn.Module):
             hidden, residual = fused(hidden, cos, sin, rows.slot_mapping, rows.block_tables,
                                      rows.seq_lens, rows.query_start_loc, rows.lora_slots)
         else:
-            hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches)
+            hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches, local)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
     def run_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   batch: ForwardBatch, kv_caches: list[KVCache]
+                   batch: ForwardBatch, kv_caches: list[KVCache],
+                   local: tuple[torch.Tensor, torch.Tensor] | None = None,
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer modules one after another over the embeddings ``hidden``; returns the last
-        layer's (MLP output, residual stream before it)."""
+        layer's (MLP output, residual stream before it). ``local``: the sliding layers' own
+        cos and sin, if they have their own RoPE."""
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, cos, sin, batch, kv_cache)
+            rotation = local if layer.local_rope else (cos, sin)
+            hidden, residual = layer(hidden, residual, *rotation, batch, kv_cache)
         return hidden, residual
 
     def fused_decoder(self, kv_caches: list[KVCache]):
@@ -284,8 +320,13 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """Logits of ``hidden``'s rows; None on the ranks other than the driver."""
         logits = self.lm_head.logits(hidden)
-        scaling = self.config.logits_scaling
-        return logits if logits is None or scaling == 1.0 else logits / scaling
+        if logits is None:
+            return None
+        if (scaling := self.config.logits_scaling) != 1.0:
+            logits = logits / scaling
+        if (cap := self.config.final_logit_softcapping) is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named checkpoint tensors into this model; raises if any is missing."""

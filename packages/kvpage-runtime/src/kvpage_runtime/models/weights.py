@@ -51,8 +51,8 @@ class WeightLoader:
             module.load(tensor_name, tensor, shard)
         elif module is not None and not isinstance(module, Linear) and hasattr(
                 module, tensor_name):
-            if hasattr(module, "rank_slice"):  # a tensor-parallel rank's part of it
-                tensor = module.rank_slice(tensor)
+            if hasattr(module, "from_checkpoint"):  # a rank's part of it, a norm's offset
+                tensor = module.from_checkpoint(tensor)
             copy_weight(getattr(module, tensor_name).data, tensor, name)
         else:
             raise ModelLoadError(f"checkpoint tensor {name!r} has no place in the model")
