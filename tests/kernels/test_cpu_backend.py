@@ -71,9 +71,10 @@ def test_mixed_prefill_and_decode(dtype):
     _check(make_problem(lens, q_lens, group=4, dtype=dtype), hints=False)
 
 
+@pytest.mark.parametrize("group", [2, 8])
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
-def test_head_dims(cpu_tier, head_dim):
-    _check(make_problem([20, 35, 3], [1, 1, 1], head_dim=head_dim, num_kv_heads=1, group=2))
+def test_head_dims(cpu_tier, head_dim, group):
+    _check(make_problem([20, 35, 3], [1, 1, 1], head_dim=head_dim, num_kv_heads=1, group=group))
 
 
 @pytest.mark.parametrize("window", [1, 7, 32])
@@ -289,10 +290,14 @@ def test_rotary_embedding_is_bit_identical_to_the_torch_ops(cpu_tier, dtype, tok
 
 def test_rotary_embedding_checks_its_inputs():
     x = torch.randn(4, 2, 8)
-    with pytest.raises(KernelInputError, match="even head_dim"):
-        rotary_embedding(torch.randn(4, 2, 7), torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(KernelInputError, match="x must be"):
+        rotary_embedding(torch.randn(4, 16), torch.randn(4, 3), torch.randn(4, 3))
+    with pytest.raises(KernelInputError, match="1 to head_dim // 2 = 3 values"):
+        rotary_embedding(torch.randn(4, 2, 7), torch.randn(4, 4), torch.randn(4, 4))
     with pytest.raises(KernelInputError, match="cos and sin must hold"):
-        rotary_embedding(x, torch.randn(4, 3), torch.randn(4, 3))
+        rotary_embedding(x, torch.randn(3, 3), torch.randn(3, 3))
+    with pytest.raises(KernelInputError, match="cos and sin must hold"):
+        rotary_embedding(x, torch.randn(4, 3), torch.randn(4, 2))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -607,6 +607,9 @@ void dispatch_head_dim(const Problem& p) {
         case 128:
             if (!paged_decode_fast<T, 128>(p)) paged_decode<T, 128>(p);
             return;
+        case 256:  // Gemma
+            if (!paged_decode_fast<T, 256>(p)) paged_decode<T, 256>(p);
+            return;
         default: return paged_decode<T, 0>(p);
     }
 }
@@ -665,14 +668,15 @@ extern "C" int64_t kvpage_write_kv(const char* k, int64_t k_token_stride, int64_
     return -1;
 }
 
-// Rotary embedding, half-rotation layout: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) per head,
-// each product and sum rounded to T as the unfused torch ops round (built without FMA
-// contraction, so fp32 results are bit-identical too). x [tokens, heads, 2 * half] with
-// element strides; cos/sin rows [tokens, half] at cs_stride; out contiguous.
+// Rotary embedding, half-rotation layout: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s) over the
+// first 2 * half of each head's head_dim values, the rest copied (partial rotary), each
+// product and sum rounded to T as the unfused torch ops round (built without FMA contraction,
+// so fp32 results are bit-identical too). x [tokens, heads, head_dim] with element strides;
+// cos/sin rows [tokens, half] at cs_stride; out contiguous.
 template <typename T>
 void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* cos,
             const T* sin, int64_t cs_stride, T* out, int64_t tokens, int64_t heads,
-            int64_t half) {
+            int64_t head_dim, int64_t half) {
 #pragma omp parallel for if (tokens * heads * half > (1 << 15))
     for (int64_t i = 0; i < tokens; ++i) {
         const T* c = cos + i * cs_stride;
@@ -680,7 +684,7 @@ void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* 
         for (int64_t h = 0; h < heads; ++h) {
             const T* x1 = x + i * x_token_stride + h * x_head_stride;
             const T* x2 = x1 + half;
-            T* o = out + (i * heads + h) * 2 * half;
+            T* o = out + (i * heads + h) * head_dim;
 #pragma omp simd
             for (int64_t j = 0; j < half; ++j) {
                 const float a = to_float(x1[j]), b = to_float(x2[j]);
@@ -688,6 +692,7 @@ void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* 
                 store(o + j, rounded<T>(a * cj) - rounded<T>(b * sj));
                 store(o + half + j, rounded<T>(b * cj) + rounded<T>(a * sj));
             }
+            std::copy(x1 + 2 * half, x1 + head_dim, o + 2 * half);
         }
     }
 }
@@ -695,11 +700,12 @@ void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* 
 extern "C" int kvpage_rotary(int32_t dtype, const void* x, int64_t x_token_stride,
                              int64_t x_head_stride, const void* cos, const void* sin,
                              int64_t cs_stride, void* out, int64_t tokens, int64_t heads,
-                             int64_t half) {
+                             int64_t head_dim, int64_t half) {
     return with_dtype(dtype, [&](auto* tag) {
         using T = std::remove_pointer_t<decltype(tag)>;
         rotary(static_cast<const T*>(x), x_token_stride, x_head_stride, static_cast<const T*>(cos),
-               static_cast<const T*>(sin), cs_stride, static_cast<T*>(out), tokens, heads, half);
+               static_cast<const T*>(sin), cs_stride, static_cast<T*>(out), tokens, heads,
+               head_dim, half);
     });
 }
 
@@ -1802,7 +1808,7 @@ int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeS
     linear(s, x.normed, n, s.hidden, w.qkv, w.qkv_bias, qkv_size, x.qkv, x.acc);
     add_lora(s, b, w.lora[0], x.normed, n, s.hidden, x.qkv, qkv_size, x.lora_h);
     rotary<T>(x.qkv, qkv_size, d, static_cast<const T*>(b.cos), static_cast<const T*>(b.sin),
-              b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d / 2);
+              b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d, d / 2);
     const int64_t qk_stride = q_size + kv_size;
     const int64_t bad = kvpage_write_kv(
         reinterpret_cast<const char*>(x.qk + q_size), qk_stride, d,
