@@ -2,7 +2,7 @@
 
 For each family a random-weight model shaped like SmolLM2-135M (30 layers, hidden size 576, 9
 query and 3 KV heads, intermediate size 1536, its vocabulary and tokenizer; Qwen3-MoE with 8
-experts of 256 per layer, two per token), saved as safetensors, goes through
+experts of 256 per layer, two per token; Gemma with head_dim 64), saved as safetensors, goes through
 bench/throughput.py in fp32 (64 chat prompts x 128 tokens, greedy, ignore_eos; kvpage's
 better of two rounds against transformers' best static batch), in a process of its own, one
 family after another. Also reported: whether the family's decode steps run in the fused CPU
@@ -43,6 +43,11 @@ FAMILIES = {
         **SHAPE, embedding_multiplier=12.0, residual_multiplier=0.22,
         attention_multiplier=0.015625, logits_scaling=8.0),
     "phi3": lambda: transformers.Phi3Config(**{**SHAPE, "pad_token_id": 0}, sliding_window=None),
+    # Gemma's own defaults: a 4096-token window on alternating layers (Gemma 2) or five of six
+    # (Gemma 3), soft-capping (Gemma 2)
+    "gemma2": lambda: transformers.Gemma2Config(**SHAPE, head_dim=64, query_pre_attn_scalar=64),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**SHAPE, head_dim=64,
+                                                    query_pre_attn_scalar=64),
 }
 
 
