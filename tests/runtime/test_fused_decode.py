@@ -27,6 +27,11 @@ CONFIGS = {
     "qwen2": transformers.Qwen2Config(**TINY, tie_word_embeddings=True),  # QKV bias
     "mistral": transformers.MistralConfig(**TINY, sliding_window=6),
     "mixtral": transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3": transformers.Qwen3Config(**TINY, head_dim=16),  # norms on each q and k head
+    "olmo2": transformers.Olmo2Config(**TINY),  # norms after the blocks, q/k norms over all
+    "granite": transformers.GraniteConfig(**TINY, embedding_multiplier=6.0,
+                                          residual_multiplier=0.5, attention_multiplier=0.09,
+                                          logits_scaling=3.0),
 }
 
 
@@ -68,10 +73,11 @@ def test_fused_decode_is_bit_identical(family, tmp_path, monkeypatch):
     assert used == (family != "mixtral")  # experts keep the per-layer path
 
 
-def test_fp32_on_the_avx2_tier_is_bit_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_fp32_on_the_avx2_tier_is_bit_identical(family, tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_isa.ENV_VAR, "avx2")
-    loaded = load_model(str(save_tiny_model(CONFIGS["llama"], tmp_path)), dtype=torch.float32)
-    prompts = random_prompts([5, 17, 9, 2], CONFIGS["llama"].vocab_size)
+    loaded = load_model(str(save_tiny_model(CONFIGS[family], tmp_path)), dtype=torch.float32)
+    prompts = random_prompts([5, 17, 9, 2], CONFIGS[family].vocab_size)
     fused, used = greedy(loaded, prompts, True, monkeypatch)
     plain, _ = greedy(loaded, prompts, False, monkeypatch)
     assert used and fused == plain
@@ -94,7 +100,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("tier", ["detected", "avx2"])
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2", "granite"])
 def test_bf16_decode_agrees_to_bf16_rounding(family, tier, tmp_path, monkeypatch):
     """On the avx2 tier the modules multiply by plain bf16 weights (no oneDNN packs)."""
     if tier != "detected":

@@ -187,14 +187,14 @@ def test_families_split_over_two_ranks(name, tmp_path):
     assert_same_greedy(outputs, reference)
 
 
-def test_decode_steps_run_layer_by_layer(olmo2, caplog):
+def test_gemma_decode_steps_run_layer_by_layer(gemma2, caplog):
     from kvpage_runtime.models.fused_decode import build_fused_decoder
 
-    caches = [(torch.zeros(4, 16, 1, 16), torch.zeros(4, 16, 1, 16))
-              for _ in range(olmo2.loaded.config.num_layers)]
+    caches = [(torch.zeros(4, 16, 1, 24), torch.zeros(4, 16, 1, 24))
+              for _ in range(gemma2.loaded.config.num_layers)]
     with caplog.at_level("INFO"):
-        assert build_fused_decoder(olmo2.loaded.model.model, caches) is None
-    assert "the fused stack has no query and key norms" in caplog.text
+        assert build_fused_decoder(gemma2.loaded.model.model, caches) is None
+    assert "the fused stack has no norms both before and after attention" in caplog.text
 
 
 @pytest.mark.parametrize("params", [
@@ -222,9 +222,9 @@ def test_unsupported_rope_settings_are_refused_by_name():
     from kvpage_runtime.layers.rotary import RotaryEmbedding
     from kvpage_runtime.loaders.hf_config import model_config_from_hf
 
-    raw = {**CONFIGS["qwen3"].to_dict(), "architectures": ["Qwen3ForCausalLM"],
-           "partial_rotary_factor": 0.5}
-    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor 0.5"):
+    raw = {**CONFIGS["qwen3"].to_dict(), "architectures": ["Qwen3ForCausalLM"]}
+    raw["rope_parameters"] = {**raw["rope_parameters"], "partial_rotary_factor": 1.5}
+    with pytest.raises(UnsupportedModelError, match="partial_rotary_factor 1.5"):
         model_config_from_hf(raw, torch.float32)
-    with pytest.raises(UnsupportedModelError, match="rope_type 'longrope' is not supported"):
-        RotaryEmbedding(16, 64, 10000.0, {"rope_type": "longrope"}, torch.float32)
+    with pytest.raises(UnsupportedModelError, match="rope_type 'foo' is not supported"):
+        RotaryEmbedding(16, 64, 10000.0, {"rope_type": "foo"}, torch.float32)

@@ -25,6 +25,12 @@ Layers may carry LoRA adapters (``LoRAWeights`` per projection, the layout of
 ``lora_shrink``/``lora_expand``): a step given each row's adapter slot adds every row's
 deltas right after each projection's GEMM with the same kernels as those ops, so the stack
 still computes what the per-layer path computes.
+
+The family options of ``DecoderShape`` follow the layer modules' too: query and key norms
+(``qk_norm``: "head", each head, as Qwen3; "full", each whole projection, as OLMo 2; with
+``rms_norm`` before rotary), norms after attention and the MLP instead of before them
+(``norm_placement`` "post", OLMo 2), a softmax ``scale`` other than head_dim ** -0.5 and a
+``residual_multiplier`` on each block's output (Granite).
 """
 
 from __future__ import annotations
@@ -68,6 +74,10 @@ class DecoderShape:
     head_dim: int
     rms_norm_eps: float
     sliding_window: int | None = None
+    scale: float | None = None  # None: head_dim ** -0.5
+    residual_multiplier: float = 1.0
+    qk_norm: str | None = None  # "head" or "full"
+    norm_placement: str = "pre"  # or "post"
 
 
 @dataclass
@@ -76,9 +86,11 @@ class DecoderLayerWeights:
     stacked along the output, one GEMM each, [out, in] in one ``WeightFormat``: in fp32 a
     ``PackedWeight`` or ``QuantizedPanels`` from ``pack_weight`` or an MKL pack, in bf16 the
     plain contiguous tensor) and the layer's KV cache [num_blocks, block_size, num_kv_heads,
-    head_dim]."""
+    head_dim]. With norms after the blocks there is no ``input_norm`` and a
+    ``post_feedforward_norm``; ``q_norm`` and ``k_norm`` are [head_dim] per head or
+    [num_heads * head_dim] and [num_kv_heads * head_dim] over the projections."""
 
-    input_norm: torch.Tensor
+    input_norm: torch.Tensor | None
     qkv: Weight
     qkv_bias: torch.Tensor | None
     o: Weight
@@ -88,6 +100,9 @@ class DecoderLayerWeights:
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     lora: tuple[LoRAWeights | None, ...] | None = None  # qkv, o, gate_up, down
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    post_feedforward_norm: torch.Tensor | None = None
 
 
 @dataclass
@@ -106,7 +121,17 @@ class _Shape(ctypes.Structure):
                 ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
                 ("block_size", _i64), ("num_slots", _i64), ("eps", _f32), ("scale", _f32),
                 ("window", _i32), ("weight_format", _i32), ("lora_num_slots", _i64),
-                ("lora_rank", _i64)]
+                ("lora_rank", _i64), ("residual_multiplier", _f32), ("qk_norm", _i32),
+                ("norm_placement", _i32)]
+
+# DecoderShape's options -> the C side's codes
+_QK_NORMS = {None: 0, "head": 1, "full": 2}
+_NORM_PLACEMENTS = {"pre": 0, "post": 1}
+
+
+# DecoderLayerWeights' tensors in the order of the C side's DecoderLayer
+_LAYER_TENSORS = ("qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_attention_norm",
+                  "k_cache", "v_cache", "q_norm", "k_norm", "post_feedforward_norm")
 
 
 class _LoRAProjection(ctypes.Structure):
@@ -114,10 +139,7 @@ class _LoRAProjection(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [*((name, _ptr) for name in ("qkv", "qkv_bias", "o", "gate_up", "down",
-                                            "input_norm", "post_attention_norm", "k_cache",
-                                            "v_cache")),
-                ("lora", _LoRAProjection * 4)]
+    _fields_ = [*((name, _ptr) for name in _LAYER_TENSORS), ("lora", _LoRAProjection * 4)]
 
 
 class _Step(ctypes.Structure):
@@ -198,20 +220,21 @@ class FusedDecoder:
         self.shape = shape
         self._layers = layers
         cache = layers[0].k_cache
-        self.dtype = layers[0].input_norm.dtype
+        self.dtype = layers[0].post_attention_norm.dtype
         self.lora_num_slots, self.lora_rank = _check_lora(shape, layers, self.dtype)
         self._shape = _Shape(
             _mkl_address(self.weight_format, "SGEMM_COMPUTE"),
             _mkl_address(self.weight_format, "GEMM_BF16BF16F32"), len(layers),
             shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads,
             shape.head_dim, cache.shape[1],
-            cache.shape[0] * cache.shape[1], shape.rms_norm_eps, shape.head_dim**-0.5,
-            shape.sliding_window or 0, self.weight_format, self.lora_num_slots, self.lora_rank)
+            cache.shape[0] * cache.shape[1], shape.rms_norm_eps,
+            shape.head_dim**-0.5 if shape.scale is None else shape.scale,
+            shape.sliding_window or 0, self.weight_format, self.lora_num_slots, self.lora_rank,
+            shape.residual_multiplier, _QK_NORMS[shape.qk_norm],
+            _NORM_PLACEMENTS[shape.norm_placement])
         self._matrices: list[cpu_backend.QuantizedMatrix] = []  # what _c_layers points to
         self._c_layers = (_Layer * len(layers))(*[
-            _Layer(*(self._address(t) for t in (w.qkv, w.qkv_bias, w.o, w.gate_up, w.down,
-                                                w.input_norm, w.post_attention_norm, w.k_cache,
-                                                w.v_cache)),
+            _Layer(*(self._address(getattr(w, name)) for name in _LAYER_TENSORS),
                    (_LoRAProjection * 4)(*map(_lora_projection, w.lora or (None,) * 4)))
             for w in layers])
 
@@ -321,7 +344,11 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
     if shape.num_heads % shape.num_kv_heads != 0:
         raise KernelInputError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads "
                                f"{shape.num_kv_heads}")
-    dtype = layers[0].input_norm.dtype
+    if shape.qk_norm not in _QK_NORMS or shape.norm_placement not in _NORM_PLACEMENTS:
+        raise KernelInputError(f"qk_norm must be one of {list(_QK_NORMS)} and norm_placement "
+                               f"one of {list(_NORM_PLACEMENTS)}, got {shape.qk_norm!r} and "
+                               f"{shape.norm_placement!r}")
+    dtype = layers[0].post_attention_norm.dtype
     if dtype not in _DTYPE_CODES:
         raise KernelInputError(f"the fused decoder runs in fp32 or bf16, not {dtype}")
     weight_format = _weight_format(0, dtype, layers[0])
@@ -331,7 +358,7 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
             raise KernelInputError(f"layer {i}: its weights are not {weight_format.name} like "
                                    "layer 0's: every layer takes one format")
         _check_projections(shape, i, w)
-        plain = [w.input_norm, w.post_attention_norm, w.k_cache, w.v_cache]
+        plain = [*_checked_norms(shape, i, w), w.k_cache, w.v_cache]
         if w.qkv_bias is not None:
             plain.append(w.qkv_bias)
         if weight_format == WeightFormat.BF16:
@@ -347,6 +374,29 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
                 f"{shape.head_dim}] like layer 0's {list(cache_shape)}, got "
                 f"{list(w.k_cache.shape)} and {list(w.v_cache.shape)}")
     return weight_format
+
+
+def _checked_norms(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> list[torch.Tensor]:
+    """Layer i's norm weights, after checking that it has those of the shape's options and
+    that each has its size."""
+    d, hidden = shape.head_dim, shape.hidden_size
+    per_head = shape.qk_norm == "head"
+    sizes = {"post_attention_norm": hidden,
+             "input_norm" if shape.norm_placement == "pre" else "post_feedforward_norm": hidden}
+    if shape.qk_norm is not None:
+        sizes["q_norm"] = d if per_head else shape.num_heads * d
+        sizes["k_norm"] = d if per_head else shape.num_kv_heads * d
+    for name in ("input_norm", "q_norm", "k_norm", "post_feedforward_norm"):
+        if (getattr(w, name) is not None) != (name in sizes):
+            raise KernelInputError(
+                f"layer {i}: {name} must be {'given' if name in sizes else 'None'} with "
+                f"qk_norm={shape.qk_norm!r} and norm_placement={shape.norm_placement!r}")
+    norms = [getattr(w, name) for name in sizes]
+    for name, size in sizes.items():
+        if getattr(w, name).shape != (size,):
+            raise KernelInputError(f"layer {i}: {name} must be [{size}], got "
+                                   f"{list(getattr(w, name).shape)}")
+    return norms
 
 
 def _weight_format(i: int, dtype: torch.dtype, w: DecoderLayerWeights) -> WeightFormat:

@@ -1661,10 +1661,13 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
     const void* o;
     const void* gate_up;
     const void* down;
-    const void* input_norm;
+    const void* input_norm;  // null after the blocks' norms (kNormsAfter)
     const void* post_attention_norm;
     void* k_cache;
     void* v_cache;
+    const void* q_norm;  // null: no query and key norms
+    const void* k_norm;
+    const void* post_feedforward_norm;  // kNormsAfter only
     LoRAProjection lora[4];  // qkv, o, gate_up, down
 };
 
@@ -1673,6 +1676,12 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
 // pack_weight (packed_linear; each weight a QuantizedMatrix).
 constexpr int32_t kPanels = 1;
 constexpr int32_t kQuantized = 3;
+// DecoderShape::qk_norm: 0 none, kHeadNorm each query and key head (Qwen3), kProjectionNorm
+// the whole query and key projections (OLMo 2); DecoderShape::norm_placement: 0 before
+// attention and the MLP, kNormsAfter after them (OLMo 2).
+constexpr int32_t kHeadNorm = 1;
+constexpr int32_t kProjectionNorm = 2;
+constexpr int32_t kNormsAfter = 1;
 
 struct DecoderShape {
     SgemmCompute sgemm_compute;  // used for fp32 MKL packs
@@ -1683,6 +1692,8 @@ struct DecoderShape {
     int32_t window;  // 0: none
     int32_t weight_format;
     int64_t lora_num_slots, lora_rank;  // 0: no LoRA
+    float residual_multiplier;  // each block's output scaled before the residual add (Granite)
+    int32_t qk_norm, norm_placement;
 };
 
 struct DecodeStep {  // this step's batch: one new token per sequence
@@ -1790,23 +1801,43 @@ void add_lora(const DecoderShape& s, const DecodeStep& b, const LoRAProjection& 
     }
 }
 
-// One layer: hidden [rows, hidden] (this layer's input, the previous MLP's output) and the
-// residual stream are updated in place; `first` means there is no residual yet.
+// The queries and keys of qkv [rows, q + 2 * kv] normalized in place, per head or over each
+// projection, with the kernels' rms_norm as the layer modules call it.
 template <typename T>
-int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b,
-                     bool first, T* hidden, T* residual, Scratch<T>& x) {
+void normalize_qk(const DecoderShape& s, const DecoderLayer& w, T* qkv, int64_t rows) {
+    const int64_t d = s.head_dim, q_size = s.num_heads * d, kv_size = s.num_kv_heads * d;
+    const T* q_norm = static_cast<const T*>(w.q_norm);
+    const T* k_norm = static_cast<const T*>(w.k_norm);
+    for (int64_t i = 0; i < rows; ++i) {
+        T* q = qkv + i * (q_size + 2 * kv_size);
+        T* k = q + q_size;
+        if (s.qk_norm == kHeadNorm) {
+            rms_norm<T>(q, d, nullptr, 0, q_norm, q, nullptr, s.num_heads, d, s.eps);
+            rms_norm<T>(k, d, nullptr, 0, k_norm, k, nullptr, s.num_kv_heads, d, s.eps);
+        } else {
+            rms_norm<T>(q, q_size, nullptr, 0, q_norm, q, nullptr, 1, q_size, s.eps);
+            rms_norm<T>(k, kv_size, nullptr, 0, k_norm, k, nullptr, 1, kv_size, s.eps);
+        }
+    }
+}
+
+// x[j] = round(x[j] * m), as torch multiplies a tensor by a number.
+template <typename T>
+void scale_in_place(T* x, int64_t count, float m) {
+    if (m == 1.f) return;
+    for (int64_t j = 0; j < count; ++j) store(x + j, to_float(x[j]) * m);
+}
+
+// Attention of the rows `in` [rows, hidden]; its output projection goes to `out`. Returns
+// -1, or the first row whose slot is past the cache.
+template <typename T>
+int64_t attention_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b,
+                        const T* in, T* out, Scratch<T>& x) {
     const int64_t n = b.rows, d = s.head_dim, q_size = s.num_heads * d;
     const int64_t kv_size = s.num_kv_heads * d, qkv_size = q_size + 2 * kv_size;
-    const T* in_norm = static_cast<const T*>(w.input_norm);
-    if (first) {
-        std::memcpy(residual, hidden, n * s.hidden * sizeof(T));
-        rms_norm<T>(hidden, s.hidden, nullptr, 0, in_norm, x.normed, nullptr, n, s.hidden, s.eps);
-    } else {
-        rms_norm<T>(hidden, s.hidden, residual, s.hidden, in_norm, x.normed, residual, n, s.hidden,
-                    s.eps);
-    }
-    linear(s, x.normed, n, s.hidden, w.qkv, w.qkv_bias, qkv_size, x.qkv, x.acc);
-    add_lora(s, b, w.lora[0], x.normed, n, s.hidden, x.qkv, qkv_size, x.lora_h);
+    linear(s, in, n, s.hidden, w.qkv, w.qkv_bias, qkv_size, x.qkv, x.acc);
+    add_lora(s, b, w.lora[0], in, n, s.hidden, x.qkv, qkv_size, x.lora_h);
+    if (s.qk_norm != 0) normalize_qk(s, w, x.qkv, n);
     rotary<T>(x.qkv, qkv_size, d, static_cast<const T*>(b.cos), static_cast<const T*>(b.sin),
               b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d, d / 2);
     const int64_t qk_stride = q_size + kv_size;
@@ -1822,15 +1853,69 @@ int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeS
                     static_cast<int32_t>(s.num_heads / s.num_kv_heads), static_cast<int32_t>(d),
                     static_cast<int32_t>(s.block_size), s.scale, s.window, 0.f};
     dispatch_head_dim<T>(p);
-    linear(s, x.attn, n, q_size, w.o, nullptr, s.hidden, hidden, x.acc);
-    add_lora(s, b, w.lora[1], x.attn, n, q_size, hidden, s.hidden, x.lora_h);
+    linear(s, x.attn, n, q_size, w.o, nullptr, s.hidden, out, x.acc);
+    add_lora(s, b, w.lora[1], x.attn, n, q_size, out, s.hidden, x.lora_h);
+    scale_in_place(out, n * s.hidden, s.residual_multiplier);
+    return -1;
+}
+
+// The SiLU-gated MLP of the rows `in` [rows, hidden] into `out`.
+template <typename T>
+void mlp_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b, const T* in,
+               T* out, Scratch<T>& x) {
+    const int64_t n = b.rows;
+    linear(s, in, n, s.hidden, w.gate_up, nullptr, 2 * s.intermediate, x.gate_up, x.acc);
+    add_lora(s, b, w.lora[2], in, n, s.hidden, x.gate_up, 2 * s.intermediate, x.lora_h);
+    silu_and_mul<T>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
+    linear(s, x.act, n, s.intermediate, w.down, nullptr, s.hidden, out, x.acc);
+    add_lora(s, b, w.lora[3], x.act, n, s.intermediate, out, s.hidden, x.lora_h);
+    scale_in_place(out, n * s.hidden, s.residual_multiplier);
+}
+
+// One layer with its norms after attention and the MLP (OLMo 2): the residual stream x
+// (hidden + residual) goes into attention as it is, x += norm(attention(x)), and the MLP's
+// normalized output is left in hidden.
+template <typename T>
+int64_t decode_layer_norms_after(const DecoderShape& s, const DecoderLayer& w,
+                                 const DecodeStep& b, bool first, T* hidden, T* residual,
+                                 Scratch<T>& x) {
+    const int64_t n = b.rows, count = n * s.hidden;
+    if (first)
+        std::memcpy(residual, hidden, count * sizeof(T));
+    else
+        add_rounded(hidden, residual, residual, count);
+    const int64_t bad = attention_block(s, w, b, residual, hidden, x);
+    if (bad >= 0) return bad;
+    rms_norm<T>(hidden, s.hidden, nullptr, 0, static_cast<const T*>(w.post_attention_norm),
+                x.normed, nullptr, n, s.hidden, s.eps);
+    add_rounded(residual, x.normed, residual, count);
+    mlp_block(s, w, b, residual, hidden, x);
+    rms_norm<T>(hidden, s.hidden, nullptr, 0, static_cast<const T*>(w.post_feedforward_norm),
+                hidden, nullptr, n, s.hidden, s.eps);
+    return -1;
+}
+
+// One layer: hidden [rows, hidden] (this layer's input, the previous MLP's output) and the
+// residual stream are updated in place; `first` means there is no residual yet.
+template <typename T>
+int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b,
+                     bool first, T* hidden, T* residual, Scratch<T>& x) {
+    if (s.norm_placement == kNormsAfter) return decode_layer_norms_after(s, w, b, first, hidden,
+                                                                         residual, x);
+    const int64_t n = b.rows;
+    const T* in_norm = static_cast<const T*>(w.input_norm);
+    if (first) {
+        std::memcpy(residual, hidden, n * s.hidden * sizeof(T));
+        rms_norm<T>(hidden, s.hidden, nullptr, 0, in_norm, x.normed, nullptr, n, s.hidden, s.eps);
+    } else {
+        rms_norm<T>(hidden, s.hidden, residual, s.hidden, in_norm, x.normed, residual, n, s.hidden,
+                    s.eps);
+    }
+    const int64_t bad = attention_block(s, w, b, x.normed, hidden, x);
+    if (bad >= 0) return bad;
     rms_norm<T>(hidden, s.hidden, residual, s.hidden, static_cast<const T*>(w.post_attention_norm),
                 x.normed, residual, n, s.hidden, s.eps);
-    linear(s, x.normed, n, s.hidden, w.gate_up, nullptr, 2 * s.intermediate, x.gate_up, x.acc);
-    add_lora(s, b, w.lora[2], x.normed, n, s.hidden, x.gate_up, 2 * s.intermediate, x.lora_h);
-    silu_and_mul<T>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
-    linear(s, x.act, n, s.intermediate, w.down, nullptr, s.hidden, hidden, x.acc);
-    add_lora(s, b, w.lora[3], x.act, n, s.intermediate, hidden, s.hidden, x.lora_h);
+    mlp_block(s, w, b, x.normed, hidden, x);
     return -1;
 }
 

@@ -109,18 +109,17 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
 
 def _missing_from_stack(config: ModelConfig) -> str | None:
     """What of this family's decoder layer the fused stack does not compute, or None."""
-    if config.qk_norm is not None:
-        return "query and key norms (Qwen3, OLMo 2, Gemma 3)"
-    if config.norm_placement != "pre":
-        return "norms after attention and the MLP (OLMo 2, Gemma 2/3)"
-    if config.residual_multiplier != 1.0 or config.attention_multiplier is not None:
-        return "residual and attention multipliers (Granite, Gemma 2/3)"
-    if config.hidden_act != "silu" or config.norm_offset != 0.0:
-        return "GeGLU MLP and norm offset (Gemma 2/3)"
+    if config.norm_placement == "sandwich":
+        return "norms both before and after attention and the MLP (Gemma 2/3)"
+    if config.hidden_act != "silu":
+        return ("GeGLU MLP (Gemma 2/3; its tanh would not be bit-identical to torch's "
+                "vectorized one)")
     if config.attn_logit_softcapping is not None:
         return "attention soft-capping (Gemma 2)"
     if config.sliding_window_layers is not None or config.local_rope_theta is not None:
         return "sliding and full-attention layers in one model (Gemma 2/3, Qwen2)"
+    if config.rotary_dim not in (None, config.head_dim):
+        return "partial rotary embeddings (Phi-4-mini)"
     return None
 
 
@@ -161,8 +160,11 @@ def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights |
         return None
     qkv, o, gate_up, down = (
         _weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    attn_norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight.data,
+                                                  "k_norm": attn.k_norm.weight.data}
+    post = layer.norm_placement == "post"
     return DecoderLayerWeights(
-        input_norm=layer.input_layernorm.weight.data,
+        input_norm=None if post else layer.input_layernorm.weight.data,
         qkv=qkv,
         qkv_bias=None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.data,
         o=o,
@@ -172,6 +174,8 @@ def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights |
         k_cache=kv_cache[0],
         v_cache=kv_cache[1],
         lora=_lora_weights(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
+        post_feedforward_norm=layer.post_feedforward_layernorm.weight.data if post else None,
+        **attn_norms,
     )
 
 
@@ -203,6 +207,10 @@ def _decoder_shape(config: ModelConfig) -> DecoderShape:
         head_dim=config.head_dim,
         rms_norm_eps=config.rms_norm_eps,
         sliding_window=config.sliding_window,
+        scale=config.attention_multiplier,
+        residual_multiplier=config.residual_multiplier,
+        qk_norm=config.qk_norm,
+        norm_placement=config.norm_placement,
     )
 
 
