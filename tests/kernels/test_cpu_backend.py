@@ -4,6 +4,7 @@ tests that take ``cpu_tier`` run once per CPU tier (scalar, avx2, avx512) this C
 from __future__ import annotations
 
 import logging
+import math
 import platform
 
 import pytest
@@ -14,6 +15,7 @@ from kvpage_kernels import (
     argmax,
     cpu_backend,
     cpu_isa,
+    gelu_tanh_and_mul,
     paged_attention,
     rms_norm,
     rotary_embedding,
@@ -215,13 +217,18 @@ def test_rms_norm_rounds_like_the_torch_ops(cpu_tier, dtype, with_residual, rows
         assert (actual == expected).float().mean() > 0.99
 
 
+def gates(rows: int, inner: int, dtype: torch.dtype) -> torch.Tensor:
+    """[gate | up] rows, with extreme gates and a NaN in the first and the last lanes."""
+    x = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(rows)) * 4
+    special = torch.tensor([-100.0, 100.0, 0.0, float("nan")])
+    x[0, :4] = x[0, inner - 4:inner] = special
+    return x.to(dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, inner", [(1, 1536), (16, 1541), (300, 1536)])  # 1541: a tail
 def test_silu_and_mul_rounds_like_the_torch_ops(cpu_tier, dtype, rows, inner):
-    x = torch.randn(rows, 2 * inner, generator=torch.Generator().manual_seed(rows)) * 4
-    special = torch.tensor([-100.0, 100.0, 0.0, float("nan")])
-    x[0, :4] = x[0, inner - 4:inner] = special  # gates in the first and the last lanes
-    x = x.to(dtype)
+    x = gates(rows, inner, dtype)
     expected = silu_and_mul(x, backend="torch")
     actual = silu_and_mul(x, backend="cpu")
     assert actual.shape == (rows, inner) and actual.dtype == dtype
@@ -231,12 +238,37 @@ def test_silu_and_mul_rounds_like_the_torch_ops(cpu_tier, dtype, rows, inner):
         assert (actual == expected).float().mean() > 0.98
 
 
+@pytest.mark.parametrize("rows, inner", [(1, 1536), (16, 1541), (300, 1536)])
+def test_gelu_tanh_and_mul_is_exact_to_fp32_rounding(cpu_tier, rows, inner):
+    """Against the formula in float64: a few ulps (torch's fp32 op loses up to about 1e-4
+    relative in 1 + tanh(u) where tanh(u) nears -1; this one does not)."""
+    x = gates(rows, inner, torch.float32)
+    gate, up = x.double().chunk(2, dim=-1)
+    u = math.sqrt(2 / math.pi) * (gate + 0.044715 * gate**3)
+    exact = 0.5 * gate * (1 + torch.tanh(u)) * up
+    actual = gelu_tanh_and_mul(x, backend="cpu")
+    assert actual.shape == (rows, inner) and actual.dtype == torch.float32
+    torch.testing.assert_close(actual.double(), exact, rtol=4e-6, atol=1e-7, equal_nan=True)
+
+
+@pytest.mark.parametrize("rows, inner", [(1, 1536), (16, 1541), (300, 1536)])
+def test_gelu_tanh_and_mul_rounds_like_the_torch_ops_in_bf16(cpu_tier, rows, inner):
+    x = gates(rows, inner, torch.bfloat16)
+    expected = gelu_tanh_and_mul(x, backend="torch")
+    actual = gelu_tanh_and_mul(x, backend="cpu")
+    torch.testing.assert_close(actual, expected, rtol=2**-6, atol=1e-5, equal_nan=True)
+    # equal but for the rounding of the fp32 results (and where torch's reaches 0 first)
+    assert (actual == expected)[expected.abs() > 1e-3].float().mean() > 0.95
+
+
 def test_other_dtypes_and_shapes_take_the_torch_ops():
     x = torch.randn(4, 3, 64)  # 3-D: the torch ops
     weight = torch.rand(64)
     assert torch.equal(rms_norm(x, weight, 1e-6, backend="cpu"),
                        rms_norm(x, weight, 1e-6, backend="torch"))
     assert torch.equal(silu_and_mul(x, backend="cpu"), silu_and_mul(x, backend="torch"))
+    assert torch.equal(gelu_tanh_and_mul(x, backend="cpu"),
+                       gelu_tanh_and_mul(x, backend="torch"))
     empty = torch.zeros(0, 64, dtype=torch.bfloat16)
     assert rms_norm(empty, weight.bfloat16(), 1e-6, backend="cpu").shape == (0, 64)
     assert silu_and_mul(empty, backend="cpu").shape == (0, 32)

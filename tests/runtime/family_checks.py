@@ -25,26 +25,30 @@ SCHEDULES = [(16, 1, False), (8, 2, False), (8, 1, True)]
 class FamilyCase:
     """A tiny random model of one family, its prompts and transformers' greedy continuations."""
 
-    def __init__(self, config: transformers.PretrainedConfig, folder: Path) -> None:
+    def __init__(self, config: transformers.PretrainedConfig, folder: Path,
+                 prompt_lengths: list[int] = PROMPT_LENGTHS, new_tokens: int = NEW_TOKENS
+                 ) -> None:
         save_tiny_model(config, folder)
         self.folder = folder
-        self.prompts = random_prompts(PROMPT_LENGTHS, config.vocab_size)
-        self.references = hf_reference(folder, self.prompts, NEW_TOKENS)
+        self.new_tokens = new_tokens
+        self.prompts = random_prompts(prompt_lengths, config.vocab_size)
+        self.references = hf_reference(folder, self.prompts, new_tokens)
         self.loaded = load_model(str(folder), dtype=torch.float32)
 
     def check(self, block_size: int, prefill_chunks: int, stagger: bool) -> int:
         driver = PagedGreedyDriver(self.loaded, block_size=block_size)
         seqs = driver.generate(
-            self.prompts, NEW_TOKENS, prefill_chunks=prefill_chunks, stagger=stagger
+            self.prompts, self.new_tokens, prefill_chunks=prefill_chunks, stagger=stagger
         )
         return compare_greedy(seqs, self.references, self.prompts)
 
 
-def family_fixture(config: transformers.PretrainedConfig):
-    """A module-scoped fixture building the ``FamilyCase`` for ``config`` once."""
+def family_fixture(config: transformers.PretrainedConfig, **case_options):
+    """A module-scoped fixture building the ``FamilyCase`` for ``config`` (and
+    ``case_options``: prompt_lengths, new_tokens) once."""
 
     @pytest.fixture(scope="module")
     def case(tmp_path_factory: pytest.TempPathFactory) -> FamilyCase:
-        return FamilyCase(config, tmp_path_factory.mktemp(config.model_type))
+        return FamilyCase(config, tmp_path_factory.mktemp(config.model_type), **case_options)
 
     return case

@@ -32,6 +32,16 @@ CONFIGS = {
     "granite": transformers.GraniteConfig(**TINY, embedding_multiplier=6.0,
                                           residual_multiplier=0.5, attention_multiplier=0.09,
                                           logits_scaling=3.0),
+    # partial rotary (Phi-4-mini): 12 of each head's 16 values rotate
+    "phi3-partial": transformers.Phi3Config(**TINY, partial_rotary_factor=0.75, pad_token_id=0),
+    # norms around the blocks, GeGLU, soft-capping, sliding layers between full ones
+    "gemma2": transformers.Gemma2Config(**TINY, head_dim=16, sliding_window=6,
+                                        query_pre_attn_scalar=20, attn_logit_softcapping=2.0),
+    # and q/k norms, the sliding layers on a RoPE of their own
+    "gemma3": transformers.Gemma3TextConfig(
+        **TINY, head_dim=16, sliding_window=6, sliding_window_pattern=2,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
 }
 
 
@@ -100,7 +110,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("tier", ["detected", "avx2"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2", "granite"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2", "granite", "gemma3"])
 def test_bf16_decode_agrees_to_bf16_rounding(family, tier, tmp_path, monkeypatch):
     """On the avx2 tier the modules multiply by plain bf16 weights (no oneDNN packs)."""
     if tier != "detected":
@@ -206,7 +216,7 @@ def short_query_step(loaded, prompts, fused: bool, monkeypatch, query_len: int =
     return loaded.model(batch, driver.kv_caches), driver.kv_caches
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
 def test_short_queries_after_context_run_fused_one_row_per_token(family, tmp_path, monkeypatch):
     """Each token becomes a sequence of its own whose context ends with it: the same causal
     attention as the modules' (a decode kernel instead of the prefill one: equal to fp32

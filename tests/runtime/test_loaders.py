@@ -186,11 +186,9 @@ def test_unpermute_inverts_llama_cpp_rotary_permutation():
 
 def test_unsupported_rope_type_is_named(llama_folder, tmp_path):
     folder = _copy_config_only(
-        llama_folder, tmp_path / "longrope",
-        rope_parameters={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
-    )
+        llama_folder, tmp_path / "foo", rope_parameters={"rope_type": "foo", "factor": 2.0})
     (folder / "model.safetensors").symlink_to(llama_folder / "model.safetensors")
-    with pytest.raises(UnsupportedModelError, match="longrope.*llama3, yarn"):
+    with pytest.raises(UnsupportedModelError, match="'foo'.*yarn, longrope, dynamic"):
         load_model(str(folder))
 
 

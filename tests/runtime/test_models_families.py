@@ -187,16 +187,6 @@ def test_families_split_over_two_ranks(name, tmp_path):
     assert_same_greedy(outputs, reference)
 
 
-def test_gemma_decode_steps_run_layer_by_layer(gemma2, caplog):
-    from kvpage_runtime.models.fused_decode import build_fused_decoder
-
-    caches = [(torch.zeros(4, 16, 1, 24), torch.zeros(4, 16, 1, 24))
-              for _ in range(gemma2.loaded.config.num_layers)]
-    with caplog.at_level("INFO"):
-        assert build_fused_decoder(gemma2.loaded.model.model, caches) is None
-    assert "the fused stack has no norms both before and after attention" in caplog.text
-
-
 @pytest.mark.parametrize("params", [
     {"factor": 4.0, "original_max_position_embeddings": 32},
     {"factor": 8.0, "original_max_position_embeddings": 64, "beta_fast": 16, "beta_slow": 2},

@@ -6,8 +6,8 @@ lie, once per KV head for all the query heads of its group, on OpenMP threads. I
 decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, fp16 and
 other devices go to the torch backend, as do the block copies. write_kv copies each row
 straight to its slot (no index tensors, no mask pass); rotary_embedding is one pass in fp32
-and bf16, bit-identical to the torch ops. rms_norm (with its residual add) and silu_and_mul
-run as one vectorized pass each, in fp32 and bf16, instead of a chain of small torch ops,
+and bf16, bit-identical to the torch ops. rms_norm (with its residual add), silu_and_mul and
+gelu_tanh_and_mul run as one vectorized pass each, in fp32 and bf16, instead of a chain of small torch ops,
 rounding where those ops round (their fp32 sums and exp differ from torch's in the last bit).
 argmax (the greedy sampler's) is one vectorized pass per row.
 
@@ -181,15 +181,16 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
                                     _i64, _i64, _i64, _i64]
     lib.kvpage_write_kv.restype = ctypes.c_int64
     lib.kvpage_rotary.argtypes = [_i32, _ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _i64, _i64,
-                                  _i64]
+                                  _i64, _i64]
     lib.kvpage_rotary.restype = ctypes.c_int
     lib.kvpage_rms_norm.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64,
                                     _f32]
     lib.kvpage_rms_norm.restype = ctypes.c_int
     lib.kvpage_argmax.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
     lib.kvpage_argmax.restype = ctypes.c_int
-    lib.kvpage_silu_and_mul.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
-    lib.kvpage_silu_and_mul.restype = ctypes.c_int
+    for name in ("kvpage_silu_and_mul", "kvpage_gelu_tanh_and_mul"):
+        getattr(lib, name).argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
+        getattr(lib, name).restype = ctypes.c_int
     lib.kvpage_panel_width.argtypes = []
     lib.kvpage_panel_width.restype = ctypes.c_int
     lib.kvpage_packed_linear.argtypes = [_i32, _ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _ptr]
@@ -302,19 +303,29 @@ def rms_norm(x, weight, eps, residual=None):
     return out if residual is None else (out, total)
 
 
-def silu_and_mul(x):
-    if not _rows(x):
-        return layer_ops.silu_and_mul(x)
-    rows, inner = x.shape[0], x.shape[1] // 2
-    out = torch.empty(rows, inner, dtype=x.dtype)
-    library().kvpage_silu_and_mul(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0),
-                                  out.data_ptr(), rows, inner)
-    return out
+def _gated(name: str):
+    """The gated activation ``name`` of layer_ops, one C pass per row where it takes x."""
+    def act_and_mul(x):
+        if not _rows(x):
+            return getattr(layer_ops, name)(x)
+        rows, inner = x.shape[0], x.shape[1] // 2
+        out = torch.empty(rows, inner, dtype=x.dtype)
+        getattr(library(), f"kvpage_{name}")(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0),
+                                              out.data_ptr(), rows, inner)
+        return out
+
+    act_and_mul.__name__ = name
+    return act_and_mul
+
+
+silu_and_mul = _gated("silu_and_mul")
+gelu_tanh_and_mul = _gated("gelu_tanh_and_mul")
 
 
 def rotary_embedding(x, cos, sin):
     tokens, heads, head_dim = x.shape
-    cos, sin = cos.reshape(tokens, head_dim // 2), sin.reshape(tokens, head_dim // 2)
+    half = cos.shape[-1]
+    cos, sin = cos.reshape(tokens, half), sin.reshape(tokens, half)
     if not (x.device.type == "cpu" and x.dtype in _DTYPE_CODES and cos.dtype == x.dtype
             and sin.dtype == x.dtype and x.stride(-1) == 1 and cos.stride(-1) == 1
             and sin.stride(-1) == 1 and cos.stride(0) == sin.stride(0) and tokens > 0):
@@ -322,7 +333,7 @@ def rotary_embedding(x, cos, sin):
     out = torch.empty(tokens, heads, head_dim, dtype=x.dtype)
     library().kvpage_rotary(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), x.stride(1),
                             cos.data_ptr(), sin.data_ptr(), cos.stride(0), out.data_ptr(),
-                            tokens, heads, head_dim // 2)
+                            tokens, heads, head_dim, half)
     return out
 
 

@@ -29,8 +29,12 @@ still computes what the per-layer path computes.
 The family options of ``DecoderShape`` follow the layer modules' too: query and key norms
 (``qk_norm``: "head", each head, as Qwen3; "full", each whole projection, as OLMo 2; with
 ``rms_norm`` before rotary), norms after attention and the MLP instead of before them
-(``norm_placement`` "post", OLMo 2), a softmax ``scale`` other than head_dim ** -0.5 and a
-``residual_multiplier`` on each block's output (Granite).
+(``norm_placement`` "post", OLMo 2) or both ("sandwich", Gemma), a softmax ``scale`` other
+than head_dim ** -0.5 and a ``residual_multiplier`` on each block's output (Granite), the MLP's
+``activation`` ("silu" or "gelu_tanh", the ``silu_and_mul`` and ``gelu_tanh_and_mul`` kernels)
+and the attention scores' ``softcap`` (Gemma 2). Each layer says whether it slides
+(``DecoderLayerWeights.sliding``, within ``DecoderShape.sliding_window``) and whether it
+rotates by the step's local cos and sin (``local_rope``, Gemma 3's sliding layers).
 """
 
 from __future__ import annotations
@@ -77,7 +81,10 @@ class DecoderShape:
     scale: float | None = None  # None: head_dim ** -0.5
     residual_multiplier: float = 1.0
     qk_norm: str | None = None  # "head" or "full"
-    norm_placement: str = "pre"  # or "post"
+    norm_placement: str = "pre"  # or "post", "sandwich"
+    activation: str = "silu"  # or "gelu_tanh"
+    softcap: float | None = None
+    rotary_dim: int | None = None  # None: head_dim; fewer: partial rotary (cos, sin (rotary_dim + 1) // 2 wide)
 
 
 @dataclass
@@ -87,8 +94,9 @@ class DecoderLayerWeights:
     ``PackedWeight`` or ``QuantizedPanels`` from ``pack_weight`` or an MKL pack, in bf16 the
     plain contiguous tensor) and the layer's KV cache [num_blocks, block_size, num_kv_heads,
     head_dim]. With norms after the blocks there is no ``input_norm`` and a
-    ``post_feedforward_norm``; ``q_norm`` and ``k_norm`` are [head_dim] per head or
-    [num_heads * head_dim] and [num_kv_heads * head_dim] over the projections."""
+    ``post_feedforward_norm``, with norms around them both and a ``pre_feedforward_norm``;
+    ``q_norm`` and ``k_norm`` are [head_dim] per head or [num_heads * head_dim] and
+    [num_kv_heads * head_dim] over the projections."""
 
     input_norm: torch.Tensor | None
     qkv: Weight
@@ -102,7 +110,10 @@ class DecoderLayerWeights:
     lora: tuple[LoRAWeights | None, ...] | None = None  # qkv, o, gate_up, down
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    pre_feedforward_norm: torch.Tensor | None = None
     post_feedforward_norm: torch.Tensor | None = None
+    sliding: bool = True  # within the shape's sliding_window, if it has one
+    local_rope: bool = False
 
 
 @dataclass
@@ -122,16 +133,24 @@ class _Shape(ctypes.Structure):
                 ("block_size", _i64), ("num_slots", _i64), ("eps", _f32), ("scale", _f32),
                 ("window", _i32), ("weight_format", _i32), ("lora_num_slots", _i64),
                 ("lora_rank", _i64), ("residual_multiplier", _f32), ("qk_norm", _i32),
-                ("norm_placement", _i32)]
+                ("norm_placement", _i32), ("activation", _i32), ("softcap", _f32),
+                ("rotary_half", _i64)]
 
 # DecoderShape's options -> the C side's codes
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
-_NORM_PLACEMENTS = {"pre": 0, "post": 1}
+_NORM_PLACEMENTS = {"pre": 0, "post": 1, "sandwich": 2}
+_ACTIVATIONS = {"silu": 0, "gelu_tanh": 1}
+# the norms of a layer, by norm placement
+_PLACED_NORMS = {"pre": ("input_norm", "post_attention_norm"),
+                 "post": ("post_attention_norm", "post_feedforward_norm"),
+                 "sandwich": ("input_norm", "post_attention_norm", "pre_feedforward_norm",
+                              "post_feedforward_norm")}
 
 
 # DecoderLayerWeights' tensors in the order of the C side's DecoderLayer
 _LAYER_TENSORS = ("qkv", "qkv_bias", "o", "gate_up", "down", "input_norm", "post_attention_norm",
-                  "k_cache", "v_cache", "q_norm", "k_norm", "post_feedforward_norm")
+                  "k_cache", "v_cache", "q_norm", "k_norm", "pre_feedforward_norm",
+                  "post_feedforward_norm")
 
 
 class _LoRAProjection(ctypes.Structure):
@@ -139,13 +158,15 @@ class _LoRAProjection(ctypes.Structure):
 
 
 class _Layer(ctypes.Structure):
-    _fields_ = [*((name, _ptr) for name in _LAYER_TENSORS), ("lora", _LoRAProjection * 4)]
+    _fields_ = [*((name, _ptr) for name in _LAYER_TENSORS), ("lora", _LoRAProjection * 4),
+                ("sliding", _i32), ("local_rope", _i32)]
 
 
 class _Step(ctypes.Structure):
     _fields_ = [("rows", _i64), ("cos", _ptr), ("sin", _ptr), ("cs_stride", _i64),
                 ("slot_mapping", _ptr), ("block_tables", _ptr), ("table_stride", _i64),
-                ("seq_lens", _ptr), ("query_start_loc", _ptr), ("lora_slots", _ptr)]
+                ("seq_lens", _ptr), ("query_start_loc", _ptr), ("lora_slots", _ptr),
+                ("local_cos", _ptr), ("local_sin", _ptr), ("local_cs_stride", _i64)]
 
 
 @functools.cache
@@ -231,12 +252,15 @@ class FusedDecoder:
             shape.head_dim**-0.5 if shape.scale is None else shape.scale,
             shape.sliding_window or 0, self.weight_format, self.lora_num_slots, self.lora_rank,
             shape.residual_multiplier, _QK_NORMS[shape.qk_norm],
-            _NORM_PLACEMENTS[shape.norm_placement])
+            _NORM_PLACEMENTS[shape.norm_placement], _ACTIVATIONS[shape.activation],
+            shape.softcap or 0.0, ((shape.rotary_dim or shape.head_dim) + 1) // 2)
         self._matrices: list[cpu_backend.QuantizedMatrix] = []  # what _c_layers points to
         self._c_layers = (_Layer * len(layers))(*[
             _Layer(*(self._address(getattr(w, name)) for name in _LAYER_TENSORS),
-                   (_LoRAProjection * 4)(*map(_lora_projection, w.lora or (None,) * 4)))
+                   (_LoRAProjection * 4)(*map(_lora_projection, w.lora or (None,) * 4)),
+                   w.sliding, w.local_rope)
             for w in layers])
+        self.local_rope = any(w.local_rope for w in layers)
 
     @property
     def has_lora(self) -> bool:
@@ -253,11 +277,13 @@ class FusedDecoder:
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                  query_start_loc: torch.Tensor, lora_slots: torch.Tensor | None = None,
+                 local: tuple[torch.Tensor, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden [n, hidden_size] (the embeddings) and cos/sin [n, 1, head_dim // 2] (rows may
         be strided) in the layers' dtype; slot_mapping int64 [n]; block_tables int32
         [n, max_blocks]; seq_lens int32 [n]; query_start_loc int32 [n + 1] = 0, 1, ..., n;
-        lora_slots int32 [n], each row's adapter slot (-1: none), or None: no adapter."""
+        lora_slots int32 [n], each row's adapter slot (-1: none), or None: no adapter;
+        ``local``: the (cos, sin) of the layers with ``local_rope``, shaped as cos and sin."""
         rows = hidden.shape[0]
         if (hidden.shape != (rows, self.shape.hidden_size) or seq_lens.shape[0] != rows
                 or slot_mapping.shape[0] != rows
@@ -271,13 +297,21 @@ class FusedDecoder:
         residual = torch.empty_like(out)
         if rows == 0:
             return out, residual
+        if (local is None) == self.local_rope or (
+                local is not None and not local[0].dtype == local[1].dtype == self.dtype):
+            raise KernelInputError(f"local cos and sin (in {self.dtype}) must be given exactly "
+                                   "when a layer has local_rope")
         cos, sin = cos.reshape(rows, -1), sin.reshape(rows, -1)
+        local_cos, local_sin = (None, None) if local is None else (
+            local[0].reshape(rows, -1), local[1].reshape(rows, -1))
         tables, slots = block_tables.contiguous(), slot_mapping.contiguous()
         lens, starts = seq_lens.contiguous(), query_start_loc.contiguous()
         adapters = None if lora_slots is None else self._checked_lora_slots(lora_slots, rows)
         step = _Step(rows, cos.data_ptr(), sin.data_ptr(), cos.stride(0), slots.data_ptr(),
                      tables.data_ptr(), tables.stride(0), lens.data_ptr(), starts.data_ptr(),
-                     None if adapters is None else adapters.data_ptr())
+                     None if adapters is None else adapters.data_ptr(),
+                     *((None, None, 0) if local_cos is None else (
+                         local_cos.data_ptr(), local_sin.data_ptr(), local_cos.stride(0))))
         bad = _decoder_stack()(_DTYPE_CODES[self.dtype], ctypes.byref(self._shape),
                                self._c_layers, ctypes.byref(step), out.data_ptr(),
                                residual.data_ptr())
@@ -344,10 +378,11 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
     if shape.num_heads % shape.num_kv_heads != 0:
         raise KernelInputError(f"num_heads {shape.num_heads} is not a multiple of num_kv_heads "
                                f"{shape.num_kv_heads}")
-    if shape.qk_norm not in _QK_NORMS or shape.norm_placement not in _NORM_PLACEMENTS:
-        raise KernelInputError(f"qk_norm must be one of {list(_QK_NORMS)} and norm_placement "
-                               f"one of {list(_NORM_PLACEMENTS)}, got {shape.qk_norm!r} and "
-                               f"{shape.norm_placement!r}")
+    for option, choices in (("qk_norm", _QK_NORMS), ("norm_placement", _NORM_PLACEMENTS),
+                            ("activation", _ACTIVATIONS)):
+        if getattr(shape, option) not in choices:
+            raise KernelInputError(f"{option} must be one of {list(choices)}, got "
+                                   f"{getattr(shape, option)!r}")
     dtype = layers[0].post_attention_norm.dtype
     if dtype not in _DTYPE_CODES:
         raise KernelInputError(f"the fused decoder runs in fp32 or bf16, not {dtype}")
@@ -381,12 +416,12 @@ def _checked_norms(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> list[
     that each has its size."""
     d, hidden = shape.head_dim, shape.hidden_size
     per_head = shape.qk_norm == "head"
-    sizes = {"post_attention_norm": hidden,
-             "input_norm" if shape.norm_placement == "pre" else "post_feedforward_norm": hidden}
+    sizes = dict.fromkeys(_PLACED_NORMS[shape.norm_placement], hidden)
     if shape.qk_norm is not None:
         sizes["q_norm"] = d if per_head else shape.num_heads * d
         sizes["k_norm"] = d if per_head else shape.num_kv_heads * d
-    for name in ("input_norm", "q_norm", "k_norm", "post_feedforward_norm"):
+    for name in ("input_norm", "q_norm", "k_norm", "pre_feedforward_norm",
+                 "post_feedforward_norm"):
         if (getattr(w, name) is not None) != (name in sizes):
             raise KernelInputError(
                 f"layer {i}: {name} must be {'given' if name in sizes else 'None'} with "

@@ -34,12 +34,20 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """gelu(gate, approximate="tanh") * up for x = [gate | up] along the last dimension."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates x [tokens, heads, head_dim] in the half-rotation layout (as Hugging Face Llama):
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); cos, sin [tokens, (1,) head_dim // 2]."""
-    cos, sin = cos.reshape(x.shape[0], 1, -1), sin.reshape(x.shape[0], 1, -1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotates the first 2 * half values of each head of x [tokens, heads, head_dim] in the
+    half-rotation layout (as Hugging Face Llama): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin),
+    with cos, sin [tokens, (1,) half]; the values past them pass unchanged (partial rotary)."""
+    half = cos.shape[-1]
+    cos, sin = cos.reshape(x.shape[0], 1, half), sin.reshape(x.shape[0], 1, half)
+    x1, x2, rest = x.split([half, half, x.shape[-1] - 2 * half], dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest), dim=-1)
 
 
 def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,

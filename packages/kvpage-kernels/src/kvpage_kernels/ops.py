@@ -254,17 +254,28 @@ def silu_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor
     return _layer_op(x.device, backend, "silu_and_mul")(x)
 
 
+def gelu_tanh_and_mul(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """gelu(gate) * up, GELU's tanh approximation, for x = [gate | up] along the last dimension
+    (GeGLU, Gemma's MLP)."""
+    _check(x.shape[-1] % 2 == 0,
+           lambda: f"the last dimension of x must be even, got {x.shape[-1]}")
+    return _layer_op(x.device, backend, "gelu_tanh_and_mul")(x)
+
+
 def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                      backend: str | None = None) -> torch.Tensor:
     """Rotates x [tokens, heads, head_dim] in the half-rotation layout of Hugging Face Llama:
-    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with cos and sin [tokens, 1, head_dim // 2]
-    (or [tokens, head_dim // 2]) for each token's position. Returns a new tensor."""
-    _check(x.dim() == 3 and x.shape[-1] % 2 == 0,
-           lambda: f"x must be [tokens, heads, even head_dim], got {tuple(x.shape)}")
-    half = (x.shape[0], x.shape[-1] // 2)
-    _check(cos.numel() == sin.numel() == half[0] * half[1] and cos.shape[-1] == half[1]
-           and sin.shape[-1] == half[1],
-           lambda: f"cos and sin must hold [{half[0]}, {half[1]}] values, got "
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), with cos and sin [tokens, 1, half] (or
+    [tokens, half]) for each token's position. half is at most head_dim // 2: x1 and x2 are the
+    first 2 * half values of each head, and the values past them pass unchanged (partial
+    rotary, as Phi-4-mini's). Returns a new tensor."""
+    _check(x.dim() == 3, lambda: f"x must be [tokens, heads, head_dim], got {tuple(x.shape)}")
+    tokens, half = x.shape[0], cos.shape[-1]
+    _check(0 < half <= x.shape[-1] // 2,
+           lambda: f"cos and sin must hold 1 to head_dim // 2 = {x.shape[-1] // 2} values per "
+           f"token, got {half}")
+    _check(cos.numel() == sin.numel() == tokens * half and sin.shape[-1] == half,
+           lambda: f"cos and sin must hold [{tokens}, {half}] values, got "
            f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     return _layer_op(x.device, backend, "rotary_embedding")(x, cos, sin)
 

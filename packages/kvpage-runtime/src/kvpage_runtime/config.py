@@ -13,7 +13,11 @@ class ModelConfig:
     """Architecture of a decoder-only transformer, as read from config.json or GGUF metadata.
 
     ``rope_scaling`` is None for plain RoPE, else a dict with a ``rope_type`` key ("linear",
-    "llama3") and that type's parameters, spelled as in Hugging Face configs.
+    "llama3", "yarn", "longrope", "dynamic") and that type's parameters, spelled as in Hugging
+    Face configs; LongRoPE's factors and dynamic NTK's base are chosen once for the whole
+    ``max_position_embeddings`` (the context served), see ``layers.rotary``. ``rotary_dim`` is
+    the number of values of each head RoPE rotates (None: all of head_dim; fewer with partial
+    rotary, Phi-4-mini), in the half-rotation layout within them.
     ``sliding_window`` is the number of most recent tokens (including the current one) a
     token attends to, or None for full attention; ``sliding_window_layers`` lists the layers
     that slide when only some do (None: all of them).
@@ -50,6 +54,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = None
+    rotary_dim: int | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     sliding_window: int | None = None

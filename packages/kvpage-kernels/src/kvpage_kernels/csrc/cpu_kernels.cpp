@@ -844,41 +844,78 @@ extern "C" int kvpage_rms_norm(int32_t dtype, const void* x, int64_t x_stride,
     });
 }
 
-// out[j] = round(round(silu(gate[j])) * up[j])
-template <typename T>
-void silu_times(const T* gate, const T* up, T* out, int64_t n) {
+// The gated MLP's activations: SiLU, g / (1 + exp(-g)); GELU with the tanh approximation,
+// 0.5 g (1 + tanh(u)), u = sqrt(2 / pi) (g + 0.044715 g^3), computed as g e / (1 + e) with
+// e = exp(2u), without the cancellation in 1 + tanh(u) (which torch's fp32 result carries:
+// it is off by up to about 1e-4 relative where tanh(u) nears -1, this by a few ulps).
+constexpr int32_t kSilu = 0;
+constexpr int32_t kGeluTanh = 1;
+constexpr float kTwoSqrtTwoOverPi = 1.5957691216057308f;
+constexpr float kGeluCubic = 0.044715f;
+
+template <int32_t A>
+inline float activation(float g) {
+    if constexpr (A == kSilu) return g / (1.f + fast_exp(-g));
+    const float two_u = kTwoSqrtTwoOverPi * (g * (1.f + kGeluCubic * g * g));
+    const float e = fast_exp(two_u);
+    return g * (e / (1.f + e));
+}
+
+#if defined(KVPAGE_SIMD)
+template <int32_t A>
+inline Simd::V activation_lanes(Simd::V g) {
+    const Simd::V one = Simd::set1(1.f);
+    if constexpr (A == kSilu)
+        return Simd::div(g, Simd::add(one, exp_lanes(Simd::sub(Simd::zero(), g))));
+    const Simd::V cubic = Simd::fmadd(Simd::mul(g, g), Simd::set1(kGeluCubic), one);
+    const Simd::V two_u = Simd::mul(Simd::set1(kTwoSqrtTwoOverPi), Simd::mul(g, cubic));
+    const Simd::V e = exp_lanes(two_u);
+    return Simd::mul(g, Simd::div(e, Simd::add(one, e)));
+}
+#endif
+
+// out[j] = round(round(act(gate[j])) * up[j])
+template <typename T, int32_t A>
+void act_times(const T* gate, const T* up, T* out, int64_t n) {
     int64_t j = 0;
 #if defined(KVPAGE_SIMD)
-    const Simd::V one = Simd::set1(1.f);
     for (; j + Simd::width <= n; j += Simd::width) {
-        const Simd::V g = Simd::load(gate + j);
-        const Simd::V silu = Simd::div(g, Simd::add(one, exp_lanes(Simd::sub(Simd::zero(), g))));
-        Simd::store(out + j, Simd::mul(rounded_lanes<T>(silu), Simd::load(up + j)));
+        const Simd::V act = activation_lanes<A>(Simd::load(gate + j));
+        Simd::store(out + j, Simd::mul(rounded_lanes<T>(act), Simd::load(up + j)));
     }
 #endif
 #pragma omp simd
-    for (int64_t i = j; i < n; ++i) {
-        const float g = to_float(gate[i]);
-        store(out + i, rounded<T>(g / (1.f + fast_exp(-g))) * to_float(up[i]));
-    }
+    for (int64_t i = j; i < n; ++i)
+        store(out + i, rounded<T>(activation<A>(to_float(gate[i]))) * to_float(up[i]));
 }
 
-// silu_times of each row x = [gate | up], 2 * inner wide, into out [rows, inner].
-template <typename T>
-void silu_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t inner) {
+// act_times of each row x = [gate | up], 2 * inner wide, into out [rows, inner].
+template <typename T, int32_t A>
+void act_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t inner) {
 #pragma omp parallel for if (rows * inner > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
         const T* gate = x + r * x_stride;
-        silu_times(gate, gate + inner, out + r * inner, inner);
+        act_times<T, A>(gate, gate + inner, out + r * inner, inner);
     }
+}
+
+template <int32_t A>
+int act_and_mul_entry(int32_t dtype, const void* x, int64_t x_stride, void* out, int64_t rows,
+                      int64_t inner) {
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        act_and_mul<T, A>(static_cast<const T*>(x), x_stride, static_cast<T*>(out), rows, inner);
+    });
 }
 
 extern "C" int kvpage_silu_and_mul(int32_t dtype, const void* x, int64_t x_stride, void* out,
                                    int64_t rows, int64_t inner) {
-    return with_dtype(dtype, [&](auto* tag) {
-        using T = std::remove_pointer_t<decltype(tag)>;
-        silu_and_mul(static_cast<const T*>(x), x_stride, static_cast<T*>(out), rows, inner);
-    });
+    return act_and_mul_entry<kSilu>(dtype, x, x_stride, out, rows, inner);
+}
+
+extern "C" int kvpage_gelu_tanh_and_mul(int32_t dtype, const void* x, int64_t x_stride,
+                                        void* out, int64_t rows, int64_t inner) {
+    return act_and_mul_entry<kGeluTanh>(dtype, x, x_stride, out, rows, inner);
 }
 
 // ---- multi-LoRA: each row of a batch through its own adapter (Punica's BGMV) --------------
@@ -1667,8 +1704,11 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
     void* v_cache;
     const void* q_norm;  // null: no query and key norms
     const void* k_norm;
-    const void* post_feedforward_norm;  // kNormsAfter only
+    const void* pre_feedforward_norm;   // kNormsAround only
+    const void* post_feedforward_norm;  // kNormsAfter and kNormsAround
     LoRAProjection lora[4];  // qkv, o, gate_up, down
+    int32_t sliding;     // whether the layer attends within DecoderShape::window
+    int32_t local_rope;  // whether it rotates by DecodeStep's local cos and sin
 };
 
 // DecoderShape::weight_format, fused_decoder.WeightFormat: 0 fp32 MKL packs (sgemm_compute),
@@ -1678,10 +1718,11 @@ constexpr int32_t kPanels = 1;
 constexpr int32_t kQuantized = 3;
 // DecoderShape::qk_norm: 0 none, kHeadNorm each query and key head (Qwen3), kProjectionNorm
 // the whole query and key projections (OLMo 2); DecoderShape::norm_placement: 0 before
-// attention and the MLP, kNormsAfter after them (OLMo 2).
+// attention and the MLP, kNormsAfter after them (OLMo 2), kNormsAround both (Gemma).
 constexpr int32_t kHeadNorm = 1;
 constexpr int32_t kProjectionNorm = 2;
 constexpr int32_t kNormsAfter = 1;
+constexpr int32_t kNormsAround = 2;
 
 struct DecoderShape {
     SgemmCompute sgemm_compute;  // used for fp32 MKL packs
@@ -1689,11 +1730,14 @@ struct DecoderShape {
     int64_t num_layers, hidden, intermediate, num_heads, num_kv_heads, head_dim, block_size,
         num_slots;
     float eps, scale;
-    int32_t window;  // 0: none
+    int32_t window;  // of the sliding layers; 0: none
     int32_t weight_format;
     int64_t lora_num_slots, lora_rank;  // 0: no LoRA
     float residual_multiplier;  // each block's output scaled before the residual add (Granite)
     int32_t qk_norm, norm_placement;
+    int32_t activation;  // kSilu or kGeluTanh
+    float softcap;       // of the attention scores; 0: none
+    int64_t rotary_half;  // rotated pairs of each head: head_dim / 2, fewer for partial rotary
 };
 
 struct DecodeStep {  // this step's batch: one new token per sequence
@@ -1707,6 +1751,9 @@ struct DecodeStep {  // this step's batch: one new token per sequence
     const int32_t* seq_lens;
     const int32_t* query_start_loc;
     const int32_t* lora_slots;  // each row's adapter slot (-1: none, all in range); null: none
+    const void* local_cos;      // the sliding layers' own rotation (Gemma 3), or null
+    const void* local_sin;
+    int64_t local_cs_stride;
 };
 
 // out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32: packed_linear on panels (fp32 or
@@ -1838,8 +1885,11 @@ int64_t attention_block(const DecoderShape& s, const DecoderLayer& w, const Deco
     linear(s, in, n, s.hidden, w.qkv, w.qkv_bias, qkv_size, x.qkv, x.acc);
     add_lora(s, b, w.lora[0], in, n, s.hidden, x.qkv, qkv_size, x.lora_h);
     if (s.qk_norm != 0) normalize_qk(s, w, x.qkv, n);
-    rotary<T>(x.qkv, qkv_size, d, static_cast<const T*>(b.cos), static_cast<const T*>(b.sin),
-              b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d, d / 2);
+    const bool local = w.local_rope != 0;
+    rotary<T>(x.qkv, qkv_size, d, static_cast<const T*>(local ? b.local_cos : b.cos),
+              static_cast<const T*>(local ? b.local_sin : b.sin),
+              local ? b.local_cs_stride : b.cs_stride, x.qk, n, s.num_heads + s.num_kv_heads, d,
+              s.rotary_half);
     const int64_t qk_stride = q_size + kv_size;
     const int64_t bad = kvpage_write_kv(
         reinterpret_cast<const char*>(x.qk + q_size), qk_stride, d,
@@ -1851,7 +1901,8 @@ int64_t attention_block(const DecoderShape& s, const DecoderLayer& w, const Deco
                     b.table_stride, b.seq_lens, b.query_start_loc, static_cast<int32_t>(n),
                     static_cast<int32_t>(s.num_kv_heads),
                     static_cast<int32_t>(s.num_heads / s.num_kv_heads), static_cast<int32_t>(d),
-                    static_cast<int32_t>(s.block_size), s.scale, s.window, 0.f};
+                    static_cast<int32_t>(s.block_size), s.scale, w.sliding ? s.window : 0,
+                    s.softcap};
     dispatch_head_dim<T>(p);
     linear(s, x.attn, n, q_size, w.o, nullptr, s.hidden, out, x.acc);
     add_lora(s, b, w.lora[1], x.attn, n, q_size, out, s.hidden, x.lora_h);
@@ -1859,14 +1910,17 @@ int64_t attention_block(const DecoderShape& s, const DecoderLayer& w, const Deco
     return -1;
 }
 
-// The SiLU-gated MLP of the rows `in` [rows, hidden] into `out`.
+// The gated MLP of the rows `in` [rows, hidden] into `out`.
 template <typename T>
 void mlp_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b, const T* in,
                T* out, Scratch<T>& x) {
     const int64_t n = b.rows;
     linear(s, in, n, s.hidden, w.gate_up, nullptr, 2 * s.intermediate, x.gate_up, x.acc);
     add_lora(s, b, w.lora[2], in, n, s.hidden, x.gate_up, 2 * s.intermediate, x.lora_h);
-    silu_and_mul<T>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
+    if (s.activation == kGeluTanh)
+        act_and_mul<T, kGeluTanh>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
+    else
+        act_and_mul<T, kSilu>(x.gate_up, 2 * s.intermediate, x.act, n, s.intermediate);
     linear(s, x.act, n, s.intermediate, w.down, nullptr, s.hidden, out, x.acc);
     add_lora(s, b, w.lora[3], x.act, n, s.intermediate, out, s.hidden, x.lora_h);
     scale_in_place(out, n * s.hidden, s.residual_multiplier);
@@ -1902,6 +1956,7 @@ int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeS
                      bool first, T* hidden, T* residual, Scratch<T>& x) {
     if (s.norm_placement == kNormsAfter) return decode_layer_norms_after(s, w, b, first, hidden,
                                                                          residual, x);
+    const bool around = s.norm_placement == kNormsAround;
     const int64_t n = b.rows;
     const T* in_norm = static_cast<const T*>(w.input_norm);
     if (first) {
@@ -1913,9 +1968,21 @@ int64_t decode_layer(const DecoderShape& s, const DecoderLayer& w, const DecodeS
     }
     const int64_t bad = attention_block(s, w, b, x.normed, hidden, x);
     if (bad >= 0) return bad;
-    rms_norm<T>(hidden, s.hidden, residual, s.hidden, static_cast<const T*>(w.post_attention_norm),
-                x.normed, residual, n, s.hidden, s.eps);
+    if (around) {  // hidden = norm(attention), then the MLP's input norm over the residual add
+        rms_norm<T>(hidden, s.hidden, nullptr, 0, static_cast<const T*>(w.post_attention_norm),
+                    hidden, nullptr, n, s.hidden, s.eps);
+        rms_norm<T>(hidden, s.hidden, residual, s.hidden,
+                    static_cast<const T*>(w.pre_feedforward_norm), x.normed, residual, n,
+                    s.hidden, s.eps);
+    } else {
+        rms_norm<T>(hidden, s.hidden, residual, s.hidden,
+                    static_cast<const T*>(w.post_attention_norm), x.normed, residual, n,
+                    s.hidden, s.eps);
+    }
     mlp_block(s, w, b, x.normed, hidden, x);
+    if (around)
+        rms_norm<T>(hidden, s.hidden, nullptr, 0, static_cast<const T*>(w.post_feedforward_norm),
+                    hidden, nullptr, n, s.hidden, s.eps);
     return -1;
 }
 

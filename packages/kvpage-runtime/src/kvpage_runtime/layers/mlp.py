@@ -6,21 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from kvpage_kernels import silu_and_mul
+from kvpage_kernels import gelu_tanh_and_mul, silu_and_mul
 from torch import nn
-from torch.nn import functional as F
 
 from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import UnsupportedModelError
 from kvpage_runtime.layers.linear import Linear, Parallel
 from kvpage_runtime.layers.quantization import LinearMethods
-
-
-def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """gelu(gate, approximate="tanh") * up over [n, 2 * d] (Gemma's GeGLU)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.gelu(gate, approximate="tanh") * up
-
 
 # Hugging Face's ``hidden_act`` names -> the gated activation over [gate | up].
 GATED_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

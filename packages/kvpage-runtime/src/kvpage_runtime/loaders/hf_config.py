@@ -92,6 +92,7 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
         raise UnsupportedModelError(f"{architecture} with attention_bias/mlp_bias is not supported")
     try:
         num_heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
         per_layer_type = raw.get("rope_parameters") or {}
         theta, scaling = _rope(raw, per_layer_type.get("full_attention"))
         window, window_layers = _sliding_window(raw, architecture)
@@ -102,12 +103,13 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
             num_layers=raw["num_hidden_layers"],
             num_heads=num_heads,
             num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+            head_dim=head_dim,
             intermediate_size=raw["intermediate_size"],
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            rotary_dim=_rotary_dim(raw, head_dim),
+            max_position_embeddings=_context_length(raw, scaling),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             sliding_window=window,
             sliding_window_layers=window_layers,
@@ -136,17 +138,39 @@ def _rope(raw: dict[str, Any], params: dict[str, Any] | None = None
     """(theta, scaling) from ``params`` if given (one layer type's), else from either
     ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
     params = dict(params or raw.get("rope_parameters") or raw.get("rope_scaling") or {})
-    partial = params.pop("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise UnsupportedModelError(
-            f"partial_rotary_factor {partial} is not supported (RoPE over the whole head only)")
+    params.pop("partial_rotary_factor", None)  # read by _rotary_dim
     theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = params.pop("rope_type", params.pop("type", "default"))
     if rope_type == "default":
         return theta, None
     if "original_max_position_embeddings" in raw:  # Phi-3 keeps it beside the scaling
         params["original_max_position_embeddings"] = raw["original_max_position_embeddings"]
-    return theta, {"rope_type": rope_type, **params}
+    if rope_type == "dynamic":  # transformers grows the base past max_position_embeddings
+        params["original_max_position_embeddings"] = raw.get("max_position_embeddings", 2048)
+    return theta, {"rope_type": "longrope" if rope_type == "su" else rope_type, **params}
+
+
+def _rotary_dim(raw: dict[str, Any], head_dim: int) -> int | None:
+    """The values of each head RoPE rotates, int(head_dim * partial_rotary_factor) as in
+    transformers, or None when it is the whole head."""
+    params = raw.get("rope_parameters") or {}
+    params = params.get("full_attention", params)
+    factor = params.get("partial_rotary_factor", raw.get("partial_rotary_factor"))
+    factor = 1.0 if factor is None else factor
+    if not 0 < factor <= 1:
+        raise UnsupportedModelError(f"partial_rotary_factor {factor} is not supported (it "
+                                    "must be above 0 and at most 1)")
+    rotary_dim = int(head_dim * factor)
+    return None if rotary_dim == head_dim else rotary_dim
+
+
+def _context_length(raw: dict[str, Any], scaling: dict[str, Any] | None) -> int:
+    """The context served: max_position_embeddings, times the factor for dynamic NTK, whose
+    configs state the pretrained context in it (vLLM serves the same extended context)."""
+    length = raw.get("max_position_embeddings", 2048)
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        return int(length * scaling["factor"])
+    return length
 
 
 def _sliding_window(raw: dict[str, Any], architecture: str

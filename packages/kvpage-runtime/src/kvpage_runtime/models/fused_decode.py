@@ -8,10 +8,12 @@ the plain weights, which agrees with the modules' GEMM to bf16 rounding (only on
 MKL's bf16 GEMM takes a slow path elsewhere, measured 0.6-0.75x oneDNN's per-layer decode on
 an AMD EPYC Zen 4); low-bit (quantized) weights in fp32 with the C function that
 ``packed_linear`` calls on them, bit-identical too. It is used on the CPU with the ``cpu``
-kernel backend, for layers with the SiLU-gated MLP (dense fp32 ones packed, so
-``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer modules); Mixtral's
-experts, fp16, low-bit weights in a bf16 model, layers mixing low-bit and dense weights and
-prefill steps keep the per-layer path (logged when the stack is built).
+kernel backend, for the dense layers of every family the models serve, with their options
+(q/k norms, norm placements, multipliers, GeGLU, soft-capping, sliding and full layers, a
+local RoPE; dense fp32 weights packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode
+steps on the layer modules); mixtures of experts (Mixtral, Qwen3-MoE), tensor parallelism,
+fp16, low-bit weights in a bf16 model, layers mixing low-bit and dense weights and prefill
+steps keep the per-layer path (logged when the stack is built).
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
 
 It proves itself when it is built (once per KV cache, when the engine allocates it): one
@@ -70,6 +72,10 @@ CHECK_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2}
 # The check step's sequences: how many tokens of context each has before its new token.
 CHECK_CONTEXT_LENS = (1, 2, 3)
 logger = logging.getLogger(__name__)
+# Hugging Face's hidden_act -> the stack's activation
+STACK_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+LAYER_NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                    "post_feedforward_layernorm")
 
 
 class _Declined(Exception):
@@ -87,16 +93,11 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
         logger.info("decode steps run layer by layer: the fused stack has no collectives for "
                     "tensor parallelism")
         return None
-    if (missing := _missing_from_stack(model.config)) is not None:
-        logger.info("decode steps run layer by layer: the fused stack has no %s", missing)
-        return None
     if not _applies(model.config, kv_caches):
         return None
     try:
         weights = [_layer_weights(layer, cache)
                    for layer, cache in zip(model.layers, kv_caches, strict=True)]
-        if any(w is None for w in weights):
-            return None
         if not isinstance(weights[0].qkv, PackedWeight | QuantizedPanels):  # MKL's, in torch
             _check_torch_release()
         shape = _decoder_shape(model.config)
@@ -105,22 +106,6 @@ def build_fused_decoder(model: LlamaModel, kv_caches: list[KVCache]) -> FusedDec
     except _Declined as e:
         logger.log(e.level, "decode steps run layer by layer: %s", e)
         return None
-
-
-def _missing_from_stack(config: ModelConfig) -> str | None:
-    """What of this family's decoder layer the fused stack does not compute, or None."""
-    if config.norm_placement == "sandwich":
-        return "norms both before and after attention and the MLP (Gemma 2/3)"
-    if config.hidden_act != "silu":
-        return ("GeGLU MLP (Gemma 2/3; its tanh would not be bit-identical to torch's "
-                "vectorized one)")
-    if config.attn_logit_softcapping is not None:
-        return "attention soft-capping (Gemma 2)"
-    if config.sliding_window_layers is not None or config.local_rope_theta is not None:
-        return "sliding and full-attention layers in one model (Gemma 2/3, Qwen2)"
-    if config.rotary_dim not in (None, config.head_dim):
-        return "partial rotary embeddings (Phi-4-mini)"
-    return None
 
 
 def _applies(config: ModelConfig, kv_caches: list[KVCache]) -> bool:
@@ -153,28 +138,32 @@ def _weight(linear: Linear) -> torch.Tensor | PackedWeight | QuantizedPanels:
                     "(KVPAGE_CPU_WEIGHT_PACKING=0, or neither the cpu kernels nor MKL)")
 
 
-def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights | None:
-    """The layer's tensors for the fused stack, or None if it is not a dense Llama layer."""
+def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights:
+    """The layer's tensors for the fused stack."""
     attn, mlp = layer.self_attn, layer.mlp
     if type(mlp) is not GatedMLP:
-        return None
+        raise _Declined("the fused stack has no mixture of experts")
     qkv, o, gate_up, down = (
         _weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
     attn_norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight.data,
                                                   "k_norm": attn.k_norm.weight.data}
-    post = layer.norm_placement == "post"
+    norms = {name: norm.weight.data for name in LAYER_NORM_NAMES
+             if (norm := getattr(layer, name, None)) is not None}
     return DecoderLayerWeights(
-        input_norm=None if post else layer.input_layernorm.weight.data,
+        input_norm=norms.get("input_layernorm"),
         qkv=qkv,
         qkv_bias=None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.data,
         o=o,
-        post_attention_norm=layer.post_attention_layernorm.weight.data,
+        post_attention_norm=norms["post_attention_layernorm"],
         gate_up=gate_up,
         down=down,
         k_cache=kv_cache[0],
         v_cache=kv_cache[1],
         lora=_lora_weights(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
-        post_feedforward_norm=layer.post_feedforward_layernorm.weight.data if post else None,
+        pre_feedforward_norm=norms.get("pre_feedforward_layernorm"),
+        post_feedforward_norm=norms.get("post_feedforward_layernorm"),
+        sliding=attn.attn.sliding_window is not None,
+        local_rope=layer.local_rope,
         **attn_norms,
     )
 
@@ -211,6 +200,9 @@ def _decoder_shape(config: ModelConfig) -> DecoderShape:
         residual_multiplier=config.residual_multiplier,
         qk_norm=config.qk_norm,
         norm_placement=config.norm_placement,
+        activation=STACK_ACTIVATIONS[config.hidden_act],
+        softcap=config.attn_logit_softcapping,
+        rotary_dim=config.rotary_dim,
     )
 
 
@@ -229,6 +221,7 @@ class _CheckStep:
     hidden: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    local: tuple[torch.Tensor, torch.Tensor] | None  # the sliding layers' own cos and sin
     kv_caches: list[KVCache]
 
 
@@ -243,10 +236,11 @@ def _check_against_modules(model: LlamaModel, shape: DecoderShape,
     batch = step.batch
     try:
         fused = stack(step.hidden, step.cos, step.sin, batch.slot_mapping, batch.block_tables,
-                      batch.seq_lens, batch.query_start_loc)
+                      batch.seq_lens, batch.query_start_loc, None, step.local)
     except KernelError as e:
         raise _Declined(f"the fused stack failed its check step: {e}", logging.WARNING) from e
-    modules = model.run_layers(step.hidden.clone(), step.cos, step.sin, batch, step.kv_caches)
+    modules = model.run_layers(step.hidden.clone(), step.cos, step.sin, batch, step.kv_caches,
+                               step.local)
     # compared: the sum of MLP output and residual, the model's final norm's input
     error = _relative_error(fused[0] + fused[1], modules[0] + modules[1])
     tolerance = CHECK_TOLERANCE[model.config.dtype]
@@ -279,7 +273,8 @@ def _check_step(model: LlamaModel, block_size: int) -> _CheckStep:
         max_seq_len=max(CHECK_CONTEXT_LENS) + 1,
         max_query_len=1,
     )
-    return _CheckStep(batch, model.embed_tokens(input_ids), cos, sin, kv_caches)
+    local = None if model.local_rotary is None else model.local_rotary.lookup(positions)
+    return _CheckStep(batch, model.embed_tokens(input_ids), cos, sin, local, kv_caches)
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:

@@ -222,7 +222,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype, device,
                             config.norm_offset)
         self.rotary = RotaryEmbedding(
-            config.head_dim,
+            config.rotary_dim or config.head_dim,
             config.max_position_embeddings,
             config.rope_theta,
             config.rope_scaling,
@@ -232,8 +232,8 @@ class LlamaModel(nn.Module):
         self.local_rotary = None  # the sliding layers' own RoPE (Gemma 3)
         if config.local_rope_theta is not None:
             self.local_rotary = RotaryEmbedding(
-                config.head_dim, config.max_position_embeddings, config.local_rope_theta,
-                config.local_rope_scaling, config.dtype, device)
+                config.rotary_dim or config.head_dim, config.max_position_embeddings,
+                config.local_rope_theta, config.local_rope_scaling, config.dtype, device)
         self._fused = (None, None)  # (KV cache it was built for, fused decoder or None)
 
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
@@ -249,7 +249,8 @@ class LlamaModel(nn.Module):
                 and (batch.lora_slots is None or fused.has_lora)):
             rows = batch.one_row_per_token() if batch.max_query_len > 1 else batch
             hidden, residual = fused(hidden, cos, sin, rows.slot_mapping, rows.block_tables,
-                                     rows.seq_lens, rows.query_start_loc, rows.lora_slots)
+                                     rows.seq_lens, rows.query_start_loc, rows.lora_slots,
+                                     local)
         else:
             hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches, local)
         hidden, _ = self.norm(hidden, residual)
