@@ -1,12 +1,16 @@
 """GGUF name mapping, Q/K un-permutation and expert stacking, on tiny models written as GGUF here.
 
 Each tiny model is saved by transformers, rewritten the way llama.cpp's converter lays it out
-(llama.cpp names, rotary row permutation for llama-arch Q/K, experts stacked per layer) and
-loaded back: every parameter must equal the one loaded from the safetensors folder.
+(the metadata keys it writes for the architecture, tensor names from the gguf package's own
+table, rotary row permutation for the converters derived from its LlamaModel, experts stacked
+per layer) and loaded back: every parameter must equal the one loaded from the safetensors
+folder.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import gguf
@@ -22,19 +26,8 @@ from quant_helpers import gguf_blocks, gguf_type
 from safetensors.numpy import load_file
 
 SMALL = {**TINY, "num_hidden_layers": 2}
-_BLOCK = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "block_sparse_moe.gate": "ffn_gate_inp",
-}
-_EXPERTS = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+_MODEL_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
@@ -45,29 +38,27 @@ def llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def gguf_tensors(hf: dict[str, np.ndarray], config, permute: bool) -> dict[str, np.ndarray]:
+def gguf_tensors(hf: dict[str, np.ndarray], arch: str, config,
+                 permute: bool) -> dict[str, np.ndarray]:
+    """The checkpoint ``hf`` as llama.cpp's converter writes it for ``arch``: each layer's
+    experts stacked into one tensor, then every name looked up in the gguf package's table
+    (``TensorNameMap``); Q/K rows permuted where ``permute``."""
+    names = gguf.get_tensor_name_map(_MODEL_ARCH[arch], config.num_hidden_layers)
     out: dict[str, np.ndarray] = {}
     experts: dict[str, list[np.ndarray]] = {}
     for name, array in sorted(hf.items(), key=lambda item: _expert_order(item[0])):
         stem, kind = name.rsplit(".", 1)
-        if stem == "model.embed_tokens":
-            out[f"token_embd.{kind}"] = array
-        elif stem == "model.norm":
-            out[f"output_norm.{kind}"] = array
-        elif stem == "lm_head":
-            out[f"output.{kind}"] = array
+        if permute and stem.endswith(("q_proj", "k_proj")) and kind == "weight":
+            heads = config.num_attention_heads if stem.endswith("q_proj") else (
+                config.num_key_value_heads)
+            array = llama_cpp_permute(array, heads)
+        merged = _EXPERT.sub(".experts.", stem)
+        gguf_name = names.get_name(merged)
+        assert gguf_name is not None, f"llama.cpp's {arch} has no tensor for {stem}"
+        if merged == stem:
+            out[f"{gguf_name}.{kind}"] = array
         else:
-            _, _, layer, rest = stem.split(".", 3)
-            if ".experts." in rest:
-                proj = rest.rsplit(".", 1)[1]
-                experts.setdefault(f"blk.{layer}.{_EXPERTS[proj]}.{kind}", []).append(array)
-                continue
-            if permute and rest in ("self_attn.q_proj", "self_attn.k_proj") and kind == "weight":
-                heads = (
-                    config.num_attention_heads if "q_proj" in rest else config.num_key_value_heads
-                )
-                array = llama_cpp_permute(array, heads)
-            out[f"blk.{layer}.{_BLOCK[rest]}.{kind}"] = array
+            experts.setdefault(f"{gguf_name}.{kind}", []).append(array)
     out.update({name: np.stack(parts) for name, parts in experts.items()})
     return out
 
@@ -78,11 +69,73 @@ def _expert_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in parts)
 
 
-def write_gguf(folder: Path, path: Path, arch: str, config, permute: bool,
-               types: dict[str, str] | None = None) -> Path:
-    """The model saved in ``folder`` as llama.cpp lays it out; ``types`` (see
-    ``quant_helpers.gguf_type``) stores tensors as low-bit blocks, the rest are F32."""
-    writer = gguf.GGUFWriter(str(path), arch)
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _llama_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
+    """LlamaModel (Llama, Mistral, Mixtral; Granite's converter derives from it)."""
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(_head_dim(config))
+    return {}
+
+
+def _granite_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
+    """GraniteModel: LlamaModel's keys without head_dim, and its multipliers renamed."""
+    _llama_metadata(writer, config)
+    writer.add_attention_scale(config.attention_multiplier)
+    writer.add_embedding_scale(config.embedding_multiplier)
+    writer.add_residual_scale(config.residual_multiplier)
+    writer.add_logit_scale(config.logits_scaling)
+    return {}
+
+
+def _qwen_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
+    """TextModel's head_dim (Qwen2, Qwen3, OLMo 2); Qwen2MoeModel's expert size."""
+    if "head_dim" in config.to_dict():
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    if hasattr(config, "moe_intermediate_size"):
+        writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+    return {}
+
+
+def _phi3_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
+    """Phi3MiniModel: its rotary dimension (partial rotary: Phi-4-mini), original context,
+    window (0: none) and LongRoPE factors, which it stores as tensors."""
+    partial = config.rope_parameters.get("partial_rotary_factor", 1.0)
+    writer.add_rope_dimension_count(int(partial * config.hidden_size) // config.num_attention_heads)
+    writer.add_rope_scaling_orig_ctx_len(config.original_max_position_embeddings)
+    writer.add_sliding_window(config.sliding_window or 0)
+    rope = config.rope_parameters
+    if rope.get("rope_type") != "longrope":
+        return {}
+    original = config.original_max_position_embeddings
+    scale = config.max_position_embeddings / original
+    writer.add_rope_scaling_attn_factors(
+        np.sqrt(1 + np.log(scale) / np.log(original)) if scale > 1 else 1.0)
+    return {"rope_factors_long.weight": np.array(rope["long_factor"], dtype=np.float32),
+            "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)}
+
+
+_ARCH_METADATA: dict[str, Callable[[gguf.GGUFWriter, object], dict[str, np.ndarray]]] = {
+    "llama": _llama_metadata,
+    "granite": _granite_metadata,
+    "qwen2": _qwen_metadata,
+    "qwen3": _qwen_metadata,
+    "qwen3moe": _qwen_metadata,
+    "olmo2": _qwen_metadata,
+    "phi3": _phi3_metadata,
+}
+
+
+def add_llama_cpp_metadata(writer: gguf.GGUFWriter, arch: str,
+                           config) -> dict[str, np.ndarray]:
+    """The metadata llama.cpp's converter writes for ``arch``: TextModel's common keys, then
+    the architecture's own, and the token list every converter writes (here the words of
+    ``model_helpers.word_tokenizer``; only some write the vocabulary size as well). Returns
+    the extra tensors it adds (Phi-3's LongRoPE factors)."""
+    writer.add_token_list([f"t{i}" for i in range(config.vocab_size)])
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -91,13 +144,22 @@ def write_gguf(folder: Path, path: Path, arch: str, config, permute: bool,
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_vocab_size(config.vocab_size)
-    if getattr(config, "num_local_experts", 0):
-        writer.add_expert_count(config.num_local_experts)
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
         writer.add_expert_used_count(config.num_experts_per_tok)
-    for name, array in gguf_tensors(
-        load_file(folder / "model.safetensors"), config, permute
-    ).items():
+    return _ARCH_METADATA[arch](writer, config)
+
+
+def write_gguf(folder: Path, path: Path, arch: str, config, permute: bool,
+               types: dict[str, str] | None = None) -> Path:
+    """The model saved in ``folder`` as llama.cpp's converter writes it for ``arch``;
+    ``types`` (see ``quant_helpers.gguf_type``) stores tensors as low-bit blocks, the rest
+    are F32."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    extra = add_llama_cpp_metadata(writer, arch, config)
+    tensors = gguf_tensors(load_file(folder / "model.safetensors"), arch, config, permute)
+    for name, array in {**extra, **tensors}.items():
         qtype = gguf_type(name, types or {})
         if qtype is None:
             writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,34 +15,95 @@ import torch
 from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
 
-# llama.cpp architecture -> Hugging Face architecture
+
+@dataclass(frozen=True)
+class _Family:
+    """How llama.cpp's converter writes one Hugging Face architecture.
+
+    ``permuted``: Q/K rows interleaved per head (the converters derived from its LlamaModel);
+    ``block_names``: per-block tensor names that differ from ``_BLOCK_NAMES``; ``options``:
+    the ``ModelConfig`` family options the architecture fixes; ``metadata``: those read from
+    ``{arch}.{key}`` -> (option, default where the key is absent, as llama.cpp defaults it).
+    """
+
+    architecture: str
+    permuted: bool = False
+    block_names: dict[str, str] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, tuple[str, Any]] = field(default_factory=dict)
+
+
+# llama.cpp architecture -> how it stores the Hugging Face one
 _ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
+    "llama": _Family("LlamaForCausalLM", permuted=True),
+    "mistral": _Family("MistralForCausalLM"),
+    "qwen2": _Family("Qwen2ForCausalLM"),
+    "qwen3": _Family("Qwen3ForCausalLM", options={"qk_norm": "head"}),
+    "qwen3moe": _Family(
+        "Qwen3MoeForCausalLM",
+        block_names={"ffn_gate_inp": "mlp.gate",
+                     "ffn_gate_exps": "mlp.experts.{expert}.gate_proj",
+                     "ffn_down_exps": "mlp.experts.{expert}.down_proj",
+                     "ffn_up_exps": "mlp.experts.{expert}.up_proj"},
+        options={"qk_norm": "head"},
+        # llama.cpp renormalizes Qwen3-MoE's top-k router weights unless told otherwise
+        metadata={"expert_feed_forward_length": ("moe_intermediate_size", None),
+                  "expert_weights_norm": ("norm_topk_prob", True)}),
+    "phi3": _Family("Phi3ForCausalLM", block_names={"ffn_up": "mlp.gate_up_proj"}),
+    "olmo2": _Family("Olmo2ForCausalLM", options={"qk_norm": "full", "norm_placement": "post"}),
+    "granite": _Family(
+        "GraniteForCausalLM", permuted=True,
+        metadata={"embedding_scale": ("embedding_multiplier", 1.0),
+                  "residual_scale": ("residual_multiplier", 1.0),
+                  "attention.scale": ("attention_multiplier", None),
+                  "logit_scale": ("logits_scaling", 1.0)}),
 }
-# llama.cpp per-block tensor name -> Hugging Face name inside model.layers.{i}
+# llama.cpp per-block tensor name -> Hugging Face name inside model.layers.{i} ("{expert}":
+# one tensor per expert, stacked along the GGUF tensor's outermost dimension)
 _BLOCK_NAMES = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
     "ffn_gate_inp": "block_sparse_moe.gate",
+    "ffn_gate_exps": "block_sparse_moe.experts.{expert}.w1",
+    "ffn_down_exps": "block_sparse_moe.experts.{expert}.w2",
+    "ffn_up_exps": "block_sparse_moe.experts.{expert}.w3",
 }
-_EXPERT_NAMES = {"ffn_gate_exps": "w1", "ffn_down_exps": "w2", "ffn_up_exps": "w3"}
+# fused projections (Phi-3's) -> the projections they stack, cut apart here by their rows
+# (``_ROWS``), so that each keeps its low-bit blocks as an unfused one does
+_FUSED = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+_ROWS: dict[str, Callable[[ModelConfig], int]] = {
+    "q_proj": lambda c: c.q_size,
+    "k_proj": lambda c: c.kv_size,
+    "v_proj": lambda c: c.kv_size,
+    "gate_proj": lambda c: c.intermediate_size,
+    "up_proj": lambda c: c.intermediate_size,
+}
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
     "output": "lm_head",
 }
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-# tensors llama.cpp stores that transformers does not use
-_IGNORED = {"rope_freqs.weight"}
+# LongRoPE's factors (Phi-3), which llama.cpp stores as tensors: read into the config
+_LONGROPE_FACTORS = {"long_factor": "rope_factors_long.weight",
+                     "short_factor": "rope_factors_short.weight"}
+# tensors llama.cpp stores that are no weights in transformers
+_IGNORED = {"rope_freqs.weight", *_LONGROPE_FACTORS.values()}
 
 
 class GGUFModelFile:
@@ -65,51 +127,101 @@ class GGUFModelFile:
     def arch_field(self, key: str, default: Any = None) -> Any:
         return self.field(f"{self.arch}.{key}", default)
 
-    def model_config(self, dtype: torch.dtype) -> ModelConfig:
-        experts = self.arch_field("expert_count", 0) or 0
-        architecture = _ARCHITECTURES.get(self.arch)
-        if architecture is None:
+    def required(self, key: str) -> Any:
+        """``{arch}.{key}``, which the file must hold."""
+        value = self.arch_field(key)
+        if value is None:
+            raise ModelLoadError(f"{self.path} lacks the {self.arch}.{key} metadata")
+        return value
+
+    @property
+    def family(self) -> _Family:
+        family = _ARCHITECTURES.get(self.arch)
+        if family is None:
             raise UnsupportedModelError(
                 f"GGUF architecture {self.arch!r} is not supported; supported: {', '.join(_ARCHITECTURES)}"
             )
+        return family
+
+    def model_config(self, dtype: torch.dtype) -> ModelConfig:
+        family = self.family
+        experts = self.arch_field("expert_count", 0) or 0
+        architecture = family.architecture
         if experts and self.arch == "llama":
             architecture = "MixtralForCausalLM"
-        hidden = self.arch_field("embedding_length")
-        num_heads = self.arch_field("attention.head_count")
-        if hidden is None or num_heads is None:
-            raise ModelLoadError(
-                f"{self.path} lacks {self.arch}.embedding_length/attention.head_count metadata"
-            )
+        hidden = self.required("embedding_length")
+        num_heads = self.required("attention.head_count")
+        head_dim = self.arch_field("attention.key_length") or hidden // num_heads
+        rotary_dim = self.arch_field("rope.dimension_count", head_dim)
+        # only some converters write the vocabulary size; the embedding table has it
+        vocab = self.arch_field("vocab_size") or int(self.tensor("token_embd.weight").shape[-1])
         return ModelConfig(
             architecture=architecture,
-            vocab_size=self.arch_field("vocab_size") or self.tensors["token_embd.weight"].shape[-1],
+            vocab_size=vocab,
             hidden_size=hidden,
-            num_layers=self.arch_field("block_count"),
+            num_layers=self.required("block_count"),
             num_heads=num_heads,
             num_kv_heads=self.arch_field("attention.head_count_kv") or num_heads,
-            head_dim=self.arch_field("attention.key_length")
-            or self.arch_field("rope.dimension_count")
-            or hidden // num_heads,
-            intermediate_size=self.arch_field("feed_forward_length"),
+            head_dim=head_dim,
+            intermediate_size=self.required("feed_forward_length"),
             rms_norm_eps=float(self.arch_field("attention.layer_norm_rms_epsilon", 1e-6)),
             rope_theta=float(self.arch_field("rope.freq_base", 10000.0)),
             rope_scaling=self._rope_scaling(),
+            rotary_dim=None if rotary_dim == head_dim else rotary_dim,
             max_position_embeddings=self.arch_field("context_length", 2048),
             tie_word_embeddings="output.weight" not in self.tensors,
-            sliding_window=self.arch_field("attention.sliding_window"),
+            sliding_window=self._sliding_window(),
             attention_bias="blk.0.attn_q.bias" in self.tensors,
             num_experts=experts,
             num_experts_per_tok=self.arch_field("expert_used_count", 0) or 0,
             dtype=dtype,
+            **family.options,
+            **{option: self.arch_field(key, default)
+               for key, (option, default) in family.metadata.items()},
         )
 
+    def _sliding_window(self) -> int | None:
+        """The window of every layer (llama.cpp writes 0 for none); layouts of sliding and
+        full layers (``sliding_window_pattern``) are refused."""
+        if self.arch_field("attention.sliding_window_pattern") is not None:
+            raise UnsupportedModelError(
+                f"{self.arch}.attention.sliding_window_pattern: models mixing sliding-window "
+                "and full-attention layers are not supported from GGUF files")
+        return self.arch_field("attention.sliding_window") or None
+
     def _rope_scaling(self) -> dict[str, Any] | None:
+        if _LONGROPE_FACTORS["long_factor"] in self.tensors:
+            return self._longrope()
         kind = self.arch_field("rope.scaling.type")
         if kind in (None, "none"):
             return None
         if kind != "linear":
             raise UnsupportedModelError(f"GGUF rope scaling {kind!r} is not supported")
         return {"rope_type": "linear", "factor": float(self.arch_field("rope.scaling.factor"))}
+
+    def _longrope(self) -> dict[str, Any]:
+        """Phi-3's LongRoPE, spelled as in Hugging Face configs: the factors are tensors."""
+        scaling = {"rope_type": "longrope",
+                   "original_max_position_embeddings":
+                       self.required("rope.scaling.original_context_length")}
+        for key, name in _LONGROPE_FACTORS.items():
+            scaling[key] = self._values(name).tolist()
+        if (attention_factor := self.arch_field("rope.scaling.attn_factor")) is not None:
+            scaling["attention_factor"] = float(attention_factor)
+        return scaling
+
+    def tensor(self, name: str):
+        """The descriptor of tensor ``name``, which the file must hold."""
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            raise ModelLoadError(f"{self.path} lacks the {name} tensor")
+        return tensor
+
+    def _values(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        tensor = self.tensor(name)
+        return dequantize(tensor.data, tensor.tensor_type).astype(np.float64)
 
     def eos_token_ids(self) -> set[int]:
         keys = (
@@ -128,21 +240,20 @@ class GGUFModelFile:
     def hf_tensors(
         self, config: ModelConfig, keep_quantized: Callable[[str], bool] = lambda name: False
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor renamed, with llama.cpp's Q/K row permutation undone: dequantized to
-        fp32, or for names ``keep_quantized`` selects, its raw blocks (uint8 [rows, bytes per
-        row]; each row's blocks are its own, so the permutation moves them as they are)."""
+        """Every tensor renamed, with llama.cpp's Q/K row permutation undone and stacked experts
+        and fused projections cut apart: dequantized to fp32, or for names ``keep_quantized``
+        selects, its raw blocks (uint8 [rows, bytes per row]; each row's blocks are its own,
+        so the permutation and the cuts move them as they are)."""
         from gguf.quants import dequantize
 
-        permuted = self.arch == "llama"
+        permuted = self.family.permuted
         for name, tensor in self.tensors.items():
             if name in _IGNORED:
                 continue
-            num_experts = _num_experts(tensor)
-            names = self._hf_names(name, num_experts)
+            names = self._hf_names(name, _num_experts(tensor))
             raw = all(keep_quantized(hf_name) for hf_name in names)
             array = tensor.data if raw else dequantize(tensor.data, tensor.tensor_type)
-            parts = array if num_experts else [array]  # experts: stacked along axis 0
-            for hf_name, part in zip(names, parts, strict=True):
+            for hf_name, part in zip(names, _parts(array, names, config), strict=True):
                 if permuted and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                     heads = config.num_heads if "q_proj" in hf_name else config.num_kv_heads
                     part = unpermute_rotary_rows(part, heads)
@@ -150,21 +261,30 @@ class GGUFModelFile:
                 yield hf_name, torch.from_numpy(part if part.flags.writeable else part.copy())
 
     def _hf_names(self, name: str, num_experts: int) -> list[str]:
-        """The Hugging Face names of GGUF tensor ``name``: one per expert for stacked experts."""
+        """The Hugging Face names of GGUF tensor ``name``: one per expert for stacked experts,
+        one per projection for fused ones."""
         stem, _, kind = name.rpartition(".")
         if stem in _GLOBAL_NAMES:
             return [f"{_GLOBAL_NAMES[stem]}.{kind}"]
         match = _BLOCK.match(name)
-        if match is None:
+        hf_part = match and self.family.block_names.get(match[2], _BLOCK_NAMES.get(match[2]))
+        if not hf_part:
             raise ModelLoadError(f"GGUF tensor {name!r} is not understood")
-        layer, part, kind = match.groups()
-        prefix = f"model.layers.{layer}"
-        if part in _EXPERT_NAMES:
-            return [f"{prefix}.block_sparse_moe.experts.{expert}.{_EXPERT_NAMES[part]}.{kind}"
-                    for expert in range(num_experts)]
-        if part in _BLOCK_NAMES:
-            return [f"{prefix}.{_BLOCK_NAMES[part]}.{kind}"]
-        raise ModelLoadError(f"GGUF tensor {name!r} is not understood")
+        layer, _, kind = match.groups()
+        parts = ([hf_part.format(expert=e) for e in range(num_experts)] if "{expert}" in hf_part
+                 else _FUSED.get(hf_part, (hf_part,)))
+        return [f"model.layers.{layer}.{part}.{kind}" for part in parts]
+
+
+def _parts(array: np.ndarray, names: list[str], config: ModelConfig) -> list[np.ndarray]:
+    """``array`` cut into the tensors ``names``: experts along its outermost axis, fused
+    projections by their rows."""
+    if len(names) == 1:
+        return [array]
+    if array.ndim == 3:
+        return list(array)
+    rows = [_ROWS[name.split(".")[-2]](config) for name in names]
+    return np.split(array, np.cumsum(rows)[:-1])
 
 
 def _num_experts(tensor) -> int:
