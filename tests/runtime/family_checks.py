@@ -28,7 +28,7 @@ class FamilyCase:
     def __init__(self, config: transformers.PretrainedConfig, folder: Path,
                  prompt_lengths: list[int] = PROMPT_LENGTHS, new_tokens: int = NEW_TOKENS
                  ) -> None:
-        save_tiny_model(config, folder)
+        save_tiny_model(config, folder, random_norms=True)
         self.folder = folder
         self.new_tokens = new_tokens
         self.prompts = random_prompts(prompt_lengths, config.vocab_size)

@@ -53,10 +53,18 @@ def word_tokenizer(vocab_size: int = TINY["vocab_size"],
         tokenizer_object=words, unk_token="t0", bos_token="t1", eos_token=f"t{eos}")
 
 
-def save_tiny_model(config: transformers.PretrainedConfig, folder: Path, seed: int = 0) -> Path:
-    """Random-weight model for ``config`` saved as safetensors in ``folder``."""
+def save_tiny_model(config: transformers.PretrainedConfig, folder: Path, seed: int = 0,
+                    random_norms: bool = False) -> Path:
+    """Random-weight model for ``config`` saved as safetensors in ``folder``. transformers
+    starts norm weights at ones (zeros where the norm scales by 1 + weight, Gemma's):
+    ``random_norms`` adds noise to them, so that a norm's weight counts in the output."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if random_norms:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.add_(torch.randn_like(param) * 0.2)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -9,6 +9,7 @@ folder.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from safetensors.numpy import load_file
 
 SMALL = {**TINY, "num_hidden_layers": 2}
 _MODEL_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+_NORM_SHIFTED = {"gemma2", "gemma3"}  # llama.cpp stores these norms' weights plus one
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
@@ -52,6 +54,8 @@ def gguf_tensors(hf: dict[str, np.ndarray], arch: str, config,
             heads = config.num_attention_heads if stem.endswith("q_proj") else (
                 config.num_key_value_heads)
             array = llama_cpp_permute(array, heads)
+        if arch in _NORM_SHIFTED and stem.endswith("norm"):  # Gemma's converter: weight + 1
+            array = array + np.float32(1)
         merged = _EXPERT.sub(".experts.", stem)
         gguf_name = names.get_name(merged)
         assert gguf_name is not None, f"llama.cpp's {arch} has no tensor for {stem}"
@@ -74,10 +78,24 @@ def _head_dim(config) -> int:
 
 
 def _llama_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
-    """LlamaModel (Llama, Mistral, Mixtral; Granite's converter derives from it)."""
+    """LlamaModel (Llama, Mistral, Mixtral; Granite's converter derives from it), and the
+    divisor of each frequency that it computes for Llama 3.1's rope scaling."""
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(_head_dim(config))
-    return {}
+    rope = config.rope_parameters
+    if rope.get("rope_type") != "llama3":
+        return {}
+    dim, original = _head_dim(config), rope["original_max_position_embeddings"]
+    freqs = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    low, high = original / rope["low_freq_factor"], original / rope["high_freq_factor"]
+    factors = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        smooth = (original / wavelen - rope["low_freq_factor"]) / (
+            rope["high_freq_factor"] - rope["low_freq_factor"])
+        factors.append(1.0 if wavelen < high else rope["factor"] if wavelen > low
+                       else 1 / ((1 - smooth) / rope["factor"] + smooth))
+    return {"rope_freqs.weight": np.array(factors, dtype=np.float32)}
 
 
 def _granite_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
@@ -118,6 +136,24 @@ def _phi3_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
             "rope_factors_short.weight": np.array(rope["short_factor"], dtype=np.float32)}
 
 
+def _gemma_metadata(writer: gguf.GGUFWriter, config) -> dict[str, np.ndarray]:
+    """Gemma2Model and Gemma3Model: head_dim, the window, Gemma 2's soft-caps, Gemma 3's
+    linear rope scaling (of the full layers; the sliding ones keep llama.cpp's base of 1e4)."""
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_sliding_window(config.sliding_window)
+    if config.model_type == "gemma2":
+        writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(config.final_logit_softcapping)
+        return {}
+    rope = config.rope_parameters["full_attention"]
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
+    return {}
+
+
 _ARCH_METADATA: dict[str, Callable[[gguf.GGUFWriter, object], dict[str, np.ndarray]]] = {
     "llama": _llama_metadata,
     "granite": _granite_metadata,
@@ -126,6 +162,8 @@ _ARCH_METADATA: dict[str, Callable[[gguf.GGUFWriter, object], dict[str, np.ndarr
     "qwen3moe": _qwen_metadata,
     "olmo2": _qwen_metadata,
     "phi3": _phi3_metadata,
+    "gemma2": _gemma_metadata,
+    "gemma3": _gemma_metadata,
 }
 
 
@@ -143,7 +181,8 @@ def add_llama_cpp_metadata(writer: gguf.GGUFWriter, arch: str,
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if "rope_theta" in config.rope_parameters:  # Gemma 3's are per layer type
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if experts:
         writer.add_expert_count(experts)

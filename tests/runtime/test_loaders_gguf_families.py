@@ -1,7 +1,8 @@
-"""GGUF files of Qwen3, Qwen3-MoE, Phi-3 (and Phi-4-mini's partial rotary), OLMo 2 and
-Granite, written as llama.cpp's converter writes them (``test_loaders_gguf.write_gguf``: its
-metadata keys, its tensor names, Granite's Q/K rows permuted, Qwen3-MoE's experts stacked,
-Phi-3's fused q/k/v and gate/up).
+"""GGUF files of Qwen3, Qwen3-MoE, Phi-3 (and Phi-4-mini's partial rotary), OLMo 2, Granite,
+Gemma 2 and Gemma 3, written as llama.cpp's converter writes them
+(``test_loaders_gguf.write_gguf``: its metadata keys, its tensor names, Granite's Q/K rows
+permuted, Qwen3-MoE's experts stacked, Phi-3's fused q/k/v and gate/up, Gemma's norm weights
+plus one).
 
 Each loads to the config and the weights of the safetensors original and decodes as
 transformers does on that original (greedy tokens identical, logprobs within 1e-4); where
@@ -32,7 +33,7 @@ from model_helpers import (  # noqa: F401 (fixture)
     save_tiny_model,
 )
 from test_loaders_gguf import add_llama_cpp_metadata, write_gguf
-from test_models_families import CONFIGS, ODD
+from test_models_families import CONFIGS, GEMMA3_ROPE, ODD
 from test_models_quantized import load_gguf_weights, low_bit_layers
 
 # every layer a mixture of experts: llama.cpp's qwen3moe has no dense layers
@@ -48,6 +49,14 @@ FAMILIES = {
     # Phi-4-mini's partial rotary: RoPE over the first 3/4 of each head
     "phi3-partial-rotary": ("phi3", transformers.Phi3Config(
         **ODD, sliding_window=12, pad_token_id=0, partial_rotary_factor=0.75), False),
+    # Gemma as llama.cpp has it: query_pre_attn_scalar = head_dim (below 27B); Gemma 3's
+    # fixed pattern of five sliding layers to a full one and local RoPE base of 1e4
+    "gemma2": ("gemma2", transformers.Gemma2Config(
+        **ODD, head_dim=24, sliding_window=12, query_pre_attn_scalar=24,
+        attn_logit_softcapping=2.0, final_logit_softcapping=4.0), False),
+    "gemma3": ("gemma3", transformers.Gemma3TextConfig(
+        **{**ODD, "num_hidden_layers": 6}, head_dim=24, sliding_window=12,
+        query_pre_attn_scalar=24, rope_parameters=GEMMA3_ROPE), False),
 }
 # rows of whole Q4_0/Q8_0 blocks (inputs of 96 and 160; experts of 64)
 BLOCKS = {**ODD, "hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 2,
@@ -78,12 +87,15 @@ def case(request, tmp_path_factory) -> GGUFCase:
 
 
 def as_gguf_stores(config: ModelConfig) -> ModelConfig:
-    """``config`` as a GGUF file holds it: its floats in fp32, and Qwen3-MoE's expert layers
-    (which config.json lists) all of them, as llama.cpp has them (None)."""
+    """``config`` as a GGUF file holds it: its floats in fp32 (but the softmax scale, which
+    Gemma's files do not store), Qwen3-MoE's expert layers (which config.json lists) all of
+    them, as llama.cpp has them (None), and no norm offset (Gemma's is in its weights)."""
     floats = {f.name: float(np.float32(v)) for f in dataclasses.fields(config)
-              if isinstance(v := getattr(config, f.name), float)}
+              if isinstance(v := getattr(config, f.name), float)
+              and not (f.name == "attention_multiplier" and config.norm_offset)}
     all_moe = config.moe_layers == list(range(config.num_layers))
-    return dataclasses.replace(config, **floats, moe_layers=None if all_moe else config.moe_layers)
+    return dataclasses.replace(config, **{**floats, "norm_offset": 0.0},
+                               moe_layers=None if all_moe else config.moe_layers)
 
 
 def test_gguf_config_equals_safetensors(case):
@@ -115,9 +127,14 @@ def test_transformers_reads_the_same_weights(case):
         if "is not supported yet" not in str(e):
             raise
         pytest.skip(f"transformers reads no such GGUF: {e}")
-    expected = reference.state_dict()
+    tied = reference.config.tie_word_embeddings
+    expected = {name: t for name, t in reference.state_dict().items()
+                if not (tied and name == "lm_head.weight")}
     assert tensors.keys() == expected.keys()
+    shifted = case.loaded.config.architecture.startswith("Gemma")
     for name, tensor in tensors.items():
+        if shifted and name.endswith("norm.weight"):  # it subtracts the one stored: in fp32
+            expected[name] = expected[name] + 1 - 1
         assert torch.equal(tensor, expected[name]), name
 
 
@@ -210,3 +227,19 @@ def test_a_missing_key_is_named(tmp_path):
     gguf_file = _written(writer)
     with pytest.raises(ModelLoadError, match="lacks the qwen3.block_count metadata"):
         gguf_file.model_config(torch.float32)
+
+
+def test_llama31_rope_scaling_from_its_frequency_factors(tmp_path, record_property):
+    """llama.cpp's converter computes Llama 3.1's scaling into a rope_freqs tensor (one
+    divisor per frequency; no scaling metadata): read back, it decodes as transformers does
+    with the llama3 scaling of config.json (here kept, scaled and blended frequencies all)."""
+    config = transformers.LlamaConfig(**ODD, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32})
+    case = FamilyCase(config, tmp_path)
+    path = write_gguf(tmp_path, tmp_path / "llama31.gguf", "llama", config, True)
+    case.loaded = load_gguf_weights(path)
+    factors = case.loaded.config.rope_scaling["factors"]
+    assert factors[0] == 1.0 and factors[-1] == 8.0 and 1.0 < factors[1] < 8.0
+    for schedule in SCHEDULES:
+        record_property("near_ties", case.check(*schedule))

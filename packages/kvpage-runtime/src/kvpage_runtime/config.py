@@ -14,8 +14,9 @@ class ModelConfig:
 
     ``rope_scaling`` is None for plain RoPE, else a dict with a ``rope_type`` key ("linear",
     "llama3", "yarn", "longrope", "dynamic") and that type's parameters, spelled as in Hugging
-    Face configs; LongRoPE's factors and dynamic NTK's base are chosen once for the whole
-    ``max_position_embeddings`` (the context served), see ``layers.rotary``. ``rotary_dim`` is
+    Face configs, or "freq_factors" with ``factors`` dividing each frequency (GGUF files
+    store Llama 3.1's scaling so); LongRoPE's factors and dynamic NTK's base are chosen once
+    for the whole ``max_position_embeddings`` (the context served), see ``layers.rotary``. ``rotary_dim`` is
     the number of values of each head RoPE rotates (None: all of head_dim; fewer with partial
     rotary, Phi-4-mini), in the half-rotation layout within them.
     ``sliding_window`` is the number of most recent tokens (including the current one) a

@@ -20,7 +20,8 @@ from torch import nn
 
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic",
+                        "freq_factors")
 
 
 def _exponents(dim: int) -> torch.Tensor:
@@ -92,16 +93,22 @@ def longrope_inv_freq(dim: int, theta: float, params: dict[str, Any],
     context; here the model's context decides, once (vLLM decides by its max_model_len)."""
     original = params["original_max_position_embeddings"]
     key = "long_factor" if max_positions > original else "short_factor"
-    factors = torch.tensor(params[key], dtype=torch.float32)
-    if factors.shape != ((dim + 1) // 2,):
-        raise ModelLoadError(f"rope_scaling {key} holds {factors.numel()} values; the rotary "
-                             f"dimension {dim} needs {(dim + 1) // 2}")
+    factors = _factors(params[key], dim, key)
     scale = params.get("factor") or max_positions / original
     attention_factor = params.get("attention_factor")
     if attention_factor is None:
         attention_factor = (1.0 if scale <= 1
                             else math.sqrt(1 + math.log(scale) / math.log(original)))
     return 1.0 / (factors * theta ** _exponents(dim)), attention_factor
+
+
+def _factors(values: list[float], dim: int, key: str) -> torch.Tensor:
+    """One factor per frequency of the rotary dimension ``dim``, as fp32."""
+    factors = torch.tensor(values, dtype=torch.float32)
+    if factors.shape != ((dim + 1) // 2,):
+        raise ModelLoadError(f"rope_scaling {key} holds {factors.numel()} values; the rotary "
+                             f"dimension {dim} needs {(dim + 1) // 2}")
+    return factors
 
 
 def dynamic_ntk_inv_freq(dim: int, theta: float, params: dict[str, Any],
@@ -138,6 +145,8 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None,
         return longrope_inv_freq(dim, theta, scaling, max_positions)
     if rope_type == "dynamic":
         return dynamic_ntk_inv_freq(dim, theta, scaling, max_positions), 1.0
+    if rope_type == "freq_factors":  # GGUF's rope_freqs: each frequency divided by its factor
+        return inv_freq / _factors(scaling["factors"], dim, "factors"), 1.0
     raise UnsupportedModelError(
         f"rope_type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
     )

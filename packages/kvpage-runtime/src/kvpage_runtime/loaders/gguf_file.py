@@ -23,7 +23,10 @@ class _Family:
     ``permuted``: Q/K rows interleaved per head (the converters derived from its LlamaModel);
     ``block_names``: per-block tensor names that differ from ``_BLOCK_NAMES``; ``options``:
     the ``ModelConfig`` family options the architecture fixes; ``metadata``: those read from
-    ``{arch}.{key}`` -> (option, default where the key is absent, as llama.cpp defaults it).
+    ``{arch}.{key}`` -> (option, default where the key is absent, as llama.cpp defaults it);
+    ``derived``: those llama.cpp derives from other fields; ``sliding_pattern``: where the
+    file has a window, every pattern-th layer attends in full (llama.cpp's fixed pattern for
+    the architecture, unless the file states ``attention.sliding_window_pattern``).
     """
 
     architecture: str
@@ -31,6 +34,26 @@ class _Family:
     block_names: dict[str, str] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    derived: Callable[[GGUFModelFile, torch.dtype], dict[str, Any]] | None = None
+    sliding_pattern: int | None = None
+
+
+def _gemma_derived(file: GGUFModelFile, dtype: torch.dtype) -> dict[str, Any]:
+    """Gemma's embedding scale, sqrt(hidden size) in the model dtype (as transformers
+    multiplies), and its softmax scale, which GGUF files do not store: llama.cpp takes
+    head_dim ** -0.5, but (hidden size / heads) ** -0.5 for the 27B models (told by their
+    layer count), which is query_pre_attn_scalar ** -0.5 in their configs."""
+    hidden, heads = file.required("embedding_length"), file.required("attention.head_count")
+    largest = {"gemma2": 46, "gemma3": 62}[file.arch] == file.required("block_count")
+    scalar = hidden // heads if largest else file.head_dim()
+    return {"embedding_multiplier": float(torch.tensor(hidden**0.5, dtype=dtype)),
+            "attention_multiplier": scalar**-0.5}
+
+
+# Gemma's options as its GGUF files hold them: llama.cpp's converter stores each norm's
+# weight plus one, so the norms scale by the stored weight (no offset)
+_GEMMA = {"norm_placement": "sandwich", "hidden_act": "gelu_pytorch_tanh", "norm_offset": 0.0}
+_GEMMA_NORMS = {"ffn_norm": "pre_feedforward_layernorm"}
 
 
 # llama.cpp architecture -> how it stores the Hugging Face one
@@ -57,6 +80,16 @@ _ARCHITECTURES = {
                   "residual_scale": ("residual_multiplier", 1.0),
                   "attention.scale": ("attention_multiplier", None),
                   "logit_scale": ("logits_scaling", 1.0)}),
+    "gemma2": _Family(
+        "Gemma2ForCausalLM", block_names=_GEMMA_NORMS, options=_GEMMA, derived=_gemma_derived,
+        sliding_pattern=2,
+        metadata={"attn_logit_softcapping": ("attn_logit_softcapping", 50.0),
+                  "final_logit_softcapping": ("final_logit_softcapping", 30.0)}),
+    "gemma3": _Family(
+        "Gemma3ForCausalLM", block_names=_GEMMA_NORMS, options={**_GEMMA, "qk_norm": "head"},
+        derived=_gemma_derived, sliding_pattern=6,
+        metadata={"final_logit_softcapping": ("final_logit_softcapping", None),
+                  "rope.freq_base_swa": ("local_rope_theta", 10000.0)}),
 }
 # llama.cpp per-block tensor name -> Hugging Face name inside model.layers.{i} ("{expert}":
 # one tensor per expert, stacked along the GGUF tensor's outermost dimension)
@@ -102,8 +135,10 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # LongRoPE's factors (Phi-3), which llama.cpp stores as tensors: read into the config
 _LONGROPE_FACTORS = {"long_factor": "rope_factors_long.weight",
                      "short_factor": "rope_factors_short.weight"}
+# per-frequency divisors, where llama.cpp's converter computes the scaling (Llama 3.1's)
+_FREQ_FACTORS = "rope_freqs.weight"
 # tensors llama.cpp stores that are no weights in transformers
-_IGNORED = {"rope_freqs.weight", *_LONGROPE_FACTORS.values()}
+_IGNORED = {_FREQ_FACTORS, *_LONGROPE_FACTORS.values()}
 
 
 class GGUFModelFile:
@@ -149,16 +184,16 @@ class GGUFModelFile:
         architecture = family.architecture
         if experts and self.arch == "llama":
             architecture = "MixtralForCausalLM"
-        hidden = self.required("embedding_length")
         num_heads = self.required("attention.head_count")
-        head_dim = self.arch_field("attention.key_length") or hidden // num_heads
+        head_dim = self.head_dim()
         rotary_dim = self.arch_field("rope.dimension_count", head_dim)
+        window, window_layers = self._sliding_window()
         # only some converters write the vocabulary size; the embedding table has it
         vocab = self.arch_field("vocab_size") or int(self.tensor("token_embd.weight").shape[-1])
         return ModelConfig(
             architecture=architecture,
             vocab_size=vocab,
-            hidden_size=hidden,
+            hidden_size=self.required("embedding_length"),
             num_layers=self.required("block_count"),
             num_heads=num_heads,
             num_kv_heads=self.arch_field("attention.head_count_kv") or num_heads,
@@ -170,7 +205,8 @@ class GGUFModelFile:
             rotary_dim=None if rotary_dim == head_dim else rotary_dim,
             max_position_embeddings=self.arch_field("context_length", 2048),
             tie_word_embeddings="output.weight" not in self.tensors,
-            sliding_window=self._sliding_window(),
+            sliding_window=window,
+            sliding_window_layers=window_layers,
             attention_bias="blk.0.attn_q.bias" in self.tensors,
             num_experts=experts,
             num_experts_per_tok=self.arch_field("expert_used_count", 0) or 0,
@@ -178,20 +214,36 @@ class GGUFModelFile:
             **family.options,
             **{option: self.arch_field(key, default)
                for key, (option, default) in family.metadata.items()},
+            **(family.derived(self, dtype) if family.derived else {}),
         )
 
-    def _sliding_window(self) -> int | None:
-        """The window of every layer (llama.cpp writes 0 for none); layouts of sliding and
-        full layers (``sliding_window_pattern``) are refused."""
-        if self.arch_field("attention.sliding_window_pattern") is not None:
+    def head_dim(self) -> int:
+        return (self.arch_field("attention.key_length")
+                or self.required("embedding_length") // self.required("attention.head_count"))
+
+    def _sliding_window(self) -> tuple[int | None, list[int] | None]:
+        """(the window, the layers that slide when only some do); llama.cpp writes 0 for no
+        window. A pattern of sliding and full layers is read only for the architectures that
+        have one; per-layer patterns (lists) are refused."""
+        window = self.arch_field("attention.sliding_window") or None
+        stated = self.arch_field("attention.sliding_window_pattern")
+        pattern = self.family.sliding_pattern
+        if stated is not None and (pattern is None or not isinstance(stated, int)):
             raise UnsupportedModelError(
-                f"{self.arch}.attention.sliding_window_pattern: models mixing sliding-window "
-                "and full-attention layers are not supported from GGUF files")
-        return self.arch_field("attention.sliding_window") or None
+                f"{self.arch}.attention.sliding_window_pattern {stated!r}: this layout of "
+                "sliding-window and full-attention layers is not supported from GGUF files")
+        pattern = stated or pattern
+        if window is None or pattern is None:
+            return window, None
+        layers = self.required("block_count")
+        sliding = [i for i in range(layers) if (i + 1) % pattern != 0]
+        return window, None if len(sliding) == layers else sliding
 
     def _rope_scaling(self) -> dict[str, Any] | None:
         if _LONGROPE_FACTORS["long_factor"] in self.tensors:
             return self._longrope()
+        if _FREQ_FACTORS in self.tensors:
+            return {"rope_type": "freq_factors", "factors": self._values(_FREQ_FACTORS).tolist()}
         kind = self.arch_field("rope.scaling.type")
         if kind in (None, "none"):
             return None
