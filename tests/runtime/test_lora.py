@@ -113,9 +113,9 @@ def test_mixed_batch_equals_transformers_and_peft(family, monkeypatch):
     fused_with_adapters = []
     fused_call = FusedDecoder.__call__
 
-    def spy(self, *args):
-        fused_with_adapters.append(args[-1] is not None)
-        return fused_call(self, *args)
+    def spy(self, *args, **kwargs):
+        fused_with_adapters.append(args[7] is not None)  # lora_slots
+        return fused_call(self, *args, **kwargs)
 
     monkeypatch.setattr(FusedDecoder, "__call__", spy)
     llm = LLM(str(folder), dtype="float32", device="cpu", enable_lora=True, max_loras=4,

@@ -250,7 +250,7 @@ class LlamaModel(nn.Module):
             rows = batch.one_row_per_token() if batch.max_query_len > 1 else batch
             hidden, residual = fused(hidden, cos, sin, rows.slot_mapping, rows.block_tables,
                                      rows.seq_lens, rows.query_start_loc, rows.lora_slots,
-                                     local)
+                                     local=local)
         else:
             hidden, residual = self.run_layers(hidden, cos, sin, batch, kv_caches, local)
         hidden, _ = self.norm(hidden, residual)
