@@ -43,6 +43,17 @@ FAMILIES = {
     "qwen2": transformers.Qwen2Config(**SIZES, tie_word_embeddings=True),
     "mistral": transformers.MistralConfig(**SIZES, sliding_window=6),
     "mixtral": transformers.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3": transformers.Qwen3Config(**SIZES),
+    "qwen3-moe": transformers.Qwen3MoeConfig(**SIZES, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=256),
+    "olmo2": transformers.Olmo2Config(**SIZES),
+    "granite": transformers.GraniteConfig(**SIZES, embedding_multiplier=6.0,
+                                          residual_multiplier=0.5, attention_multiplier=0.09,
+                                          logits_scaling=3.0),
+    "gemma2": transformers.Gemma2Config(**SIZES, head_dim=64, query_pre_attn_scalar=64,
+                                        sliding_window=6),
+    "gemma3": transformers.Gemma3TextConfig(**SIZES, head_dim=64, query_pre_attn_scalar=64,
+                                            sliding_window=6, sliding_window_pattern=2),
 }
 CHECKPOINTS = {
     "awq-g32-llama": ("llama", AWQ(32)),
@@ -56,6 +67,13 @@ CHECKPOINTS = {
     "gptq-8bit-sym-g32-actorder-qwen2": ("qwen2", GPTQ(8, 32, sym=True, desc_act=True)),
     "gptq-4bit-asym-g128-llama": ("llama", GPTQ(4, 128, sym=False, desc_act=False)),
     "gptq-4bit-sym-g32-actorder-mixtral": ("mixtral", GPTQ(4, 32, sym=True, desc_act=True)),
+    # the newer families' layers take the same low-bit method
+    "awq-g32-qwen3": ("qwen3", AWQ(32)),
+    "gptq-4bit-asym-g128-qwen3-moe": ("qwen3-moe", GPTQ(4, 128, sym=False, desc_act=False)),
+    "gptq-8bit-sym-g32-olmo2": ("olmo2", GPTQ(8, 32, sym=True, desc_act=False)),
+    "awq-g128-granite": ("granite", AWQ(128)),
+    "gptq-4bit-sym-g128-actorder-gemma2": ("gemma2", GPTQ(4, 128, sym=True, desc_act=True)),
+    "awq-g32-gemma3": ("gemma3", AWQ(32, modules_to_not_convert=("down_proj",))),
 }
 PROMPT_LENGTHS = [5, 17, 33, 9]
 NEW_TOKENS = 12
@@ -89,10 +107,12 @@ def test_checkpoint_matches_transformers(name, tmp_path, tokenizer, record_prope
     folder, reference = quantized_checkpoint(name, tmp_path, tokenizer)
     loaded = load_model(str(folder), dtype="float32")
     layers = low_bit_layers(loaded.model)
-    # embeddings, the LM head and Mixtral's routers stay dense
+    # embeddings, the LM head, routers and the modules not converted stay dense
     dense = {path for path, low_bit in layers.items() if not low_bit}
+    kept = CHECKPOINTS[name][1].modules_to_not_convert
     assert dense == {path for path in layers
-                     if path in ("model.embed_tokens", "lm_head") or path.endswith(".mlp.gate")}
+                     if path in ("model.embed_tokens", "lm_head") or path.endswith(".mlp.gate")
+                     or any(f".{module}." in f".{path}." for module in kept)}
     prompts = random_prompts(PROMPT_LENGTHS, loaded.config.vocab_size)
     refs = hf_reference(reference, prompts, NEW_TOKENS)
     seqs = PagedGreedyDriver(loaded, block_size=8).generate(prompts, NEW_TOKENS, prefill_chunks=2)

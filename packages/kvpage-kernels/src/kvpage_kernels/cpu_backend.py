@@ -7,8 +7,10 @@ decode tokens (one query token per sequence) in fp32 and bf16; prefill chunks, f
 other devices go to the torch backend, as do the block copies. write_kv copies each row
 straight to its slot (no index tensors, no mask pass); rotary_embedding is one pass in fp32
 and bf16, bit-identical to the torch ops. rms_norm (with its residual add), silu_and_mul and
-gelu_tanh_and_mul run as one vectorized pass each, in fp32 and bf16, instead of a chain of small torch ops,
-rounding where those ops round (their fp32 sums and exp differ from torch's in the last bit).
+gelu_tanh_and_mul run as one vectorized pass each, in fp32 and bf16, instead of a chain of
+small torch ops, rounding where those ops round (their fp32 sums and exp differ from torch's
+in the last bit; GELU's tanh approximation is computed without the cancellation in torch's
+1 + tanh(u), closer to the formula than torch's fp32 result).
 argmax (the greedy sampler's) is one vectorized pass per row.
 
 lora_shrink and lora_expand (multi-LoRA, each row through its own adapter slot) run on OpenMP

@@ -183,8 +183,9 @@ class LlamaDecoderLayer(nn.Module):
                           kv_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """OLMo 2: x + norm(attention(x)), then the MLP's normalized output beside it."""
         x = hidden if residual is None else hidden + residual
-        x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, batch, kv_cache))
-        return self.post_feedforward_layernorm(self.mlp(x)), x
+        attention = self.scaled(self.self_attn(x, cos, sin, batch, kv_cache))
+        x = x + self.post_attention_layernorm(attention)
+        return self.post_feedforward_layernorm(self.scaled(self.mlp(x))), x
 
     def forward_sandwich_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                               cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch,
@@ -194,11 +195,13 @@ class LlamaDecoderLayer(nn.Module):
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(hidden, cos, sin, batch, kv_cache))
-        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
-        return self.post_feedforward_layernorm(self.mlp(hidden)), residual
+        attention = self.scaled(self.self_attn(hidden, cos, sin, batch, kv_cache))
+        hidden, residual = self.pre_feedforward_layernorm(
+            self.post_attention_layernorm(attention), residual)
+        return self.post_feedforward_layernorm(self.scaled(self.mlp(hidden))), residual
 
     def scaled(self, block_output: torch.Tensor) -> torch.Tensor:
+        """A block's output times the residual multiplier (Granite's; 1 in the others)."""
         m = self.residual_multiplier
         return block_output if m == 1.0 else block_output * m
 

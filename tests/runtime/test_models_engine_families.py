@@ -1,7 +1,8 @@
-"""Models mixing sliding-window and full-attention layers (Gemma 2, Gemma 3, Qwen2 below
-``max_window_layers``) through the whole engine against transformers: prefix caching on, the
-prompts (longer than the window, two sharing a 32-token prefix) chunked by 24 tokens and a
-KV cache small enough that requests are preempted and recomputed."""
+"""Each newer family through the whole engine against transformers, and the models mixing
+sliding-window and full-attention layers (Gemma 2, Gemma 3, Qwen2 below
+``max_window_layers``): prefix caching on, the prompts (longer than the windows, two sharing
+a 32-token prefix) chunked by 24 tokens and a KV cache small enough that requests are
+preempted and recomputed."""
 
 from __future__ import annotations
 
@@ -12,10 +13,9 @@ from test_models_families import CONFIGS, ODD
 from test_tensor_parallel import NEW_TOKENS, engine_options, generate, prompts
 
 FAMILIES = {
-    "gemma2": CONFIGS["gemma2"],
-    "gemma3": CONFIGS["gemma3"],
-    "qwen2": transformers.Qwen2Config(**ODD, use_sliding_window=True, sliding_window=12,
-                                      max_window_layers=1),
+    **CONFIGS,
+    "qwen2-windows": transformers.Qwen2Config(**ODD, use_sliding_window=True, sliding_window=12,
+                                              max_window_layers=1),
 }
 
 
