@@ -14,6 +14,7 @@ from kvpage_kernels import (
     KernelInputError,
     QuantizedPanels,
     cpu_backend,
+    cpu_isa,
     embedding_rows,
     pack_weight,
     packed_linear,
@@ -181,3 +182,30 @@ def test_bad_arguments_are_named():
         embedding_rows(packed, torch.tensor([3, 33]))
     with pytest.raises(KernelInputError, match=r"ids must be int64 \[n\]"):
         embedding_rows(packed, torch.tensor([[3]]))
+
+
+@pytest.mark.parametrize("ordered, bias", [(False, False), (True, True)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("in_features, out_features, group_size", FEATURES)
+@pytest.mark.parametrize("rows", ROWS)
+def test_bf16_inputs_match_the_reference(cpu_tier, rows, in_features, out_features, group_size,
+                                         bits, ordered, bias):
+    """bf16 x: the weights rounded to bf16, products summed in fp32. On the avx512 tier of a
+    CPU with AVX512-BF16 the cpu backend multiplies with its dot products, elsewhere it widens
+    x to fp32 for the reference; the tolerance is that of two fp32 sums either way."""
+    x, weight, b, seed = random_problem(rows, in_features, out_features, bits, group_size,
+                                        ordered, bias)
+    x = x.bfloat16()
+    packed = pack_weight(weight)
+    expected = packed_linear(x, packed, b, backend="reference")
+    actual = packed_linear(x, packed, b, backend="cpu")
+    assert_close_to_product(actual, expected, x.float(), weight.dequantize().bfloat16(), b, seed)
+
+
+def test_bf16_dot_products_run_on_the_avx512_tier_of_a_cpu_that_has_them(monkeypatch):
+    if "avx512_bf16" not in cpu_isa.cpu_flags():
+        pytest.skip("this CPU has no AVX512-BF16")
+    on_avx512 = cpu_isa.tier_at_least(cpu_isa.cpu_isa(), "avx512")
+    assert (cpu_backend.bf16_dot_rows() is not None) == on_avx512
+    monkeypatch.setenv(cpu_isa.ENV_VAR, "avx2")
+    assert cpu_backend.bf16_dot_rows() is None

@@ -200,6 +200,10 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvpage_quantized_linear.argtypes = [ctypes.POINTER(QuantizedMatrix), _ptr, _i64, _i64,
                                             _ptr, _ptr]
     lib.kvpage_quantized_linear.restype = ctypes.c_int
+    lib.kvpage_quantized_linear_bf16.argtypes = lib.kvpage_quantized_linear.argtypes
+    lib.kvpage_quantized_linear_bf16.restype = ctypes.c_int
+    lib.kvpage_bf16_dot_rows.argtypes = []
+    lib.kvpage_bf16_dot_rows.restype = ctypes.c_int64
     lib.kvpage_lora_shrink.argtypes = [_i32, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64]
     lib.kvpage_lora_shrink.restype = ctypes.c_int64
     lib.kvpage_lora_expand.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _ptr, _ptr, _i64, _i64,
@@ -356,7 +360,22 @@ def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
                            packed.bits)
 
 
+def bf16_dot_rows() -> int | None:
+    """The rows from which the low-bit GEMM multiplies bf16 inputs with AVX512-BF16 dot
+    products (the avx512 tier's library on a CPU that has them; the tier in use, read at each
+    call), or None where it never does. Below, or without them, it widens the inputs to fp32
+    and rounds the weights to bf16 in registers, which is slower than the fp32 GEMM on its
+    own weights (the weights' dequantization is what a few rows wait for)."""
+    try:
+        return library().kvpage_bf16_dot_rows() or None
+    except (KernelBackendUnavailable, OSError):
+        return None
+
+
 def packed_linear(x, packed, bias=None):
+    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1
+            and isinstance(packed, QuantizedPanels)):
+        return _quantized_linear_bf16(x, packed, bias)
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return layer_ops.packed_linear(x, packed, bias)
     rows = x.shape[0]
@@ -373,6 +392,17 @@ def packed_linear(x, packed, bias=None):
         library().kvpage_packed_linear(
             _DTYPE_CODES[packed.dtype], x.data_ptr(), x.stride(0), rows, packed.in_features,
             packed.panels.data_ptr(), packed.out_features, bias_ptr, out.data_ptr())
+    return out
+
+
+def _quantized_linear_bf16(x, packed, bias):
+    """packed_linear on bf16 x: the weights rounded to bf16, the products summed in fp32."""
+    rows = x.shape[0]
+    out = torch.empty(rows, packed.out_features)
+    if rows:
+        library().kvpage_quantized_linear_bf16(
+            ctypes.byref(quantized_matrix(packed)), x.data_ptr(), x.stride(0), rows,
+            None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
     return out
 
 

@@ -1256,7 +1256,8 @@ constexpr int kPrefetchLines = 8, kPrefetchGroups = 2;
 // at 16 and 64, measured on AMD Zen 4). Where q s and m - 2^Bits s are exact in fp32 (scales
 // and offsets of checkpoints: fp16 values, or zero points times them) the FMA rounds the exact
 // q s + m once, as the reference's q * s + m does.
-template <int Bits>
+// Bf16Weights: each weight rounded to bf16 once dequantized (the weights of bf16 inputs).
+template <int Bits, bool Bf16Weights = false>
 struct QuantizedPanel {
     static constexpr int kStep = 32 / Bits, kRows = kLowBitTileRows;
     static constexpr uint32_t kMask = (1u << Bits) - 1u;
@@ -1295,7 +1296,8 @@ struct QuantizedPanel {
             const Simd::Words placed = kLeft >= 0 ? Simd::shift_left(block, kLeft)
                                                   : Simd::shift_right(block, -kLeft);
             const Simd::V one_plus_q = Simd::float_of_bits(placed, kMask << kTop, 0x3f800000u);
-            return Simd::fmadd(one_plus_q, scaled[c], base[c]);
+            const Simd::V w = Simd::fmadd(one_plus_q, scaled[c], base[c]);
+            return Bf16Weights ? rounded_lanes<uint16_t>(w) : w;
         }
 #else
         Group(const uint32_t* w, const float* s, const float* m)
@@ -1304,7 +1306,8 @@ struct QuantizedPanel {
         float value(int64_t i, int j) const {
             const uint32_t word = words[i / kStep * kPanelWidth + j];
             const uint32_t code = word >> (Bits * (i % kStep)) & kMask;
-            return static_cast<float>(code) * scales[j] + offsets[j];
+            const float w = static_cast<float>(code) * scales[j] + offsets[j];
+            return Bf16Weights ? rounded<uint16_t>(w) : w;
         }
     };
 
@@ -1338,7 +1341,7 @@ struct BufferedPanel {
     DensePanel<float> panel(int64_t) const { return {data, depth}; }
 };
 
-template <int Bits>
+template <int Bits, bool Bf16Weights = false>
 struct QuantizedWeights {  // QuantizedPanels
     static constexpr bool kLowBit = true;
     const uint32_t* codes;
@@ -1347,7 +1350,7 @@ struct QuantizedWeights {  // QuantizedPanels
     int64_t n, depth, group_size;
     const int64_t* input_order;
 
-    QuantizedPanel<Bits> panel(int64_t p) const {
+    QuantizedPanel<Bits, Bf16Weights> panel(int64_t p) const {
         const int64_t groups = depth / group_size;
         return {codes + p * (depth / QuantizedPanel<Bits>::kStep) * kPanelWidth,
                 scales + p * groups * kPanelWidth, offsets + p * groups * kPanelWidth,
@@ -1633,6 +1636,185 @@ int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride,
     return 1;
 }
 
+#if defined(__AVX512F__)
+// ---- low-bit GEMM on bf16 activations, with AVX512-BF16 dot products -----------------------
+//
+// With bf16 inputs, packed_linear's contract rounds the dequantized weights to bf16 and sums
+// the products in fp32: what VDPBF16PS computes, two products per fp32 lane and instruction
+// (twice the FMAs' rate). Each panel is dequantized once per call (the reference's w = q s + m,
+// rounded to bf16) into pairs of consecutive inputs, a 32-bit lane per output column; a tile's
+// rows are copied as pairs of inputs (in the weight's input order), each pair broadcast to
+// every lane. Built into the avx512 tier's library with the instructions enabled for these
+// functions alone, and called only where the CPU has them (kvpage_bf16_dot).
+
+constexpr int kBf16TileRows = 12;
+
+// The panel's weights rounded to bf16 (to nearest even, as to_bf16, by the conversion):
+// dst[i / 2][j] holds inputs i and i + 1 of column j.
+template <int Bits>
+__attribute__((target("avx512bf16"))) void dequantize_panel_pairs(
+    const QuantizedPanel<Bits, true>& rounded, int64_t depth, float* scratch, uint32_t* dst) {
+    const QuantizedPanel<Bits> panel{rounded.words, rounded.scales, rounded.offsets,
+                                     rounded.group_inputs};
+    dequantize_panel(panel, depth, scratch);
+    // lanes 0-15 of a conversion hold input i's columns, 16-31 input i + 1's: interleaved
+    alignas(64) static constexpr uint16_t kInterleave[32] = {
+        0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i interleave = _mm512_load_si512(kInterleave);
+    for (int64_t i = 0; i < depth; i += 2) {
+        const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(scratch + (i + 1) * kPanelWidth),
+                                                  _mm512_loadu_ps(scratch + i * kPanelWidth));
+        _mm512_storeu_si512(dst + i / 2 * kPanelWidth,
+                            _mm512_permutexvar_epi16(interleave, (__m512i)both));
+    }
+}
+
+// Panels a bf16 tile multiplies at once: each broadcast pair of a row serves both (24 sums,
+// 2 weights and a broadcast in the 32 registers).
+constexpr int kBf16Panels = 2;
+
+// M rows of pairs x [pairs][M] times NP panels of pairs w[q] [pairs][kPanelWidth] into out,
+// from column col (the panels' columns that exist: cols[q]).
+template <int M, int NP>
+__attribute__((target("avx512bf16"))) void bf16_panel_tile(const uint32_t* x,
+                                                           const uint32_t* const* w,
+                                                           int64_t pairs, const TileOut& o,
+                                                           int64_t col, const int* cols) {
+    __m512 sums[M][NP];
+    for (int r = 0; r < M; ++r)
+        for (int q = 0; q < NP; ++q) sums[r][q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < pairs; ++i) {
+        __m512bh wv[NP];
+        for (int q = 0; q < NP; ++q) wv[q] = (__m512bh)_mm512_loadu_si512(w[q] + i * kPanelWidth);
+        for (int r = 0; r < M; ++r) {
+            const __m512bh xr = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * M + r]));
+            for (int q = 0; q < NP; ++q) sums[r][q] = _mm512_dpbf16_ps(sums[r][q], wv[q], xr);
+        }
+    }
+    for (int q = 0; q < NP; ++q) {
+        const int64_t at = col + q * kPanelWidth;
+        const __mmask16 lanes = static_cast<__mmask16>((1u << cols[q]) - 1u);
+        const __m512 b = o.bias != nullptr ? _mm512_maskz_loadu_ps(lanes, o.bias + at)
+                                           : _mm512_setzero_ps();
+        for (int r = 0; r < M; ++r)
+            _mm512_mask_storeu_ps(o.out + r * o.row_stride + at, lanes,
+                                  _mm512_add_ps(sums[r][q], b));
+    }
+}
+
+// bf16_panel_tile for M = 1 .. N rows (indexed by M - 1), of NP panels.
+template <int NP, int... M>
+constexpr auto bf16_tile_kernels(std::integer_sequence<int, M...>) {
+    using Kernel = void (*)(const uint32_t*, const uint32_t* const*, int64_t, const TileOut&,
+                            int64_t, const int*);
+    return std::array<Kernel, sizeof...(M)>{&bf16_panel_tile<M + 1, NP>...};
+}
+
+// The m bf16 rows at x (row_stride apart) into dst as [depth / 2][m] pairs, input i of a row
+// read from x[order[i]] (x[i] where order is null).
+void copy_pairs(const uint16_t* x, int64_t row_stride, int m, int64_t depth,
+                const int64_t* order, uint32_t* dst) {
+    for (int64_t i = 0; i < depth; i += 2) {
+        const int64_t k0 = order != nullptr ? order[i] : i;
+        const int64_t k1 = order != nullptr ? order[i + 1] : i + 1;
+        for (int r = 0; r < m; ++r)
+            dst[i / 2 * m + r] = x[r * row_stride + k0] |
+                                 static_cast<uint32_t>(x[r * row_stride + k1]) << 16;
+    }
+}
+
+// out [rows, w.n] (fp32) = x [rows, w.depth] (bf16) @ bf16(W)^T (+ bias), rows at most
+// kBlockRows.
+template <typename Weights>
+void multiply_block_bf16(const uint16_t* x, int64_t x_stride, int64_t rows, const Weights& w,
+                         const float* bias, float* out) {
+    static constexpr auto kernels = std::array{
+        bf16_tile_kernels<1>(std::make_integer_sequence<int, kBf16TileRows>()),
+        bf16_tile_kernels<kBf16Panels>(std::make_integer_sequence<int, kBf16TileRows>())};
+    const int64_t n = w.n, depth = w.depth, pairs = depth / 2;
+    const RowTiles tiles(rows, kBf16TileRows);
+    thread_local std::vector<uint32_t> x_pairs;
+    x_pairs.resize(static_cast<size_t>(rows * pairs));
+    uint32_t* xp = x_pairs.data();
+    const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
+#pragma omp parallel if (rows * depth * n > (1 << 18))
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles.count; ++t) {
+            const int64_t row = tiles.first_row(t);
+            copy_pairs(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
+                       xp + row * pairs);
+        }  // its closing barrier: every tile is copied before any is multiplied
+        const auto [begin, end] = thread_share(num_panels);
+        float* scratch = panel_buffer(static_cast<size_t>(depth * kPanelWidth));
+        thread_local std::vector<uint32_t> buffer;
+        buffer.resize(static_cast<size_t>(kBf16Panels * pairs * kPanelWidth));
+        for (int64_t p = begin; p < end; p += kBf16Panels) {
+            const int count = static_cast<int>(std::min<int64_t>(kBf16Panels, end - p));
+            const uint32_t* panels[kBf16Panels];
+            int cols[kBf16Panels];
+            for (int q = 0; q < count; ++q) {
+                uint32_t* panel = buffer.data() + q * pairs * kPanelWidth;
+                dequantize_panel_pairs(w.panel(p + q), depth, scratch, panel);
+                panels[q] = panel;
+                cols[q] = panel_columns(n, p + q);
+            }
+            for (int64_t t = 0; t < tiles.count; ++t) {
+                const int64_t row = tiles.first_row(t);
+                kernels[count - 1][tiles.rows(t) - 1](xp + row * pairs, panels, pairs,
+                                                      TileOut{out + row * n, n, bias},
+                                                      p * kPanelWidth, cols);
+            }
+        }
+    }
+}
+
+#endif
+
+// Rows from which bf16 inputs take the dot products, which round every panel to bf16 first:
+// below, the fp32 GEMM rounding its weights in registers is faster (AMD Zen 4, SmolLM2's
+// layers: at 1 row 4.7 against 13.5 ms a step; at 16 rows the dot products 18.1 against 20.4).
+constexpr int64_t kBf16DotMinRows = 8;
+
+// bool: whether this build's CPU runs the bf16 dot products (the avx512 tier's, AVX512-BF16).
+bool bf16_dot() {
+#if defined(__AVX512F__)
+    return __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
+// out (fp32) = x (bf16) @ bf16(W)^T (+ bias): the dot products, or the fp32 GEMM on x widened
+// (exactly) with the weights rounded to bf16 in registers.
+int quantized_linear_bf16(const QuantizedMatrix& w, const uint16_t* x, int64_t x_stride,
+                          int64_t rows, const float* bias, float* out) {
+    const auto run = [&](auto bits) {
+        const QuantizedWeights<decltype(bits)::value, true> weights{
+            w.codes, w.scales, w.offsets, w.out_features, w.in_features, w.group_size,
+            w.input_order};
+#if defined(__AVX512F__)
+        if (rows >= kBf16DotMinRows && bf16_dot()) {
+            for (int64_t first = 0; first < rows; first += kBlockRows)
+                multiply_block_bf16(x + first * x_stride, x_stride,
+                                    std::min(kBlockRows, rows - first), weights, bias,
+                                    out + first * w.out_features);
+            return 0;
+        }
+#endif
+        std::vector<float> widened(static_cast<size_t>(rows * w.in_features));
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < w.in_features; ++i)
+                widened[r * w.in_features + i] = to_float(x[r * x_stride + i]);
+        packed_linear(widened.data(), w.in_features, rows, weights, bias, out);
+        return 0;
+    };
+    if (w.bits == 4) return run(Index<4>());
+    if (w.bits == 8) return run(Index<8>());
+    return 1;
+}
+
 }  // namespace
 
 // Output columns per panel of the packed weight layout (pack_weight's PANEL_WIDTH).
@@ -1649,6 +1831,20 @@ extern "C" int kvpage_packed_linear(int32_t weight_dtype, const float* x, int64_
         packed_linear(x, x_stride, rows, DenseWeights<T>{static_cast<const T*>(panels), n, depth},
                       bias, out);
     });
+}
+
+// The rows from which kvpage_quantized_linear_bf16 takes AVX512-BF16 dot products here, or 0
+// where it never does (they need the avx512 tier's library on a CPU that has them).
+extern "C" int64_t kvpage_bf16_dot_rows() { return bf16_dot() ? kBf16DotMinRows : 0; }
+
+// out (fp32) = x (bf16 [rows, in_features], rows x_stride apart) @ W^T (+ bias) for the low-bit
+// W (QuantizedPanels) rounded to bf16, the products summed in fp32: with AVX512-BF16 dot
+// products from kBf16DotMinRows rows where the CPU has them, else by the fp32 GEMM. Returns 0,
+// or 1 for bits other than 4 and 8.
+extern "C" int kvpage_quantized_linear_bf16(const QuantizedMatrix* w, const uint16_t* x,
+                                            int64_t x_stride, int64_t rows, const float* bias,
+                                            float* out) {
+    return quantized_linear_bf16(*w, x, x_stride, rows, bias, out);
 }
 
 // Likewise for a low-bit W (QuantizedPanels): x's inputs are read in w's input order. Returns 0,

@@ -17,9 +17,11 @@ from kvpage_kernels import (
     KernelInputError,
     QuantizedPanels,
     QuantizedWeight,
+    cpu_backend,
     embedding_rows,
     pack_weight,
     packed_linear,
+    select_backend,
 )
 
 from kvpage_runtime.layers.linear import Linear
@@ -60,6 +62,7 @@ class LowBitLinearMethod:
         layer.packed = None  # QuantizedPanels of the stacked shards
         layer.dtype = dtype  # of embedding lookups
         layer.device = torch.device(device or "cpu")
+        layer.bf16_dot_rows = _bf16_dot_rows(layer.device)
 
     def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
         if name in self.ignored_names:
@@ -105,12 +108,16 @@ class LowBitLinearMethod:
         """Nothing left to do: the weight was packed as its last shard arrived."""
 
     def apply(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``packed_linear``, giving activations of another dtype back in theirs. On a GPU
-        bf16/fp16 activations go in as they are (its kernel multiplies them on tensor cores,
-        the weights rounded to their dtype, summing in fp32); elsewhere they are computed on in
-        fp32."""
+        """``packed_linear``, giving activations of another dtype back in theirs. bf16/fp16
+        activations go in as they are on a GPU (its kernel multiplies them on tensor cores, the
+        weights rounded to their dtype, summing in fp32), and bf16 ones on a CPU with
+        AVX512-BF16 from as many rows as its dot products need to be faster (then likewise);
+        otherwise they are computed on in fp32 (with the weights in fp32: in bf16, a row's
+        result may differ by that rounding with the size of its batch)."""
         rows = x.reshape(-1, x.shape[-1])
-        if not rows.is_cuda:
+        dot_rows = layer.bf16_dot_rows
+        if not (rows.is_cuda or (rows.dtype == torch.bfloat16 and dot_rows is not None
+                                 and rows.shape[0] >= dot_rows)):
             rows = rows.float()
         out = packed_linear(rows, layer.packed, None if bias is None else bias.float())
         return out.view(*x.shape[:-1], out.shape[-1]).to(x.dtype)
@@ -138,3 +145,11 @@ def _on_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight
     order = None if weight.input_order is None else weight.input_order.to(device)
     return QuantizedWeight(weight.codes.to(device), weight.scales.to(device),
                            weight.offsets.to(device), weight.bits, weight.group_size, order)
+
+
+def _bf16_dot_rows(device: torch.device) -> int | None:
+    """The rows from which the cpu kernels multiply bf16 inputs with dot products here, or
+    None (another device or backend, or a CPU without AVX512-BF16)."""
+    if device.type != "cpu" or select_backend(device) != "cpu":
+        return None
+    return cpu_backend.bf16_dot_rows()
