@@ -31,7 +31,7 @@ class FamilyCase:
         save_tiny_model(config, folder, random_norms=True)
         self.folder = folder
         self.new_tokens = new_tokens
-        self.prompts = random_prompts(prompt_lengths, config.vocab_size)
+        self.prompts = random_prompts(prompt_lengths, config.get_text_config().vocab_size)
         self.references = hf_reference(folder, self.prompts, new_tokens)
         self.loaded = load_model(str(folder), dtype=torch.float32)
 

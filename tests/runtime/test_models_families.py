@@ -129,6 +129,23 @@ def test_gemma3_matches_transformers(gemma3, schedule, record_property):
     record_property("near_ties", gemma3.check(*schedule))
 
 
+# Gemma 3's multimodal checkpoints (4B and up): a vision tower beside the language model
+GEMMA3_MULTIMODAL = transformers.Gemma3Config(
+    text_config={**ODD, **GEMMA, "sliding_window_pattern": 3, "rope_parameters": GEMMA3_ROPE},
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, image_size=32, patch_size=8),
+    mm_tokens_per_image=4)
+gemma3_multimodal = family_fixture(GEMMA3_MULTIMODAL)
+
+
+def test_gemma3_multimodal_checkpoints_serve_their_text_model(gemma3_multimodal,
+                                                              record_property):
+    config = gemma3_multimodal.loaded.config
+    assert config.architecture == "Gemma3ForConditionalGeneration"
+    assert (config.sliding_window_layers, config.local_rope_theta) == ([0, 1], 1e4)
+    record_property("near_ties", gemma3_multimodal.check(*SCHEDULES[1]))
+
+
 def test_gemma_configs_without_layer_types_follow_the_sliding_window_pattern():
     """Older config.json files name no layer types: every pattern-th layer attends in full
     (Gemma 2: every second, Gemma 3: every sixth unless ``sliding_window_pattern`` says),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -84,6 +85,8 @@ def _local_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig:
     architecture = _architecture(raw)
     model_class(architecture)  # fails early, listing the supported architectures
+    if architecture == "Gemma3ForConditionalGeneration":
+        return _gemma3_language_model(raw, dtype)
     hidden_act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
     gated_activation(hidden_act)  # fails early, listing the supported activations
     if architecture not in _QKV_BIAS_ARCHITECTURES and (
@@ -122,6 +125,16 @@ def model_config_from_hf(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig
         return ModelConfig(**{**fields, **_family_options(architecture, raw, dtype)})
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks required field {e.args[0]!r}") from None
+
+
+def _gemma3_language_model(raw: dict[str, Any], dtype: torch.dtype) -> ModelConfig:
+    """The text model of a Gemma 3 multimodal config: its ``text_config``, whose fields left
+    out take transformers' defaults (as the 4B-27B checkpoints' configs leave most out)."""
+    import transformers
+
+    text = transformers.Gemma3TextConfig(**raw.get("text_config", {})).to_dict()
+    config = model_config_from_hf({**text, "architectures": ["Gemma3ForCausalLM"]}, dtype)
+    return dataclasses.replace(config, architecture="Gemma3ForConditionalGeneration")
 
 
 def _architecture(raw: dict[str, Any]) -> str:

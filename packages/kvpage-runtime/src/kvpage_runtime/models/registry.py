@@ -8,6 +8,7 @@ from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.distributed.parallel import TensorParallel
 from kvpage_runtime.errors import UnsupportedModelError
 from kvpage_runtime.layers.quantization import QuantizationConfig
+from kvpage_runtime.models.gemma3 import Gemma3ForConditionalGeneration
 from kvpage_runtime.models.llama import LlamaForCausalLM
 from kvpage_runtime.models.mixtral import MixtralForCausalLM
 from kvpage_runtime.models.phi3 import Phi3ForCausalLM
@@ -22,6 +23,7 @@ _MODELS: dict[str, type[LlamaForCausalLM]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Gemma2ForCausalLM": LlamaForCausalLM,
     "Gemma3ForCausalLM": LlamaForCausalLM,
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,  # its text model
     "Qwen3MoeForCausalLM": LlamaForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
 }
