@@ -41,6 +41,10 @@ FAMILIES = {
     "qwen2": transformers.Qwen2Config(**TINY),
     "mistral": transformers.MistralConfig(**TINY, sliding_window=8),
     "mixtral": transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2),
+    "qwen3": transformers.Qwen3Config(**TINY, head_dim=16),
+    "olmo2": transformers.Olmo2Config(**TINY),
+    "gemma3": transformers.Gemma3TextConfig(**TINY, head_dim=16, query_pre_attn_scalar=16,
+                                            sliding_window=8, sliding_window_pattern=2),
 }
 
 
