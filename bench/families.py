@@ -17,10 +17,8 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import machine
 import report as report_tools
 import torch
 import transformers
@@ -99,9 +97,8 @@ def main() -> None:
             results.append(run_family(name, folder, args.quick))
             print(f"{name}: {results[-1]['ratio']}x", file=sys.stderr, flush=True)
     size = "16 prompts x 32 tokens" if args.quick else "64 prompts x 128 tokens"
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "machine": f"{machine.describe()}, {torch.get_num_threads()} torch threads",
-              "versions": results[0]["versions"],
+    report = {**report_tools.run_facts(),
+              "versions": results[0]["versions"],  # those of the processes that measured
               "workload": f"random-weight models of SmolLM2-135M's shape, fp32: {size} of "
                           "bench/workload_chat64.json, greedy, ignore_eos",
               "families": results}

@@ -19,13 +19,10 @@ on the default model (SmolLM2-135M-Instruct, its low-bit GGUF as ``LLM()`` serve
 from __future__ import annotations
 
 import gc
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import kvpage_runtime
-import machine
 import peft
 import report as report_tools
 import torch
@@ -117,11 +114,7 @@ def main() -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = hf_model(torch.float32, Target(None, "cpu"))
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{machine.describe()}, {torch.get_num_threads()} torch threads",
-        "versions": f"kvpage-runtime {kvpage_runtime.__version__}, torch {torch.__version__}, "
-                    f"transformers {transformers.__version__}, peft {peft.__version__}, "
-                    f"python {platform.python_version()}",
+        **report_tools.run_facts(transformers=transformers.__version__, peft=peft.__version__),
         "workload": f"the default model (low-bit GGUF, fp32 activations): {len(prompts)} chat "
                     f"prompts x {s.max_tokens} tokens, greedy, ignore_eos",
         "mixes": [],

@@ -1,12 +1,18 @@
 """What several benchmarks share: their common options, the chat workload on the default
-model's tokenizer, and publishing a report (JSON or markdown, appended to a results file)."""
+model's tokenizer, a report's date, machine and versions, and publishing it (JSON or
+markdown, appended to a results file)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+import time
 from pathlib import Path
 
+import kvpage_runtime
+import machine
+import torch
 import transformers
 from kvpage_runtime.loaders.default_model import default_model_path
 
@@ -32,6 +38,17 @@ def chat_prompts(tokenizer, num_prompts: int) -> list[list[int]]:
     conversations = json.loads(WORKLOAD.read_text())["conversations"][:num_prompts]
     return [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
                                                return_dict=False)) for c in conversations]
+
+
+def run_facts(threads: str = "torch threads", **libraries: str) -> dict[str, str]:
+    """A report's ``date``, ``machine`` (with torch's thread count, described by ``threads``)
+    and ``versions``: kvpage-runtime's, torch's, those of ``libraries`` (name: version) and
+    python's."""
+    versions = {"kvpage-runtime": kvpage_runtime.__version__, "torch": torch.__version__,
+                **libraries, "python": platform.python_version()}
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "machine": f"{machine.describe()}, {torch.get_num_threads()} {threads}",
+            "versions": ", ".join(f"{name} {version}" for name, version in versions.items())}
 
 
 def heading(script: str, report: dict, command: str) -> list[str]:

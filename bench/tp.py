@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import kvpage_runtime
-import machine
 import report as report_tools
 import torch
 import transformers
@@ -104,10 +101,7 @@ def main() -> None:
     tokenizer = report_tools.default_tokenizer()
     prompts = report_tools.chat_prompts(tokenizer, s.num_prompts)
     report = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{machine.describe()}, {torch.get_num_threads()} torch threads in all",
-        "versions": f"kvpage-runtime {kvpage_runtime.__version__}, torch {torch.__version__}, "
-                    f"python {platform.python_version()}",
+        **report_tools.run_facts("torch threads in all"),
         "workload": f"a 126M-parameter Llama (8 heads, fp32, random weights): {len(prompts)} "
                     f"chat prompts x {s.max_tokens} tokens, greedy, ignore_eos",
     }
