@@ -4,6 +4,7 @@ from .errors import KernelBackendUnavailable, KernelError, KernelInputError
 from .ops import (
     BACKENDS,
     argmax,
+    bf16_dot_rows,
     copy_blocks,
     embedding_rows,
     gelu_tanh_and_mul,
@@ -31,6 +32,7 @@ __all__ = [
     "QuantizedPanels",
     "QuantizedWeight",
     "argmax",
+    "bf16_dot_rows",
     "copy_blocks",
     "embedding_rows",
     "gelu_tanh_and_mul",

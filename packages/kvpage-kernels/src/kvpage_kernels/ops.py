@@ -374,6 +374,14 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
     return _layer_op(x.device, backend, "packed_linear")(x, packed, bias)
 
 
+def bf16_dot_rows(device: torch.device | str, *, backend: str | None = None) -> int | None:
+    """The rows from which the backend selected for ``device`` multiplies bf16 x by low-bit
+    weights with bf16 dot products (``packed_linear``'s bf16 contract, faster there than x
+    widened to fp32: the cpu backend with AVX512-BF16), or None where it has none."""
+    rows = getattr(_backend(torch.device(device), backend), "bf16_dot_rows", None)
+    return None if rows is None else rows()
+
+
 def embedding_rows(packed: PackedWeight | QuantizedPanels, ids: torch.Tensor) -> torch.Tensor:
     """Rows ``ids`` (int64 [n], on packed's device) of the weight that ``pack_weight`` packed,
     in fp32 [n, in_features] (dequantized for ``QuantizedPanels``): the lookup of an embedding

@@ -17,11 +17,10 @@ from kvpage_kernels import (
     KernelInputError,
     QuantizedPanels,
     QuantizedWeight,
-    cpu_backend,
+    bf16_dot_rows,
     embedding_rows,
     pack_weight,
     packed_linear,
-    select_backend,
 )
 
 from kvpage_runtime.layers.linear import Linear
@@ -62,7 +61,7 @@ class LowBitLinearMethod:
         layer.packed = None  # QuantizedPanels of the stacked shards
         layer.dtype = dtype  # of embedding lookups
         layer.device = torch.device(device or "cpu")
-        layer.bf16_dot_rows = _bf16_dot_rows(layer.device)
+        layer.bf16_dot_rows = bf16_dot_rows(layer.device)  # chosen once, as the backend
 
     def load_shard(self, layer: Linear, name: str, tensor: torch.Tensor, shard: int) -> None:
         if name in self.ignored_names:
@@ -145,11 +144,3 @@ def _on_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight
     order = None if weight.input_order is None else weight.input_order.to(device)
     return QuantizedWeight(weight.codes.to(device), weight.scales.to(device),
                            weight.offsets.to(device), weight.bits, weight.group_size, order)
-
-
-def _bf16_dot_rows(device: torch.device) -> int | None:
-    """The rows from which the cpu kernels multiply bf16 inputs with dot products here, or
-    None (another device or backend, or a CPU without AVX512-BF16)."""
-    if device.type != "cpu" or select_backend(device) != "cpu":
-        return None
-    return cpu_backend.bf16_dot_rows()
