@@ -74,8 +74,6 @@ CHECK_CONTEXT_LENS = (1, 2, 3)
 logger = logging.getLogger(__name__)
 # Hugging Face's hidden_act -> the stack's activation
 STACK_ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
-LAYER_NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                    "post_feedforward_layernorm")
 
 
 class _Declined(Exception):
@@ -147,8 +145,7 @@ def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights:
         _weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
     attn_norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight.data,
                                                   "k_norm": attn.k_norm.weight.data}
-    norms = {name: norm.weight.data for name in LAYER_NORM_NAMES
-             if (norm := getattr(layer, name, None)) is not None}
+    norms = layer.norm_weights()
     return DecoderLayerWeights(
         input_norm=norms.get("input_layernorm"),
         qkv=qkv,

@@ -200,6 +200,11 @@ class LlamaDecoderLayer(nn.Module):
             self.post_attention_layernorm(attention), residual)
         return self.post_feedforward_layernorm(self.scaled(self.mlp(hidden))), residual
 
+    def norm_weights(self) -> dict[str, torch.Tensor]:
+        """This layer's norms' weights, by their checkpoint names."""
+        return {name: getattr(self, name).weight.data
+                for name in LAYER_NORMS[self.norm_placement]}
+
     def scaled(self, block_output: torch.Tensor) -> torch.Tensor:
         """A block's output times the residual multiplier (Granite's; 1 in the others)."""
         m = self.residual_multiplier
