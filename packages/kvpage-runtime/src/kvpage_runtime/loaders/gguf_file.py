@@ -14,6 +14,7 @@ import torch
 
 from kvpage_runtime.config import ModelConfig
 from kvpage_runtime.errors import ModelLoadError, UnsupportedModelError
+from kvpage_runtime.loaders.hf_config import gemma_embedding_multiplier
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ def _gemma_derived(file: GGUFModelFile, dtype: torch.dtype) -> dict[str, Any]:
     hidden, heads = file.required("embedding_length"), file.required("attention.head_count")
     largest = {"gemma2": 46, "gemma3": 62}[file.arch] == file.required("block_count")
     scalar = hidden // heads if largest else file.head_dim()
-    return {"embedding_multiplier": float(torch.tensor(hidden**0.5, dtype=dtype)),
+    return {"embedding_multiplier": gemma_embedding_multiplier(hidden, dtype),
             "attention_multiplier": scalar**-0.5}
 
 

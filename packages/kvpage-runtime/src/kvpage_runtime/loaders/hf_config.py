@@ -59,8 +59,7 @@ def _gemma_options(architecture: str, raw: dict[str, Any], dtype: torch.dtype
     options = {
         "norm_placement": "sandwich",
         "norm_offset": 1.0,
-        # transformers multiplies by sqrt(hidden_size) as a tensor of the model dtype
-        "embedding_multiplier": float(torch.tensor(raw["hidden_size"] ** 0.5, dtype=dtype)),
+        "embedding_multiplier": gemma_embedding_multiplier(raw["hidden_size"], dtype),
         "attention_multiplier": raw.get("query_pre_attn_scalar", 256) ** -0.5,
         "attn_logit_softcapping": raw.get("attn_logit_softcapping",
                                           defaults["attn_logit_softcapping"]),
@@ -71,6 +70,12 @@ def _gemma_options(architecture: str, raw: dict[str, Any], dtype: torch.dtype
         options["qk_norm"] = "head"
         options["local_rope_theta"], options["local_rope_scaling"] = _local_rope(raw)
     return options
+
+
+def gemma_embedding_multiplier(hidden_size: int, dtype: torch.dtype) -> float:
+    """sqrt(hidden_size), rounded to ``dtype`` as transformers multiplies Gemma's embeddings
+    by it (a tensor of the model dtype)."""
+    return float(torch.tensor(hidden_size**0.5, dtype=dtype))
 
 
 def _local_rope(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
