@@ -16,9 +16,9 @@ class ModelConfig:
     "llama3", "yarn", "longrope", "dynamic") and that type's parameters, spelled as in Hugging
     Face configs, or "freq_factors" with ``factors`` dividing each frequency (GGUF files
     store Llama 3.1's scaling so); LongRoPE's factors and dynamic NTK's base are chosen once
-    for the whole ``max_position_embeddings`` (the context served), see ``layers.rotary``. ``rotary_dim`` is
-    the number of values of each head RoPE rotates (None: all of head_dim; fewer with partial
-    rotary, Phi-4-mini), in the half-rotation layout within them.
+    for the whole ``max_position_embeddings`` (the context served), see ``layers.rotary``.
+    ``rotary_dim`` is the number of values of each head RoPE rotates (None: all of head_dim;
+    fewer with partial rotary, Phi-4-mini), in the half-rotation layout within them.
     ``sliding_window`` is the number of most recent tokens (including the current one) a
     token attends to, or None for full attention; ``sliding_window_layers`` lists the layers
     that slide when only some do (None: all of them).
@@ -39,9 +39,8 @@ class ModelConfig:
     ``hidden_act`` "gelu_pytorch_tanh" gates the MLP with tanh-approximate GELU;
     ``embedding_multiplier`` is sqrt(hidden_size) in the model dtype;
     ``attn_logit_softcapping`` and ``final_logit_softcapping`` cap the attention scores and the
-    logits (cap * tanh(x / cap));
-    ``local_rope_theta`` (and ``local_rope_scaling``) is the RoPE of the sliding layers when
-    it differs from the full layers' (Gemma 3).
+    logits (cap * tanh(x / cap)); ``local_rope_theta`` (and ``local_rope_scaling``) is the
+    RoPE of the sliding layers when it differs from the full layers' (Gemma 3).
     """
 
     architecture: str
