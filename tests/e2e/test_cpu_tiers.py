@@ -33,6 +33,7 @@ CPU_TESTS = [
     "tests/runtime/test_lora.py::test_mixed_batch_equals_transformers_and_peft",
     "tests/runtime/test_tensor_parallel.py::test_tensor_parallel_matches_one_rank",
     "tests/runtime/test_models_families.py",
+    "tests/runtime/test_rope_scaling.py",
 ]
 MACHINES = {
     "avx2": {"KVPAGE_CPU_ISA": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",

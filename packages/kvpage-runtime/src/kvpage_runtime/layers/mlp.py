@@ -50,7 +50,6 @@ class GatedMLP(nn.Module):
         activation: str = "silu",
     ) -> None:
         super().__init__()
-        self.activation = activation
         self.act_and_mul = gated_activation(activation)
         methods = methods or LinearMethods()
         tp = tp or TensorParallel()
