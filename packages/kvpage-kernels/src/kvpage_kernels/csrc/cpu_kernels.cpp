@@ -1358,13 +1358,16 @@ struct QuantizedWeights {  // QuantizedPanels
     }
 };
 
-// Panels a tile of m rows multiplies at once (never more for more rows): a tile of one row runs
-// the FMA chains of four panels side by side, which hides more of their latency (4 cycles on
-// AMD Zen 4); measured there, 5 to 7% less time at one row for low-bit weights, while two
-// panels for two or three rows took 13 to 25% more.
+// Panels a tile of m rows multiplies at once (never more for more rows): with AVX-512, a tile
+// of one row runs the FMA chains of four panels side by side, which hides more of their
+// latency (4 cycles on AMD Zen 4); measured there, 5 to 7% less time at one row for low-bit
+// weights, while two panels for two or three rows took 13 to 25% more. AVX2's 16 registers
+// cannot hold even two panels' codes, sums and group constants (a panel is two vectors there):
+// four spilled 255 times per 128 FMAs, and one panel took 25 to 35% less time than four at one
+// row for 4-bit weights on AMD Zen 3 (two: 15 to 25% less).
 constexpr int panels_per_tile([[maybe_unused]] int m) {
 #if defined(KVPAGE_SIMD)
-    return m == 1 ? 4 : 1;
+    return m == 1 && Simd::width == 16 ? 4 : 1;
 #else
     return 1;  // the portable loops take one panel at a time
 #endif
