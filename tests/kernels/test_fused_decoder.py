@@ -233,6 +233,23 @@ def test_bit_identical_to_the_ops_one_by_one(cpu_tier, shape, bias, block_size, 
     assert torch.equal(step.hidden, hidden_before)  # the input is not written
 
 
+def test_int8_activations_as_the_ops_one_by_one(cpu_tier):
+    """The 4-bit weights of a low-bit stack (q/k/v and gate/up here) multiplied with int8
+    activations: the stack gives the bits of packed_linear layer by layer."""
+    gen = torch.Generator().manual_seed(2)
+    stack = make_stack(SMOLLM2, 2, 100, 16, False, gen, WeightFormat.QUANTIZED)
+    step = make_step(SMOLLM2, [1, 5, 16, 17, 40, 3, 64, 2], 100, 16, gen)
+    caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
+    fp32 = one_by_one(stack, step, [(k.clone(), v.clone()) for k, v in caches])
+    for layer in stack.layers:
+        layer.qkv = layer.qkv.with_int8_activations()
+        layer.gate_up = layer.gate_up.with_int8_activations()
+    expected = one_by_one(stack, step, caches)
+    assert not torch.equal(fp32[0], expected[0])  # the rounding shows
+    actual = FusedDecoder(SMOLLM2, stack.layers)(*step.args())
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
 @pytest.mark.parametrize("weight_format", [WeightFormat.PANELS, WeightFormat.QUANTIZED,
                                            WeightFormat.BF16])
 def test_lora_deltas_as_the_ops_one_by_one(cpu_tier, weight_format):

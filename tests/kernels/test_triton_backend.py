@@ -10,6 +10,7 @@ import pytest
 import torch
 from kvpage_kernels import (
     copy_blocks,
+    int8_rounded,
     pack_weight,
     packed_linear,
     paged_attention,
@@ -163,3 +164,19 @@ def test_quantized_linear(rows, in_features, out_features, group_size, bits, ord
     assert_close_to_product(actual.cpu(), expected.cpu(), x.float().cpu(),
                             weight.dequantize().to(dtype).float().cpu(),
                             None if b is None else b.cpu(), seed)
+
+
+def test_quantized_linear_on_int8_activations():
+    """4-bit weights with int8 activations: the rounded x through the same GEMM."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    weight = random_quantized(40, 216, 4, 72, True, gen)
+    packed = pack_weight(dataclasses.replace(weight, **{
+        name: getattr(weight, name).to(DEVICE)
+        for name in ("codes", "scales", "offsets", "input_order")})).with_int8_activations()
+    x = torch.randn(9, 216, generator=gen).to(DEVICE)
+    expected = packed_linear(x, packed, None, backend="reference")
+    actual = packed_linear(x, packed, None, backend="triton")
+    rounded = int8_rounded(x, 72, packed.input_order)
+    assert_close_to_product(actual.cpu(), expected.cpu(), rounded.cpu(),
+                            weight.dequantize(), None, seed)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import statistics
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 from engine_fixtures import hf_model_from_gguf
-from kvpage_kernels import fused_decoder
+from kvpage_kernels import fused_decoder, int8_rounded
 from kvpage_runtime import LLM, SamplingParams
+from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.packed_gemm import pack_model_weights
 from kvpage_runtime.layers.quantization.low_bit import LowBitLinearMethod
@@ -153,6 +155,65 @@ def test_llm_serves_a_gptq_folder(tmp_path, tokenizer):
     model = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
     for prompt, out in zip(prompts, outs, strict=True):
         assert list(out.outputs[0].token_ids) == hf_greedy(model.eval(), prompt, 6).tokens
+
+
+# transformers' projections that kvpage stacks into one layer
+STACKED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+           "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def logprob_gaps(seqs, refs, prompts) -> list[float]:
+    """|logprob - the reference's| at each step of each sequence, up to where the tokens part."""
+    gaps = []
+    for seq, ref, prompt in zip(seqs, refs, prompts, strict=True):
+        for step, token in enumerate(seq.tokens[len(prompt):]):
+            if token != ref.tokens[step]:
+                break
+            gaps.append(abs(seq.logprobs[step] - ref.logprobs[step]))
+    return gaps
+
+
+@pytest.mark.parametrize("name", ["awq-g128-mistral", "gptq-4bit-sym-g128-actorder-llama"])
+def test_int8_activations_match_transformers_on_rounded_inputs(name, tmp_path):
+    """With ``int8_activations`` every 4-bit layer multiplies ``int8_rounded(x)``: transformers
+    on the dequantized weights, each such layer's input rounded alike (a forward pre-hook),
+    gives the same logprobs to fp32 rounding at most steps. Not at all: an input that lies
+    within an fp32 roundoff of a half step rounds either way (a few per thousand), and one
+    such input moves this tiny model's logprobs by up to a few 1e-2 (and may part the tokens).
+    Against transformers without the rounding, most steps differ by far more."""
+    folder, reference = quantized_checkpoint(name, tmp_path, None)
+    loaded = load_model(str(folder), dtype="float32", int8_activations=True)
+    packed = {path: m.packed for path, m in loaded.model.named_modules()
+              if isinstance(m, Linear) and isinstance(m.method, LowBitLinearMethod)}
+    assert packed and all(p.int8_activations for p in packed.values())
+    prompts = random_prompts(PROMPT_LENGTHS, loaded.config.vocab_size)
+    seqs = PagedGreedyDriver(loaded, block_size=8).generate(prompts, NEW_TOKENS, prefill_chunks=2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)
+    plain = [hf_greedy(model.eval(), prompt, NEW_TOKENS) for prompt in prompts]
+    hooked = 0
+    for path, module in model.named_modules():
+        parent, _, leaf = path.rpartition(".")
+        ours = packed.get(f"{parent}.{STACKED.get(leaf, leaf)}")
+        if ours is not None:
+            module.register_forward_pre_hook(lambda _, args, p=ours: (
+                int8_rounded(args[0].reshape(-1, p.in_features), p.group_size,
+                             p.input_order).view_as(args[0]),))
+            hooked += 1
+    assert hooked == 7 * model.config.num_hidden_layers
+    rounded = [hf_greedy(model, prompt, NEW_TOKENS) for prompt in prompts]
+    gaps = logprob_gaps(seqs, rounded, prompts)
+    assert len(gaps) >= len(prompts) * NEW_TOKENS // 2
+    assert statistics.median(gaps) < 1e-4 and max(gaps) < 0.1
+    assert statistics.median(logprob_gaps(seqs, plain, prompts)) > 1e-3
+
+
+def test_int8_activations_need_4_bit_layers(tmp_path, caplog):
+    folder, _ = quantized_checkpoint("gptq-8bit-sym-g32-actorder-qwen2", tmp_path, None)
+    with pytest.raises(ModelLoadError, match="int8 activations apply to 4-bit weights"):
+        load_model(str(folder), dtype="float32", int8_activations=True)
+    with pytest.raises(ModelLoadError, match="int8 activations apply to 4-bit weights"):
+        LLM(str(save_tiny_model(FAMILIES["llama"], tmp_path / "dense")), int8_activations=True,
+            max_model_len=64)
 
 
 def fused_stack_unavailable() -> str | None:

@@ -21,7 +21,7 @@ from .ops import (
     write_kv,
 )
 from .packed_weight import PackedWeight, QuantizedPanels
-from .quantized import QuantizedWeight
+from .quantized import QuantizedWeight, int8_rounded
 
 __all__ = [
     "BACKENDS",
@@ -36,6 +36,7 @@ __all__ = [
     "copy_blocks",
     "embedding_rows",
     "gelu_tanh_and_mul",
+    "int8_rounded",
     "lora_expand",
     "lora_shrink",
     "pack_weight",

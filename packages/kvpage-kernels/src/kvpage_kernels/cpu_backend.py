@@ -41,7 +41,9 @@ With the scales and offsets of checkpoints (fp16 values, or zero points times th
 dequantized weights equal the reference's, and the result is bit-identical to the fp32 GEMM on
 the dequantized weight. A one-row tile runs four panels side by side, and the words are
 prefetched ahead: a one-row decode step of SmolLM2-135M in 4 bits takes a third of the fp32
-step's time; at 16 and 64 rows the two take about as long (README).
+step's time; at 16 and 64 rows the two take about as long (README). 4-bit weights with
+``int8_activations`` take another kernel (csrc: x rounded to int8 in blocks of 32 inputs,
+products summed in integers with VPMADDUBSW, scaled per block in fp32).
 
 The library is compiled at first use with the system C++ compiler (``$CXX``, else g++, else
 c++, else clang++), about 4 s (the runtime starts it on a background thread while the model
@@ -348,7 +350,7 @@ class QuantizedMatrix(ctypes.Structure):
 
     _fields_ = [("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("input_order", _ptr),
                 ("out_features", _i64), ("in_features", _i64), ("group_size", _i64),
-                ("bits", _i32)]
+                ("bits", _i32), ("int8_activations", _i32)]
 
 
 def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
@@ -357,7 +359,7 @@ def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
     return QuantizedMatrix(packed.codes.data_ptr(), packed.scales.data_ptr(),
                            packed.offsets.data_ptr(), None if order is None else order.data_ptr(),
                            packed.out_features, packed.in_features, packed.group_size,
-                           packed.bits)
+                           packed.bits, int(packed.int8_activations))
 
 
 def bf16_dot_rows() -> int | None:
@@ -373,9 +375,11 @@ def bf16_dot_rows() -> int | None:
 
 
 def packed_linear(x, packed, bias=None):
-    if (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.stride(-1) == 1
-            and isinstance(packed, QuantizedPanels)):
-        return _quantized_linear_bf16(x, packed, bias)
+    if isinstance(packed, QuantizedPanels) and x.device.type == "cpu":
+        if packed.int8_activations:
+            x = x.float()  # exactly: the activations are then rounded to int8
+        elif x.dtype == torch.bfloat16 and x.stride(-1) == 1:
+            return _quantized_linear_bf16(x, packed, bias)
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return layer_ops.packed_linear(x, packed, bias)
     rows = x.shape[0]

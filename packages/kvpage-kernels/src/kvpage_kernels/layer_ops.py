@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .packed_weight import PackedWeight, QuantizedPanels
+from .quantized import int8_rounded
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -56,6 +57,8 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
     in fp32, which copies it at each call: for backends with no GEMM of their own on the
     packed layout (or on 16-bit inputs)."""
     weight = packed.dense_weight()
+    if isinstance(packed, QuantizedPanels) and packed.int8_activations:
+        x = int8_rounded(x, packed.group_size, packed.input_order)
     if x.dtype != torch.float32:
         weight, x = weight.to(x.dtype).float(), x.float()
     return F.linear(x, weight, bias)

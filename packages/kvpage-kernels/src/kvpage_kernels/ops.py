@@ -332,6 +332,8 @@ def _check_quantized_panels(packed: QuantizedPanels) -> None:
            and packed.group_size % packed.codes_per_word == 0,
            lambda: f"packed.bits {packed.bits} and packed.group_size {packed.group_size} do not "
            f"fit {packed.in_features} inputs (as pack_weight makes them)")
+    _check(packed.bits == 4 or not packed.int8_activations, lambda: f"packed.int8_activations "
+           f"needs 4-bit weights, got {packed.bits} bits")
     codes_shape, group_shape = packed.expected_shapes
     _check(packed.codes.shape == codes_shape and packed.codes.dtype == torch.int32
            and packed.codes.is_contiguous(), lambda: f"packed.codes must be contiguous int32 "
@@ -357,6 +359,10 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
     For ``QuantizedPanels`` W is the dequantized weight, in the inputs' natural order, and x
     may also be bf16 or fp16: W is then rounded to x's dtype and the products summed in fp32
     (as GPU w4a16 kernels multiply on tensor cores; the triton backend does so natively).
+    With ``packed.int8_activations`` (4 bits, ``QuantizedPanels.with_int8_activations``) x is
+    first rounded as ``quantized.int8_rounded`` says, in blocks of 32 inputs with a scale each
+    (as llama.cpp's Q8 blocks): the cpu backend multiplies the int8 values by the codes in
+    integers, the others multiply the rounded fp32 x.
     The cpu backend computes each output as one chain of fused multiply-adds over the inputs in
     order (the ``input_order`` of quantized weights), the bias added last, so a row's result
     does not depend on the rest of the batch."""

@@ -26,10 +26,12 @@ weight that also serves as a tied LM head).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
+from .errors import KernelInputError
 from .quantized import QuantizedWeight
 
 PANEL_WIDTH = 16  # the cpu backend's kPanelWidth (csrc/cpu_kernels.cpp)
@@ -97,7 +99,9 @@ class QuantizedPanels:
     """A ``QuantizedWeight`` of ``out_features`` x ``in_features`` in panels (module
     docstring): codes int32 [num_panels, in_features // codes_per_word, PANEL_WIDTH], scales
     and offsets fp32 [num_panels, in_features // group_size, PANEL_WIDTH], ``w = q * scale +
-    offset``; ``input_order`` (int64 [in_features] or None) as in the ``QuantizedWeight``."""
+    offset``; ``input_order`` (int64 [in_features] or None) as in the ``QuantizedWeight``.
+    ``int8_activations``: ``packed_linear`` rounds x to int8 as it multiplies by these weights
+    (``quantized.int8_rounded``; set by ``with_int8_activations``)."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -107,6 +111,7 @@ class QuantizedPanels:
     input_order: torch.Tensor | None
     out_features: int
     in_features: int
+    int8_activations: bool = False
 
     @property
     def codes_per_word(self) -> int:
@@ -132,6 +137,14 @@ class QuantizedPanels:
         panels = _num_panels(self.out_features)
         return ((panels, self.in_features // self.codes_per_word, PANEL_WIDTH),
                 (panels, self.num_groups, PANEL_WIDTH))
+
+    def with_int8_activations(self, enabled: bool = True) -> QuantizedPanels:
+        """The same weights (the tensors shared), multiplied with int8 activations or not;
+        4-bit weights only (8-bit ones measured no faster that way)."""
+        if enabled and self.bits != 4:
+            raise KernelInputError(f"int8 activations multiply 4-bit weights only, these have "
+                                   f"{self.bits} bits")
+        return dataclasses.replace(self, int8_activations=enabled)
 
     def unpack(self) -> QuantizedWeight:
         """The ``QuantizedWeight`` that was packed (new tensors, equal to its own)."""

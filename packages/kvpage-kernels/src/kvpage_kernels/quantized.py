@@ -32,6 +32,7 @@ import torch
 from .errors import KernelInputError
 
 BITS = (4, 8)
+ACTIVATION_BLOCK = 32  # inputs per int8 scale of int8_rounded (csrc's kActBlock)
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,36 @@ class QuantizedWeight:
             torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
             torch.cat([p.offsets for p in parts]), first.bits, first.group_size,
             first.input_order)
+
+
+def int8_rounded(x: torch.Tensor, group_size: int,
+                 input_order: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows, in_features] in fp32 as a GEMM with int8 activations multiplies it (the
+    ``int8_activations`` of ``QuantizedPanels``, as llama.cpp's Q8 blocks): each row in blocks
+    of ``ACTIVATION_BLOCK`` consecutive inputs (in ``input_order``) within each group of
+    ``group_size`` (the last block of a group shorter where the group is not a multiple of it),
+    each value rounded to a multiple of its block's step ``d = max|x| / 127``:
+    ``round(x * (127 / max|x|)) * d``, to the nearest integer with ties to even (zeros for a
+    block of zeros; a NaN turns its block into NaNs)."""
+    x = x.float()
+    ordered = x if input_order is None else x[:, input_order]
+    rows, depth = ordered.shape
+    groups, per_group = depth // group_size, -(-group_size // ACTIVATION_BLOCK)
+    padded = ordered.new_zeros(rows, groups, per_group * ACTIVATION_BLOCK)
+    padded[:, :, :group_size] = ordered.view(rows, groups, group_size)
+    blocks = padded.view(rows, groups, per_group, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    usable = (amax > 0) & torch.isfinite(amax)
+    # 127 / max|x| divided as the kernels divide (torch computes ``127.0 / t`` as 127 * (1 / t))
+    inverse = torch.where(usable, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
+    levels = torch.nan_to_num(blocks * inverse, nan=0.0).round()
+    rounded = (levels * amax.div(torch.full_like(amax, 127.0))).view(rows, groups, per_group * ACTIVATION_BLOCK)
+    rounded = rounded[:, :, :group_size].reshape(rows, depth)
+    if input_order is None:
+        return rounded
+    natural = torch.empty_like(rounded)
+    natural[:, input_order] = rounded
+    return natural
 
 
 def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

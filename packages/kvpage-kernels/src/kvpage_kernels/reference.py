@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 
 from ._common import apply_softcap, pairs_to_lists
+from .packed_weight import QuantizedPanels
+from .quantized import int8_rounded
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -57,6 +59,8 @@ def packed_linear(x, packed, bias) -> torch.Tensor:
     """The plain matmul on the unpacked weight (bf16 weights widened to fp32, low-bit ones
     dequantized, in the inputs' natural order, and rounded to a 16-bit x's dtype), in fp32."""
     weight = packed.dense_weight()
+    if isinstance(packed, QuantizedPanels) and packed.int8_activations:
+        x = int8_rounded(x, packed.group_size, packed.input_order)
     if x.dtype != torch.float32:
         weight, x = weight.to(x.dtype).float(), x.float()
     out = x @ weight.T

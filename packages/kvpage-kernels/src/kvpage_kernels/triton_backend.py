@@ -39,6 +39,7 @@ import triton.language as tl
 from . import layer_ops
 from ._common import check_inner_contiguous, pairs_to_tensors, swap_blocks_indexed
 from .packed_weight import PANEL_WIDTH, QuantizedPanels
+from .quantized import int8_rounded
 
 swap_blocks = swap_blocks_indexed
 # Keys per attention step, independent of the cache block size (each position's block is
@@ -487,6 +488,8 @@ def packed_linear(x, packed, bias=None, num_splits: int | None = None) -> torch.
     """num_splits overrides the automatic split-K choice."""
     if not isinstance(packed, QuantizedPanels):
         return layer_ops.packed_linear(x, packed, bias)
+    if packed.int8_activations:  # the same products as int8 ones, exact in fp32 dots
+        x = int8_rounded(x, packed.group_size, packed.input_order)
     rows, n, depth = x.shape[0], packed.out_features, packed.in_features
     if rows == 0:
         return torch.empty(0, n, dtype=torch.float32, device=x.device)

@@ -158,6 +158,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         "Q4_0/Q4_1/Q8_0 weights stay low-bit in memory)",
     )
     g.add_argument(
+        "--int8-activations",
+        action="store_true",
+        help="multiply 4-bit weights by activations rounded to int8 in blocks of 32 inputs, as "
+        "llama.cpp does: faster for a few sequences on the CPU, results differ by that rounding "
+        "(default: off, fp32 activations)",
+    )
+    g.add_argument(
         "--max-model-len",
         type=int,
         default=None,
@@ -249,6 +256,7 @@ def _engine_fields(args: argparse.Namespace, model: str | None) -> dict[str, Any
         model=model,
         dtype=args.dtype,
         quantization=args.quantization,
+        int8_activations=args.int8_activations,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,

@@ -148,7 +148,7 @@ class TensorParallelDriver:
 
     @classmethod
     def start(cls, size: int, backend: str, *, model: str | None, dtype: str, device: str,
-              quantization: str | None) -> TensorParallelDriver:
+              quantization: str | None, int8_activations: bool = False) -> TensorParallelDriver:
         """Starts ranks 1..size-1, which load ``model`` in ``dtype`` (resolved by the driver,
         so that every rank computes in the same one) on ``device``. ``backend`` is one of
         ``EXECUTOR_BACKENDS`` (``EngineConfig`` checks it)."""
@@ -163,7 +163,8 @@ class TensorParallelDriver:
         init_method = f"tcp://{host}:{_free_port(host)}"
         timeout_s = collective_timeout_s()
         args = [WorkerArgs(rank, size, init_method, model, dtype,
-                           _rank_device(device, rank, backend), quantization, threads, timeout_s)
+                           _rank_device(device, rank, backend), quantization, threads, timeout_s,
+                           int8_activations)
                 for rank in range(1, size)]
         workers = ProcessWorkers(args) if backend == "mp" else RayWorkers(args, cuda)
         tp = TensorParallel(0, size)

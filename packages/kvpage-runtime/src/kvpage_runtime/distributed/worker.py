@@ -61,6 +61,7 @@ class WorkerArgs:
     quantization: str | None
     num_threads: int | None  # torch threads of this rank (CPU)
     timeout_s: float
+    int8_activations: bool = False
 
 
 @dataclass
@@ -122,7 +123,8 @@ def run_worker(args: WorkerArgs) -> None:
     loaded, error = None, None
     try:
         loaded = load_model(args.model, dtype=args.dtype, device=device,
-                            quantization=args.quantization, tp=tp)
+                            quantization=args.quantization, tp=tp,
+                            int8_activations=args.int8_activations)
     except Exception as exc:  # reported to the driver, which raises it
         error = f"{type(exc).__name__}: {exc}"
     channel = connect(tp, args.init_method, device, args.timeout_s)

@@ -29,7 +29,10 @@ class EngineConfig:
     ``quantization_config``) and the low-bit blocks of GGUF files (Q4_0, Q4_1, Q8_0, as in
     the default model) stay low-bit in memory. "awq", "gptq" or "gguf" insist on that format
     (loading another is an error); "none" loads a GGUF file dense, every tensor dequantized to
-    ``dtype`` (the activations' dtype in every case).
+    ``dtype`` (the activations' dtype in every case). ``int8_activations`` (off by default)
+    rounds the activations of 4-bit layers to int8 in blocks of 32 inputs and multiplies them
+    in integers, as llama.cpp does: faster for a few sequences on the CPU, with results that
+    differ from the fp32 ones by that rounding (see ``loaders.load_model``).
 
     ``speculative_config`` (vLLM's): ``{"method": "ngram", "num_speculative_tokens": k,
     "prompt_lookup_max": 4, "prompt_lookup_min": 1}`` or ``{"method": "draft_model",
@@ -63,6 +66,7 @@ class EngineConfig:
     served_model_name: str | None = None
     scheduling_policy: str = "fcfs"
     quantization: str | None = None
+    int8_activations: bool = False
     speculative_config: dict | None = None
     enable_lora: bool = False
     max_loras: int = 1

@@ -115,7 +115,7 @@ def _start_workers(config: EngineConfig) -> TensorParallelDriver | None:
     return TensorParallelDriver.start(
         config.tensor_parallel_size, config.distributed_executor_backend or "mp",
         model=config.model, dtype=str(dtype).removeprefix("torch."), device=config.device,
-        quantization=config.quantization)
+        quantization=config.quantization, int8_activations=config.int8_activations)
 
 
 class LLMEngine:
@@ -127,7 +127,8 @@ class LLMEngine:
         try:
             loaded = load_model(config.model, dtype=config.dtype, device=config.device,
                                 quantization=config.quantization,
-                                tp=self.parallel.tp if self.parallel else None)
+                                tp=self.parallel.tp if self.parallel else None,
+                                int8_activations=config.int8_activations)
             if self.parallel is not None:
                 self.parallel.connect()
         except BaseException:

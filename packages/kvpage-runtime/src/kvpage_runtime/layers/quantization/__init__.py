@@ -14,6 +14,7 @@ from kvpage_runtime.layers.quantization.config import (
 )
 from kvpage_runtime.layers.quantization.gguf import GGUFQuantization
 from kvpage_runtime.layers.quantization.hf import quantization_from_hf
+from kvpage_runtime.layers.quantization.low_bit import use_int8_activations
 
 __all__ = [
     "DENSE_LOAD",
@@ -22,4 +23,5 @@ __all__ = [
     "LinearMethods",
     "QuantizationConfig",
     "quantization_from_hf",
+    "use_int8_activations",
 ]

@@ -10,6 +10,7 @@ up in). The formats differ only in their tensor names and converter: a ``LowBitF
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
@@ -23,8 +24,11 @@ from kvpage_kernels import (
     packed_linear,
 )
 
+from kvpage_runtime.errors import ModelLoadError
 from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.quantization.formats import QuantizationFormatError
+
+logger = logging.getLogger(__name__)
 
 _PACKED_FIELDS = ("codes", "scales", "offsets", "input_order")  # the tensors of QuantizedPanels
 
@@ -144,3 +148,26 @@ def _on_device(weight: QuantizedWeight, device: torch.device) -> QuantizedWeight
     order = None if weight.input_order is None else weight.input_order.to(device)
     return QuantizedWeight(weight.codes.to(device), weight.scales.to(device),
                            weight.offsets.to(device), weight.bits, weight.group_size, order)
+
+
+def use_int8_activations(model: torch.nn.Module) -> int:
+    """Switches every 4-bit layer of ``model`` to int8 activations (``QuantizedPanels.
+    with_int8_activations``: x rounded in blocks of 32 inputs, the products summed in integers
+    on the CPU, as llama.cpp multiplies); 8-bit layers keep fp32 activations. Returns the
+    number of layers switched, and raises ``ModelLoadError`` when there is none."""
+    switched = kept = 0
+    for module in model.modules():
+        if not (isinstance(getattr(module, "method", None), LowBitLinearMethod)
+                and isinstance(getattr(module, "packed", None), QuantizedPanels)):
+            continue
+        if module.packed.bits == 4:
+            module.packed = module.packed.with_int8_activations()
+            switched += 1
+        else:
+            kept += 1
+    if not switched:
+        raise ModelLoadError("int8 activations apply to 4-bit weights (AWQ, GPTQ, GGUF Q4_0 and "
+                             "Q4_1), and this model has none")
+    logger.info("int8 activations for %d 4-bit layers (%d 8-bit layers keep fp32 ones)",
+                switched, kept)
+    return switched
