@@ -1,9 +1,10 @@
 """Quantized weights on the default model: memory, load time and decode speed, low-bit against
 dense.
 
-The default model (SmolLM2-135M-Instruct, Q4_1 GGUF with a Q8_0 embedding table) loaded four
-ways: low-bit (the default: weights packed as they are stored) with fp32 activations and with
-bf16 ones (AVX512-BF16 dot products from a few rows on, where the CPU has them), dense fp32
+The default model (SmolLM2-135M-Instruct, Q4_1 GGUF with a Q8_0 embedding table) loaded five
+ways: low-bit (the default: weights packed as they are stored) with fp32 activations, with
+bf16 ones (AVX512-BF16 dot products from a few rows on, where the CPU has them) and with int8
+ones (the opt-in ``int8_activations``: the 4-bit layers' inputs rounded to int8), dense fp32
 and dense bf16 (``quantization="none"``: every tensor dequantized at load). Figures, side by
 side in one run:
 
@@ -55,6 +56,7 @@ class Setup:
     name: str
     dtype: str
     quantization: str | None  # None: the checkpoint's low-bit blocks; "none": dense
+    int8_activations: bool = False
 
     @property
     def low_bit(self) -> bool:
@@ -62,6 +64,7 @@ class Setup:
 
 
 SETUPS = (Setup("low-bit fp32", "float32", None), Setup("low-bit bf16", "bfloat16", None),
+          Setup("low-bit int8 activations", "float32", None, int8_activations=True),
           Setup("dense fp32", "float32", "none"), Setup("dense bf16", "bfloat16", "none"))
 BASELINE = "dense bf16"  # what batch throughput is compared with
 
@@ -84,7 +87,8 @@ import json, sys, time
 from kvpage_runtime.loaders import load_model
 from kvpage_runtime.models.weights import resident_weight_bytes
 started = time.perf_counter()
-loaded = load_model(None, dtype=sys.argv[1], quantization=None if sys.argv[2] == "-" else sys.argv[2])
+loaded = load_model(None, dtype=sys.argv[1], quantization=None if sys.argv[2] == "-" else sys.argv[2],
+                    int8_activations=sys.argv[3] == "1")
 seconds = time.perf_counter() - started
 print(json.dumps({"load_s": seconds, "weight_bytes": resident_weight_bytes(loaded.model)}))
 """
@@ -92,7 +96,8 @@ print(json.dumps({"load_s": seconds, "weight_bytes": resident_weight_bytes(loade
 
 def load_in_fresh_process(setup: Setup) -> dict:
     out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, setup.dtype,
-                          setup.quantization or "-"], capture_output=True, text=True, check=True)
+                          setup.quantization or "-", str(int(setup.int8_activations))],
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -137,7 +142,8 @@ def decode_rate(outputs) -> float:
 
 def run_setup(setup: Setup, conversations: list[list[dict]], s: Slice) -> dict:
     """Single-stream decode and batch throughput of one setup, in this process."""
-    llm = LLM(dtype=setup.dtype, quantization=setup.quantization)
+    llm = LLM(dtype=setup.dtype, quantization=setup.quantization,
+              int8_activations=setup.int8_activations)
     prompts = [llm.apply_chat_template(c) for c in conversations[:s.batch_prompts]]
     params = SamplingParams(temperature=0.0, max_tokens=s.max_tokens, ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)

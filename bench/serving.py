@@ -10,6 +10,9 @@ share the CPU), on the same prompts and output lengths.
     python bench/serving.py --start-kvpage --target other=http://127.0.0.1:9000/v1
     # kvpage against llama-server on the same GGUF, 16 clients, figures appended to RESULTS.md
     python bench/serving.py --start-kvpage --llama-server /path/to/llama-server --append-results
+    # kvpage with fp32 and with int8 activations, then llama-server
+    python bench/serving.py --start-kvpage --kvpage-args '' --kvpage-args '--int8-activations' \
+        --llama-server /path/to/llama-server
 
 Building llama-server (CPU, no network features) from the llama-cpp-python source release:
 
@@ -446,11 +449,13 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
         "",
         table(rows),
     ]
-    if "kvpage" in rows and "llama-server" in rows:
-        k, ll = rows["kvpage"], rows["llama-server"]
+    ll = rows.get("llama-server")
+    for name, k in rows.items():
+        if not name.startswith("kvpage") or ll is None:
+            continue
         if ll["output_tok_s"] and k["ttft_p50_s"] and ll["ttft_p50_s"]:
             section.append(
-                f"\nkvpage / llama-server: output tok/s x{k['output_tok_s'] / ll['output_tok_s']:.2f}, "
+                f"\n{name} / llama-server: output tok/s x{k['output_tok_s'] / ll['output_tok_s']:.2f}, "
                 f"TTFT p50 x{k['ttft_p50_s'] / ll['ttft_p50_s']:.2f}"
             )
     with RESULTS.open("a") as f:
@@ -477,7 +482,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="start `kvpage serve` on the GGUF and measure it",
     )
     p.add_argument(
-        "--kvpage-args", default="", help="extra arguments for kvpage serve (one string)"
+        "--kvpage-args",
+        action="append",
+        default=None,
+        help="extra arguments for kvpage serve (one string); given several times, one kvpage "
+        "server per string, measured one after another (e.g. '' and '--int8-activations')",
     )
     p.add_argument(
         "--llama-server", default=None, help="path of a llama-server binary to start and measure"
@@ -580,10 +589,11 @@ def main(argv: list[str] | None = None) -> int:
     (HERE / "out").mkdir(exist_ok=True)
     gguf = args.gguf or default_gguf()
     rows: dict[str, dict] = {}
-    if args.start_kvpage:
+    for extra in (args.kvpage_args or [""]) if args.start_kvpage else []:
+        name = f"kvpage {extra}".strip()
         port = free_port()
-        with launched("kvpage", kvpage_command(port, gguf, args.kvpage_args.split()), port) as url:
-            rows["kvpage"] = measure("kvpage", url, None, workload, args)
+        with launched("kvpage", kvpage_command(port, gguf, extra.split()), port) as url:
+            rows[name] = measure(name, url, None, workload, args)
     if args.llama_server:
         port = free_port()
         slots = args.concurrency or 16
