@@ -11,7 +11,7 @@ share the CPU), on the same prompts and output lengths.
     # kvpage against llama-server on the same GGUF, 16 clients, figures appended to RESULTS.md
     python bench/serving.py --start-kvpage --llama-server /path/to/llama-server --append-results
     # kvpage with fp32 and with int8 activations, then llama-server
-    python bench/serving.py --start-kvpage --kvpage-args '' --kvpage-args '--int8-activations' \
+    python bench/serving.py --start-kvpage --kvpage-args= --kvpage-args=--int8-activations \
         --llama-server /path/to/llama-server
 
 Building llama-server (CPU, no network features) from the llama-cpp-python source release:
@@ -486,7 +486,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         default=None,
         help="extra arguments for kvpage serve (one string); given several times, one kvpage "
-        "server per string, measured one after another (e.g. '' and '--int8-activations')",
+        "server per string, measured one after another (e.g. --kvpage-args= "
+        "--kvpage-args=--int8-activations)",
     )
     p.add_argument(
         "--llama-server", default=None, help="path of a llama-server binary to start and measure"
