@@ -4,7 +4,8 @@ SmolLM2-135M's linear layers (in -> out: 576 -> 960 qkv, 576 -> 576 o, 576 -> 30
 1536 -> 576 down, 30 layers each, and the 576 -> 49152 output layer), every layer a weight
 of its own so that each step streams them from memory as a decode step does. The weights
 are random, packed once with ``pack_weight``: fp32 panels, and ``QuantizedWeight`` codes of
-4 bits in groups of 32 (GGUF Q4_0/Q4_1's layout) and 8 bits in groups of 32 (Q8_0's).
+4 bits in groups of 32 (GGUF Q4_0/Q4_1's layout) and 8 bits in groups of 32 (Q8_0's), and
+on the CPU the 4-bit ones with int8 activations (``with_int8_activations``).
 ``packed_linear`` on the cpu backend at 1, 16 and 64 rows: the median over the repetitions
 of the time of one step through every layer, in ms, and the bytes each format streams per
 step. Run once per CPU tier (``KVPAGE_CPU_ISA=avx2`` for the AVX2 paths; add the switches of
@@ -92,13 +93,16 @@ def weights(fmt: str, model: Model, device: str) -> list[tuple[str, object, int]
         else:
             bits = int(fmt.split("-")[0])
             w = pack_weight(quantized(out_features, in_features, bits, device))
+            if fmt.endswith("int8 activations"):
+                w = w.with_int8_activations()
             size = in_features * out_features * bits // 8 + 8 * out_features * (
                 in_features // GROUP)
         packed.append((name, w, size))
     return packed
 
 
-def time_step(layers: list[tuple[str, object, int]], rows: int, reps: int, device: str) -> dict:
+def step_parts(layers: list[tuple[str, object, int]], rows: int, device: str) -> dict:
+    """{"step_ms": a call through every layer, "<shape>_ms": through that shape's layers}."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # w4a16 on the GPU
     inputs = {n: torch.randn(rows, w.in_features, device=device, dtype=dtype)
               for n, w, _ in layers[:5] + layers[-1:]}
@@ -109,20 +113,30 @@ def time_step(layers: list[tuple[str, object, int]], rows: int, reps: int, devic
         for name, w, _ in subset:
             w(inputs[name]) if isinstance(w, Dense) else packed_linear(inputs[name], w)
 
-    timed = time_on_gpu if device == "cuda" else time_on_cpu
-    return {"step_ms": 1e3 * timed(lambda: run(layers), reps),
-            **{f"{name}_ms": 1e3 * timed(lambda s=subset: run(s), reps)
-               for name, subset in by_shape.items()}}
+    return {"step_ms": lambda: run(layers),
+            **{f"{name}_ms": lambda s=subset: run(s) for name, subset in by_shape.items()}}
 
 
-def time_on_cpu(fn, reps: int) -> float:
-    """Median seconds of ``fn`` after a warm-up call."""
-    times = []
-    for _ in range(reps + 1):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def time_on_gpu_each(parts: dict, reps: int) -> dict:
+    return {key: 1e3 * time_on_gpu(fn, reps) for key, fn in parts.items()}
+
+
+def time_on_cpu_interleaved(runs: dict, reps: int) -> dict:
+    """Median ms of each (format, rows, part) of ``runs`` ({(format, rows): step_parts}), the
+    repetitions of every one interleaved with the others' (a round through all of them per
+    repetition, the first a warm-up), so that a shared, noisy machine's slow spells fall on
+    every format alike."""
+    samples: dict = {}
+    for rep in range(reps + 1):
+        for key, parts in runs.items():
+            for part, fn in parts.items():
+                start = time.perf_counter()
+                fn()
+                if rep:
+                    samples.setdefault(key, {}).setdefault(part, []).append(
+                        1e3 * (time.perf_counter() - start))
+    return {key: {part: statistics.median(times) for part, times in parts.items()}
+            for key, parts in samples.items()}
 
 
 def time_on_gpu(fn, reps: int) -> float:
@@ -157,15 +171,24 @@ def main() -> None:
         raise SystemExit("the cpu kernel backend is not available (no C++ compiler?)")
     model, baseline = (SMOLLM2, "fp32") if args.device == "cpu" else (LLAMA3_8B, "bf16")
     results = []
-    for fmt in (baseline, "4-bit", "8-bit"):
+    formats = [baseline, "4-bit", "8-bit"]
+    if args.device == "cpu":
+        formats.insert(2, "4-bit int8 activations")
+        held = {fmt: weights(fmt, model, args.device) for fmt in formats}  # timed interleaved
+        runs = {(fmt, rows): step_parts(layers, rows, args.device)
+                for fmt, layers in held.items() for rows in args.rows}
+        for (fmt, rows), times in time_on_cpu_interleaved(runs, args.reps).items():
+            streamed = sum(size for _, _, size in held[fmt])
+            results.append({"format": fmt, "rows": rows, "mb_per_step": streamed / 1e6, **times})
+    for fmt in formats if args.device == "cuda" else []:  # one format at a time in the GPU
         layers = weights(fmt, model, args.device)
         streamed = sum(size for _, _, size in layers)
         for rows in args.rows:
             results.append({"format": fmt, "rows": rows, "mb_per_step": streamed / 1e6,
-                            **time_step(layers, rows, args.reps, args.device)})
+                            **time_on_gpu_each(step_parts(layers, rows, args.device),
+                                               args.reps)})
         del layers
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     args.model, args.baseline, args.backend = model, baseline, backend
     text = markdown(results, args)
     print(json.dumps(results) if args.json else text)
