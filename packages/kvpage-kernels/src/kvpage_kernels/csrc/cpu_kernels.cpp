@@ -1673,12 +1673,79 @@ inline int64_t blocks_per_group(int64_t group_size) {
     return (group_size + kActBlock - 1) / kActBlock;
 }
 
+struct QuantizedBlock {
+    float d;      // max|x| / 127
+    int32_t sum;  // of the block's int8 values
+};
+
+// 127 / max|x|, or 0 where that is not a finite number.
+inline float inverse_step(float amax) { return amax > 0.f && amax <= FLT_MAX ? 127.f / amax : 0.f; }
+
+// Inputs [first, last) of `row` (input i at row[order[i]], or row[i]) rounded to int8 into
+// the quads of row r of an m-row tile.
+QuantizedBlock quantize_block(const float* row, int64_t first, int64_t last,
+                              const int64_t* order, int m, int r, int8_t* quads) {
+    const auto input = [&](int64_t i) { return row[order != nullptr ? order[i] : i]; };
+    float amax = 0.f;
+    for (int64_t i = first; i < last; ++i) {
+        const float v = std::fabs(input(i));
+        amax = v > amax || v != v ? v : amax;  // a NaN stays
+    }
+    const float inverse = inverse_step(amax);
+    int32_t sum = 0;
+    for (int64_t quad = first / 4; quad < last / 4; ++quad)
+        for (int lane = 0; lane < 4; ++lane) {
+            const float v = input(quad_input(quad, lane)) * inverse;
+            const int32_t q = v == v ? static_cast<int32_t>(std::nearbyint(v)) : 0;
+            quads[(quad * m + r) * 4 + lane] = static_cast<int8_t>(q);
+            sum += q;
+        }
+    return {amax / 127.f, sum};
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// quantize_block for inputs in their natural order, a word's 8 inputs at a time (the same
+// values: the conversion rounds to nearest even, as nearbyint does).
+QuantizedBlock quantize_block_lanes(const float* row, int64_t first, int64_t last, int m, int r,
+                                    int8_t* quads) {
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 amax_lanes = _mm256_setzero_ps(), nans = _mm256_setzero_ps();
+    for (int64_t i = first; i < last; i += 8) {
+        const __m256 v = _mm256_loadu_ps(row + i);
+        amax_lanes = _mm256_max_ps(amax_lanes, _mm256_and_ps(v, magnitude));
+        nans = _mm256_or_ps(nans, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax_lanes);
+    const float amax = _mm256_movemask_ps(nans) ? NAN : *std::max_element(lanes, lanes + 8);
+    const __m256 inverse = _mm256_set1_ps(inverse_step(amax));
+    const __m256i even_then_odd = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m256i low_bytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                               -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1,
+                                               -1, -1, -1, -1, -1, -1);
+    __m256i sums = _mm256_setzero_si256();
+    for (int64_t i = first; i < last; i += 8) {
+        const __m256 v = _mm256_mul_ps(_mm256_loadu_ps(row + i), inverse);
+        const __m256i q = _mm256_and_si256(_mm256_cvtps_epi32(v),
+                                           _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_ORD_Q)));
+        sums = _mm256_add_epi32(sums, q);
+        const __m256i bytes =
+            _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(q, even_then_odd), low_bytes);
+        const int32_t even = _mm256_cvtsi256_si32(bytes), odd = _mm256_extract_epi32(bytes, 4);
+        std::memcpy(quads + (i / 4 * m + r) * 4, &even, 4);  // the word's quads i / 4, i / 4 + 1
+        std::memcpy(quads + ((i / 4 + 1) * m + r) * 4, &odd, 4);
+    }
+    alignas(32) int32_t parts[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(parts), sums);
+    int32_t sum = 0;
+    for (const int32_t part : parts) sum += part;
+    return {amax / 127.f, sum};
+}
+#endif
+
 // The m rows at x (row_stride apart) quantized into an Int8Tile's arrays.
 void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int64_t group_size,
                    const int64_t* order, int8_t* quads, float* d, float* xsum) {
-    const auto input = [&](const float* row, int64_t i) {
-        return row[order != nullptr ? order[i] : i];
-    };
     int64_t block = 0;
     for (int64_t begin = 0; begin < depth; begin += group_size) {
         const int64_t group = begin / group_size;
@@ -1687,23 +1754,16 @@ void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int
             const int64_t last = std::min(first + kActBlock, begin + group_size);
             for (int r = 0; r < m; ++r) {
                 const float* row = x + r * row_stride;
-                float amax = 0.f;
-                for (int64_t i = first; i < last; ++i) {
-                    const float v = std::fabs(input(row, i));
-                    amax = v > amax || v != v ? v : amax;  // a NaN stays
-                }
-                const float inverse = amax > 0.f && amax <= FLT_MAX ? 127.f / amax : 0.f;
-                int32_t sum = 0;
-                for (int64_t quad = first / 4; quad < last / 4; ++quad)
-                    for (int lane = 0; lane < 4; ++lane) {
-                        const float v = input(row, quad_input(quad, lane)) * inverse;
-                        const int32_t q = v == v ? static_cast<int32_t>(std::nearbyint(v)) : 0;
-                        quads[(quad * m + r) * 4 + lane] = static_cast<int8_t>(q);
-                        sum += q;
-                    }
-                d[block * m + r] = amax / 127.f;
+#if defined(__AVX2__) && defined(__FMA__)
+                const QuantizedBlock q =
+                    order == nullptr ? quantize_block_lanes(row, first, last, m, r, quads)
+                                     : quantize_block(row, first, last, order, m, r, quads);
+#else
+                const QuantizedBlock q = quantize_block(row, first, last, order, m, r, quads);
+#endif
+                d[block * m + r] = q.d;
                 xsum[group * m + r] =
-                    std::fma(d[block * m + r], static_cast<float>(sum), xsum[group * m + r]);
+                    std::fma(q.d, static_cast<float>(q.sum), xsum[group * m + r]);
             }
         }
     }
