@@ -4,7 +4,10 @@ Sends a fixed workload (default: bench/workload_chat64.json, 64 chat prompts, 12
 each with ``ignore_eos``) as streaming chat completions, either with N concurrent clients or at
 a Poisson request rate, and reports request throughput, output tokens/s, and TTFT, TPOT and ITL
 percentiles per target. Targets are measured one after another (never at once: they would
-share the CPU), on the same prompts and output lengths.
+share the CPU), on the same prompts and output lengths; the servers it starts stay up for the
+whole run, idle while another is measured. ``--rounds N`` measures every target N times,
+taking turns, and reports each figure's median: on a shared machine whose speed drifts, the
+drift then falls on every target alike.
 
     # kvpage started by the script, and any running endpoint
     python bench/serving.py --start-kvpage --target other=http://127.0.0.1:9000/v1
@@ -45,6 +48,7 @@ import os
 import platform
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -445,7 +449,9 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
         f"- command: `python bench/serving.py {' '.join(_portable(a) for a in sys.argv[1:])}`",
         f"- versions: {_versions(args.llama_server)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} for both",
         f"- workload: {workload_name}, {args.num_prompts} prompts x {args.max_tokens} output tokens "
-        f"(ignore_eos, greedy), streaming chat completions, {clients}",
+        f"(ignore_eos, greedy), streaming chat completions, {clients}"
+        + (f"; {args.rounds} rounds taking turns, each figure their median" if args.rounds > 1
+           else ""),
         "",
         table(rows),
     ]
@@ -541,6 +547,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2,
         help="untimed requests before each target (default: %(default)s)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure every target this many times, taking turns, with every server up for the "
+        "whole run; each figure is the median over the rounds (default: %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print {target: figures} as JSON")
     p.add_argument(
         "--append-results", action="store_true", help="append a section to bench/RESULTS.md"
@@ -583,31 +596,43 @@ def measure(
     return summary
 
 
+def median_figures(rounds: list[dict]) -> dict:
+    """Each figure's median over the rounds (None where a round has none)."""
+    return {key: None if any(r[key] is None for r in rounds)
+            else statistics.median(r[key] for r in rounds) for key in rounds[0]}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = load_workload(args.workload, args.num_prompts)
     workload_name = args.workload.name if args.workload.is_file() else "built-in prompts"
     (HERE / "out").mkdir(exist_ok=True)
     gguf = args.gguf or default_gguf()
-    rows: dict[str, dict] = {}
-    for extra in (args.kvpage_args or [""]) if args.start_kvpage else []:
-        name = f"kvpage {extra}".strip()
-        port = free_port()
-        with launched("kvpage", kvpage_command(port, gguf, extra.split()), port) as url:
-            rows[name] = measure(name, url, None, workload, args)
-    if args.llama_server:
-        port = free_port()
-        slots = args.concurrency or 16
-        command = llama_command(
-            args.llama_server, port, gguf, slots, args.ctx, args.llama_args.split()
-        )
-        with launched("llama-server", command, port) as url:
-            rows["llama-server"] = measure("llama-server", url, None, workload, args)
-    for spec in args.target:
-        name, _, url = spec.partition("=")
-        rows[name] = measure(name, url, args.model, workload, args)
-    if not rows:
-        raise SystemExit("nothing to measure: give --start-kvpage, --llama-server or --target")
+    targets: list[tuple[str, str, str | None]] = []  # (name, base URL, model)
+    runs: dict[str, list[dict]] = {}
+    with contextlib.ExitStack() as servers:
+        for i, extra in enumerate((args.kvpage_args or [""]) if args.start_kvpage else []):
+            port = free_port()
+            command = kvpage_command(port, gguf, extra.split())
+            url = servers.enter_context(launched(f"kvpage-{i}" if i else "kvpage", command, port))
+            targets.append((f"kvpage {extra}".strip(), url, None))
+        if args.llama_server:
+            port = free_port()
+            slots = args.concurrency or 16
+            command = llama_command(
+                args.llama_server, port, gguf, slots, args.ctx, args.llama_args.split()
+            )
+            targets.append(("llama-server", servers.enter_context(
+                launched("llama-server", command, port)), None))
+        for spec in args.target:
+            name, _, url = spec.partition("=")
+            targets.append((name, url, args.model))
+        if not targets:
+            raise SystemExit("nothing to measure: give --start-kvpage, --llama-server or --target")
+        for _ in range(args.rounds):
+            for name, url, model in targets:
+                runs.setdefault(name, []).append(measure(name, url, model, workload, args))
+    rows = {name: median_figures(results) for name, results in runs.items()}
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     if args.append_results:
         append_results(rows, args, workload_name)
