@@ -7,7 +7,8 @@ percentiles per target. Targets are measured one after another (never at once: t
 share the CPU), on the same prompts and output lengths; the servers it starts stay up for the
 whole run, idle while another is measured. ``--rounds N`` measures every target N times,
 taking turns, and reports each figure's median: on a shared machine whose speed drifts, the
-drift then falls on every target alike.
+drift then falls on every target alike (each round's prompts start with its number, so that
+no server answers from its prompt cache of an earlier round).
 
     # kvpage started by the script, and any running endpoint
     python bench/serving.py --start-kvpage --target other=http://127.0.0.1:9000/v1
@@ -596,6 +597,16 @@ def measure(
     return summary
 
 
+def tagged(workload: list[list[dict]], round_index: int) -> list[list[dict]]:
+    """The workload of round ``round_index``: from the second round on, each conversation's
+    first message starts with the round's number, so that no server serves a round's prompts
+    from what its cache kept of an earlier round (within a round they share what they share)."""
+    if round_index == 0:
+        return workload
+    return [[{**c[0], "content": f"(round {round_index + 1}) {c[0]['content']}"}, *c[1:]]
+            for c in workload]
+
+
 def median_figures(rounds: list[dict]) -> dict:
     """Each figure's median over the rounds (None where a round has none)."""
     return {key: None if any(r[key] is None for r in rounds)
@@ -629,9 +640,10 @@ def main(argv: list[str] | None = None) -> int:
             targets.append((name, url, args.model))
         if not targets:
             raise SystemExit("nothing to measure: give --start-kvpage, --llama-server or --target")
-        for _ in range(args.rounds):
+        for round_index in range(args.rounds):
+            prompts = tagged(workload, round_index)
             for name, url, model in targets:
-                runs.setdefault(name, []).append(measure(name, url, model, workload, args))
+                runs.setdefault(name, []).append(measure(name, url, model, prompts, args))
     rows = {name: median_figures(results) for name, results in runs.items()}
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     if args.append_results:
