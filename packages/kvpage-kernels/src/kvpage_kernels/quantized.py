@@ -134,7 +134,8 @@ def int8_rounded(x: torch.Tensor, group_size: int,
     # 127 / max|x| divided as the kernels divide (torch computes ``127.0 / t`` as 127 * (1 / t))
     inverse = torch.where(usable, torch.full_like(amax, 127.0).div(amax), torch.zeros_like(amax))
     levels = torch.nan_to_num(blocks * inverse, nan=0.0).round()
-    rounded = (levels * amax.div(torch.full_like(amax, 127.0))).view(rows, groups, per_group * ACTIVATION_BLOCK)
+    step = amax.div(torch.full_like(amax, 127.0))
+    rounded = (levels * step).view(rows, groups, per_group * ACTIVATION_BLOCK)
     rounded = rounded[:, :, :group_size].reshape(rows, depth)
     if input_order is None:
         return rounded
