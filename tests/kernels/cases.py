@@ -139,3 +139,14 @@ def random_quantized(out_features: int, in_features: int, bits: int, group_size:
     offsets = (-(2 ** (bits - 1)) * scales + 0.01 * torch.randn(groups, generator=gen)).half()
     order = torch.randperm(in_features, generator=gen) if ordered else None
     return QuantizedWeight(codes, scales, offsets.float(), bits, group_size, order)
+
+
+def random_low_bit_problem(rows: int, in_features: int, out_features: int, bits: int,
+                           group_size: int, ordered: bool, bias: bool):
+    """(x, quantized weight, bias, seed) drawn from a fresh seed (printed by failing checks)."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    weight = random_quantized(out_features, in_features, bits, group_size, ordered, gen)
+    x = torch.randn(rows, in_features, generator=gen)
+    b = torch.randn(out_features, generator=gen) if bias else None
+    return x, weight, b, seed

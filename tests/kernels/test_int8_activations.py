@@ -7,7 +7,6 @@ the refusals."""
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from kvpage_kernels import (
     packed_linear,
 )
 
-from .cases import assert_close_to_product, random_quantized
+from .cases import assert_close_to_product, random_low_bit_problem, random_quantized
 
 if cpu_backend.unavailable_reason() is not None:
     pytest.skip(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}",
@@ -34,12 +33,7 @@ FEATURES = [(96, 200, 32), (160, 33, 32), (96, 33, 96), (216, 40, 72), (576, 70,
 def random_problem(rows: int, in_features: int, out_features: int, group_size: int,
                    ordered: bool, bias: bool):
     """(x, 4-bit weight, bias, seed) drawn from a fresh seed."""
-    seed = random.randrange(2**31)
-    gen = torch.Generator().manual_seed(seed)
-    weight = random_quantized(out_features, in_features, 4, group_size, ordered, gen)
-    x = torch.randn(rows, in_features, generator=gen)
-    b = torch.randn(out_features, generator=gen) if bias else None
-    return x, weight, b, seed
+    return random_low_bit_problem(rows, in_features, out_features, 4, group_size, ordered, bias)
 
 
 def summed_magnitudes(weight) -> torch.Tensor:

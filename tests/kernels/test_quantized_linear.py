@@ -21,7 +21,7 @@ from kvpage_kernels import (
 )
 from kvpage_kernels.packed_weight import PANEL_WIDTH
 
-from .cases import assert_close_to_product, random_quantized
+from .cases import assert_close_to_product, random_low_bit_problem, random_quantized
 
 if cpu_backend.unavailable_reason() is not None:
     pytest.skip(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}",
@@ -32,15 +32,6 @@ ROWS = [0, 1, 5, 7, 16, 64, 65, 300]
 FEATURES = [(96, 200, 32), (160, 33, 32), (96, 33, 96), (576, 70, 64)]
 
 
-def random_problem(rows: int, in_features: int, out_features: int, bits: int, group_size: int,
-                   ordered: bool, bias: bool):
-    """(x, quantized weight, bias, seed) drawn from a fresh seed."""
-    seed = random.randrange(2**31)
-    gen = torch.Generator().manual_seed(seed)
-    weight = random_quantized(out_features, in_features, bits, group_size, ordered, gen)
-    x = torch.randn(rows, in_features, generator=gen)
-    b = torch.randn(out_features, generator=gen) if bias else None
-    return x, weight, b, seed
 
 
 @pytest.mark.parametrize("ordered, bias", [(False, False), (False, True), (True, True)])
@@ -51,7 +42,7 @@ def test_matches_the_reference(cpu_tier, rows, in_features, out_features, group_
                                ordered, bias):
     """Tolerance: that of two fp32 sums of in_features products in different orders
     (``assert_close_to_product``, relative to |x| @ |W|^T + |bias| of the dequantized W)."""
-    x, weight, b, seed = random_problem(rows, in_features, out_features, bits, group_size,
+    x, weight, b, seed = random_low_bit_problem(rows, in_features, out_features, bits, group_size,
                                         ordered, bias)
     packed = pack_weight(weight)
     expected = packed_linear(x, packed, b, backend="reference")
@@ -65,7 +56,7 @@ def test_bit_identical_to_fp32_panels_of_the_dequantized_weight(cpu_tier, rows, 
     """Where q * scale is exact in fp32 (every checkpoint format), the weights dequantized in
     registers equal the reference's, so the low-bit GEMM gives the very bits of the fp32 GEMM
     on the dequantized weight with the inputs in the same order."""
-    x, weight, b, seed = random_problem(rows, 160, 200, bits, 32, True, True)
+    x, weight, b, seed = random_low_bit_problem(rows, 160, 200, bits, 32, True, True)
     in_stored_order = dataclasses.replace(weight, input_order=None).dequantize()
     dense = packed_linear(x[:, weight.input_order].contiguous(), pack_weight(in_stored_order), b,
                           backend="cpu")
@@ -74,7 +65,7 @@ def test_bit_identical_to_fp32_panels_of_the_dequantized_weight(cpu_tier, rows, 
 
 
 def test_the_torch_backend_matches_the_reference():
-    x, weight, b, seed = random_problem(65, 576, 200, 4, 32, True, True)
+    x, weight, b, seed = random_low_bit_problem(65, 576, 200, 4, 32, True, True)
     packed = pack_weight(weight)
     expected = packed_linear(x, packed, b, backend="reference")
     assert_close_to_product(packed_linear(x, packed, b, backend="torch"), expected, x,
@@ -86,7 +77,7 @@ def test_the_torch_backend_matches_the_reference():
 def test_16_bit_inputs_multiply_the_weight_rounded_to_their_dtype(dtype, backend):
     """The contract of the GPU's w4a16 kernels on every backend: 16-bit x times the
     dequantized weight rounded to x's dtype, summed in fp32, an fp32 result."""
-    x, weight, b, seed = random_problem(5, 160, 33, 4, 32, True, True)
+    x, weight, b, seed = random_low_bit_problem(5, 160, 33, 4, 32, True, True)
     x = x.to(dtype)
     packed = pack_weight(weight)
     expected = packed_linear(x, packed, b, backend="reference")
@@ -99,7 +90,7 @@ def test_16_bit_inputs_multiply_the_weight_rounded_to_their_dtype(dtype, backend
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_a_row_does_not_depend_on_its_batch(cpu_tier, bits):
-    x, weight, b, seed = random_problem(65, 576, 200, bits, 32, True, True)
+    x, weight, b, seed = random_low_bit_problem(65, 576, 200, bits, 32, True, True)
     packed = pack_weight(weight)
     batch = packed_linear(x, packed, b, backend="cpu")
     for row in (0, 13, 64):
@@ -193,7 +184,7 @@ def test_bf16_inputs_match_the_reference(cpu_tier, rows, in_features, out_featur
     """bf16 x: the weights rounded to bf16, products summed in fp32. On the avx512 tier of a
     CPU with AVX512-BF16 the cpu backend multiplies with its dot products, elsewhere it widens
     x to fp32 for the reference; the tolerance is that of two fp32 sums either way."""
-    x, weight, b, seed = random_problem(rows, in_features, out_features, bits, group_size,
+    x, weight, b, seed = random_low_bit_problem(rows, in_features, out_features, bits, group_size,
                                         ordered, bias)
     x = x.bfloat16()
     packed = pack_weight(weight)
