@@ -1518,6 +1518,23 @@ std::pair<int64_t, int64_t> thread_share(int64_t num_panels) {
     return {num_panels * thread / threads, num_panels * (thread + 1) / threads};
 }
 
+// The shape of every packed GEMM call: prepare(t) for each of the `tiles` tiles of rows (x
+// copied or quantized into the tile's layout) on OpenMP threads, then, once every tile is
+// ready, multiply(begin, end) on each thread for its run of the num_panels panels. One thread
+// where the call has fewer than 2^18 multiply-adds (`work`).
+template <typename Prepare, typename Multiply>
+void tiles_then_panels(int64_t work, int64_t tiles, int64_t num_panels, Prepare prepare,
+                       Multiply multiply) {
+#pragma omp parallel if (work > (1 << 18))
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; ++t) prepare(t);
+        // the loop's closing barrier: every tile is ready before any is multiplied
+        const auto [begin, end] = thread_share(num_panels);
+        multiply(begin, end);
+    }
+}
+
 // The weights of a low-bit panel in fp32, as its microkernel reads them: [depth][kPanelWidth].
 template <typename Panel>
 void dequantize_panel(const Panel& panel, int64_t depth, float* dst) {
@@ -1568,15 +1585,12 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
     float* x_tiles = tile_buffer(static_cast<size_t>(rows * depth));
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
     const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
-#pragma omp parallel if (rows * depth * n > (1 << 18))
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles.count; ++t) {
-            const int64_t row = tiles.first_row(t);
-            copy_k_major(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
-                         x_tiles + row * depth);
-        }  // its closing barrier: every tile is copied before any is multiplied
-        const auto [begin, end] = thread_share(num_panels);
+    const auto copy = [&](int64_t t) {
+        const int64_t row = tiles.first_row(t);
+        copy_k_major(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
+                     x_tiles + row * depth);
+    };
+    const auto multiply = [&](int64_t begin, int64_t end) {
         if (dequantize_once) {  // tiles of two rows or more: one panel at a time
             float* panel = panel_buffer(static_cast<size_t>(depth * kPanelWidth));
             for (int64_t p = begin; p < end; ++p) {
@@ -1598,7 +1612,8 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
                 }
             }
         }
-    }
+    };
+    tiles_then_panels(rows * depth * n, tiles.count, num_panels, copy, multiply);
 }
 
 // out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]).
@@ -1646,10 +1661,10 @@ namespace {
 // (or shifted by 4 and masked), multiplies the 4 activations that one broadcast 32-bit value
 // holds, for 8 columns; no pair of products exceeds 2 * 15 * 127, so the 16-bit sums of a
 // block (8 pairs a lane) cannot saturate. They are widened to 32 bits once per block
-// (VPMADDWD), converted and scaled in fp32. Measured on AMD Zen 3 against the fp32 GEMM (which
-// dequantizes every weight): 1.5 to 1.9 times as fast at one row, alike at 16 rows, slower
-// beyond. 8-bit codes would need their two nibbles multiplied apart, which measured slower
-// than the fp32 GEMM there, so they keep fp32 activations.
+// (VPMADDWD), converted and scaled in fp32. Measured on AMD Zen 3 (bench/gemm.py) against the
+// GEMM with fp32 activations, which dequantizes every weight: 0.85 of its time at one row,
+// 0.72 at 16 rows, 0.81 at 64. 8-bit codes would need their two nibbles multiplied apart,
+// which measured slower than the fp32 GEMM there, so they keep fp32 activations.
 
 constexpr int64_t kActBlock = 32;
 
@@ -1681,31 +1696,9 @@ struct QuantizedBlock {
 // 127 / max|x|, or 0 where that is not a finite number.
 inline float inverse_step(float amax) { return amax > 0.f && amax <= FLT_MAX ? 127.f / amax : 0.f; }
 
-// Inputs [first, last) of `row` (input i at row[order[i]], or row[i]) rounded to int8 into
-// the quads of row r of an m-row tile.
-QuantizedBlock quantize_block(const float* row, int64_t first, int64_t last,
-                              const int64_t* order, int m, int r, int8_t* quads) {
-    const auto input = [&](int64_t i) { return row[order != nullptr ? order[i] : i]; };
-    float amax = 0.f;
-    for (int64_t i = first; i < last; ++i) {
-        const float v = std::fabs(input(i));
-        amax = v > amax || v != v ? v : amax;  // a NaN stays
-    }
-    const float inverse = inverse_step(amax);
-    int32_t sum = 0;
-    for (int64_t quad = first / 4; quad < last / 4; ++quad)
-        for (int lane = 0; lane < 4; ++lane) {
-            const float v = input(quad_input(quad, lane)) * inverse;
-            const int32_t q = v == v ? static_cast<int32_t>(std::nearbyint(v)) : 0;
-            quads[(quad * m + r) * 4 + lane] = static_cast<int8_t>(q);
-            sum += q;
-        }
-    return {amax / 127.f, sum};
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
-// quantize_block for inputs in their natural order, a word's 8 inputs at a time (the same
-// values: the conversion rounds to nearest even, as nearbyint does).
+// quantize_block (below) for inputs in their natural order, a word's 8 inputs at a time (the
+// same values: the conversion rounds to nearest even, as nearbyint does).
 QuantizedBlock quantize_block_lanes(const float* row, int64_t first, int64_t last, int m, int r,
                                     int8_t* quads) {
     const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
@@ -1743,6 +1736,32 @@ QuantizedBlock quantize_block_lanes(const float* row, int64_t first, int64_t las
 }
 #endif
 
+// Inputs [first, last) of `row` (input i at row[order[i]], or row[i]) rounded to int8 into
+// the quads of row r of an m-row tile.
+QuantizedBlock quantize_block(const float* row, int64_t first, int64_t last,
+                              const int64_t* order, int m, int r, int8_t* quads) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (order == nullptr) return quantize_block_lanes(row, first, last, m, r, quads);
+#endif
+    const auto input = [&](int64_t i) { return row[order != nullptr ? order[i] : i]; };
+    float amax = 0.f;
+    for (int64_t i = first; i < last; ++i) {
+        const float v = std::fabs(input(i));
+        amax = v > amax || v != v ? v : amax;  // a NaN stays
+    }
+    const float inverse = inverse_step(amax);
+    int32_t sum = 0;
+    for (int64_t quad = first / 4; quad < last / 4; ++quad)
+        for (int lane = 0; lane < 4; ++lane) {
+            const float v = input(quad_input(quad, lane)) * inverse;
+            const int32_t q = v == v ? static_cast<int32_t>(std::nearbyint(v)) : 0;
+            quads[(quad * m + r) * 4 + lane] = static_cast<int8_t>(q);
+            sum += q;
+        }
+    return {amax / 127.f, sum};
+}
+
+
 // The m rows at x (row_stride apart) quantized into an Int8Tile's arrays.
 void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int64_t group_size,
                    const int64_t* order, int8_t* quads, float* d, float* xsum) {
@@ -1754,13 +1773,7 @@ void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int
             const int64_t last = std::min(first + kActBlock, begin + group_size);
             for (int r = 0; r < m; ++r) {
                 const float* row = x + r * row_stride;
-#if defined(__AVX2__) && defined(__FMA__)
-                const QuantizedBlock q =
-                    order == nullptr ? quantize_block_lanes(row, first, last, m, r, quads)
-                                     : quantize_block(row, first, last, order, m, r, quads);
-#else
                 const QuantizedBlock q = quantize_block(row, first, last, order, m, r, quads);
-#endif
                 d[block * m + r] = q.d;
                 xsum[group * m + r] =
                     std::fma(q.d, static_cast<float>(q.sum), xsum[group * m + r]);
@@ -1893,16 +1906,13 @@ void multiply_block_int8(const float* x, int64_t x_stride, int64_t rows,
     float* d = scale_buffer.data();
     float* xsum = d + rows * blocks;
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
-#pragma omp parallel if (rows * depth * n > (1 << 18))
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles.count; ++t) {
-            const int64_t row = tiles.first_row(t);
-            quantize_tile(x + row * x_stride, x_stride, tiles.rows(t), depth, w.group_size,
-                          w.input_order, reinterpret_cast<int8_t*>(xq + row * quads),
-                          d + row * blocks, xsum + row * groups);
-        }  // its closing barrier: every tile is quantized before any is multiplied
-        const auto [begin, end] = thread_share(num_panels);
+    const auto quantize = [&](int64_t t) {
+        const int64_t row = tiles.first_row(t);
+        quantize_tile(x + row * x_stride, x_stride, tiles.rows(t), depth, w.group_size,
+                      w.input_order, reinterpret_cast<int8_t*>(xq + row * quads),
+                      d + row * blocks, xsum + row * groups);
+    };
+    const auto multiply = [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
             const auto panel = w.panel(p);
             const int panel_cols = panel_columns(n, p);
@@ -1916,7 +1926,8 @@ void multiply_block_int8(const float* x, int64_t x_stride, int64_t rows,
                                                std::min(8, panel_cols - half * 8));
                 }
         }
-    }
+    };
+    tiles_then_panels(rows * depth * n, tiles.count, num_panels, quantize, multiply);
 }
 
 // out [rows, w.out_features] = x [rows, w.in_features] @ W^T (+ bias) for the low-bit W; 0, or
@@ -2046,15 +2057,12 @@ void multiply_block_bf16(const uint16_t* x, int64_t x_stride, int64_t rows, cons
     x_pairs.resize(static_cast<size_t>(rows * pairs));
     uint32_t* xp = x_pairs.data();
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
-#pragma omp parallel if (rows * depth * n > (1 << 18))
-    {
-#pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles.count; ++t) {
-            const int64_t row = tiles.first_row(t);
-            copy_pairs(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
-                       xp + row * pairs);
-        }  // its closing barrier: every tile is copied before any is multiplied
-        const auto [begin, end] = thread_share(num_panels);
+    const auto copy = [&](int64_t t) {
+        const int64_t row = tiles.first_row(t);
+        copy_pairs(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
+                   xp + row * pairs);
+    };
+    const auto multiply = [&](int64_t begin, int64_t end) {
         float* scratch = panel_buffer(static_cast<size_t>(depth * kPanelWidth));
         thread_local std::vector<uint32_t> buffer;
         buffer.resize(static_cast<size_t>(kBf16Panels * pairs * kPanelWidth));
@@ -2075,7 +2083,8 @@ void multiply_block_bf16(const uint16_t* x, int64_t x_stride, int64_t rows, cons
                                                       p * kPanelWidth, cols);
             }
         }
-    }
+    };
+    tiles_then_panels(rows * depth * n, tiles.count, num_panels, copy, multiply);
 }
 
 #endif
