@@ -117,26 +117,42 @@ def step_parts(layers: list[tuple[str, object, int]], rows: int, device: str) ->
             **{f"{name}_ms": lambda s=subset: run(s) for name, subset in by_shape.items()}}
 
 
-def time_on_gpu_each(parts: dict, reps: int) -> dict:
-    return {key: 1e3 * time_on_gpu(fn, reps) for key, fn in parts.items()}
-
-
-def time_on_cpu_interleaved(runs: dict, reps: int) -> dict:
-    """Median ms of each (format, rows, part) of ``runs`` ({(format, rows): step_parts}), the
-    repetitions of every one interleaved with the others' (a round through all of them per
-    repetition, the first a warm-up), so that a shared, noisy machine's slow spells fall on
-    every format alike."""
-    samples: dict = {}
+def measure_on_cpu(formats: list[str], model: Model, rows_list: list[int], reps: int) -> list:
+    """Every format held at once, the repetitions of every (format, rows, part) interleaved
+    (a round through all of them per repetition, the first a warm-up), so that a shared, noisy
+    machine's slow spells fall on every format alike; median ms of each."""
+    held = {fmt: weights(fmt, model, "cpu") for fmt in formats}
+    runs = {(fmt, rows): step_parts(layers, rows, "cpu")
+            for fmt, layers in held.items() for rows in rows_list}
+    samples: dict = {key: {part: [] for part in parts} for key, parts in runs.items()}
     for rep in range(reps + 1):
         for key, parts in runs.items():
             for part, fn in parts.items():
                 start = time.perf_counter()
                 fn()
                 if rep:
-                    samples.setdefault(key, {}).setdefault(part, []).append(
-                        1e3 * (time.perf_counter() - start))
-    return {key: {part: statistics.median(times) for part, times in parts.items()}
-            for key, parts in samples.items()}
+                    samples[key][part].append(1e3 * (time.perf_counter() - start))
+    return [{"format": fmt, "rows": rows, "mb_per_step": streamed_mb(held[fmt]),
+             **{part: statistics.median(times) for part, times in samples[fmt, rows].items()}}
+            for fmt, rows in runs]
+
+
+def measure_on_gpu(formats: list[str], model: Model, rows_list: list[int], reps: int) -> list:
+    """One format at a time in the GPU's memory; each part the median replay of its graph."""
+    results = []
+    for fmt in formats:
+        layers = weights(fmt, model, "cuda")
+        for rows in rows_list:
+            parts = step_parts(layers, rows, "cuda")
+            results.append({"format": fmt, "rows": rows, "mb_per_step": streamed_mb(layers),
+                            **{part: 1e3 * time_on_gpu(fn, reps) for part, fn in parts.items()}})
+        del layers
+        torch.cuda.empty_cache()
+    return results
+
+
+def streamed_mb(layers: list[tuple[str, object, int]]) -> float:
+    return sum(size for _, _, size in layers) / 1e6
 
 
 def time_on_gpu(fn, reps: int) -> float:
@@ -170,25 +186,11 @@ def main() -> None:
     if args.device == "cpu" and backend != "cpu":
         raise SystemExit("the cpu kernel backend is not available (no C++ compiler?)")
     model, baseline = (SMOLLM2, "fp32") if args.device == "cpu" else (LLAMA3_8B, "bf16")
-    results = []
-    formats = [baseline, "4-bit", "8-bit"]
     if args.device == "cpu":
-        formats.insert(2, "4-bit int8 activations")
-        held = {fmt: weights(fmt, model, args.device) for fmt in formats}  # timed interleaved
-        runs = {(fmt, rows): step_parts(layers, rows, args.device)
-                for fmt, layers in held.items() for rows in args.rows}
-        for (fmt, rows), times in time_on_cpu_interleaved(runs, args.reps).items():
-            streamed = sum(size for _, _, size in held[fmt])
-            results.append({"format": fmt, "rows": rows, "mb_per_step": streamed / 1e6, **times})
-    for fmt in formats if args.device == "cuda" else []:  # one format at a time in the GPU
-        layers = weights(fmt, model, args.device)
-        streamed = sum(size for _, _, size in layers)
-        for rows in args.rows:
-            results.append({"format": fmt, "rows": rows, "mb_per_step": streamed / 1e6,
-                            **time_on_gpu_each(step_parts(layers, rows, args.device),
-                                               args.reps)})
-        del layers
-        torch.cuda.empty_cache()
+        formats = [baseline, "4-bit", "4-bit int8 activations", "8-bit"]
+        results = measure_on_cpu(formats, model, args.rows, args.reps)
+    else:
+        results = measure_on_gpu([baseline, "4-bit", "8-bit"], model, args.rows, args.reps)
     args.model, args.baseline, args.backend = model, baseline, backend
     text = markdown(results, args)
     print(json.dumps(results) if args.json else text)

@@ -457,9 +457,8 @@ def append_results(rows: dict[str, dict], args: argparse.Namespace, workload_nam
         table(rows),
     ]
     ll = rows.get("llama-server")
-    for name, k in rows.items():
-        if not name.startswith("kvpage") or ll is None:
-            continue
+    kvpage_rows = {name: k for name, k in rows.items() if name.startswith("kvpage")} if ll else {}
+    for name, k in kvpage_rows.items():
         if ll["output_tok_s"] and k["ttft_p50_s"] and ll["ttft_p50_s"]:
             section.append(
                 f"\n{name} / llama-server: output tok/s x{k['output_tok_s'] / ll['output_tok_s']:.2f}, "

@@ -186,24 +186,7 @@ def test_int8_activations_round_every_4_bit_layer_input(name, tmp_path, monkeypa
     assert changed == len(calls)  # the rounding shows in every call
 
 
-def test_int8_decode_steps_run_fused_and_bit_identical(tmp_path, monkeypatch):
-    """The fused decoder stack multiplies int8 activations as the layer modules do."""
-    if reason := fused_stack_unavailable():
-        pytest.skip(f"fused decoder unavailable: {reason}")
-    folder, _ = quantized_checkpoint("gptq-4bit-sym-g128-actorder-llama", tmp_path, None)
-    loaded = load_model(str(folder), dtype="float32", int8_activations=True)
-    prompts = random_prompts(PROMPT_LENGTHS, loaded.config.vocab_size)
-    runs = {}
-    for fused in (True, False):
-        monkeypatch.setenv(fused_decode.ENV_VAR, "1" if fused else "0")
-        driver = PagedGreedyDriver(loaded, block_size=4)
-        seqs = driver.generate(prompts, NEW_TOKENS, prefill_chunks=2, stagger=True)
-        assert (loaded.model.model.fused_decoder(driver.kv_caches) is not None) == fused
-        runs[fused] = [(s.tokens, s.logprobs) for s in seqs]
-    assert runs[True] == runs[False]
-
-
-def test_int8_activations_need_4_bit_layers(tmp_path, caplog):
+def test_int8_activations_need_4_bit_layers(tmp_path):
     folder, _ = quantized_checkpoint("gptq-8bit-sym-g32-actorder-qwen2", tmp_path, None)
     with pytest.raises(ModelLoadError, match="int8 activations apply to 4-bit weights"):
         load_model(str(folder), dtype="float32", int8_activations=True)
@@ -216,13 +199,15 @@ def fused_stack_unavailable() -> str | None:
     return fused_decoder.unavailable_reason(fused_decoder.WeightFormat.QUANTIZED)
 
 
-def test_fp32_decode_steps_run_fused_and_bit_identical(tmp_path, monkeypatch):
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_fp32_decode_steps_run_fused_and_bit_identical(tmp_path, monkeypatch, int8_activations):
     """Decode steps of a low-bit fp32 model run through the fused decoder stack, with the
-    same tokens and logprobs as the layer modules (act-order weights, chunked prefill)."""
+    same tokens and logprobs as the layer modules (act-order weights, chunked prefill), with
+    fp32 activations and with int8 ones."""
     if reason := fused_stack_unavailable():
         pytest.skip(f"fused decoder unavailable: {reason}")
     folder, _ = quantized_checkpoint("gptq-4bit-sym-g128-actorder-llama", tmp_path, None)
-    loaded = load_model(str(folder), dtype="float32")
+    loaded = load_model(str(folder), dtype="float32", int8_activations=int8_activations)
     prompts = random_prompts(PROMPT_LENGTHS, loaded.config.vocab_size)
     runs = {}
     for fused in (True, False):
