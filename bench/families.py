@@ -5,8 +5,8 @@ query and 3 KV heads, intermediate size 1536, its vocabulary and tokenizer; Qwen
 experts of 256 per layer, two per token; Gemma with head_dim 64), saved as safetensors, goes through
 bench/throughput.py in fp32 (64 chat prompts x 128 tokens, greedy, ignore_eos; kvpage's
 better of two rounds against transformers' best static batch), in a process of its own, one
-family after another. Also reported: whether the family's decode steps run in the fused CPU
-decode stack (and what keeps them out of it).
+family after another. Also reported: whether the family's decode steps ran in the fused CPU
+decode stack.
 
     python bench/families.py [--quick] [--json] [--results bench/RESULTS.md] [--families a,b]
 """
@@ -22,8 +22,6 @@ from pathlib import Path
 import report as report_tools
 import torch
 import transformers
-from kvpage_runtime.loaders.hf import read_json
-from kvpage_runtime.loaders.hf_config import model_config_from_hf
 
 SHAPE = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
              num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
@@ -56,11 +54,6 @@ def save_family(name: str, folder: Path, tokenizer) -> Path:
     return folder
 
 
-def fused_path(folder: Path) -> str:
-    config = model_config_from_hf(read_json(folder / "config.json", "config"), torch.float32)
-    return "no: the experts' layers run one by one" if config.num_experts else "yes"
-
-
 def run_family(name: str, folder: Path, quick: bool) -> dict:
     command = [sys.executable, str(Path(__file__).with_name("throughput.py")), "--model",
                str(folder), "--dtypes", "fp32", "--json"] + (["--quick"] if quick else [])
@@ -69,7 +62,7 @@ def run_family(name: str, folder: Path, quick: bool) -> dict:
     fp32 = report["fp32"]
     return {"family": name, "kvpage_tok_s": fp32["kvpage_tok_s"],
             "hf_best_static_tok_s": max(fp32["hf_static16_tok_s"], fp32["hf_batch64_tok_s"]),
-            "ratio": fp32["ratio_vs_hf_best_static"], "fused_decode": fused_path(folder),
+            "ratio": fp32["ratio_vs_hf_best_static"], "fused_decode": "yes" if fp32["fused_decode"] else "no",
             "versions": report["versions"]}
 
 

@@ -91,6 +91,13 @@ def flops_per_token(llm: LLM) -> float:
     return 2.0 * (params - embed + lm_head_extra)
 
 
+def fused_decode_used(llm: LLM) -> bool:
+    """Whether the decode steps ran through the fused decoder stack."""
+    runner = llm.engine.runner
+    fused_decoder = getattr(getattr(runner.model, "model", None), "fused_decoder", None)
+    return fused_decoder is not None and fused_decoder(runner.kv_caches) is not None
+
+
 def hf_model(dtype: torch.dtype, target: Target) -> transformers.PreTrainedModel:
     """The model in transformers: a folder as it is, the default GGUF dequantized (no
     accelerate needed this way)."""
@@ -151,6 +158,7 @@ def run_kvpage(dtype_name: str, prompts: list[list[int]], max_tokens: int,
         "steps": timings.steps,
         "step_ms": 1e3 * timings.total / max(timings.steps, 1),
         "split": {k: round(v, 4) for k, v in timings.split().items()},
+        "fused_decode": fused_decode_used(llm),
         "num_preemptions": engine.num_preemptions,
         "kv_blocks": engine.cache.num_blocks,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -203,6 +211,7 @@ def run_dtype(name: str, prompts: list[list[int]], s: Slice, pad_id: int,
         "steps": kv["steps"],
         "overhead_split": kv["split"],
         "num_preemptions": kv["num_preemptions"],
+        "fused_decode": kv["fused_decode"],
     }
 
 

@@ -19,6 +19,7 @@ from kvpage_kernels import (
     paged_attention,
     rms_norm,
     rotary_embedding,
+    route_experts,
     select_backend,
     silu_and_mul,
     write_kv,
@@ -354,3 +355,43 @@ def test_argmax_checks_its_input():
         argmax(torch.randn(3))
     with pytest.raises(KernelInputError, match="x must be"):
         argmax(torch.randn(3, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("num_experts, top_k", [(1, 1), (8, 2), (60, 4), (128, 8)])
+def test_route_experts_picks_the_softmax_top_k_like_torch(cpu_tier, dtype, normalize,
+                                                          num_experts, top_k):
+    seed = num_experts * 10 + top_k
+    wide = torch.randn(37, num_experts + 3, generator=torch.Generator().manual_seed(seed))
+    logits = (4 * wide).to(dtype)[:, :num_experts]  # strided rows
+    weights, experts = route_experts(logits, top_k, normalize, backend="cpu")
+    expected_weights, _ = route_experts(logits, top_k, normalize, backend="torch")
+    assert weights.dtype == torch.float32 and experts.dtype == torch.int64
+    torch.testing.assert_close(weights, expected_weights, rtol=2e-6, atol=1e-7,
+                               msg=lambda m: f"seed {seed}: {m}")
+    # the experts are those weights' own (bf16 logits tie often: torch.topk orders ties its
+    # own way), distinct, and equal weights go to the lower expert first
+    probs = torch.softmax(logits.float(), dim=-1).gather(1, experts)
+    if normalize:
+        probs = probs / probs.sum(-1, keepdim=True)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(37), rtol=1e-6, atol=0)
+    torch.testing.assert_close(probs, weights, rtol=2e-6, atol=1e-7)
+    assert all(len(set(row)) == top_k for row in experts.tolist())
+    tied = weights[:, 1:] == weights[:, :-1]
+    assert (experts[:, 1:] > experts[:, :-1])[tied].all()
+
+
+def test_route_experts_breaks_ties_by_the_lower_expert_and_spreads_nan(cpu_tier):
+    logits = torch.tensor([[1.0, 3.0, 2.0, 3.0], [0.0, float("nan"), 5.0, 1.0]])
+    weights, experts = route_experts(logits, 2, False, backend="cpu")
+    # a NaN logit makes every probability of its row NaN: they tie, lowest experts first
+    assert experts.tolist() == [[1, 3], [0, 1]]
+    assert weights[0, 0] == weights[0, 1] and weights[1].isnan().all()
+
+
+def test_route_experts_checks_its_input():
+    with pytest.raises(KernelInputError, match="1 <= top_k <= num_experts"):
+        route_experts(torch.randn(3, 4), 5)
+    with pytest.raises(KernelInputError, match="logits must be"):
+        route_experts(torch.randn(4), 1)

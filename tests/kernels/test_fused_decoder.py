@@ -85,6 +85,40 @@ class Stack:
     layers: list[DecoderLayerWeights]
 
 
+def test_bad_experts_are_named():
+    gen = torch.Generator().manual_seed(4)
+    shape = DecoderShape(64, 64, num_heads=2, num_kv_heads=1, head_dim=32, rms_norm_eps=1e-6,
+                         num_experts=3, top_k=2, expert_intermediate_size=16)
+    layer = make_stack(shape, 1, 8, 4, False, gen).layers[0]
+
+    def packed(out_features: int, in_features: int) -> PackedWeight:
+        return pack_weight(torch.randn(out_features, in_features, generator=gen))
+
+    experts = [(packed(32, 64), packed(64, 16)) for _ in range(3)]
+    moe = DecoderLayerWeights(**{**vars(layer), "gate_up": None, "down": None,
+                                 "router": packed(3, 64), "experts": experts})
+    FusedDecoder(shape, [moe, layer])  # a dense layer among them is fine
+
+    def with_(**changes) -> list[DecoderLayerWeights]:
+        return [DecoderLayerWeights(**{**vars(moe), **changes})]
+
+    with pytest.raises(KernelInputError, match=r"num_experts \(3\) experts.* got 2 experts"):
+        FusedDecoder(shape, with_(experts=experts[:2]))
+    with pytest.raises(KernelInputError, match="no gate_up or down"):
+        FusedDecoder(shape, with_(gate_up=layer.gate_up))
+    with pytest.raises(KernelInputError, match="give gate_up and down, or a router and experts"):
+        FusedDecoder(shape, with_(router=None))
+    with pytest.raises(KernelInputError, match=r"experts\[1\].down must be \[out, in\] = "
+                                               r"\[64, 16\], got \[64, 8\]"):
+        FusedDecoder(shape, with_(experts=[experts[0], (experts[1][0], packed(64, 8)),
+                                           experts[2]]))
+    with pytest.raises(KernelInputError, match="layer 1: its router is not PANELS"):
+        FusedDecoder(shape, [moe, *with_(router=mkl_pack(torch.randn(3, 64)))])
+    with pytest.raises(KernelInputError, match="a mixture of experts takes no LoRA weights"):
+        lora = LoRAWeights(torch.zeros(2, 4, 64), [torch.zeros(2, 32, 4)])
+        FusedDecoder(shape, with_(lora=(None, None, lora, None)))
+
+
 def make_stack(shape: DecoderShape, num_layers: int, num_blocks: int, block_size: int,
                bias: bool, gen: torch.Generator,
                weight_format: WeightFormat = WeightFormat.PANELS) -> Stack:

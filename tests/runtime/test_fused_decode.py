@@ -27,6 +27,11 @@ CONFIGS = {
     "qwen2": transformers.Qwen2Config(**TINY, tie_word_embeddings=True),  # QKV bias
     "mistral": transformers.MistralConfig(**TINY, sliding_window=6),
     "mixtral": transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2),
+    # three of six experts per token, their weights left as the softmax gives them; layer 1
+    # a dense MLP
+    "qwen3-moe": transformers.Qwen3MoeConfig(**TINY, head_dim=16, num_experts=6,
+                                             num_experts_per_tok=3, moe_intermediate_size=48,
+                                             norm_topk_prob=False, mlp_only_layers=[1]),
     "qwen3": transformers.Qwen3Config(**TINY, head_dim=16),  # norms on each q and k head
     "olmo2": transformers.Olmo2Config(**TINY),  # norms after the blocks, q/k norms over all
     "granite": transformers.GraniteConfig(**TINY, embedding_multiplier=6.0,
@@ -79,11 +84,10 @@ def test_fused_decode_is_bit_identical(family, tmp_path, monkeypatch):
     fused, used = greedy(loaded, prompts, True, monkeypatch)
     plain, used_when_off = greedy(loaded, prompts, False, monkeypatch)
     assert fused == plain
-    assert not used_when_off
-    assert used == (family != "mixtral")  # experts keep the per-layer path
+    assert used and not used_when_off
 
 
-@pytest.mark.parametrize("family", ["llama", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "olmo2", "qwen3-moe"])
 def test_fp32_on_the_avx2_tier_is_bit_identical(family, tmp_path, monkeypatch):
     monkeypatch.setenv(cpu_isa.ENV_VAR, "avx2")
     loaded = load_model(str(save_tiny_model(CONFIGS[family], tmp_path)), dtype=torch.float32)
@@ -110,7 +114,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("tier", ["detected", "avx2"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2", "granite", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "olmo2", "granite", "gemma3",
+                                    "mixtral"])
 def test_bf16_decode_agrees_to_bf16_rounding(family, tier, tmp_path, monkeypatch):
     """On the avx2 tier the modules multiply by plain bf16 weights (no oneDNN packs)."""
     if tier != "detected":

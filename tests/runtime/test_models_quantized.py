@@ -200,13 +200,16 @@ def fused_stack_unavailable() -> str | None:
 
 
 @pytest.mark.parametrize("int8_activations", [False, True])
-def test_fp32_decode_steps_run_fused_and_bit_identical(tmp_path, monkeypatch, int8_activations):
+@pytest.mark.parametrize("name", ["gptq-4bit-sym-g128-actorder-llama",
+                                  "gptq-4bit-asym-g128-qwen3-moe"])
+def test_fp32_decode_steps_run_fused_and_bit_identical(name, tmp_path, monkeypatch,
+                                                        int8_activations):
     """Decode steps of a low-bit fp32 model run through the fused decoder stack, with the
-    same tokens and logprobs as the layer modules (act-order weights, chunked prefill), with
-    fp32 activations and with int8 ones."""
+    same tokens and logprobs as the layer modules (act-order weights, chunked prefill; low-bit
+    experts behind a dense router), with fp32 activations and with int8 ones."""
     if reason := fused_stack_unavailable():
         pytest.skip(f"fused decoder unavailable: {reason}")
-    folder, _ = quantized_checkpoint("gptq-4bit-sym-g128-actorder-llama", tmp_path, None)
+    folder, _ = quantized_checkpoint(name, tmp_path, None)
     loaded = load_model(str(folder), dtype="float32", int8_activations=int8_activations)
     prompts = random_prompts(PROMPT_LENGTHS, loaded.config.vocab_size)
     runs = {}

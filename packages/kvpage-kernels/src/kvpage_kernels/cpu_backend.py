@@ -192,6 +192,8 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvpage_rms_norm.restype = ctypes.c_int
     lib.kvpage_argmax.argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
     lib.kvpage_argmax.restype = ctypes.c_int
+    lib.kvpage_route_experts.argtypes = [_i32, _ptr, _i64, _i64, _i64, _i64, _i32, _ptr, _ptr]
+    lib.kvpage_route_experts.restype = ctypes.c_int
     for name in ("kvpage_silu_and_mul", "kvpage_gelu_tanh_and_mul"):
         getattr(lib, name).argtypes = [_i32, _ptr, _i64, _ptr, _i64, _i64]
         getattr(lib, name).restype = ctypes.c_int
@@ -417,6 +419,18 @@ def argmax(x):
     library().kvpage_argmax(_DTYPE_CODES[x.dtype], x.data_ptr(), x.stride(0), out.data_ptr(),
                             x.shape[0], x.shape[1])
     return out
+
+
+def route_experts(logits, top_k, normalize):
+    if not _rows(logits):
+        return layer_ops.route_experts(logits, top_k, normalize)
+    rows = logits.shape[0]
+    weights = torch.empty(rows, top_k, dtype=torch.float32)
+    experts = torch.empty(rows, top_k, dtype=torch.int64)
+    library().kvpage_route_experts(_DTYPE_CODES[logits.dtype], logits.data_ptr(),
+                                   logits.stride(0), rows, logits.shape[1], top_k, normalize,
+                                   weights.data_ptr(), experts.data_ptr())
+    return weights, experts
 
 
 def _slot_outside(slots: torch.Tensor, bad: int, num_slots: int) -> KernelInputError:

@@ -35,6 +35,13 @@ than head_dim ** -0.5 and a ``residual_multiplier`` on each block's output (Gran
 and the attention scores' ``softcap`` (Gemma 2). Each layer says whether it slides
 (``DecoderLayerWeights.sliding``, within ``DecoderShape.sliding_window``) and whether it
 rotates by the step's local cos and sin (``local_rope``, Gemma 3's sliding layers).
+
+A layer's MLP may be a mixture of experts instead (``DecoderLayerWeights.router`` and
+``experts``, with ``DecoderShape.num_experts``, ``top_k``, ``normalize_top_k`` and
+``expert_intermediate_size``), computed op for op as the runtime's ``SparseMoE``: the router's
+GEMM (its weight may be in a format of its own: it stays dense where the experts are low-bit),
+``route_experts``, the (token, choice) pairs grouped by expert, each expert's SiLU-gated MLP over
+its pairs with the layers' GEMM, and each token's choices mixed by their weights in fp32.
 """
 
 from __future__ import annotations
@@ -85,6 +92,10 @@ class DecoderShape:
     activation: str = "silu"  # or "gelu_tanh"
     softcap: float | None = None
     rotary_dim: int | None = None  # None: head_dim; fewer: partial rotary (cos, sin (rotary_dim + 1) // 2 wide)
+    num_experts: int = 0  # of the mixture-of-experts layers; 0: none
+    top_k: int = 0  # experts per token
+    normalize_top_k: bool = True  # the top_k weights renormalized to sum to 1
+    expert_intermediate_size: int = 0
 
 
 @dataclass
@@ -96,15 +107,17 @@ class DecoderLayerWeights:
     head_dim]. With norms after the blocks there is no ``input_norm`` and a
     ``post_feedforward_norm``, with norms around them both and a ``pre_feedforward_norm``;
     ``q_norm`` and ``k_norm`` are [head_dim] per head or [num_heads * head_dim] and
-    [num_kv_heads * head_dim] over the projections."""
+    [num_kv_heads * head_dim] over the projections. A mixture-of-experts layer has no
+    ``gate_up`` and ``down`` but a ``router`` [num_experts, hidden] (dense, in a format of its
+    own) and ``experts``, each expert's (gate_up, down) in the layers' format."""
 
     input_norm: torch.Tensor | None
     qkv: Weight
     qkv_bias: torch.Tensor | None
     o: Weight
     post_attention_norm: torch.Tensor
-    gate_up: Weight
-    down: Weight
+    gate_up: Weight | None
+    down: Weight | None
     k_cache: torch.Tensor
     v_cache: torch.Tensor
     lora: tuple[LoRAWeights | None, ...] | None = None  # qkv, o, gate_up, down
@@ -114,6 +127,16 @@ class DecoderLayerWeights:
     post_feedforward_norm: torch.Tensor | None = None
     sliding: bool = True  # within the shape's sliding_window, if it has one
     local_rope: bool = False
+    router: Weight | None = None
+    experts: list[tuple[Weight, Weight]] | None = None
+
+    @property
+    def projections(self) -> list[Weight]:
+        """The weights multiplied in the layers' format: qkv, o, then gate_up and down or each
+        expert's."""
+        mlp = [self.gate_up, self.down] if self.experts is None else [
+            t for pair in self.experts for t in pair]
+        return [self.qkv, self.o, *mlp]
 
 
 @dataclass
@@ -134,7 +157,8 @@ class _Shape(ctypes.Structure):
                 ("window", _i32), ("weight_format", _i32), ("lora_num_slots", _i64),
                 ("lora_rank", _i64), ("residual_multiplier", _f32), ("qk_norm", _i32),
                 ("norm_placement", _i32), ("activation", _i32), ("softcap", _f32),
-                ("rotary_half", _i64)]
+                ("rotary_half", _i64), ("num_experts", _i64), ("top_k", _i64),
+                ("expert_intermediate", _i64), ("normalize_top_k", _i32), ("router_format", _i32)]
 
 # DecoderShape's options -> the C side's codes
 _QK_NORMS = {None: 0, "head": 1, "full": 2}
@@ -159,7 +183,7 @@ class _LoRAProjection(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [*((name, _ptr) for name in _LAYER_TENSORS), ("lora", _LoRAProjection * 4),
-                ("sliding", _i32), ("local_rope", _i32)]
+                ("sliding", _i32), ("local_rope", _i32), ("router", _ptr), ("experts", _ptr)]
 
 
 class _Step(ctypes.Structure):
@@ -234,10 +258,11 @@ class FusedDecoder:
     """
 
     def __init__(self, shape: DecoderShape, layers: list[DecoderLayerWeights]) -> None:
-        self.weight_format = _check_layers(shape, layers)
-        reason = unavailable_reason(self.weight_format)
-        if reason is not None:
-            raise KernelBackendUnavailable(reason)
+        self.weight_format, router_format = _check_layers(shape, layers)
+        for weight_format in {self.weight_format, router_format} - {None}:
+            reason = unavailable_reason(weight_format)
+            if reason is not None:
+                raise KernelBackendUnavailable(reason)
         self.shape = shape
         self._layers = layers
         cache = layers[0].k_cache
@@ -253,12 +278,17 @@ class FusedDecoder:
             shape.sliding_window or 0, self.weight_format, self.lora_num_slots, self.lora_rank,
             shape.residual_multiplier, _QK_NORMS[shape.qk_norm],
             _NORM_PLACEMENTS[shape.norm_placement], _ACTIVATIONS[shape.activation],
-            shape.softcap or 0.0, ((shape.rotary_dim or shape.head_dim) + 1) // 2)
+            shape.softcap or 0.0, ((shape.rotary_dim or shape.head_dim) + 1) // 2,
+            shape.num_experts, shape.top_k, shape.expert_intermediate_size,
+            shape.normalize_top_k, -1 if router_format is None else router_format)
+        if router_format == WeightFormat.MKL_PACKED:
+            self._shape.sgemm_compute = _mkl_function("SGEMM_COMPUTE")
         self._matrices: list[cpu_backend.QuantizedMatrix] = []  # what _c_layers points to
+        self._expert_tables: list[ctypes.Array] = []  # likewise
         self._c_layers = (_Layer * len(layers))(*[
             _Layer(*(self._address(getattr(w, name)) for name in _LAYER_TENSORS),
                    (_LoRAProjection * 4)(*map(_lora_projection, w.lora or (None,) * 4)),
-                   w.sliding, w.local_rope)
+                   w.sliding, w.local_rope, self._address(w.router), self._expert_table(w))
             for w in layers])
         self.local_rope = any(w.local_rope for w in layers)
 
@@ -273,6 +303,16 @@ class FusedDecoder:
             return _address(t)
         self._matrices.append(cpu_backend.quantized_matrix(t))
         return ctypes.addressof(self._matrices[-1])
+
+    def _expert_table(self, w: DecoderLayerWeights) -> int | None:
+        """The address of the layer's experts' weights, gate_up and down for each in turn
+        (kept alive here), or None for a layer without experts."""
+        if w.experts is None:
+            return None
+        table = (_ptr * (2 * len(w.experts)))(*(self._address(t) for pair in w.experts
+                                                for t in pair))
+        self._expert_tables.append(table)
+        return ctypes.addressof(table)
 
     def __call__(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
@@ -351,6 +391,9 @@ def _check_lora(shape: DecoderShape, layers: list[DecoderLayerWeights],
                 (shape.intermediate_size, shape.hidden_size)]  # (in, out) of each projection
     found = [(i, w, features[j]) for i, layer in enumerate(layers)
              for j, w in enumerate(layer.lora or ()) if w is not None]
+    for i, layer in enumerate(layers):
+        if layer.experts is not None and any(w is not None for w in (layer.lora or ())[2:]):
+            raise KernelInputError(f"layer {i}: a mixture of experts takes no LoRA weights")
     if not found:
         return 0, 0
     num_slots, rank = found[0][1].a.shape[0], found[0][1].b[0].shape[2]
@@ -370,9 +413,10 @@ def _check_lora(shape: DecoderShape, layers: list[DecoderLayerWeights],
     return num_slots, rank
 
 
-def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> WeightFormat:
-    """The layers' one weight format; raises KernelInputError naming the first layer whose
-    tensors do not fit."""
+def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights],
+                  ) -> tuple[WeightFormat, WeightFormat | None]:
+    """The layers' one weight format and their routers' (None: no mixture of experts); raises
+    KernelInputError naming the first layer whose tensors do not fit."""
     if not layers:
         raise KernelInputError("the fused decoder needs at least one layer")
     if shape.num_heads % shape.num_kv_heads != 0:
@@ -386,18 +430,24 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
     dtype = layers[0].post_attention_norm.dtype
     if dtype not in _DTYPE_CODES:
         raise KernelInputError(f"the fused decoder runs in fp32 or bf16, not {dtype}")
-    weight_format = _weight_format(0, dtype, layers[0])
+    for i, w in enumerate(layers):
+        _check_projections(shape, i, w)
+    weight_format = _weight_format(0, dtype, layers[0].projections)
+    routers = [(i, w.router) for i, w in enumerate(layers) if w.router is not None]
+    router_format = _weight_format(routers[0][0], dtype, [routers[0][1]]) if routers else None
     cache_shape = layers[0].k_cache.shape
     for i, w in enumerate(layers):
-        if _weight_format(i, dtype, w) != weight_format:
+        if _weight_format(i, dtype, w.projections) != weight_format:
             raise KernelInputError(f"layer {i}: its weights are not {weight_format.name} like "
                                    "layer 0's: every layer takes one format")
-        _check_projections(shape, i, w)
+        if w.router is not None and _weight_format(i, dtype, [w.router]) != router_format:
+            raise KernelInputError(f"layer {i}: its router is not {router_format.name} like "
+                                   "the first router: every router takes one format")
         plain = [*_checked_norms(shape, i, w), w.k_cache, w.v_cache]
         if w.qkv_bias is not None:
             plain.append(w.qkv_bias)
         if weight_format == WeightFormat.BF16:
-            plain += [w.qkv, w.o, w.gate_up, w.down]
+            plain += [*w.projections, *([] if w.router is None else [w.router])]
         if not all(t.device.type == "cpu" and t.dtype == dtype and not t.is_mkldnn
                    and t.is_contiguous() for t in plain):
             raise KernelInputError(f"layer {i}: norms, bias, KV caches (and bf16 weights) must be "
@@ -408,7 +458,7 @@ def _check_layers(shape: DecoderShape, layers: list[DecoderLayerWeights]) -> Wei
                 f"layer {i}: KV caches must be [num_blocks, block_size, {shape.num_kv_heads}, "
                 f"{shape.head_dim}] like layer 0's {list(cache_shape)}, got "
                 f"{list(w.k_cache.shape)} and {list(w.v_cache.shape)}")
-    return weight_format
+    return weight_format, router_format
 
 
 def _checked_norms(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> list[torch.Tensor]:
@@ -434,9 +484,8 @@ def _checked_norms(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> list[
     return norms
 
 
-def _weight_format(i: int, dtype: torch.dtype, w: DecoderLayerWeights) -> WeightFormat:
-    """Layer i's weight format, told by its projection weights' type and dtype."""
-    weights = [w.qkv, w.o, w.gate_up, w.down]
+def _weight_format(i: int, dtype: torch.dtype, weights: list[Weight]) -> WeightFormat:
+    """The one format of layer i's weights, told by their type and dtype."""
     quantized = [isinstance(t, QuantizedPanels) for t in weights]
     if dtype == torch.float32 and all(quantized):
         for t in weights:
@@ -460,14 +509,34 @@ def _weight_format(i: int, dtype: torch.dtype, w: DecoderLayerWeights) -> Weight
 
 
 def _check_projections(shape: DecoderShape, i: int, w: DecoderLayerWeights) -> None:
-    """Each projection weight is [out, in] for the shape (an MKL pack hides its own)."""
+    """The layer has a gated MLP or (with the shape's experts) a mixture of experts, and each
+    projection weight is [out, in] for the shape (an MKL pack hides its own)."""
     d, hidden = shape.head_dim, shape.hidden_size
     expected = {"qkv": ((shape.num_heads + 2 * shape.num_kv_heads) * d, hidden),
-                "o": (hidden, shape.num_heads * d),
-                "gate_up": (2 * shape.intermediate_size, hidden),
-                "down": (hidden, shape.intermediate_size)}
+                "o": (hidden, shape.num_heads * d)}
+    weights = {"qkv": w.qkv, "o": w.o}
+    moe = w.router is not None and w.experts is not None
+    if moe and not (shape.num_experts == len(w.experts) and 1 <= shape.top_k <= len(w.experts)
+                    and w.gate_up is None and w.down is None):
+        raise KernelInputError(
+            f"layer {i}: a mixture of experts needs the shape's num_experts "
+            f"({shape.num_experts}) experts, 1 <= top_k ({shape.top_k}) <= num_experts and no "
+            f"gate_up or down, got {len(w.experts)} experts")
+    if moe:
+        inner = shape.expert_intermediate_size
+        expected["router"], weights["router"] = (shape.num_experts, hidden), w.router
+        for e, (gate_up, down) in enumerate(w.experts):
+            expected[f"experts[{e}].gate_up"] = (2 * inner, hidden)
+            expected[f"experts[{e}].down"] = (hidden, inner)
+            weights[f"experts[{e}].gate_up"], weights[f"experts[{e}].down"] = gate_up, down
+    elif w.router is None and w.experts is None and w.gate_up is not None and w.down is not None:
+        expected["gate_up"] = (2 * shape.intermediate_size, hidden)
+        expected["down"] = (hidden, shape.intermediate_size)
+        weights["gate_up"], weights["down"] = w.gate_up, w.down
+    else:
+        raise KernelInputError(f"layer {i}: give gate_up and down, or a router and experts")
     for name, features in expected.items():
-        weight = getattr(w, name)
+        weight = weights[name]
         if isinstance(weight, PackedWeight | QuantizedPanels):
             actual = (weight.out_features, weight.in_features)
         elif weight.is_mkldnn:

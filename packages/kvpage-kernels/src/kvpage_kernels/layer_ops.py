@@ -1,5 +1,5 @@
-"""The elementwise ops of a Llama layer, the packed linear, the greedy argmax and the LoRA
-ops, in plain torch (any device).
+"""The elementwise ops of a Llama layer, the packed linear, the greedy argmax, the experts'
+routing and the LoRA ops, in plain torch (any device).
 
 They are what every backend serves unless it has its own (the cpu backend fuses them);
 ``ops`` dispatches to a backend's version when it defines one, else to these.
@@ -68,6 +68,15 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """Row-wise index of the first maximum (max().indices: several times faster than argmax
     on the CPU)."""
     return x.max(dim=-1).indices
+
+
+def route_experts(logits: torch.Tensor, top_k: int,
+                  normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in fp32, torch.topk, then each row's weights divided by their sum."""
+    weights, experts = torch.topk(torch.softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
 
 
 def _slot_rows(token_slots: torch.Tensor) -> list[tuple[int, torch.Tensor]]:

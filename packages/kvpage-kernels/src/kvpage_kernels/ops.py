@@ -412,6 +412,19 @@ def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     return _layer_op(x.device, backend, "argmax")(x)
 
 
+def route_experts(logits: torch.Tensor, top_k: int, normalize: bool = True, *,
+                  backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A mixture of experts' routing of each row of logits [rows, num_experts]: the top_k
+    largest softmax probabilities (computed in fp32) in descending order, renormalized to sum
+    to 1 when ``normalize``, and their experts; returns (weights fp32, experts int64), both
+    [rows, top_k]. A NaN ranks above every number, as in torch.topk; equal probabilities take
+    the lower expert first on the cpu backend (torch.topk does not say which)."""
+    _check(logits.dim() == 2 and 1 <= top_k <= logits.shape[1],
+           lambda: f"logits must be [rows, num_experts] with 1 <= top_k <= num_experts, got "
+                   f"{tuple(logits.shape)} and top_k {top_k}")
+    return _layer_op(logits.device, backend, "route_experts")(logits, top_k, normalize)
+
+
 LORA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

@@ -765,6 +765,62 @@ extern "C" int kvpage_argmax(int32_t dtype, const void* x, int64_t row_stride, i
     });
 }
 
+// ---- routing tokens to experts ---------------------------------------------------------------
+
+// Whether probability a ranks above b: the larger, a NaN above any number (as torch.topk).
+inline bool ranks_above(float a, float b) { return a > b || (a != a && b == b); }
+
+// One row of router logits [experts]: softmax in fp32 into probs, then the top_k largest
+// probabilities in descending order (ties: the lower expert first) into weights and ids,
+// renormalized to sum to 1 when `normalize` (each divided by their sum, added in order).
+template <typename T>
+void route_row(const T* logits, int64_t experts, int64_t top_k, bool normalize, float* probs,
+               float* weights, int64_t* ids) {
+    float max_logit = to_float(logits[0]);
+    for (int64_t e = 1; e < experts; ++e) max_logit = std::max(max_logit, to_float(logits[e]));
+    float sum = 0.f;
+    for (int64_t e = 0; e < experts; ++e) {
+        probs[e] = std::exp(to_float(logits[e]) - max_logit);
+        sum += probs[e];
+    }
+    for (int64_t e = 0; e < experts; ++e) probs[e] /= sum;
+    for (int64_t c = 0; c < top_k; ++c) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < experts; ++e) {
+            bool taken = false;
+            for (int64_t i = 0; i < c; ++i) taken = taken || ids[i] == e;
+            if (!taken && (best < 0 || ranks_above(probs[e], probs[best]))) best = e;
+        }
+        ids[c] = best;
+        weights[c] = probs[best];
+    }
+    if (!normalize) return;
+    float total = 0.f;
+    for (int64_t c = 0; c < top_k; ++c) total += weights[c];
+    for (int64_t c = 0; c < top_k; ++c) weights[c] /= total;
+}
+
+// route_row for each of `rows` rows of logits (row_stride apart) into weights and ids
+// [rows, top_k]; probs: scratch of `experts` floats.
+template <typename T>
+void route_rows(const T* logits, int64_t row_stride, int64_t rows, int64_t experts,
+                int64_t top_k, bool normalize, float* probs, float* weights, int64_t* ids) {
+    for (int64_t r = 0; r < rows; ++r)
+        route_row(logits + r * row_stride, experts, top_k, normalize, probs, weights + r * top_k,
+                  ids + r * top_k);
+}
+
+extern "C" int kvpage_route_experts(int32_t dtype, const void* logits, int64_t row_stride,
+                                    int64_t rows, int64_t experts, int64_t top_k,
+                                    int32_t normalize, float* weights, int64_t* ids) {
+    std::vector<float> probs(experts);
+    return with_dtype(dtype, [&](auto* tag) {
+        using T = std::remove_pointer_t<decltype(tag)>;
+        route_rows(static_cast<const T*>(logits), row_stride, rows, experts, top_k,
+                   normalize != 0, probs.data(), weights, ids);
+    });
+}
+
 // ---- elementwise ops of a Llama layer, rounding to T where the unfused torch ops round -----
 //
 // A row runs in whole vectors where the build has vector lanes; the rest of it (all of it on
@@ -2222,6 +2278,11 @@ struct DecoderLayer {  // one layer's weights (fp32: MKL-packed; bf16: plain) an
     LoRAProjection lora[4];  // qkv, o, gate_up, down
     int32_t sliding;     // whether the layer attends within DecoderShape::window
     int32_t local_rope;  // whether it rotates by DecodeStep's local cos and sin
+    // A mixture of experts instead of gate_up and down (null: none): the router [num_experts,
+    // hidden] in DecoderShape::router_format, and each expert's gate_up and down weights,
+    // experts[2 e] and experts[2 e + 1], in the layers' format.
+    const void* router;
+    const void* const* experts;
 };
 
 // DecoderShape::weight_format, fused_decoder.WeightFormat: 0 fp32 MKL packs (sgemm_compute),
@@ -2251,6 +2312,11 @@ struct DecoderShape {
     int32_t activation;  // kSilu or kGeluTanh
     float softcap;       // of the attention scores; 0: none
     int64_t rotary_half;  // rotated pairs of each head: head_dim / 2, fewer for partial rotary
+    // Mixture-of-experts layers (0 experts: none): each token's top_k experts of
+    // expert_intermediate, their weights renormalized when normalize_top_k; the router's
+    // weight format (it stays dense where the experts are low-bit).
+    int64_t num_experts, top_k, expert_intermediate;
+    int32_t normalize_top_k, router_format;
 };
 
 struct DecodeStep {  // this step's batch: one new token per sequence
@@ -2269,17 +2335,17 @@ struct DecodeStep {  // this step's batch: one new token per sequence
     int64_t local_cs_stride;
 };
 
-// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32: packed_linear on panels (fp32 or
-// low-bit), or as torch's mkl_linear computes it on an MKL pack (W packed as the B matrix of a
-// row-major GEMM, column-major out^T = W x^T, the bias copied into every row first and added
-// with beta = 1).
-void linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k, const void* w,
-            const void* bias, int64_t n, float* out, float*) {
+// out[rows, n] = x[rows, k] @ W^T (+ bias), W [n, k], in fp32 with W in weight format
+// `format`: packed_linear on panels (fp32 or low-bit), or as torch's mkl_linear computes it on
+// an MKL pack (W packed as the B matrix of a row-major GEMM, column-major out^T = W x^T, the
+// bias copied into every row first and added with beta = 1).
+void linear_as(int32_t format, const DecoderShape& s, const float* x, int64_t rows, int64_t k,
+               const void* w, const void* bias, int64_t n, float* out) {
     const float* b = static_cast<const float*>(bias);
-    if (s.weight_format == kPanels)
+    if (format == kPanels)
         return packed_linear(x, k, rows, DenseWeights<float>{static_cast<const float*>(w), n, k},
                              b, out);
-    if (s.weight_format == kQuantized) {
+    if (format == kQuantized) {
         quantized_linear(*static_cast<const QuantizedMatrix*>(w), x, k, rows, b, out);
         return;
     }
@@ -2292,7 +2358,14 @@ void linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k, cons
                     &beta, out, &m32);
 }
 
-// bf16: fp32 products and sums (into acc, rows x n), the bias added in fp32, then rounded.
+// linear_as in the layers' weight format.
+void linear(const DecoderShape& s, const float* x, int64_t rows, int64_t k, const void* w,
+            const void* bias, int64_t n, float* out, float*) {
+    linear_as(s.weight_format, s, x, rows, k, w, bias, n, out);
+}
+
+// bf16 (plain weights, whatever the format): fp32 products and sums (into acc, rows x n), the
+// bias added in fp32, then rounded.
 void linear(const DecoderShape& s, const uint16_t* x, int64_t rows, int64_t k, const void* w,
             const void* bias, int64_t n, uint16_t* out, float* acc) {
     const uint16_t* b = static_cast<const uint16_t*>(bias);
@@ -2310,6 +2383,33 @@ void linear(const DecoderShape& s, const uint16_t* x, int64_t rows, int64_t k, c
         for (int64_t j = 0; j < n; ++j) out[r * n + j] = to_bf16(acc[r * n + j]);
 }
 
+// Scratch of a mixture-of-experts block: rows x top_k (row, choice) pairs.
+template <typename T>
+struct ExpertScratch {
+    std::vector<T> logits;             // [rows, num_experts]
+    std::vector<float> probs;          // [num_experts]
+    std::vector<float> weights;        // [pairs]: each pair's routing weight
+    std::vector<int64_t> ids;          // [pairs]: each pair's expert
+    std::vector<int64_t> starts;       // [num_experts + 1]: each expert's first grouped pair
+    std::vector<int64_t> position;     // [pairs]: where each pair lies once grouped by expert
+    std::vector<T> in, gate_up, act, out;  // the grouped pairs' rows through the experts
+
+    ExpertScratch(const DecoderShape& s, int64_t rows) {
+        if (s.num_experts == 0) return;
+        const int64_t pairs = rows * s.top_k, inner = s.expert_intermediate;
+        logits.resize(rows * s.num_experts);
+        probs.resize(s.num_experts);
+        weights.resize(pairs);
+        ids.resize(pairs);
+        starts.resize(s.num_experts + 1);
+        position.resize(pairs);
+        in.resize(pairs * s.hidden);
+        gate_up.resize(pairs * 2 * inner);
+        act.resize(pairs * inner);
+        out.resize(pairs * s.hidden);
+    }
+};
+
 // Scratch of one step: activations in T, plus an fp32 GEMM accumulator for bf16.
 template <typename T>
 struct Scratch {
@@ -2317,8 +2417,9 @@ struct Scratch {
     float *acc, *lora_h;
     std::unique_ptr<T[]> data;
     std::unique_ptr<float[]> acc_data, lora_data;
+    ExpertScratch<T> experts;
 
-    Scratch(const DecoderShape& s, int64_t n) {
+    Scratch(const DecoderShape& s, int64_t n) : experts(s, n) {
         const int64_t d = s.head_dim, q = s.num_heads * d, kv = s.num_kv_heads * d;
         const int64_t sizes[] = {s.hidden, q + 2 * kv, q + kv, q, 2 * s.intermediate,
                                  s.intermediate};
@@ -2336,7 +2437,11 @@ struct Scratch {
         if (std::is_same_v<T, float>) {
             acc = nullptr;
         } else {
-            acc_data.reset(new float[n * std::max(q + 2 * kv, 2 * s.intermediate)]);
+            const int64_t widest = std::max({n * (q + 2 * kv), n * 2 * s.intermediate,
+                                             n * s.num_experts,
+                                             n * s.top_k * 2 * s.expert_intermediate,
+                                             n * s.top_k * s.hidden});
+            acc_data.reset(new float[widest]);
             acc = acc_data.get();
         }
         lora_data.reset(new float[n * 3 * s.lora_rank]);  // the widest shrink: q, k and v
@@ -2423,10 +2528,64 @@ int64_t attention_block(const DecoderShape& s, const DecoderLayer& w, const Deco
     return -1;
 }
 
-// The gated MLP of the rows `in` [rows, hidden] into `out`.
+// The router's GEMM: in fp32 in its own weight format; in bf16 plain, as every bf16 weight.
+void router_linear(const DecoderShape& s, const float* x, int64_t rows, const void* w,
+                   float* out, float*) {
+    linear_as(s.router_format, s, x, rows, s.hidden, w, nullptr, s.num_experts, out);
+}
+void router_linear(const DecoderShape& s, const uint16_t* x, int64_t rows, const void* w,
+                   uint16_t* out, float* acc) {
+    linear(s, x, rows, s.hidden, w, nullptr, s.num_experts, out, acc);
+}
+
+// A mixture of experts over the rows `in` [rows, hidden] into `out`, op for op as the layer
+// module (SparseMoE) computes it: the router's logits; each row's top_k experts and weights
+// (route_rows); the (row, choice) pairs grouped by expert, in pair order within each (a stable
+// sort); each expert's SiLU-gated MLP over its pairs' rows, with the layers' GEMM; then each
+// row's sum over its choices of output times weight, in fp32 from zero in choice order,
+// rounded once.
+template <typename T>
+void moe_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b, const T* in,
+               T* out, Scratch<T>& x) {
+    const int64_t n = b.rows, k = s.top_k, h = s.hidden, inner = s.expert_intermediate;
+    ExpertScratch<T>& m = x.experts;
+    router_linear(s, in, n, w.router, m.logits.data(), x.acc);
+    route_rows(m.logits.data(), s.num_experts, n, s.num_experts, k, s.normalize_top_k != 0,
+               m.probs.data(), m.weights.data(), m.ids.data());
+    std::fill(m.starts.begin(), m.starts.end(), 0);
+    for (int64_t i = 0; i < n * k; ++i) ++m.starts[m.ids[i] + 1];
+    for (int64_t e = 0; e < s.num_experts; ++e) m.starts[e + 1] += m.starts[e];
+    std::vector<int64_t> next(m.starts.begin(), m.starts.end() - 1);
+    for (int64_t i = 0; i < n * k; ++i) {
+        m.position[i] = next[m.ids[i]]++;
+        std::memcpy(m.in.data() + m.position[i] * h, in + i / k * h, h * sizeof(T));
+    }
+    for (int64_t e = 0; e < s.num_experts; ++e) {
+        const int64_t first = m.starts[e], count = m.starts[e + 1] - first;
+        if (count == 0) continue;
+        T* gate_up = m.gate_up.data() + first * 2 * inner;
+        T* act = m.act.data() + first * inner;
+        linear(s, m.in.data() + first * h, count, h, w.experts[2 * e], nullptr, 2 * inner,
+               gate_up, x.acc);
+        act_and_mul<T, kSilu>(gate_up, 2 * inner, act, count, inner);
+        linear(s, act, count, inner, w.experts[2 * e + 1], nullptr, h, m.out.data() + first * h,
+               x.acc);
+    }
+    for (int64_t r = 0; r < n; ++r)
+        for (int64_t j = 0; j < h; ++j) {
+            float sum = 0.f;
+            for (int64_t c = 0; c < k; ++c)
+                sum += to_float(m.out[m.position[r * k + c] * h + j]) * m.weights[r * k + c];
+            store(out + r * h + j, sum);
+        }
+    scale_in_place(out, n * h, s.residual_multiplier);
+}
+
+// The layer's MLP (gated, or a mixture of experts) of the rows `in` [rows, hidden] into `out`.
 template <typename T>
 void mlp_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b, const T* in,
                T* out, Scratch<T>& x) {
+    if (w.router != nullptr) return moe_block(s, w, b, in, out, x);
     const int64_t n = b.rows;
     linear(s, in, n, s.hidden, w.gate_up, nullptr, 2 * s.intermediate, x.gate_up, x.acc);
     add_lora(s, b, w.lora[2], in, n, s.hidden, x.gate_up, 2 * s.intermediate, x.lora_h);

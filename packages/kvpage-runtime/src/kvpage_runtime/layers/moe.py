@@ -1,9 +1,10 @@
 """Sparse mixture-of-experts block (Mixtral, Qwen3-MoE): softmax router, top-k experts, their
-weights renormalized or not."""
+weights renormalized or not (the kernels' ``route_experts``)."""
 
 from __future__ import annotations
 
 import torch
+from kvpage_kernels import route_experts
 from torch import nn
 
 from kvpage_runtime.distributed.parallel import TensorParallel
@@ -51,11 +52,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids [n, k] and their fp32 weights [n, k]."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
-        if self.normalize_top_k:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, experts
+        return route_experts(self.gate(x), self.top_k, self.normalize_top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)

@@ -8,12 +8,13 @@ the plain weights, which agrees with the modules' GEMM to bf16 rounding (only on
 MKL's bf16 GEMM takes a slow path elsewhere, measured 0.6-0.75x oneDNN's per-layer decode on
 an AMD EPYC Zen 4); low-bit (quantized) weights in fp32 with the C function that
 ``packed_linear`` calls on them, bit-identical too. It is used on the CPU with the ``cpu``
-kernel backend, for the dense layers of every family the models serve, with their options
+kernel backend, for the layers of every family the models serve, with their options
 (q/k norms, norm placements, multipliers, GeGLU, soft-capping, sliding and full layers, a
-local RoPE; dense fp32 weights packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode
-steps on the layer modules); mixtures of experts (Mixtral, Qwen3-MoE), tensor parallelism,
-fp16, low-bit weights in a bf16 model, layers mixing low-bit and dense weights and prefill
-steps keep the per-layer path (logged when the stack is built).
+local RoPE, mixtures of experts (Mixtral, Qwen3-MoE) with their dense router; dense fp32
+weights packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer
+modules); tensor parallelism, fp16, low-bit weights in a bf16 model, layers mixing low-bit and
+dense weights, LoRA adapters on experts and prefill steps keep the per-layer path (logged
+when the stack is built).
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
 
 It proves itself when it is built (once per KV cache, when the engine allocates it): one
@@ -56,6 +57,7 @@ from kvpage_runtime.forward_batch import ForwardBatch
 from kvpage_runtime.layers.attention import KVCache
 from kvpage_runtime.layers.linear import Linear, UnquantizedLinearMethod
 from kvpage_runtime.layers.mlp import GatedMLP
+from kvpage_runtime.layers.moe import SparseMoE
 from kvpage_runtime.layers.packed_gemm import DTYPE_NAMES, MklPackedLinear, PanelLinear
 from kvpage_runtime.layers.quantization.low_bit import LowBitLinearMethod
 
@@ -136,13 +138,24 @@ def _weight(linear: Linear) -> torch.Tensor | PackedWeight | QuantizedPanels:
                     "(KVPAGE_CPU_WEIGHT_PACKING=0, or neither the cpu kernels nor MKL)")
 
 
+def _mlp_weights(mlp: nn.Module) -> dict:
+    """The MLP's weights as DecoderLayerWeights takes them: gate_up and down, or a mixture of
+    experts' router and experts (whose projections carry no LoRA adapters in the stack)."""
+    if type(mlp) is GatedMLP:
+        return {"gate_up": _weight(mlp.gate_up_proj), "down": _weight(mlp.down_proj)}
+    if type(mlp) is not SparseMoE:
+        raise _Declined(f"the fused stack has no {type(mlp).__name__}")
+    if any(p.lora is not None for e in mlp.experts for p in (e.gate_up_proj, e.down_proj)):
+        raise _Declined("the fused stack serves no LoRA adapters on experts")
+    return {"gate_up": None, "down": None, "router": _weight(mlp.gate),
+            "experts": [(_weight(e.gate_up_proj), _weight(e.down_proj)) for e in mlp.experts]}
+
+
 def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights:
     """The layer's tensors for the fused stack."""
     attn, mlp = layer.self_attn, layer.mlp
-    if type(mlp) is not GatedMLP:
-        raise _Declined("the fused stack has no mixture of experts")
-    qkv, o, gate_up, down = (
-        _weight(p) for p in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+    qkv, o = _weight(attn.qkv_proj), _weight(attn.o_proj)
+    dense_mlp = type(mlp) is GatedMLP
     attn_norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight.data,
                                                   "k_norm": attn.k_norm.weight.data}
     norms = layer.norm_weights()
@@ -152,26 +165,26 @@ def _layer_weights(layer: nn.Module, kv_cache: KVCache) -> DecoderLayerWeights:
         qkv_bias=None if attn.qkv_proj.bias is None else attn.qkv_proj.bias.data,
         o=o,
         post_attention_norm=norms["post_attention_layernorm"],
-        gate_up=gate_up,
-        down=down,
         k_cache=kv_cache[0],
         v_cache=kv_cache[1],
-        lora=_lora_weights(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj),
+        lora=_lora_weights(attn.qkv_proj, attn.o_proj, *((mlp.gate_up_proj, mlp.down_proj)
+                                                          if dense_mlp else ())),
         pre_feedforward_norm=norms.get("pre_feedforward_layernorm"),
         post_feedforward_norm=norms.get("post_feedforward_layernorm"),
         sliding=attn.attn.sliding_window is not None,
         local_rope=layer.local_rope,
         **attn_norms,
+        **_mlp_weights(mlp),
     )
 
 
 def _lora_weights(*linears: Linear) -> tuple[LoRAWeights | None, ...] | None:
     """The adapter slots of the projections (``Linear.lora``, set where the engine serves
-    LoRA adapters), or None where none has any."""
+    LoRA adapters; qkv, o, then gate_up and down where given), or None where none has any."""
     if all(linear.lora is None for linear in linears):
         return None
     return tuple(None if linear.lora is None else LoRAWeights(linear.lora.a, linear.lora.b)
-                 for linear in linears)
+                 for linear in linears) + (None,) * (4 - len(linears))
 
 
 def _check_torch_release() -> None:
@@ -200,6 +213,10 @@ def _decoder_shape(config: ModelConfig) -> DecoderShape:
         activation=STACK_ACTIVATIONS[config.hidden_act],
         softcap=config.attn_logit_softcapping,
         rotary_dim=config.rotary_dim,
+        num_experts=config.num_experts,
+        top_k=config.num_experts_per_tok,
+        normalize_top_k=config.norm_topk_prob,
+        expert_intermediate_size=config.moe_intermediate_size or config.intermediate_size,
     )
 
 
