@@ -95,7 +95,8 @@ def main() -> None:
               "workload": f"random-weight models of SmolLM2-135M's shape, fp32: {size} of "
                           "bench/workload_chat64.json, greedy, ignore_eos",
               "families": results}
-    command = "python bench/families.py" + (" --quick" if args.quick else "")
+    command = "python bench/families.py" + (" --quick" if args.quick else "") + (
+        "" if args.families == ",".join(FAMILIES) else f" --families '{args.families}'")
     report_tools.publish(report, markdown(report, command), args)
 
 
