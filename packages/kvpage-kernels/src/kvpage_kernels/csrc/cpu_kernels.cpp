@@ -2392,7 +2392,7 @@ struct ExpertScratch {
     std::vector<int64_t> ids;          // [pairs]: each pair's expert
     std::vector<int64_t> starts;       // [num_experts + 1]: each expert's first grouped pair
     std::vector<int64_t> position;     // [pairs]: where each pair lies once grouped by expert
-    std::vector<T> in, gate_up, act, out;  // the grouped pairs' rows through the experts
+    std::unique_ptr<T[]> in, gate_up, act, out;  // the grouped pairs' rows through the experts
 
     ExpertScratch(const DecoderShape& s, int64_t rows) {
         if (s.num_experts == 0) return;
@@ -2403,10 +2403,10 @@ struct ExpertScratch {
         ids.resize(pairs);
         starts.resize(s.num_experts + 1);
         position.resize(pairs);
-        in.resize(pairs * s.hidden);
-        gate_up.resize(pairs * 2 * inner);
-        act.resize(pairs * inner);
-        out.resize(pairs * s.hidden);
+        in.reset(new T[pairs * s.hidden]);  // not zeroed: every row is written before it is read
+        gate_up.reset(new T[pairs * 2 * inner]);
+        act.reset(new T[pairs * inner]);
+        out.reset(new T[pairs * s.hidden]);
     }
 };
 
@@ -2558,17 +2558,17 @@ void moe_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b
     std::vector<int64_t> next(m.starts.begin(), m.starts.end() - 1);
     for (int64_t i = 0; i < n * k; ++i) {
         m.position[i] = next[m.ids[i]]++;
-        std::memcpy(m.in.data() + m.position[i] * h, in + i / k * h, h * sizeof(T));
+        std::memcpy(m.in.get() + m.position[i] * h, in + i / k * h, h * sizeof(T));
     }
     for (int64_t e = 0; e < s.num_experts; ++e) {
         const int64_t first = m.starts[e], count = m.starts[e + 1] - first;
         if (count == 0) continue;
-        T* gate_up = m.gate_up.data() + first * 2 * inner;
-        T* act = m.act.data() + first * inner;
-        linear(s, m.in.data() + first * h, count, h, w.experts[2 * e], nullptr, 2 * inner,
+        T* gate_up = m.gate_up.get() + first * 2 * inner;
+        T* act = m.act.get() + first * inner;
+        linear(s, m.in.get() + first * h, count, h, w.experts[2 * e], nullptr, 2 * inner,
                gate_up, x.acc);
         act_and_mul<T, kSilu>(gate_up, 2 * inner, act, count, inner);
-        linear(s, act, count, inner, w.experts[2 * e + 1], nullptr, h, m.out.data() + first * h,
+        linear(s, act, count, inner, w.experts[2 * e + 1], nullptr, h, m.out.get() + first * h,
                x.acc);
     }
     for (int64_t r = 0; r < n; ++r)

@@ -13,7 +13,7 @@ kernel backend, for the layers of every family the models serve, with their opti
 local RoPE, mixtures of experts (Mixtral, Qwen3-MoE) with their dense router; dense fp32
 weights packed, so ``KVPAGE_CPU_WEIGHT_PACKING=0`` keeps fp32 decode steps on the layer
 modules); tensor parallelism, fp16, low-bit weights in a bf16 model, layers mixing low-bit and
-dense weights, LoRA adapters on experts and prefill steps keep the per-layer path (logged
+dense weights, LoRA adapters on a mixture of experts and prefill steps keep the per-layer path (logged
 when the stack is built).
 ``KVPAGE_FUSED_DECODER=0`` turns it off.
 
@@ -140,13 +140,14 @@ def _weight(linear: Linear) -> torch.Tensor | PackedWeight | QuantizedPanels:
 
 def _mlp_weights(mlp: nn.Module) -> dict:
     """The MLP's weights as DecoderLayerWeights takes them: gate_up and down, or a mixture of
-    experts' router and experts (whose projections carry no LoRA adapters in the stack)."""
+    experts' router and experts (which carry no LoRA adapters in the stack)."""
     if type(mlp) is GatedMLP:
         return {"gate_up": _weight(mlp.gate_up_proj), "down": _weight(mlp.down_proj)}
     if type(mlp) is not SparseMoE:
         raise _Declined(f"the fused stack has no {type(mlp).__name__}")
-    if any(p.lora is not None for e in mlp.experts for p in (e.gate_up_proj, e.down_proj)):
-        raise _Declined("the fused stack serves no LoRA adapters on experts")
+    linears = [mlp.gate, *(p for e in mlp.experts for p in (e.gate_up_proj, e.down_proj))]
+    if any(linear.lora is not None for linear in linears):
+        raise _Declined("the fused stack serves no LoRA adapters on a mixture of experts")
     return {"gate_up": None, "down": None, "router": _weight(mlp.gate),
             "experts": [(_weight(e.gate_up_proj), _weight(e.down_proj)) for e in mlp.experts]}
 
