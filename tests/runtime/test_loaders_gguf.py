@@ -167,6 +167,20 @@ _ARCH_METADATA: dict[str, Callable[[gguf.GGUFWriter, object], dict[str, np.ndarr
 }
 
 
+def _add_yarn(writer: gguf.GGUFWriter, params: dict) -> None:
+    """YaRN as TextModel's set_gguf_parameters writes it: the factor and original context,
+    then the attention factor and betas where the config states them."""
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(params["factor"])
+    writer.add_rope_scaling_orig_ctx_len(params["original_max_position_embeddings"])
+    if "attention_factor" in params:
+        writer.add_rope_scaling_yarn_attn_factor(params["attention_factor"])
+    if "beta_fast" in params:
+        writer.add_rope_scaling_yarn_beta_fast(params["beta_fast"])
+    if "beta_slow" in params:
+        writer.add_rope_scaling_yarn_beta_slow(params["beta_slow"])
+
+
 def add_llama_cpp_metadata(writer: gguf.GGUFWriter, arch: str,
                            config) -> dict[str, np.ndarray]:
     """The metadata llama.cpp's converter writes for ``arch``: TextModel's common keys, then
@@ -183,6 +197,8 @@ def add_llama_cpp_metadata(writer: gguf.GGUFWriter, arch: str,
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     if "rope_theta" in config.rope_parameters:  # Gemma 3's are per layer type
         writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    if config.rope_parameters.get("rope_type") == "yarn":
+        _add_yarn(writer, config.rope_parameters)
     experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
     if experts:
         writer.add_expert_count(experts)

@@ -199,6 +199,12 @@ def _metadata_only(path, arch: str, config, extra) -> GGUFModelFile:
 
 
 REFUSED = {
+    "yarn-extrapolation-factor": (
+        "qwen3", CONFIGS["qwen3"],
+        lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN),
+                   w.add_rope_scaling_factor(4.0), w.add_rope_scaling_orig_ctx_len(32),
+                   w.add_rope_scaling_yarn_ext_factor(0.5)),
+        UnsupportedModelError, "qwen3.rope.scaling.yarn_ext_factor = 0.5 is not supported"),
     # OLMo 3, which llama.cpp writes as an olmo2 with its layers' kinds
     "window-pattern": ("olmo2", CONFIGS["olmo2"],
                        lambda w: (w.add_sliding_window(8), w.add_sliding_window_pattern(
@@ -227,6 +233,22 @@ def test_a_missing_key_is_named(tmp_path):
     gguf_file = _written(writer)
     with pytest.raises(ModelLoadError, match="lacks the qwen3.block_count metadata"):
         gguf_file.model_config(torch.float32)
+
+
+def test_yarn_metadata_becomes_its_rope_scaling(tmp_path, record_property):
+    """llama.cpp's YaRN keys read back as config.json's rope scaling, and the model decodes
+    as transformers does past the original context (prompts of 33 tokens and 16 more
+    against 32 positions)."""
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+            "attention_factor": 1.25, "beta_fast": 16.0, "beta_slow": 2.0}
+    config = transformers.Qwen3Config(**ODD, head_dim=24, rope_scaling=dict(yarn))
+    case = FamilyCase(config, tmp_path)
+    assert case.loaded.config.rope_scaling == yarn  # read from config.json
+    path = write_gguf(tmp_path, tmp_path / "qwen3-yarn.gguf", "qwen3", config, False)
+    case.loaded = load_gguf_weights(path)
+    assert case.loaded.config.rope_scaling == yarn
+    for schedule in SCHEDULES:
+        record_property("near_ties", case.check(*schedule))
 
 
 def test_llama31_rope_scaling_from_its_frequency_factors(tmp_path, record_property):

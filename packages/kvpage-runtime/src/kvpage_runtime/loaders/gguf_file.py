@@ -138,6 +138,12 @@ _LONGROPE_FACTORS = {"long_factor": "rope_factors_long.weight",
                      "short_factor": "rope_factors_short.weight"}
 # per-frequency divisors, where llama.cpp's converter computes the scaling (Llama 3.1's)
 _FREQ_FACTORS = "rope_freqs.weight"
+# YaRN metadata -> the key of a Hugging Face rope scaling
+_YARN_FIELDS = {"attention_factor": "rope.scaling.yarn_attn_factor",
+                "beta_fast": "rope.scaling.yarn_beta_fast",
+                "beta_slow": "rope.scaling.yarn_beta_slow"}
+# YaRN metadata no Hugging Face config states, with the value that changes nothing
+_YARN_UNSUPPORTED = {"rope.scaling.yarn_ext_factor": 1.0, "rope.scaling.yarn_log_multiplier": 0.0}
 # tensors llama.cpp stores that are no weights in transformers
 _IGNORED = {_FREQ_FACTORS, *_LONGROPE_FACTORS.values()}
 
@@ -248,9 +254,28 @@ class GGUFModelFile:
         kind = self.arch_field("rope.scaling.type")
         if kind in (None, "none"):
             return None
+        if kind == "yarn":
+            return self._yarn()
         if kind != "linear":
             raise UnsupportedModelError(f"GGUF rope scaling {kind!r} is not supported")
         return {"rope_type": "linear", "factor": float(self.arch_field("rope.scaling.factor"))}
+
+    def _yarn(self) -> dict[str, Any]:
+        """YaRN, spelled as in Hugging Face configs (llama.cpp's converter writes the factor,
+        the original context and whichever of the attention factor and betas the config
+        states; the others keep transformers' defaults)."""
+        scaling = {"rope_type": "yarn", "factor": float(self.required("rope.scaling.factor")),
+                   "original_max_position_embeddings":
+                       int(self.required("rope.scaling.original_context_length"))}
+        for key, name in _YARN_FIELDS.items():
+            if (value := self.arch_field(name)) is not None:
+                scaling[key] = float(value)
+        for name, neutral in _YARN_UNSUPPORTED.items():
+            if (value := self.arch_field(name)) not in (None, neutral):
+                raise UnsupportedModelError(
+                    f"GGUF YaRN with {self.arch}.{name} = {value} is not supported (only "
+                    f"{neutral}, which Hugging Face configs cannot state otherwise)")
+        return scaling
 
     def _longrope(self) -> dict[str, Any]:
         """Phi-3's LongRoPE, spelled as in Hugging Face configs: the factors are tensors."""
