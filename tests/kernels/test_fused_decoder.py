@@ -23,6 +23,7 @@ from kvpage_kernels import (
     paged_attention,
     rms_norm,
     rotary_embedding,
+    route_experts,
     silu_and_mul,
     write_kv,
 )
@@ -230,10 +231,53 @@ def one_by_one(stack: Stack, step: Step, caches: list[tuple[torch.Tensor, torch.
         attn = attn.reshape(rows, q_size)
         hidden = add_lora(lora[1], attn, linear(attn, w["o"], layer.o), lora_slots)
         hidden, residual = rms_norm(hidden, w["post_attention_norm"], s.rms_norm_eps, residual)
+        if layer.experts is not None:
+            hidden = mixture_of_experts(s, w, layer, hidden)
+            continue
         act = silu_and_mul(add_lora(lora[2], hidden, linear(hidden, w["gate_up"], layer.gate_up),
                                     lora_slots))
         hidden = add_lora(lora[3], act, linear(act, w["down"], layer.down), lora_slots)
     return hidden, residual
+
+
+def mixture_of_experts(s: DecoderShape, w: dict, layer: DecoderLayerWeights,
+                       x: torch.Tensor) -> torch.Tensor:
+    """The runtime's SparseMoE, op by op: route, group the (row, choice) pairs by expert,
+    each expert's gated MLP over its rows, mix in fp32."""
+    weights, experts = route_experts(linear(x, w["router"], layer.router), s.top_k,
+                                     s.normalize_top_k)
+    order = experts.flatten().argsort(stable=True)
+    counts = torch.bincount(experts.flatten(), minlength=s.num_experts).tolist()
+    inputs, outputs, start = x.index_select(0, order // s.top_k), [], 0
+    for e, count in enumerate(counts):
+        if count:
+            rows = inputs[start:start + count]
+            gate_up, down = layer.experts[e]
+            act = silu_and_mul(linear(rows, w["experts"][e][0], gate_up))
+            outputs.append(linear(act, w["experts"][e][1], down))
+        start += count
+    per_choice = torch.cat(outputs).index_select(0, order.argsort())
+    mixed = per_choice.view(*experts.shape, -1) * weights.unsqueeze(-1)
+    return mixed.sum(dim=1).to(x.dtype)
+
+
+def with_experts(stack: Stack, layers: list[int], gen: torch.Generator,
+                 weight_format: WeightFormat) -> Stack:
+    """The stack with the MLPs of ``layers`` made mixtures of the shape's experts (the router
+    packed as a dense weight: MKL's where the others are, else panels)."""
+    s, pack = stack.shape, PACKS[weight_format]
+    pack_router = mkl_pack if weight_format == WeightFormat.MKL_PACKED else pack_weight
+    h, inner = s.hidden_size, s.expert_intermediate_size
+    for i in layers:
+        w = stack.weights[i]
+        w["router"] = torch.randn(s.num_experts, h, generator=gen)
+        w["experts"] = [(torch.randn(2 * inner, h, generator=gen) * h**-0.5,
+                         torch.randn(h, inner, generator=gen) * inner**-0.5)
+                        for _ in range(s.num_experts)]
+        stack.layers[i] = dataclasses.replace(
+            stack.layers[i], gate_up=None, down=None, router=pack_router(w["router"]),
+            experts=[(pack(gate_up), pack(down)) for gate_up, down in w["experts"]])
+    return stack
 
 
 SMOLLM2 = DecoderShape(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
@@ -265,6 +309,24 @@ def test_bit_identical_to_the_ops_one_by_one(cpu_tier, shape, bias, block_size, 
     for layer, (k_cache, v_cache) in zip(stack.layers, caches, strict=True):
         assert torch.equal(layer.k_cache, k_cache) and torch.equal(layer.v_cache, v_cache)
     assert torch.equal(step.hidden, hidden_before)  # the input is not written
+
+
+@pytest.mark.parametrize("weight_format",
+                         [WeightFormat.PANELS, WeightFormat.MKL_PACKED, WeightFormat.QUANTIZED])
+@pytest.mark.parametrize("top_k, normalize", [(1, True), (2, True), (3, False)])
+def test_experts_bit_identical_to_the_ops_one_by_one(cpu_tier, weight_format, top_k, normalize):
+    """Layers 0 and 2 mixtures of 5 experts (an expert may get no row), layer 1 a gated MLP."""
+    gen = torch.Generator().manual_seed(top_k)
+    shape = DecoderShape(96, 64, num_heads=4, num_kv_heads=2, head_dim=24, rms_norm_eps=1e-6,
+                         num_experts=5, top_k=top_k, normalize_top_k=normalize,
+                         expert_intermediate_size=32)
+    stack = with_experts(make_stack(shape, 3, 64, 8, False, gen, weight_format), [0, 2], gen,
+                         weight_format)
+    step = make_step(shape, [1, 5, 16, 17, 40, 3], 64, 8, gen)
+    caches = [(layer.k_cache.clone(), layer.v_cache.clone()) for layer in stack.layers]
+    expected = one_by_one(stack, step, caches)
+    actual = FusedDecoder(shape, stack.layers)(*step.args())
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
 
 
 def test_int8_activations_as_the_ops_one_by_one(cpu_tier):
