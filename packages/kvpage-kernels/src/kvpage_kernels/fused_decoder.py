@@ -223,9 +223,11 @@ def _declared_stack(lib: ctypes.CDLL) -> Callable[..., int]:
 _MKL_ROUTINES = {WeightFormat.MKL_PACKED: "SGEMM_COMPUTE", WeightFormat.BF16: "GEMM_BF16BF16F32"}
 
 
-def _mkl_address(weight_format: WeightFormat, routine: str) -> int:
-    """The routine's address where ``weight_format`` calls it, else 0 (never called)."""
-    return _mkl_function(routine) if _MKL_ROUTINES.get(weight_format) == routine else 0
+def _mkl_address(weight_formats: set[WeightFormat], routine: str) -> int:
+    """The routine's address where one of ``weight_formats`` calls it, else 0 (never
+    called)."""
+    called = any(_MKL_ROUTINES.get(f) == routine for f in weight_formats)
+    return _mkl_function(routine) if called else 0
 
 
 def unavailable_reason(weight_format: WeightFormat = WeightFormat.PANELS) -> str | None:
@@ -259,7 +261,8 @@ class FusedDecoder:
 
     def __init__(self, shape: DecoderShape, layers: list[DecoderLayerWeights]) -> None:
         self.weight_format, router_format = _check_layers(shape, layers)
-        for weight_format in {self.weight_format, router_format} - {None}:
+        formats = {self.weight_format, router_format} - {None}
+        for weight_format in formats:
             reason = unavailable_reason(weight_format)
             if reason is not None:
                 raise KernelBackendUnavailable(reason)
@@ -269,8 +272,8 @@ class FusedDecoder:
         self.dtype = layers[0].post_attention_norm.dtype
         self.lora_num_slots, self.lora_rank = _check_lora(shape, layers, self.dtype)
         self._shape = _Shape(
-            _mkl_address(self.weight_format, "SGEMM_COMPUTE"),
-            _mkl_address(self.weight_format, "GEMM_BF16BF16F32"), len(layers),
+            _mkl_address(formats, "SGEMM_COMPUTE"), _mkl_address(formats, "GEMM_BF16BF16F32"),
+            len(layers),
             shape.hidden_size, shape.intermediate_size, shape.num_heads, shape.num_kv_heads,
             shape.head_dim, cache.shape[1],
             cache.shape[0] * cache.shape[1], shape.rms_norm_eps,
@@ -281,8 +284,6 @@ class FusedDecoder:
             shape.softcap or 0.0, ((shape.rotary_dim or shape.head_dim) + 1) // 2,
             shape.num_experts, shape.top_k, shape.expert_intermediate_size,
             shape.normalize_top_k, -1 if router_format is None else router_format)
-        if router_format == WeightFormat.MKL_PACKED:
-            self._shape.sgemm_compute = _mkl_function("SGEMM_COMPUTE")
         self._matrices: list[cpu_backend.QuantizedMatrix] = []  # what _c_layers points to
         self._expert_tables: list[ctypes.Array] = []  # likewise
         self._c_layers = (_Layer * len(layers))(*[

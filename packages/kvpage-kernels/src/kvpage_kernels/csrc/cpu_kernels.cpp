@@ -787,8 +787,7 @@ void route_row(const T* logits, int64_t experts, int64_t top_k, bool normalize, 
     for (int64_t c = 0; c < top_k; ++c) {
         int64_t best = -1;
         for (int64_t e = 0; e < experts; ++e) {
-            bool taken = false;
-            for (int64_t i = 0; i < c; ++i) taken = taken || ids[i] == e;
+            const bool taken = std::find(ids, ids + c, e) != ids + c;
             if (!taken && (best < 0 || ranks_above(probs[e], probs[best]))) best = e;
         }
         ids[c] = best;
@@ -1817,7 +1816,6 @@ QuantizedBlock quantize_block(const float* row, int64_t first, int64_t last,
     return {amax / 127.f, sum};
 }
 
-
 // The m rows at x (row_stride apart) quantized into an Int8Tile's arrays.
 void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int64_t group_size,
                    const int64_t* order, int8_t* quads, float* d, float* xsum) {
@@ -2391,6 +2389,7 @@ struct ExpertScratch {
     std::vector<float> weights;        // [pairs]: each pair's routing weight
     std::vector<int64_t> ids;          // [pairs]: each pair's expert
     std::vector<int64_t> starts;       // [num_experts + 1]: each expert's first grouped pair
+    std::vector<int64_t> next;         // [num_experts]: each expert's next free place
     std::vector<int64_t> position;     // [pairs]: where each pair lies once grouped by expert
     std::unique_ptr<T[]> in, gate_up, act, out;  // the grouped pairs' rows through the experts
 
@@ -2402,6 +2401,7 @@ struct ExpertScratch {
         weights.resize(pairs);
         ids.resize(pairs);
         starts.resize(s.num_experts + 1);
+        next.resize(s.num_experts);
         position.resize(pairs);
         in.reset(new T[pairs * s.hidden]);  // not zeroed: every row is written before it is read
         gate_up.reset(new T[pairs * 2 * inner]);
@@ -2555,9 +2555,9 @@ void moe_block(const DecoderShape& s, const DecoderLayer& w, const DecodeStep& b
     std::fill(m.starts.begin(), m.starts.end(), 0);
     for (int64_t i = 0; i < n * k; ++i) ++m.starts[m.ids[i] + 1];
     for (int64_t e = 0; e < s.num_experts; ++e) m.starts[e + 1] += m.starts[e];
-    std::vector<int64_t> next(m.starts.begin(), m.starts.end() - 1);
+    std::copy(m.starts.begin(), m.starts.end() - 1, m.next.begin());
     for (int64_t i = 0; i < n * k; ++i) {
-        m.position[i] = next[m.ids[i]]++;
+        m.position[i] = m.next[m.ids[i]]++;
         std::memcpy(m.in.get() + m.position[i] * h, in + i / k * h, h * sizeof(T));
     }
     for (int64_t e = 0; e < s.num_experts; ++e) {
