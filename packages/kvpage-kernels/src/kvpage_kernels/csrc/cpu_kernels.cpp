@@ -474,14 +474,15 @@ void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scra
 }
 
 // Runs attend(p, seq, kv_head, scratch) for every (sequence with one query token, KV head)
-// on OpenMP threads, each with its own scratch buffer.
+// on OpenMP threads, each with its own scratch buffer, taking an item at a time as it finishes
+// its last (items differ in context length).
 template <typename Attend>
 void for_each_decode_item(const Problem& p, Attend attend) {
     const int items = p.num_seqs * p.num_kv_heads;
 #pragma omp parallel
     {
         std::vector<float> scratch;
-#pragma omp for schedule(dynamic, 4)
+#pragma omp for schedule(dynamic, 1)
         for (int item = 0; item < items; ++item) {
             const int seq = item / p.num_kv_heads;
             if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
@@ -1235,10 +1236,11 @@ extern "C" int64_t kvpage_lora_expand(int32_t dtype, void* out, int64_t out_stri
 // panel (64 bytes per input in fp32, 8 in 4 bits) comes again from L2 for each tile; low-bit codes
 // are dequantized in registers (QuantizedPanel), the weights of an input by one FMA per vector.
 // Blocking k measured slower on AMD Zen 4, even for k = 14,336: the panel streams through the
-// prefetchers either way, and each block costs a store and a reload of the sums. x is first
-// copied tile by tile into k-major order (a tile's values of input i side by side, read in the
-// weight's input order where it has one: GPTQ act-order), so that the microkernel broadcasts
-// them from one stream at fixed offsets.
+// prefetchers either way, and each block costs a store and a reload of the sums. The
+// microkernel broadcasts each row's inputs from x itself (a stream per row); only a weight with
+// an input order of its own (GPTQ act-order) has x's rows gathered into that order first.
+// (Copying every tile into k-major order instead, one stream at fixed offsets, cost 2 to 3% of
+// a decode step on AMD Zen 3 in the copy alone, plus a barrier per call.)
 //
 // Each output is one chain of FMAs (a multiply, then an add, on the scalar tier) over the
 // inputs in order, its bias added last: a row's result does not depend on the other rows of
@@ -1441,11 +1443,12 @@ inline int panel_columns(int64_t n, int64_t p) {
 }
 
 #if defined(KVPAGE_SIMD)
-// out[r][p kPanelWidth + j] = sum over i of x[i][r] * W(p, i, j) + bias, for the M rows of a
-// tile whose inputs x are k-major ([depth][M]) and the `count` panels from `first` (NP panels
-// side by side; with fewer, the last is read again and its sums dropped).
+// out[r][p kPanelWidth + j] = sum over i of x[r][i] * W(p, i, j) + bias, for the M rows of a
+// tile, x's rows x_stride apart, and the `count` panels from `first` (NP panels side by side;
+// with fewer, the last is read again and its sums dropped).
 template <int M, int NP, typename Weights>
-void panel_tile(const float* x, const Weights& w, int64_t first, int count, const TileOut& o) {
+void panel_tile(const float* x, int64_t x_stride, const Weights& w, int64_t first, int count,
+                const TileOut& o) {
     constexpr int C = kPanelWidth / Simd::width;
     using Panel = decltype(w.panel(0));
     using Group = std::decay_t<decltype(w.panel(0).group(0))>;
@@ -1469,7 +1472,7 @@ void panel_tile(const float* x, const Weights& w, int64_t first, int count, cons
                     for (int c = 0; c < C; ++c)
                         weights[q][c] = groups[q].weights(blocks[q][c], s, c);
                 for (int r = 0; r < M; ++r) {
-                    const Simd::V xr = Simd::set1(x[(i + s) * M + r]);
+                    const Simd::V xr = Simd::set1(x[r * x_stride + i + s]);
                     for (int q = 0; q < NP; ++q)
                         for (int c = 0; c < C; ++c)
                             sums[r][q][c] = Simd::fmadd(xr, weights[q][c], sums[r][q][c]);
@@ -1500,7 +1503,8 @@ void panel_tile(const float* x, const Weights& w, int64_t first, int count, cons
 }
 #else
 template <int M, int NP, typename Weights>
-void panel_tile(const float* x, const Weights& w, int64_t first, int count, const TileOut& o) {
+void panel_tile(const float* x, int64_t x_stride, const Weights& w, int64_t first, int count,
+                const TileOut& o) {
     for (int q = 0; q < count; ++q) {
         const auto panel = w.panel(first + q);
         float sums[M][kPanelWidth] = {};
@@ -1508,7 +1512,7 @@ void panel_tile(const float* x, const Weights& w, int64_t first, int count, cons
             const auto& group = panel.group(begin);
             for (int64_t i = begin; i < begin + panel.group_size(); ++i)
                 for (int r = 0; r < M; ++r) {
-                    const float xr = x[i * M + r];
+                    const float xr = x[r * x_stride + i];
 #pragma omp simd
                     for (int j = 0; j < kPanelWidth; ++j) sums[r][j] += xr * group.value(i, j);
                 }
@@ -1526,7 +1530,8 @@ void panel_tile(const float* x, const Weights& w, int64_t first, int count, cons
 // panel_tile for M = 1 .. N rows, indexed by M - 1.
 template <typename Weights, int... M>
 constexpr auto tile_kernels(std::integer_sequence<int, M...>) {
-    using Kernel = void (*)(const float*, const Weights&, int64_t, int, const TileOut&);
+    using Kernel =
+        void (*)(const float*, int64_t, const Weights&, int64_t, int, const TileOut&);
     return std::array<Kernel, sizeof...(M)>{
         &panel_tile<M + 1, panels_per_tile(M + 1), Weights>...};
 }
@@ -1544,14 +1549,12 @@ struct RowTiles {
     int rows(int64_t t) const { return static_cast<int>(base + (t < longer ? 1 : 0)); }
 };
 
-// The m rows at x (row_stride apart) into dst as [depth][m], input i of a row read from
-// x[order[i]] (x[i] where order is null).
-void copy_k_major(const float* x, int64_t row_stride, int m, int64_t depth,
-                  const int64_t* order, float* dst) {
-    for (int64_t i = 0; i < depth; ++i) {
-        const int64_t k = order != nullptr ? order[i] : i;
-        for (int r = 0; r < m; ++r) dst[i * m + r] = x[r * row_stride + k];
-    }
+// The m rows at x (row_stride apart) into dst as [m][depth], input i of a row read from
+// x[order[i]].
+void gather_inputs(const float* x, int64_t row_stride, int m, int64_t depth,
+                   const int64_t* order, float* dst) {
+    for (int r = 0; r < m; ++r)
+        for (int64_t i = 0; i < depth; ++i) dst[r * depth + i] = x[r * row_stride + order[i]];
 }
 
 // A buffer of at least n floats for the calling thread, kept for its next call.
@@ -1567,26 +1570,34 @@ float* tile_buffer(size_t n) {
 // the core (measured 18% faster for 2,048 rows with k = 1,536 on AMD Zen 4).
 constexpr int64_t kBlockRows = 256;
 
-// The panels [begin, end) of num_panels that the calling thread of an OpenMP team multiplies.
-std::pair<int64_t, int64_t> thread_share(int64_t num_panels) {
-    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-    return {num_panels * thread / threads, num_panels * (thread + 1) / threads};
-}
+// Runs of panels per thread in a GEMM call (below).
+constexpr int64_t kRunsPerThread = 8;
 
 // The shape of every packed GEMM call: prepare(t) for each of the `tiles` tiles of rows (x
-// copied or quantized into the tile's layout) on OpenMP threads, then, once every tile is
-// ready, multiply(begin, end) on each thread for its run of the num_panels panels. One thread
+// gathered or quantized into the tile's layout; none: nothing to prepare) on OpenMP threads,
+// then, once every tile is ready, multiply(begin, end) for runs of the num_panels panels, a
+// multiple of `step` panels each but the last, about kRunsPerThread runs per thread, which
+// the threads take in turn as each finishes its last: a thread that the rest of the machine
+// slows down takes fewer, instead of keeping the others waiting at the end of the call (on a
+// shared 2-core AMD Zen 3, the second thread of 16-row decode steps on the default model
+// waited 18% of its time with equal shares, 13.5% with runs). Every output column comes from
+// one run whichever thread takes it, so the results do not depend on the schedule. One thread
 // where the call has fewer than 2^18 multiply-adds (`work`).
 template <typename Prepare, typename Multiply>
-void tiles_then_panels(int64_t work, int64_t tiles, int64_t num_panels, Prepare prepare,
-                       Multiply multiply) {
+void tiles_then_panels(int64_t work, int64_t tiles, int64_t num_panels, int64_t step,
+                       Prepare prepare, Multiply multiply) {
+    const int64_t runs = kRunsPerThread * omp_get_max_threads();
+    const int64_t run = (std::max<int64_t>(1, num_panels / runs) + step - 1) / step * step;
 #pragma omp parallel if (work > (1 << 18))
     {
+        if (tiles > 0) {  // the same on every thread: all or none meet the loop
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; ++t) prepare(t);
-        // the loop's closing barrier: every tile is ready before any is multiplied
-        const auto [begin, end] = thread_share(num_panels);
-        multiply(begin, end);
+            for (int64_t t = 0; t < tiles; ++t) prepare(t);
+            // the loop's closing barrier: every tile is ready before any is multiplied
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t begin = 0; begin < num_panels; begin += run)
+            multiply(begin, std::min(begin + run, num_panels));
     }
 }
 
@@ -1637,13 +1648,16 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
     const bool dequantize_once =
         Weights::kLowBit && RowTiles(rows, kRows).count >= kDequantizeOnceTiles;
     const RowTiles tiles(rows, dequantize_once ? kTileRows : kRows);  // the fp32 tiles then
-    float* x_tiles = tile_buffer(static_cast<size_t>(rows * depth));
+    const bool gather = w.input_order != nullptr;  // x's rows into the weight's input order
+    float* gathered = gather ? tile_buffer(static_cast<size_t>(rows * depth)) : nullptr;
+    const float* inputs = gather ? gathered : x;
+    const int64_t stride = gather ? depth : x_stride;
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
     const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
     const auto copy = [&](int64_t t) {
         const int64_t row = tiles.first_row(t);
-        copy_k_major(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
-                     x_tiles + row * depth);
+        gather_inputs(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
+                      gathered + row * depth);
     };
     const auto multiply = [&](int64_t begin, int64_t end) {
         if (dequantize_once) {  // tiles of two rows or more: one panel at a time
@@ -1653,8 +1667,8 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
                 const BufferedPanel buffered{panel, n, depth};
                 for (int64_t t = 0; t < tiles.count; ++t) {
                     const int64_t row = tiles.first_row(t);
-                    buffered_kernels[tiles.rows(t) - 1](x_tiles + row * depth, buffered, p, 1,
-                                                        TileOut{out + row * n, n, bias});
+                    buffered_kernels[tiles.rows(t) - 1](inputs + row * stride, stride, buffered,
+                                                        p, 1, TileOut{out + row * n, n, bias});
                 }
             }
         } else {
@@ -1662,13 +1676,14 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
                 const int count = static_cast<int>(std::min<int64_t>(step, end - p));
                 for (int64_t t = 0; t < tiles.count; ++t) {
                     const int64_t row = tiles.first_row(t);
-                    kernels[tiles.rows(t) - 1](x_tiles + row * depth, w, p, count,
+                    kernels[tiles.rows(t) - 1](inputs + row * stride, stride, w, p, count,
                                                TileOut{out + row * n, n, bias});
                 }
             }
         }
     };
-    tiles_then_panels(rows * depth * n, tiles.count, num_panels, copy, multiply);
+    tiles_then_panels(rows * depth * n, gather ? tiles.count : 0, num_panels,
+                      dequantize_once ? 1 : step, copy, multiply);
 }
 
 // out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]).
@@ -1981,7 +1996,7 @@ void multiply_block_int8(const float* x, int64_t x_stride, int64_t rows,
                 }
         }
     };
-    tiles_then_panels(rows * depth * n, tiles.count, num_panels, quantize, multiply);
+    tiles_then_panels(rows * depth * n, tiles.count, num_panels, 1, quantize, multiply);
 }
 
 // out [rows, w.out_features] = x [rows, w.in_features] @ W^T (+ bias) for the low-bit W; 0, or
@@ -2138,7 +2153,7 @@ void multiply_block_bf16(const uint16_t* x, int64_t x_stride, int64_t rows, cons
             }
         }
     };
-    tiles_then_panels(rows * depth * n, tiles.count, num_panels, copy, multiply);
+    tiles_then_panels(rows * depth * n, tiles.count, num_panels, kBf16Panels, copy, multiply);
 }
 
 #endif
