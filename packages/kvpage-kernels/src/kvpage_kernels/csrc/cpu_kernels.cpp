@@ -679,7 +679,7 @@ template <typename T>
 void rotary(const T* x, int64_t x_token_stride, int64_t x_head_stride, const T* cos,
             const T* sin, int64_t cs_stride, T* out, int64_t tokens, int64_t heads,
             int64_t head_dim, int64_t half) {
-#pragma omp parallel for if (tokens * heads * half > (1 << 15))
+#pragma omp parallel for schedule(dynamic) if (tokens * heads * half > (1 << 15))
     for (int64_t i = 0; i < tokens; ++i) {
         const T* c = cos + i * cs_stride;
         const T* s = sin + i * cs_stride;
@@ -754,7 +754,7 @@ int64_t argmax_row(const T* row, int64_t cols) {
 // out[r] = argmax_row of row r, rows on OpenMP threads.
 template <typename T>
 void argmax_rows(const T* x, int64_t row_stride, int64_t* out, int64_t rows, int64_t cols) {
-#pragma omp parallel for if (rows * cols > (1 << 17))
+#pragma omp parallel for schedule(dynamic) if (rows * cols > (1 << 17))
     for (int64_t r = 0; r < rows; ++r) out[r] = argmax_row(x + r * row_stride, cols);
 }
 
@@ -824,7 +824,9 @@ extern "C" int kvpage_route_experts(int32_t dtype, const void* logits, int64_t r
 // ---- elementwise ops of a Llama layer, rounding to T where the unfused torch ops round -----
 //
 // A row runs in whole vectors where the build has vector lanes; the rest of it (all of it on
-// the scalar tier) element by element, with the same formula.
+// the scalar tier) element by element, with the same formula. Rows go to OpenMP threads one at
+// a time as each finishes its last (here and in rotary and argmax): a thread that the rest of
+// the machine pauses (a server's HTTP thread, another process) then holds up no other.
 
 // sum[j] = round(x[j] + residual[j])
 template <typename T>
@@ -877,7 +879,7 @@ void scale_rounded(const T* s, float inv, const T* weight, T* out, int64_t n) {
 template <typename T>
 void rms_norm(const T* x, int64_t x_stride, const T* residual, int64_t residual_stride,
               const T* weight, T* out, T* sum_out, int64_t rows, int64_t hidden, float eps) {
-#pragma omp parallel for if (rows * hidden > (1 << 15))
+#pragma omp parallel for schedule(dynamic) if (rows * hidden > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
         const T* s = x + r * x_stride;
         if (residual != nullptr) {
@@ -949,7 +951,7 @@ void act_times(const T* gate, const T* up, T* out, int64_t n) {
 // act_times of each row x = [gate | up], 2 * inner wide, into out [rows, inner].
 template <typename T, int32_t A>
 void act_and_mul(const T* x, int64_t x_stride, T* out, int64_t rows, int64_t inner) {
-#pragma omp parallel for if (rows * inner > (1 << 15))
+#pragma omp parallel for schedule(dynamic) if (rows * inner > (1 << 15))
     for (int64_t r = 0; r < rows; ++r) {
         const T* gate = x + r * x_stride;
         act_times<T, A>(gate, gate + inner, out + r * inner, inner);
