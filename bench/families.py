@@ -80,8 +80,12 @@ def markdown(report: dict, command: str) -> str:
 
 def main() -> None:
     parser = report_tools.parser(__doc__)
-    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help=f"comma-separated, of: {', '.join(FAMILIES)}")
     args = parser.parse_args()
+    unknown = [name for name in args.families.split(",") if name not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
     tokenizer = report_tools.default_tokenizer()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
