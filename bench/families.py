@@ -13,6 +13,7 @@ decode stack.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -78,18 +79,24 @@ def markdown(report: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def family_names(text: str) -> list[str]:
+    """The comma-separated families of ``--families``, each one of FAMILIES."""
+    names = text.split(",")
+    if unknown := [name for name in names if name not in FAMILIES]:
+        raise argparse.ArgumentTypeError(f"unknown families {unknown}; known: "
+                                         f"{', '.join(FAMILIES)}")
+    return names
+
+
 def main() -> None:
     parser = report_tools.parser(__doc__)
-    parser.add_argument("--families", default=",".join(FAMILIES),
+    parser.add_argument("--families", type=family_names, default=list(FAMILIES),
                         help=f"comma-separated, of: {', '.join(FAMILIES)}")
     args = parser.parse_args()
-    unknown = [name for name in args.families.split(",") if name not in FAMILIES]
-    if unknown:
-        parser.error(f"unknown families {unknown}; known: {', '.join(FAMILIES)}")
     tokenizer = report_tools.default_tokenizer()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.families.split(","):
+        for name in args.families:
             folder = save_family(name, Path(tmp) / name.split()[0], tokenizer)
             results.append(run_family(name, folder, args.quick))
             print(f"{name}: {results[-1]['ratio']}x", file=sys.stderr, flush=True)
@@ -100,7 +107,7 @@ def main() -> None:
                           "bench/workload_chat64.json, greedy, ignore_eos",
               "families": results}
     command = "python bench/families.py" + (" --quick" if args.quick else "") + (
-        "" if args.families == ",".join(FAMILIES) else f" --families '{args.families}'")
+        "" if args.families == list(FAMILIES) else f" --families '{','.join(args.families)}'")
     report_tools.publish(report, markdown(report, command), args)
 
 

@@ -1656,7 +1656,7 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
     const int64_t stride = gather ? depth : x_stride;
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
     const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
-    const auto copy = [&](int64_t t) {
+    const auto gather_tile = [&](int64_t t) {
         const int64_t row = tiles.first_row(t);
         gather_inputs(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
                       gathered + row * depth);
@@ -1685,7 +1685,7 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
         }
     };
     tiles_then_panels(rows * depth * n, gather ? tiles.count : 0, num_panels,
-                      dequantize_once ? 1 : step, copy, multiply);
+                      dequantize_once ? 1 : step, gather_tile, multiply);
 }
 
 // out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]).
