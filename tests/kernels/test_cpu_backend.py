@@ -55,6 +55,26 @@ def test_decode_batch(cpu_tier, dtype, group, block_size):
     _check(make_problem(lens, [1] * len(lens), group=group, block_size=block_size, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_decode_items_of_whole_sequences_and_of_single_heads(cpu_tier, threads, head_dim,
+                                                              dtype):
+    """Decode attention hands its threads whole sequences (all KV heads at once) when there
+    are at least 4 per thread, else one KV head of a sequence: both ways agree with the
+    reference, partial last chunks and groups that are no power of two included."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernels' OpenMP threads too (one libgomp)
+    try:
+        many = [1, 5, 16, 17, 40, 100, 7, 9, 33, 64, 3, 2, 8, 31, 15, 70]
+        for lens in (many[: 4 * threads], many[: 4 * threads - 1]):
+            for group in (1, 5):
+                _check(make_problem(lens, [1] * len(lens), num_kv_heads=3, group=group,
+                                    head_dim=head_dim, dtype=dtype))
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_bf16_decode_is_the_fp32_result_rounded_as_torch_rounds(cpu_tier):
     """The kernel computes in fp32 whatever the cache holds: on bf16 values its bf16 output is
     its fp32 output on the same values, rounded to nearest even."""

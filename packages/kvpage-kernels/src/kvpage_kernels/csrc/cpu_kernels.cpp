@@ -425,7 +425,7 @@ inline void softmax(float* s, int n, float softcap) {
 
 // D > 0: head_dim known at compile time (fully unrolled inner loops); D == 0: p.head_dim.
 template <typename T, int D>
-void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
+void attend_head(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
     const int d = D > 0 ? D : p.head_dim, groups = p.group;
     const int row = p.query_start_loc[seq];
     const int seq_len = p.seq_lens[seq];
@@ -473,121 +473,224 @@ void attend_one(const Problem& p, int seq, int kv_head, std::vector<float>& scra
     }
 }
 
-// Runs attend(p, seq, kv_head, scratch) for every (sequence with one query token, KV head)
-// on OpenMP threads, each with its own scratch buffer, taking an item at a time as it finishes
-// its last (items differ in context length).
+// The portable loops' attention, a KV head at a time.
+template <typename T, int D>
+void attend_one(const Problem& p, int seq, int first_head, int heads,
+                std::vector<float>& scratch) {
+    for (int kv_head = first_head; kv_head < first_head + heads; ++kv_head)
+        attend_head<T, D>(p, seq, kv_head, scratch);
+}
+
+// Sequences per OpenMP thread from which a decode item is a whole sequence.
+constexpr int kSequencesPerThread = 4;
+
+// Runs attend(p, seq, first_head, heads, scratch) for every sequence with one query token on
+// OpenMP threads, each with its own scratch buffer, taking an item at a time as it finishes its
+// last (items differ in context length). An item is a whole sequence, all its KV heads, when
+// there are sequences enough to keep every thread busy (a position's heads lie side by side:
+// one stretch of memory to read), else one KV head of a sequence.
 template <typename Attend>
 void for_each_decode_item(const Problem& p, Attend attend) {
-    const int items = p.num_seqs * p.num_kv_heads;
+    const bool whole = p.num_seqs >= kSequencesPerThread * omp_get_max_threads();
+    const int heads = whole ? p.num_kv_heads : 1, parts = p.num_kv_heads / heads;
+    const int items = p.num_seqs * parts;
 #pragma omp parallel
     {
         std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
         for (int item = 0; item < items; ++item) {
-            const int seq = item / p.num_kv_heads;
+            const int seq = item / parts;
             if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
-            attend(p, seq, item % p.num_kv_heads, scratch);
+            attend(p, seq, item % parts * heads, heads, scratch);
         }
     }
 }
 
 #if defined(KVPAGE_SIMD)
-// softmax (after the soft cap) of s[0..n) in place, a vector at a time; the last, partial
-// vector reads and writes only its lanes below n.
-inline void softmax_lanes(float* s, int n, float softcap) {
-    constexpr int W = Simd::width;
-    if (softcap > 0.f)
-        for (int t = 0; t < n; ++t) s[t] = std::tanh(s[t] / softcap) * softcap;
-    Simd::V m = Simd::set1(-INFINITY);
-    for (int t = 0; t < n; t += W)
-        m = Simd::max(m, Simd::load(s + t, Simd::first(n - t), -INFINITY));
-    const Simd::V max_score = Simd::set1(Simd::max_lane(m));
-    Simd::V sum = Simd::zero();
-    for (int t = 0; t < n; t += W) {
-        const Simd::Lanes lanes = Simd::first(n - t);
-        const Simd::V e = exp_lanes(Simd::sub(Simd::load(s + t, lanes, 0.f), max_score));
-        Simd::store(s + t, lanes, e);
-        sum = Simd::add(sum, Simd::keep(lanes, e));
+// The rows of one KV head at consecutive context positions of a sequence, walking its block
+// table one position at a time.
+template <typename T>
+class RowWalk {
+  public:
+    RowWalk(const Problem& p, const int32_t* table, const void* cache, int kv_head, int pos)
+        : table_(table),
+          base_(static_cast<const T*>(cache) + static_cast<int64_t>(kv_head) * p.head_dim),
+          slot_stride_(static_cast<int64_t>(p.num_kv_heads) * p.head_dim),
+          block_size_(p.block_size),
+          block_(pos / p.block_size),
+          offset_(pos % p.block_size) {}
+
+    const T* row() const {
+        const int64_t slot = static_cast<int64_t>(table_[block_]) * block_size_ + offset_;
+        return base_ + slot * slot_stride_;
     }
-    const Simd::V inv = Simd::set1(1.f / Simd::sum(sum));
-    for (int t = 0; t < n; t += W) {
-        const Simd::Lanes lanes = Simd::first(n - t);
-        Simd::store(s + t, lanes, Simd::mul(Simd::load(s + t, lanes, 0.f), inv));
+    void next() {
+        if (++offset_ == block_size_) {
+            offset_ = 0;
+            ++block_;
+        }
     }
+
+  private:
+    const int32_t* table_;
+    const T* base_;
+    int64_t slot_stride_;
+    int block_size_, block_, offset_;
+};
+
+// Context rows fetched ahead of the ones attended. Rows of one head lie a slot apart (all
+// heads' rows of a position side by side) and blocks anywhere in the pool, so the hardware's
+// stream prefetchers see no stream to follow.
+constexpr int kRowsAhead = 16;
+
+inline void prefetch_bytes(const void* from, int bytes) {
+    const char* at = static_cast<const char*>(from);
+    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(at + b);
 }
 
-// Attention for head_dim D and group size G known at compile time: a K or V row is loaded
-// once into D / width vectors and serves the G query heads, whose (scaled) queries and output
-// accumulators stay in registers (or L1, where they outnumber the registers) for the whole
-// sequence; each dot product runs two FMA chains; softmax runs a vector of scores at a time.
-template <typename T, int D, int G>
-void attend_lanes(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
-    constexpr int C = D / Simd::width;
-    static_assert(C % 2 == 0, "each dot product alternates between two FMA chains");
+// Attention of one sequence's query heads on KV heads first_head .. first_head + heads - 1
+// (head_dim D known at compile time) in a single pass over the context, a chunk of
+// Simd::width positions at a time, with the softmax kept online: a running maximum and total
+// per query head, the output rescaled when the maximum grows. A chunk's K and V rows are read
+// from memory once (the heads of a position lie side by side: one stretch of memory) and
+// serve every query head from L1. The dot products of a chunk's rows run side by side (a
+// chain of FMAs per row) and fold into one vector of scores; a query head's output
+// accumulators stay in registers (at most 8 vectors at a time) while the chunk's rows are
+// added in.
+template <typename T, int D>
+void attend_lanes(const Problem& p, int seq, int first_head, int heads,
+                  std::vector<float>& scratch) {
+    constexpr int W = Simd::width, C = D / W, CV = C < 8 ? C : 8;
+    static_assert(C % CV == 0, "the output accumulators go in equal parts");
+    const int group = p.group, query_heads = heads * group;
     const int row = p.query_start_loc[seq];
     const int seq_len = p.seq_lens[seq];
     const int first = p.window > 0 ? std::max(0, seq_len - p.window) : 0;
     const int ctx = seq_len - first;
     if (ctx <= 0) return;
-    scratch.resize(static_cast<size_t>(G) * ctx);
-    float* scores = scratch.data();  // [G, ctx]
+    scratch.resize(static_cast<size_t>(query_heads) * (2 * D + 2 + W));
+    float* queries = scratch.data();                                  // [query_heads, D], scaled
+    float* acc = queries + static_cast<size_t>(query_heads) * D;      // [query_heads, D]
+    float* running_max = acc + static_cast<size_t>(query_heads) * D;  // [query_heads]
+    float* total = running_max + query_heads;                         // [query_heads]
+    float* weights = total + query_heads;                             // [query_heads, W]
     const T* q = static_cast<const T*>(p.q);
     const Simd::V scale = Simd::set1(p.scale);
-    Simd::V qv[G][C];
-    for (int g = 0; g < G; ++g) {
-        const T* qh = q + row * p.q_token_stride + (kv_head * G + g) * p.q_head_stride;
-        for (int c = 0; c < C; ++c) qv[g][c] = Simd::mul(Simd::load(qh + Simd::width * c), scale);
+    for (int h = 0; h < query_heads; ++h) {
+        const T* qh = q + row * p.q_token_stride + (first_head * group + h) * p.q_head_stride;
+        for (int c = 0; c < C; ++c)
+            Simd::store(queries + h * D + c * W, Simd::mul(Simd::load(qh + c * W), scale));
+        running_max[h] = -INFINITY;
+        total[h] = 0.f;
     }
+    std::fill(acc, acc + static_cast<size_t>(query_heads) * D, 0.f);
     const int32_t* table = p.block_tables + seq * p.table_stride;
-    for_each_row(p, table, first, ctx, static_cast<const T*>(p.k_cache), kv_head,
-                 [&](int t, const T* k) {
-                     Simd::V kv[C];
-                     for (int c = 0; c < C; ++c) kv[c] = Simd::load(k + Simd::width * c);
-                     for (int g = 0; g < G; ++g) {
-                         Simd::V even = Simd::mul(qv[g][0], kv[0]);
-                         Simd::V odd = Simd::mul(qv[g][1], kv[1]);
-                         for (int c = 2; c < C; c += 2) {
-                             even = Simd::fmadd(qv[g][c], kv[c], even);
-                             odd = Simd::fmadd(qv[g][c + 1], kv[c + 1], odd);
-                         }
-                         scores[g * ctx + t] = Simd::sum(Simd::add(even, odd));
-                     }
-                 });
-    for (int g = 0; g < G; ++g) softmax_lanes(scores + g * ctx, ctx, p.softcap);
-    Simd::V acc[G][C];
-    for (int g = 0; g < G; ++g)
-        for (int c = 0; c < C; ++c) acc[g][c] = Simd::zero();
-    for_each_row(p, table, first, ctx, static_cast<const T*>(p.v_cache), kv_head,
-                 [&](int t, const T* v) {
-                     Simd::V vv[C];
-                     for (int c = 0; c < C; ++c) vv[c] = Simd::load(v + Simd::width * c);
-                     for (int g = 0; g < G; ++g) {
-                         const Simd::V w = Simd::set1(scores[g * ctx + t]);
-                         for (int c = 0; c < C; ++c) acc[g][c] = Simd::fmadd(w, vv[c], acc[g][c]);
-                     }
-                 });
+    const int row_bytes = heads * D * static_cast<int>(sizeof(T));
+    RowWalk<T> keys(p, table, p.k_cache, first_head, first);
+    RowWalk<T> values(p, table, p.v_cache, first_head, first);
+    RowWalk<T> keys_ahead = keys, values_ahead = values;
+    const int ahead = std::min(kRowsAhead, ctx);
+    for (int t = 0; t < ahead; ++t) {
+        prefetch_bytes(keys_ahead.row(), row_bytes);
+        prefetch_bytes(values_ahead.row(), row_bytes);
+        keys_ahead.next();
+        values_ahead.next();
+    }
+    for (int t0 = 0; t0 < ctx; t0 += W) {
+        const int n = std::min(W, ctx - t0);
+        const T* k_rows[W];  // first_head's rows; head first_head + i's lie i D further
+        const T* v_rows[W];
+        for (int j = 0; j < W; ++j) {
+            if (j >= n) {  // a partial last chunk: its missing rows repeat the last (weight 0)
+                k_rows[j] = k_rows[n - 1];
+                v_rows[j] = v_rows[n - 1];
+                continue;
+            }
+            k_rows[j] = keys.row();
+            v_rows[j] = values.row();
+            keys.next();
+            values.next();
+            if (t0 + j + ahead < ctx) {
+                prefetch_bytes(keys_ahead.row(), row_bytes);
+                prefetch_bytes(values_ahead.row(), row_bytes);
+                keys_ahead.next();
+                values_ahead.next();
+            }
+        }
+        // Three passes over the query heads, each head's work independent of the others', so
+        // that their chains of dependent steps (dot products, then the softmax's maximum,
+        // exponentials and total, then the weighted sums) overlap in the out-of-order core.
+        for (int h = 0; h < query_heads; ++h) {
+            const int offset = h / group * D;
+            Simd::V dots[W];
+            for (int j = 0; j < W; ++j) dots[j] = Simd::zero();
+            for (int c = 0; c < C; ++c) {
+                const Simd::V qc = Simd::load(queries + h * D + c * W);
+                for (int j = 0; j < W; ++j)
+                    dots[j] = Simd::fmadd(qc, Simd::load(k_rows[j] + offset + c * W), dots[j]);
+            }
+            Simd::store(weights + h * W, Simd::sums(dots));
+        }
+        if (p.softcap > 0.f || n < W) {
+            for (int h = 0; h < query_heads; ++h)
+                for (int j = 0; j < W; ++j) {
+                    float& score = weights[h * W + j];
+                    score = j >= n          ? -INFINITY
+                            : p.softcap > 0 ? std::tanh(score / p.softcap) * p.softcap
+                                            : score;
+                }
+        }
+        const Simd::Lanes live = Simd::first(n);
+        for (int h = 0; h < query_heads; ++h) {  // scores to weights, the earlier terms rescaled
+            const Simd::V scores = Simd::load(weights + h * W);
+            const float chunk_max = Simd::max_lane(scores);
+            if (chunk_max > running_max[h]) {  // the earlier terms shrink by e^(old - new)
+                const float shrink = std::exp(running_max[h] - chunk_max);
+                const Simd::V by = Simd::set1(shrink);
+                float* out_acc = acc + h * D;
+                for (int c = 0; c < C; ++c)
+                    Simd::store(out_acc + c * W, Simd::mul(Simd::load(out_acc + c * W), by));
+                total[h] *= shrink;
+                running_max[h] = chunk_max;
+            }
+            const Simd::V e =
+                Simd::keep(live, exp_lanes(Simd::sub(scores, Simd::set1(running_max[h]))));
+            total[h] += Simd::sum(e);
+            Simd::store(weights + h * W, e);
+        }
+        for (int h = 0; h < query_heads; ++h) {
+            const int offset = h / group * D;
+            float* out_acc = acc + h * D;
+            for (int c0 = 0; c0 < C; c0 += CV) {
+                Simd::V sums[CV];
+                for (int c = 0; c < CV; ++c) sums[c] = Simd::load(out_acc + (c0 + c) * W);
+                for (int j = 0; j < n; ++j) {
+                    const Simd::V w = Simd::set1(weights[h * W + j]);
+                    const T* v = v_rows[j] + offset + c0 * W;
+                    for (int c = 0; c < CV; ++c)
+                        sums[c] = Simd::fmadd(w, Simd::load(v + c * W), sums[c]);
+                }
+                for (int c = 0; c < CV; ++c) Simd::store(out_acc + (c0 + c) * W, sums[c]);
+            }
+        }
+    }
     T* out = static_cast<T*>(p.out);
-    for (int g = 0; g < G; ++g) {
-        T* oh = out + row * p.out_token_stride + (kv_head * G + g) * p.out_head_stride;
-        for (int c = 0; c < C; ++c) Simd::store(oh + Simd::width * c, acc[g][c]);
+    for (int h = 0; h < query_heads; ++h) {
+        T* oh = out + row * p.out_token_stride + (first_head * group + h) * p.out_head_stride;
+        const Simd::V inv = Simd::set1(1.f / total[h]);
+        for (int c = 0; c < C; ++c)
+            Simd::store(oh + c * W, Simd::mul(Simd::load(acc + h * D + c * W), inv));
     }
 }
 
-template <typename T, int D, int G>
-void paged_decode_lanes(const Problem& p) {
-    for_each_decode_item(p, attend_lanes<T, D, G>);
-}
-
-// True when a vector path served the problem.
+// True when a vector path served the problem: head_dim a multiple of the vector width.
 template <typename T, int D>
 bool paged_decode_fast(const Problem& p) {
-    switch (p.group) {
-        case 1: paged_decode_lanes<T, D, 1>(p); return true;
-        case 2: paged_decode_lanes<T, D, 2>(p); return true;
-        case 3: paged_decode_lanes<T, D, 3>(p); return true;
-        case 4: paged_decode_lanes<T, D, 4>(p); return true;
-        case 8: paged_decode_lanes<T, D, 8>(p); return true;
-        default: return false;
+    if constexpr (D % Simd::width != 0) {
+        return false;
+    } else {
+        for_each_decode_item(p, attend_lanes<T, D>);
+        return true;
     }
 }
 #else

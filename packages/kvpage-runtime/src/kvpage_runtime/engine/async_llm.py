@@ -1,9 +1,12 @@
 """AsyncLLM: an asyncio front over one LLMEngine, for the server.
 
 A background thread owns the engine: it takes commands (add, abort, LoRA adapter changes) from
-a thread-safe inbox, steps the engine while requests exist, and hands each RequestOutput to the
-stream of its request with ``loop.call_soon_threadsafe``. The forward pass releases the GIL, so
-the event loop stays responsive while the model runs.
+a thread-safe inbox, steps the engine while requests exist, and hands each step's
+RequestOutputs to the streams of their requests in one ``loop.call_soon_threadsafe``. The
+forward pass releases the GIL, so the event loop stays responsive while the model runs. One
+wake-up per step, not one per request: each wake-up is a write to the loop's self-pipe, a
+system call that lets the event loop take the GIL while the engine thread still has Python
+work to do for that step.
 
 The engine is also *built* on that thread, so that it is the only thread of the process that
 runs torch's OpenMP parallel regions. A second OpenMP master (the main thread, had it loaded
@@ -58,17 +61,17 @@ class _Stream:
     error is raised after the output that preceded it has been read."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self.loop = loop
         self._latest: RequestOutput | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
         """From any thread."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
-            self._loop.call_soon_threadsafe(self._set, item)
+        _deliver([(self, item)])
 
-    def _set(self, item: RequestOutput | BaseException) -> None:
+    def set(self, item: RequestOutput | BaseException) -> None:
+        """On the stream's event loop."""
         if self._error is not None:  # an error is the last word
             return
         if isinstance(item, BaseException):
@@ -307,8 +310,7 @@ class AsyncLLM:
             self._error = exc
         self.engine.shutdown()
         reason = self.dead_error
-        for stream in self._streams.values():
-            stream.put(reason)
+        _deliver([(stream, reason) for stream in self._streams.values()])
         self._streams.clear()
         self._fail_inbox(reason)
         self._stopped.set_result(self._error)
@@ -326,13 +328,15 @@ class AsyncLLM:
                 return
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        deliveries = []
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            stream.put(_failure(output) or output)
+            deliveries.append((stream, _failure(output) or output))
+        _deliver(deliveries)
 
     def _fail_inbox(self, reason: EngineDeadError) -> None:
         while True:
@@ -342,6 +346,21 @@ class AsyncLLM:
                 return
             if future.set_running_or_notify_cancel():
                 future.set_exception(reason)
+
+
+def _deliver(deliveries: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    """Hands items to their streams (from any thread), waking each event loop once."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for stream, item in deliveries:
+        by_loop.setdefault(stream.loop, []).append((stream, item))
+    for loop, batch in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # a closed loop: nobody listens any more
+            loop.call_soon_threadsafe(_set_each, batch)
+
+
+def _set_each(batch: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.set(item)
 
 
 def _failure(output: RequestOutput) -> RequestFailedError | None:
