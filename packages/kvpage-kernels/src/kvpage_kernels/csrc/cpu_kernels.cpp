@@ -538,9 +538,9 @@ class RowWalk {
     int block_size_, block_, offset_;
 };
 
-// Context rows fetched ahead of the ones attended. Rows of one head lie a slot apart (all
-// heads' rows of a position side by side) and blocks anywhere in the pool, so the hardware's
-// stream prefetchers see no stream to follow.
+// Context rows fetched ahead of the ones attended: blocks lie anywhere in the pool (and one
+// KV head's rows a slot apart), so the hardware's stream prefetchers lose the stream at every
+// block's end.
 constexpr int kRowsAhead = 16;
 
 inline void prefetch_bytes(const void* from, int bytes) {
