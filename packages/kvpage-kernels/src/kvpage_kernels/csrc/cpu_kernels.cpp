@@ -369,30 +369,78 @@ struct Problem {
     float softcap;    // 0: none
 };
 
+// Context rows fetched ahead of the ones attended: blocks lie anywhere in the pool (and one
+// KV head's rows a slot apart), so the hardware's stream prefetchers lose the stream at every
+// block's end.
+constexpr int kRowsAhead = 16;
+
+// The rows at consecutive context positions of a sequence, from `pos` on, for KV heads
+// first_head .. first_head + heads - 1 (side by side in a slot): take() returns the next
+// position's row of first_head, walking the block table, and prefetches the row kRowsAhead
+// positions further while one of the `count` positions remains there.
+template <typename T>
+class ContextRows {
+  public:
+    ContextRows(const Problem& p, const int32_t* table, const void* cache, int first_head,
+                int heads, int pos, int count)
+        : next_(p, table, cache, first_head, pos),
+          ahead_(next_),
+          bytes_(heads * p.head_dim * static_cast<int>(sizeof(T))),
+          unfetched_(count) {
+        for (int t = 0; t < kRowsAhead; ++t) fetch_ahead();
+    }
+
+    const T* take() {
+        const T* row = next_.row();
+        next_.advance();
+        fetch_ahead();
+        return row;
+    }
+
+  private:
+    struct Position {  // a position's row, by block and offset in the block table
+        Position(const Problem& p, const int32_t* table, const void* cache, int first_head,
+                 int pos)
+            : table(table),
+              base(static_cast<const T*>(cache) + static_cast<int64_t>(first_head) * p.head_dim),
+              slot_stride(static_cast<int64_t>(p.num_kv_heads) * p.head_dim),
+              block_size(p.block_size),
+              block(pos / p.block_size),
+              offset(pos % p.block_size) {}
+        const T* row() const {
+            return base + (static_cast<int64_t>(table[block]) * block_size + offset) * slot_stride;
+        }
+        void advance() {
+            if (++offset == block_size) {
+                offset = 0;
+                ++block;
+            }
+        }
+        const int32_t* table;
+        const T* base;
+        int64_t slot_stride;
+        int block_size, block, offset;
+    };
+
+    void fetch_ahead() {
+        if (unfetched_ == 0) return;
+        const char* at = reinterpret_cast<const char*>(ahead_.row());
+        for (int b = 0; b < bytes_; b += 64) __builtin_prefetch(at + b);
+        ahead_.advance();
+        --unfetched_;
+    }
+
+    Position next_, ahead_;
+    int bytes_, unfetched_;
+};
+
 // Calls fn(t, row) for the context positions t = 0 .. ctx-1 (position first + t) with a
-// pointer to that position's row for `kv_head`, walking the block table block by block.
+// pointer to that position's row for `kv_head`.
 template <typename T, typename Fn>
 inline void for_each_row(const Problem& p, const int32_t* table, int first, int ctx,
                          const T* cache, int kv_head, Fn fn) {
-    const int64_t slot_stride = static_cast<int64_t>(p.num_kv_heads) * p.head_dim;
-    int pos = first;
-    int t = 0;
-    while (t < ctx) {
-        const int offset = pos % p.block_size;
-        const int count = std::min(p.block_size - offset, ctx - t);
-        const int64_t slot = static_cast<int64_t>(table[pos / p.block_size]) * p.block_size + offset;
-        const T* row = cache + slot * slot_stride + static_cast<int64_t>(kv_head) * p.head_dim;
-        for (int i = 0; i < count; ++i) {
-            if (i + 4 < count) {  // rows of a block lie slot_stride apart: fetch 4 ahead
-                const char* ahead = reinterpret_cast<const char*>(row + (i + 4) * slot_stride);
-                for (int64_t b = 0; b < static_cast<int64_t>(p.head_dim * sizeof(T)); b += 64)
-                    __builtin_prefetch(ahead + b);
-            }
-            fn(t + i, row + i * slot_stride);
-        }
-        t += count;
-        pos += count;
-    }
+    ContextRows<T> rows(p, table, cache, kv_head, 1, first, ctx);
+    for (int t = 0; t < ctx; ++t) fn(t, rows.take());
 }
 
 // The d values at src as fp32: src itself for fp32, else converted once into buf.
@@ -507,47 +555,6 @@ void for_each_decode_item(const Problem& p, Attend attend) {
 }
 
 #if defined(KVPAGE_SIMD)
-// The rows of one KV head at consecutive context positions of a sequence, walking its block
-// table one position at a time.
-template <typename T>
-class RowWalk {
-  public:
-    RowWalk(const Problem& p, const int32_t* table, const void* cache, int kv_head, int pos)
-        : table_(table),
-          base_(static_cast<const T*>(cache) + static_cast<int64_t>(kv_head) * p.head_dim),
-          slot_stride_(static_cast<int64_t>(p.num_kv_heads) * p.head_dim),
-          block_size_(p.block_size),
-          block_(pos / p.block_size),
-          offset_(pos % p.block_size) {}
-
-    const T* row() const {
-        const int64_t slot = static_cast<int64_t>(table_[block_]) * block_size_ + offset_;
-        return base_ + slot * slot_stride_;
-    }
-    void next() {
-        if (++offset_ == block_size_) {
-            offset_ = 0;
-            ++block_;
-        }
-    }
-
-  private:
-    const int32_t* table_;
-    const T* base_;
-    int64_t slot_stride_;
-    int block_size_, block_, offset_;
-};
-
-// Context rows fetched ahead of the ones attended: blocks lie anywhere in the pool (and one
-// KV head's rows a slot apart), so the hardware's stream prefetchers lose the stream at every
-// block's end.
-constexpr int kRowsAhead = 16;
-
-inline void prefetch_bytes(const void* from, int bytes) {
-    const char* at = static_cast<const char*>(from);
-    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(at + b);
-}
-
 // Attention of one sequence's query heads on KV heads first_head .. first_head + heads - 1
 // (head_dim D known at compile time) in a single pass over the context, a chunk of
 // Simd::width positions at a time, with the softmax kept online: a running maximum and total
@@ -585,41 +592,18 @@ void attend_lanes(const Problem& p, int seq, int first_head, int heads,
     }
     std::fill(acc, acc + static_cast<size_t>(query_heads) * D, 0.f);
     const int32_t* table = p.block_tables + seq * p.table_stride;
-    const int row_bytes = heads * D * static_cast<int>(sizeof(T));
-    RowWalk<T> keys(p, table, p.k_cache, first_head, first);
-    RowWalk<T> values(p, table, p.v_cache, first_head, first);
-    RowWalk<T> keys_ahead = keys, values_ahead = values;
-    const int ahead = std::min(kRowsAhead, ctx);
-    for (int t = 0; t < ahead; ++t) {
-        prefetch_bytes(keys_ahead.row(), row_bytes);
-        prefetch_bytes(values_ahead.row(), row_bytes);
-        keys_ahead.next();
-        values_ahead.next();
-    }
+    ContextRows<T> keys(p, table, p.k_cache, first_head, heads, first, ctx);
+    ContextRows<T> values(p, table, p.v_cache, first_head, heads, first, ctx);
     for (int t0 = 0; t0 < ctx; t0 += W) {
         const int n = std::min(W, ctx - t0);
         const T* k_rows[W];  // first_head's rows; head first_head + i's lie i D further
         const T* v_rows[W];
-        for (int j = 0; j < W; ++j) {
-            if (j >= n) {  // a partial last chunk: its missing rows repeat the last (weight 0)
-                k_rows[j] = k_rows[n - 1];
-                v_rows[j] = v_rows[n - 1];
-                continue;
-            }
-            k_rows[j] = keys.row();
-            v_rows[j] = values.row();
-            keys.next();
-            values.next();
-            if (t0 + j + ahead < ctx) {
-                prefetch_bytes(keys_ahead.row(), row_bytes);
-                prefetch_bytes(values_ahead.row(), row_bytes);
-                keys_ahead.next();
-                values_ahead.next();
-            }
+        for (int j = 0; j < W; ++j) {  // a partial last chunk repeats its last row (weight 0)
+            k_rows[j] = j < n ? keys.take() : k_rows[n - 1];
+            v_rows[j] = j < n ? values.take() : v_rows[n - 1];
         }
-        // Three passes over the query heads, each head's work independent of the others', so
-        // that their chains of dependent steps (dot products, then the softmax's maximum,
-        // exponentials and total, then the weighted sums) overlap in the out-of-order core.
+        // Over the query heads: the chunk's scores, then the softmax's update, then the
+        // weighted sum of the chunk's V rows.
         for (int h = 0; h < query_heads; ++h) {
             const int offset = h / group * D;
             Simd::V dots[W];
