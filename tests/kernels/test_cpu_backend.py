@@ -75,11 +75,11 @@ def test_decode_items_of_whole_sequences_and_of_single_heads(cpu_tier, threads, 
         torch.set_num_threads(previous)
 
 
-def test_bf16_decode_is_the_fp32_result_rounded_as_torch_rounds(cpu_tier):
+def test_bf16_attention_is_the_fp32_result_rounded_as_torch_rounds(cpu_tier):
     """The kernel computes in fp32 whatever the cache holds: on bf16 values its bf16 output is
     its fp32 output on the same values, rounded to nearest even."""
     lens = [1, 5, 16, 17, 100, 333]
-    problem = make_problem(lens, [1] * len(lens), group=3, dtype=torch.bfloat16)
+    problem = make_problem(lens, [1, 1, 16, 1, 30, 1], group=3, dtype=torch.bfloat16)
     q, k_cache, v_cache, *rest = problem.args()
     in_fp32 = paged_attention(q.float(), k_cache.float(), v_cache.float(), *rest, backend="cpu")
     in_bf16 = paged_attention(*problem.args(), backend="cpu")
@@ -87,17 +87,34 @@ def test_bf16_decode_is_the_fp32_result_rounded_as_torch_rounds(cpu_tier):
 
 
 @pytest.mark.parametrize("dtype", [*DTYPES, torch.float16])
-def test_mixed_prefill_and_decode(dtype):
-    """Decode rows run in the kernel, prefill chunks in the torch backend, into one output."""
+def test_mixed_prefill_and_decode(cpu_tier, dtype):
+    """Prefill chunks (causal within the chunk, after the context cached before it) and decode
+    rows run in one kernel call (fp16 in the torch backend), into one output."""
     lens, q_lens = [40, 1, 77, 1030, 9], [40, 1, 13, 1, 9]
     _check(make_problem(lens, q_lens, group=4, dtype=dtype))
     _check(make_problem(lens, q_lens, group=4, dtype=dtype), hints=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+def test_prefill_items_of_whole_rows_and_of_single_heads(cpu_tier, threads, head_dim):
+    """A thread takes a whole query row when there are at least 4 rows per thread, else one
+    KV head of a row: prefill chunks agree with the reference both ways, a long chunk (rows
+    taken longest context first) and a chunk after a cached context of several blocks."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lens, q_lens in (([3, 2], [2, 1]), ([600, 50, 1], [600, 17, 1])):
+            _check(make_problem(lens, q_lens, num_kv_heads=3, group=3, head_dim=head_dim))
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("group", [2, 8])
 @pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
 def test_head_dims(cpu_tier, head_dim, group):
     _check(make_problem([20, 35, 3], [1, 1, 1], head_dim=head_dim, num_kv_heads=1, group=group))
+    _check(make_problem([20, 35, 3], [20, 9, 1], head_dim=head_dim, num_kv_heads=1, group=group))
 
 
 @pytest.mark.parametrize("window", [1, 7, 32])

@@ -192,17 +192,15 @@ def _prefill_work(table, seq_len: int, start: int, end: int, layout: _Layout) ->
 
 
 def _plan(q, block_tables, seq_lens, query_start_loc, layout: _Layout, max_seq_len,
-          max_query_len, include_decode: bool) -> list[_Work]:
+          max_query_len) -> list[_Work]:
     num_seqs = seq_lens.shape[0]
     if max_query_len == 1 and q.shape[0] == num_seqs:
-        if not include_decode:
-            return []
         return _decode_work(block_tables, seq_lens, None, layout, max_seq_len)
     starts = query_start_loc.tolist()
     lens = seq_lens.tolist()
     decode = [i for i in range(num_seqs) if starts[i + 1] - starts[i] == 1]
     work = []
-    if decode and include_decode:
+    if decode:
         seqs = torch.tensor(decode, device=q.device)
         q_rows = torch.tensor([starts[i] for i in decode], device=q.device)
         work = _decode_work(block_tables.index_select(0, seqs), seq_lens.index_select(0, seqs),
@@ -218,7 +216,7 @@ _plans = threading.local()
 
 
 def _cached_plan(q, block_tables, seq_lens, query_start_loc, layout: _Layout, max_seq_len,
-                 max_query_len, include_decode: bool) -> list[_Work]:
+                 max_query_len) -> list[_Work]:
     """Every layer of a model step passes the same metadata tensors: the plan is computed
     once per step. The last key holds the tensors themselves (so their identity cannot be
     reused while cached) and their versions (an in-place change invalidates it)."""
@@ -226,15 +224,14 @@ def _cached_plan(q, block_tables, seq_lens, query_start_loc, layout: _Layout, ma
     if any(t.is_inference() for t in metadata):
         # Inference tensors have no version counter, so an in-place change could not be seen.
         return _plan(q, block_tables, seq_lens, query_start_loc, layout, max_seq_len,
-                     max_query_len, include_decode)
-    key = (tuple(t._version for t in metadata), q.shape[0], layout, max_seq_len, max_query_len,
-           include_decode)
+                     max_query_len)
+    key = (tuple(t._version for t in metadata), q.shape[0], layout, max_seq_len, max_query_len)
     cached = getattr(_plans, "last", None)
     if cached is not None and cached[1] == key and all(
             a is b for a, b in zip(cached[0], metadata, strict=True)):
         return cached[2]
     plan = _plan(q, block_tables, seq_lens, query_start_loc, layout, max_seq_len,
-                 max_query_len, include_decode)
+                 max_query_len)
     _plans.last = (metadata, key, plan)
     return plan
 
@@ -281,16 +278,14 @@ def _run_decode(work: _Work, q, k_cache, v_cache, scale, softcap, out) -> None:
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *,
                     sliding_window=None, softcap=None, max_seq_len=None, max_query_len=None,
-                    out, include_decode: bool = True) -> torch.Tensor:
-    """include_decode=False serves only the sequences with more than one query token (the
-    compiled CPU backend serves the others)."""
+                    out) -> torch.Tensor:
     if seq_lens.shape[0] == 0 or q.shape[0] == 0:
         return out
     num_kv_heads = k_cache.shape[2]
     layout = _Layout(k_cache.shape[1], num_kv_heads, q.shape[1] // num_kv_heads, q.dtype,
                      sliding_window)
     plan = _cached_plan(q, block_tables, seq_lens, query_start_loc, layout, max_seq_len,
-                        max_query_len, include_decode)
+                        max_query_len)
     for work in plan:
         run = _run_prefill if work.prefill else _run_decode
         run(work, q, k_cache, v_cache, scale, softcap, out)

@@ -3,13 +3,12 @@
 // tier decides which paths are compiled: AVX-512 or AVX2+FMA vector paths where the build
 // targets them (see "vector lanes"), portable loops for everything else.
 //
-// kvpage_paged_decode: paged decode attention, one query token per sequence, read in place
-// from the paged KV cache (no gather). kvpage_write_kv: this step's K/V rows into their
-// slots (any dtype: rows are copied as bytes).
-// Work item = (sequence, KV head): its `group` query heads share every key and value row
-// they read. Scores go to a per-thread buffer, then softmax, then P @ V, all in fp32; the
-// cache may be fp32 or bf16. Sequences whose query is not exactly one token are skipped
-// (the caller serves them).
+// kvpage_paged_attention: paged causal attention of every query row (decode tokens and
+// prefill chunks alike), read in place from the paged KV cache (no gather).
+// kvpage_write_kv: this step's K/V rows into their slots (any dtype: rows are copied as
+// bytes). Work item = (query row, KV head): its `group` query heads share every key and value
+// row they read. Scores go to a per-thread buffer, then softmax, then P @ V, all in fp32; the
+// cache may be fp32 or bf16.
 
 #include <algorithm>
 #include <array>
@@ -474,14 +473,30 @@ inline void softmax(float* s, int n, float softcap) {
     for (int t = 0; t < n; ++t) s[t] *= inv;
 }
 
+// One query row of a sequence and the context it attends: positions first .. end - 1, its
+// own position end - 1 the last (causal), first = end - window with a sliding window.
+struct Query {
+    int seq, row, first, end;
+    int context() const { return end - first; }
+};
+
+// Consecutive query rows row .. row + count - 1 of a sequence, at positions end - 1 ..
+// end + count - 2 (row i's context ends at end + i).
+struct QueryBlock {
+    int seq, row, count, end, window;
+    Query at(int i) const {
+        const int last = end + i;
+        return {seq, row + i, window > 0 ? std::max(0, last - window) : 0, last};
+    }
+    int context() const { return at(count - 1).end - at(0).first; }
+};
+
 // D > 0: head_dim known at compile time (fully unrolled inner loops); D == 0: p.head_dim.
 template <typename T, int D>
-void attend_head(const Problem& p, int seq, int kv_head, std::vector<float>& scratch) {
+void attend_head(const Problem& p, const Query& query, int kv_head,
+                 std::vector<float>& scratch) {
     const int d = D > 0 ? D : p.head_dim, groups = p.group;
-    const int row = p.query_start_loc[seq];
-    const int seq_len = p.seq_lens[seq];
-    const int first = p.window > 0 ? std::max(0, seq_len - p.window) : 0;
-    const int ctx = seq_len - first;
+    const int row = query.row, first = query.first, ctx = query.context();
     if (ctx <= 0) return;
     scratch.resize(static_cast<size_t>(groups) * (ctx + 2 * d) + d);
     float* scores = scratch.data();                                 // [group, ctx]
@@ -493,7 +508,7 @@ void attend_head(const Problem& p, int seq, int kv_head, std::vector<float>& scr
         const T* qh = q + row * p.q_token_stride + (kv_head * groups + g) * p.q_head_stride;
         for (int j = 0; j < d; ++j) qf[g * d + j] = to_float(qh[j]) * p.scale;
     }
-    const int32_t* table = p.block_tables + seq * p.table_stride;
+    const int32_t* table = p.block_tables + query.seq * p.table_stride;
     for_each_row(p, table, first, ctx, static_cast<const T*>(p.k_cache), kv_head,
                  [&](int t, const T* k_row) {
                      const float* k = as_floats(k_row, row_buf, d);
@@ -524,59 +539,80 @@ void attend_head(const Problem& p, int seq, int kv_head, std::vector<float>& scr
     }
 }
 
-// The portable loops' attention, a KV head at a time.
+// The portable loops' attention, a row and a KV head at a time.
 template <typename T, int D>
-void attend_one(const Problem& p, int seq, int first_head, int heads,
+void attend_one(const Problem& p, const QueryBlock& block, int first_head, int heads,
                 std::vector<float>& scratch) {
-    for (int kv_head = first_head; kv_head < first_head + heads; ++kv_head)
-        attend_head<T, D>(p, seq, kv_head, scratch);
+    for (int i = 0; i < block.count; ++i)
+        for (int kv_head = first_head; kv_head < first_head + heads; ++kv_head)
+            attend_head<T, D>(p, block.at(i), kv_head, scratch);
 }
 
-// Sequences per OpenMP thread from which a decode item is a whole sequence.
-constexpr int kSequencesPerThread = 4;
+// Query rows of a sequence that share one pass over their context: a prefill chunk's rows
+// go in blocks of this many, so that each key and value row read from the cache serves the
+// query heads of all of them.
+constexpr int kRowsPerBlock = 4;
 
-// Runs attend(p, seq, first_head, heads, scratch) for every sequence with one query token on
-// OpenMP threads, each with its own scratch buffer, taking an item at a time as it finishes its
-// last (items differ in context length). An item is a whole sequence, all its KV heads, when
-// there are sequences enough to keep every thread busy (a position's heads lie side by side:
-// one stretch of memory to read), else one KV head of a sequence.
+// Blocks per OpenMP thread from which an item is a whole block, all its KV heads.
+constexpr int kBlocksPerThread = 4;
+
+// Every query row of the problem in blocks, the longest contexts first: sequence s's rows
+// query_start_loc[s] .. query_start_loc[s + 1] - 1 sit at its last positions, up to
+// seq_lens[s] - 1 (rows before position 0, in malformed input, are left out).
+std::vector<QueryBlock> query_blocks(const Problem& p) {
+    std::vector<QueryBlock> blocks;
+    for (int seq = 0; seq < p.num_seqs; ++seq) {
+        const int begin = p.query_start_loc[seq], rows = p.query_start_loc[seq + 1] - begin;
+        const int first_end = p.seq_lens[seq] - rows + 1;  // the first row's context end
+        for (int i = std::max(0, 1 - first_end); i < rows; i += kRowsPerBlock)
+            blocks.push_back({seq, begin + i, std::min(kRowsPerBlock, rows - i), first_end + i,
+                              p.window});
+    }
+    std::stable_sort(blocks.begin(), blocks.end(), [](const QueryBlock& a, const QueryBlock& b) {
+        return a.context() > b.context();
+    });
+    return blocks;
+}
+
+// Runs attend(p, block, first_head, heads, scratch) for every block of query rows on OpenMP
+// threads, each with its own scratch buffer, taking an item at a time as it finishes its last
+// (items differ in context length). An item is a whole block, all its KV heads, when there
+// are blocks enough to keep every thread busy (a position's heads lie side by side: one
+// stretch of memory to read), else one KV head of a block.
 template <typename Attend>
-void for_each_decode_item(const Problem& p, Attend attend) {
-    const bool whole = p.num_seqs >= kSequencesPerThread * omp_get_max_threads();
+void for_each_item(const Problem& p, Attend attend) {
+    const std::vector<QueryBlock> blocks = query_blocks(p);
+    const int count = static_cast<int>(blocks.size());
+    const bool whole = count >= kBlocksPerThread * omp_get_max_threads();
     const int heads = whole ? p.num_kv_heads : 1, parts = p.num_kv_heads / heads;
-    const int items = p.num_seqs * parts;
+    const int items = count * parts;
 #pragma omp parallel
     {
         std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
-        for (int item = 0; item < items; ++item) {
-            const int seq = item / parts;
-            if (p.query_start_loc[seq + 1] - p.query_start_loc[seq] != 1) continue;
-            attend(p, seq, item % parts * heads, heads, scratch);
-        }
+        for (int item = 0; item < items; ++item)
+            attend(p, blocks[item / parts], item % parts * heads, heads, scratch);
     }
 }
 
 #if defined(KVPAGE_SIMD)
-// Attention of one sequence's query heads on KV heads first_head .. first_head + heads - 1
-// (head_dim D known at compile time) in a single pass over the context, a chunk of
-// Simd::width positions at a time, with the softmax kept online: a running maximum and total
-// per query head, the output rescaled when the maximum grows. A chunk's K and V rows are read
-// from memory once (the heads of a position lie side by side: one stretch of memory) and
-// serve every query head from L1. The dot products of a chunk's rows run side by side (a
-// chain of FMAs per row) and fold into one vector of scores; a query head's output
-// accumulators stay in registers (at most 8 vectors at a time) while the chunk's rows are
-// added in.
+// Attention of a block of query rows, their heads on KV heads first_head .. first_head +
+// heads - 1 (head_dim D known at compile time), in a single pass over the block's context, a
+// chunk of Simd::width positions at a time, with the softmax kept online: a running maximum
+// and total per query head of each row, the output rescaled when the maximum grows. A chunk's
+// K and V rows are read from memory once (the heads of a position lie side by side: one
+// stretch of memory) and serve every query head of every row from L1. The dot products of a
+// chunk's rows run side by side (a chain of FMAs per row) and fold into one vector of scores;
+// a query head's output accumulators stay in registers (at most 8 vectors at a time) while
+// the chunk's rows are added in. A row takes the positions of its own context alone, the
+// others masked: each row's result is the one it would get in a block of its own.
 template <typename T, int D>
-void attend_lanes(const Problem& p, int seq, int first_head, int heads,
+void attend_lanes(const Problem& p, const QueryBlock& block, int first_head, int heads,
                   std::vector<float>& scratch) {
     constexpr int W = Simd::width, C = D / W, CV = C < 8 ? C : 8;
     static_assert(C % CV == 0, "the output accumulators go in equal parts");
-    const int group = p.group, query_heads = heads * group;
-    const int row = p.query_start_loc[seq];
-    const int seq_len = p.seq_lens[seq];
-    const int first = p.window > 0 ? std::max(0, seq_len - p.window) : 0;
-    const int ctx = seq_len - first;
+    const int group = p.group, row_heads = heads * group, query_heads = block.count * row_heads;
+    const int first = block.at(0).first, ctx = block.context();
     if (ctx <= 0) return;
     scratch.resize(static_cast<size_t>(query_heads) * (2 * D + 2 + W));
     float* queries = scratch.data();                                  // [query_heads, D], scaled
@@ -586,15 +622,16 @@ void attend_lanes(const Problem& p, int seq, int first_head, int heads,
     float* weights = total + query_heads;                             // [query_heads, W]
     const T* q = static_cast<const T*>(p.q);
     const Simd::V scale = Simd::set1(p.scale);
-    for (int h = 0; h < query_heads; ++h) {
-        const T* qh = q + row * p.q_token_stride + (first_head * group + h) * p.q_head_stride;
+    for (int h = 0; h < query_heads; ++h) {  // query head h: row h / row_heads of the block
+        const int row = block.row + h / row_heads, head = first_head * group + h % row_heads;
+        const T* qh = q + row * p.q_token_stride + head * p.q_head_stride;
         for (int c = 0; c < C; ++c)
             Simd::store(queries + h * D + c * W, Simd::mul(Simd::load(qh + c * W), scale));
         running_max[h] = -INFINITY;
         total[h] = 0.f;
     }
     std::fill(acc, acc + static_cast<size_t>(query_heads) * D, 0.f);
-    const int32_t* table = p.block_tables + seq * p.table_stride;
+    const int32_t* table = p.block_tables + block.seq * p.table_stride;
     ContextRows<T> keys(p, table, p.k_cache, first_head, heads, first, ctx);
     ContextRows<T> values(p, table, p.v_cache, first_head, heads, first, ctx);
     for (int t0 = 0; t0 < ctx; t0 += W) {
@@ -605,65 +642,82 @@ void attend_lanes(const Problem& p, int seq, int first_head, int heads,
             k_rows[j] = j < n ? keys.take() : k_rows[n - 1];
             v_rows[j] = j < n ? values.take() : v_rows[n - 1];
         }
-        // Over the query heads: the chunk's scores, then the softmax's update, then the
-        // weighted sum of the chunk's V rows.
-        for (int h = 0; h < query_heads; ++h) {
-            const int offset = h / group * D;
-            Simd::V dots[W];
-            for (int j = 0; j < W; ++j) dots[j] = Simd::zero();
-            for (int c = 0; c < C; ++c) {
-                const Simd::V qc = Simd::load(queries + h * D + c * W);
-                for (int j = 0; j < W; ++j)
-                    dots[j] = Simd::fmadd(qc, Simd::load(k_rows[j] + offset + c * W), dots[j]);
-            }
-            Simd::store(weights + h * W, Simd::sums(dots));
-        }
-        if (p.softcap > 0.f || n < W) {
-            for (int h = 0; h < query_heads; ++h)
-                for (int j = 0; j < W; ++j) {
-                    float& score = weights[h * W + j];
-                    score = j >= n          ? -INFINITY
-                            : p.softcap > 0 ? std::tanh(score / p.softcap) * p.softcap
-                                            : score;
+        for (int i = 0; i < block.count; ++i) {
+            // Row i's positions in this chunk: lanes lo .. hi - 1; none: it sits the chunk out.
+            const Query row = block.at(i);
+            const int lo = std::max(0, row.first - first - t0);
+            const int hi = std::min(n, row.end - first - t0);
+            if (lo >= hi) continue;
+            const int begin = i * row_heads, end = begin + row_heads;
+            // Over the row's query heads: the chunk's scores, then the softmax's update, then
+            // the weighted sum of the chunk's V rows.
+            for (int h = begin, offset = 0; h < end; offset += D)  // a KV head's group
+                for (int g = 0; g < group; ++g, ++h) {
+                    Simd::V dots[W];
+                    for (int j = 0; j < W; ++j) dots[j] = Simd::zero();
+                    for (int c = 0; c < C; ++c) {
+                        const Simd::V qc = Simd::load(queries + h * D + c * W);
+                        for (int j = 0; j < W; ++j)
+                            dots[j] =
+                                Simd::fmadd(qc, Simd::load(k_rows[j] + offset + c * W), dots[j]);
+                    }
+                    Simd::store(weights + h * W, Simd::sums(dots));
                 }
-        }
-        const Simd::Lanes live = Simd::first(n);
-        for (int h = 0; h < query_heads; ++h) {  // scores to weights, the earlier terms rescaled
-            const Simd::V scores = Simd::load(weights + h * W);
-            const float chunk_max = Simd::max_lane(scores);
-            if (chunk_max > running_max[h]) {  // the earlier terms shrink by e^(old - new)
-                const float shrink = std::exp(running_max[h] - chunk_max);
-                const Simd::V by = Simd::set1(shrink);
-                float* out_acc = acc + h * D;
-                for (int c = 0; c < C; ++c)
-                    Simd::store(out_acc + c * W, Simd::mul(Simd::load(out_acc + c * W), by));
-                total[h] *= shrink;
-                running_max[h] = chunk_max;
+            if (p.softcap > 0.f || lo > 0 || hi < W) {
+                for (int h = begin; h < end; ++h)
+                    for (int j = 0; j < W; ++j) {
+                        float& score = weights[h * W + j];
+                        score = j < lo || j >= hi ? -INFINITY
+                                : p.softcap > 0   ? std::tanh(score / p.softcap) * p.softcap
+                                                  : score;
+                    }
             }
-            const Simd::V e =
-                Simd::keep(live, exp_lanes(Simd::sub(scores, Simd::set1(running_max[h]))));
-            total[h] += Simd::sum(e);
-            Simd::store(weights + h * W, e);
-        }
-        for (int h = 0; h < query_heads; ++h) {
-            const int offset = h / group * D;
-            float* out_acc = acc + h * D;
-            for (int c0 = 0; c0 < C; c0 += CV) {
-                Simd::V sums[CV];
-                for (int c = 0; c < CV; ++c) sums[c] = Simd::load(out_acc + (c0 + c) * W);
-                for (int j = 0; j < n; ++j) {
-                    const Simd::V w = Simd::set1(weights[h * W + j]);
-                    const T* v = v_rows[j] + offset + c0 * W;
-                    for (int c = 0; c < CV; ++c)
-                        sums[c] = Simd::fmadd(w, Simd::load(v + c * W), sums[c]);
+            const Simd::Lanes live = Simd::first(hi);
+            for (int h = begin; h < end; ++h) {  // scores to weights, earlier terms rescaled
+                const Simd::V scores = Simd::load(weights + h * W);
+                const float chunk_max = Simd::max_lane(scores);
+                if (chunk_max > running_max[h]) {  // the earlier terms shrink by e^(old - new)
+                    const float shrink = std::exp(running_max[h] - chunk_max);
+                    const Simd::V by = Simd::set1(shrink);
+                    float* out_acc = acc + h * D;
+                    for (int c = 0; c < C; ++c)
+                        Simd::store(out_acc + c * W, Simd::mul(Simd::load(out_acc + c * W), by));
+                    total[h] *= shrink;
+                    running_max[h] = chunk_max;
                 }
-                for (int c = 0; c < CV; ++c) Simd::store(out_acc + (c0 + c) * W, sums[c]);
+                Simd::V e =
+                    Simd::keep(live, exp_lanes(Simd::sub(scores, Simd::set1(running_max[h]))));
+                if (lo > 0) {  // a sliding window's start: lanes below lo weigh nothing
+                    Simd::store(weights + h * W, e);
+                    std::fill(weights + h * W, weights + h * W + lo, 0.f);
+                    e = Simd::load(weights + h * W);
+                }
+                total[h] += Simd::sum(e);
+                Simd::store(weights + h * W, e);
             }
+            for (int h = begin, offset = 0; h < end; offset += D)
+                for (int g = 0; g < group; ++g, ++h) {
+                    float* out_acc = acc + h * D;
+                    for (int c0 = 0; c0 < C; c0 += CV) {
+                        Simd::V sums[CV];
+                        for (int c = 0; c < CV; ++c)
+                            sums[c] = Simd::load(out_acc + (c0 + c) * W);
+                        for (int j = lo; j < hi; ++j) {
+                            const Simd::V w = Simd::set1(weights[h * W + j]);
+                            const T* v = v_rows[j] + offset + c0 * W;
+                            for (int c = 0; c < CV; ++c)
+                                sums[c] = Simd::fmadd(w, Simd::load(v + c * W), sums[c]);
+                        }
+                        for (int c = 0; c < CV; ++c)
+                            Simd::store(out_acc + (c0 + c) * W, sums[c]);
+                    }
+                }
         }
     }
     T* out = static_cast<T*>(p.out);
     for (int h = 0; h < query_heads; ++h) {
-        T* oh = out + row * p.out_token_stride + (first_head * group + h) * p.out_head_stride;
+        const int row = block.row + h / row_heads, head = first_head * group + h % row_heads;
+        T* oh = out + row * p.out_token_stride + head * p.out_head_stride;
         const Simd::V inv = Simd::set1(1.f / total[h]);
         for (int c = 0; c < C; ++c)
             Simd::store(oh + c * W, Simd::mul(Simd::load(acc + h * D + c * W), inv));
@@ -672,37 +726,37 @@ void attend_lanes(const Problem& p, int seq, int first_head, int heads,
 
 // True when a vector path served the problem: head_dim a multiple of the vector width.
 template <typename T, int D>
-bool paged_decode_fast(const Problem& p) {
+bool paged_attention_fast(const Problem& p) {
     if constexpr (D % Simd::width != 0) {
         return false;
     } else {
-        for_each_decode_item(p, attend_lanes<T, D>);
+        for_each_item(p, attend_lanes<T, D>);
         return true;
     }
 }
 #else
 template <typename T, int D>
-bool paged_decode_fast(const Problem&) { return false; }
+bool paged_attention_fast(const Problem&) { return false; }
 #endif
 
 template <typename T, int D>
-void paged_decode(const Problem& p) {
-    for_each_decode_item(p, attend_one<T, D>);
+void paged_attention(const Problem& p) {
+    for_each_item(p, attend_one<T, D>);
 }
 
 template <typename T>
 void dispatch_head_dim(const Problem& p) {
     switch (p.head_dim) {
         case 64:
-            if (!paged_decode_fast<T, 64>(p)) paged_decode<T, 64>(p);
+            if (!paged_attention_fast<T, 64>(p)) paged_attention<T, 64>(p);
             return;
         case 128:
-            if (!paged_decode_fast<T, 128>(p)) paged_decode<T, 128>(p);
+            if (!paged_attention_fast<T, 128>(p)) paged_attention<T, 128>(p);
             return;
         case 256:  // Gemma
-            if (!paged_decode_fast<T, 256>(p)) paged_decode<T, 256>(p);
+            if (!paged_attention_fast<T, 256>(p)) paged_attention<T, 256>(p);
             return;
-        default: return paged_decode<T, 0>(p);
+        default: return paged_attention<T, 0>(p);
     }
 }
 
@@ -717,7 +771,7 @@ extern "C" int kvpage_vector_width() {
 #endif
 }
 
-extern "C" int kvpage_paged_decode(
+extern "C" int kvpage_paged_attention(
     int32_t dtype,  // 0: fp32, 1: bf16
     const void* q, int64_t q_token_stride, int64_t q_head_stride,
     void* out, int64_t out_token_stride, int64_t out_head_stride,
