@@ -122,6 +122,8 @@ def test_head_dims(cpu_tier, head_dim, group):
 def test_sliding_window(cpu_tier, window, dtype):
     _check(make_problem([50, 64, 6], [1, 1, 1], group=2, dtype=dtype), sliding_window=window)
     _check(make_problem([50, 64, 6], [1, 30, 5], group=2, dtype=dtype), sliding_window=window)
+    # contexts of several slices of 64 positions, a window start inside a vector of them
+    _check(make_problem([300, 150], [1, 100], group=2, dtype=dtype), sliding_window=window + 60)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -130,6 +132,9 @@ def test_softcap(cpu_tier, dtype):
     problem.q *= 8  # large scores so that the cap matters
     _check(problem, softcap=5.0)
     _check(problem, softcap=5.0, sliding_window=20)
+    long = make_problem([200, 90], [70, 1], group=3, dtype=dtype)
+    long.q *= 8
+    _check(long, softcap=5.0)
 
 
 def test_strided_q_and_out_views(cpu_tier):

@@ -7,10 +7,11 @@ decode tokens and prefill chunks in one call, in fp32 and bf16: a prefill chunk'
 blocks of four consecutive rows that share one pass over their context (each row masked to
 its own causal context, so its result is the one it would get alone), and a row attends only
 the positions before it, where SDPA on a padded chunk computes the masked ones too. On AMD
-Zen 3 (two threads, SmolLM2-135M's heads) that takes 0.27 of the torch backend's time for 16
-prompts of 40 tokens and 0.65 to 0.76 for whole prompts of 512 to 2,048; a chunk after a long
-cached context (256 after 1,792) takes 1.2 times as long, since there SDPA's GEMMs run at a
-higher rate than the kernel's dot products and the masked share is small (bench/RESULTS.md).
+Zen 3 (two threads, SmolLM2-135M's heads) that takes a quarter of the torch backend's time for
+16 prompts of 40 tokens and 0.5 to 0.7 for whole prompts of 256 to 2,048. A chunk after a long
+cached context (256 after 1,792, 1,024 after 3,072) takes 1.1 to 1.5 times as long, since
+there SDPA's GEMMs run at a higher rate than the kernel's dot products and the masked share is
+small (bench/RESULTS.md).
 fp16 and other devices go to the torch backend, as do the block copies. write_kv copies each row
 straight to its slot (no index tensors, no mask pass); rotary_embedding is one pass in fp32
 and bf16, bit-identical to the torch ops. rms_norm (with its residual add), silu_and_mul and
