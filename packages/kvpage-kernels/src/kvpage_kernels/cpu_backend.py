@@ -11,10 +11,9 @@ Zen 3 (two threads, SmolLM2-135M's heads) that takes a quarter of the torch back
 16 prompts of 40 tokens and 0.5 to 0.7 for whole prompts of 256 to 2,048. A chunk after a long
 cached context (256 after 1,792, 1,024 after 3,072) takes 1.1 to 1.5 times as long, since
 there SDPA's GEMMs run at a higher rate than the kernel's dot products and the masked share is
-small (bench/RESULTS.md).
-fp16 and other devices go to the torch backend, as do the block copies. write_kv copies each row
-straight to its slot (no index tensors, no mask pass); rotary_embedding is one pass in fp32
-and bf16, bit-identical to the torch ops. rms_norm (with its residual add), silu_and_mul and
+small (bench/RESULTS.md). fp16 and other devices go to the torch backend, as do the block
+copies. write_kv copies each row straight to its slot (no index tensors, no mask pass);
+rotary_embedding is one pass in fp32 and bf16, bit-identical to the torch ops. rms_norm (with its residual add), silu_and_mul and
 gelu_tanh_and_mul run as one vectorized pass each, in fp32 and bf16, instead of a chain of
 small torch ops, rounding where those ops round (their fp32 sums and exp differ from torch's
 in the last bit; GELU's tanh approximation is computed without the cancellation in torch's

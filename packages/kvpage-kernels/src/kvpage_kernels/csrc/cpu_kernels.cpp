@@ -6,9 +6,9 @@
 // kvpage_paged_attention: paged causal attention of every query row (decode tokens and
 // prefill chunks alike), read in place from the paged KV cache (no gather).
 // kvpage_write_kv: this step's K/V rows into their slots (any dtype: rows are copied as
-// bytes). Work item = (query row, KV head): its `group` query heads share every key and value
-// row they read. Scores go to a per-thread buffer, then softmax, then P @ V, all in fp32; the
-// cache may be fp32 or bf16.
+// bytes). Work item = (block of consecutive query rows of a sequence, KV heads): the rows'
+// query heads of a KV head's group share every key and value row they read. Scores, softmax
+// and P @ V all in fp32; the cache may be fp32 or bf16.
 
 #include <algorithm>
 #include <array>
@@ -603,6 +603,74 @@ void for_each_item(const Problem& p, Attend attend) {
 // vector, decode no slower.)
 constexpr int kSlice = 64;
 
+// scores [W] = the dot products of query [D] with the chunk's W rows (each `offset` values
+// into its row), side by side: a chain of FMAs per row, folded into one vector.
+template <typename T, int D>
+inline void chunk_scores(const float* query, const T* const* rows, int offset, float* scores) {
+    constexpr int W = Simd::width, C = D / W;
+    Simd::V dots[W];
+    for (int j = 0; j < W; ++j) dots[j] = Simd::zero();
+    for (int c = 0; c < C; ++c) {
+        const Simd::V qc = Simd::load(query + c * W);
+        for (int j = 0; j < W; ++j)
+            dots[j] = Simd::fmadd(qc, Simd::load(rows[j] + offset + c * W), dots[j]);
+    }
+    Simd::store(scores, Simd::sums(dots));
+}
+
+// One query head's online softmax over a slice: w [from, to) holds the scores of lanes lo ..
+// hi - 1 (the others are not the row's); they become weights e^(score - running max), 0
+// outside lo .. hi - 1, the output acc [D] and total rescaled when the maximum grows.
+template <int D>
+inline void softmax_update(float* w, int lo, int hi, float softcap, float& running_max,
+                           float& total, float* acc) {
+    constexpr int W = Simd::width, C = D / W;
+    const int from = lo / W * W, to = (hi + W - 1) / W * W;
+    if (softcap > 0.f)
+        for (int t = lo; t < hi; ++t) w[t] = std::tanh(w[t] / softcap) * softcap;
+    std::fill(w + from, w + lo, -INFINITY);
+    std::fill(w + hi, w + to, -INFINITY);
+    Simd::V top = Simd::load(w + from);
+    for (int t = from + W; t < to; t += W) top = Simd::max(top, Simd::load(w + t));
+    const float slice_max = Simd::max_lane(top);
+    if (slice_max > running_max) {  // the earlier terms shrink by e^(old - new)
+        const float shrink = std::exp(running_max - slice_max);
+        const Simd::V by = Simd::set1(shrink);
+        for (int c = 0; c < C; ++c)
+            Simd::store(acc + c * W, Simd::mul(Simd::load(acc + c * W), by));
+        total *= shrink;
+        running_max = slice_max;
+    }
+    const Simd::V max = Simd::set1(running_max);
+    for (int t = from; t < to; t += W)
+        Simd::store(w + t, exp_lanes(Simd::sub(Simd::load(w + t), max)));
+    std::fill(w + from, w + lo, 0.f);
+    std::fill(w + hi, w + to, 0.f);
+    Simd::V sum = Simd::load(w + from);
+    for (int t = from + W; t < to; t += W) sum = Simd::add(sum, Simd::load(w + t));
+    total += Simd::sum(sum);
+}
+
+// acc [D] += the sum over rows j = from .. to - 1 of w[j] times rows[j] (each `offset` values
+// in), the accumulators in registers, at most 8 vectors at a time.
+template <typename T, int D>
+inline void add_weighted_rows(const float* w, const T* const* rows, int from, int to,
+                              int offset, float* acc) {
+    constexpr int W = Simd::width, C = D / W, CV = C < 8 ? C : 8;
+    static_assert(C % CV == 0, "the output accumulators go in equal parts");
+    for (int c0 = 0; c0 < C; c0 += CV) {
+        Simd::V sums[CV];
+        for (int c = 0; c < CV; ++c) sums[c] = Simd::load(acc + (c0 + c) * W);
+        for (int j = from; j < to; ++j) {
+            const Simd::V weight = Simd::set1(w[j]);
+            const T* v = rows[j] + offset + c0 * W;
+            for (int c = 0; c < CV; ++c)
+                sums[c] = Simd::fmadd(weight, Simd::load(v + c * W), sums[c]);
+        }
+        for (int c = 0; c < CV; ++c) Simd::store(acc + (c0 + c) * W, sums[c]);
+    }
+}
+
 // Attention of a block of query rows, their heads on KV heads first_head .. first_head +
 // heads - 1 (head_dim D known at compile time), in a single pass over the block's context, a
 // slice of kSlice positions at a time, with the softmax kept online: a running maximum and
@@ -620,8 +688,7 @@ constexpr int kSlice = 64;
 template <typename T, int D>
 void attend_lanes(const Problem& p, const QueryBlock& block, int first_head, int heads,
                   std::vector<float>& scratch) {
-    constexpr int W = Simd::width, C = D / W, CV = C < 8 ? C : 8;
-    static_assert(C % CV == 0, "the output accumulators go in equal parts");
+    constexpr int W = Simd::width, C = D / W;
     static_assert(kSlice % W == 0, "a slice is whole chunks");
     const int group = p.group, row_heads = heads * group, query_heads = block.count * row_heads;
     const int first = block.at(0).first, ctx = block.context();
@@ -660,80 +727,30 @@ void attend_lanes(const Problem& p, const QueryBlock& block, int first_head, int
             lo[i] = std::clamp(row.first - first - s0, 0, n);
             hi[i] = std::clamp(row.end - first - s0, 0, n);
         }
-        // The scores of each row's positions, a chunk at a time over the rows' query heads.
+        // The scores, a chunk at a time over the query heads of the rows it concerns (query
+        // head h of row i reads KV head (h - i * row_heads) / group: `offset` values in).
         for (int t0 = 0; t0 < padded; t0 += W)
             for (int i = 0; i < block.count; ++i) {
                 if (t0 >= hi[i] || t0 + W <= lo[i]) continue;
-                const int begin = i * row_heads, end = begin + row_heads;
-                for (int h = begin, offset = 0; h < end; offset += D)  // a KV head's group
-                    for (int g = 0; g < group; ++g, ++h) {
-                        Simd::V dots[W];
-                        for (int j = 0; j < W; ++j) dots[j] = Simd::zero();
-                        for (int c = 0; c < C; ++c) {
-                            const Simd::V qc = Simd::load(queries + h * D + c * W);
-                            for (int j = 0; j < W; ++j)
-                                dots[j] = Simd::fmadd(
-                                    qc, Simd::load(k_rows[t0 + j] + offset + c * W), dots[j]);
-                        }
-                        Simd::store(weights + h * kSlice + t0, Simd::sums(dots));
-                    }
+                for (int h = i * row_heads, offset = 0; offset < heads * D; offset += D)
+                    for (int g = 0; g < group; ++g, ++h)
+                        chunk_scores<T, D>(queries + h * D, k_rows + t0, offset,
+                                           weights + h * kSlice + t0);
             }
-        // Scores to weights (0 outside a row's positions), the earlier terms rescaled.
-        for (int i = 0; i < block.count; ++i) {
-            if (lo[i] >= hi[i]) continue;
-            const int from = lo[i] / W * W, to = (hi[i] + W - 1) / W * W;
-            for (int h = i * row_heads; h < (i + 1) * row_heads; ++h) {
-                float* w = weights + h * kSlice;
-                if (p.softcap > 0.f)
-                    for (int t = lo[i]; t < hi[i]; ++t)
-                        w[t] = std::tanh(w[t] / p.softcap) * p.softcap;
-                std::fill(w + from, w + lo[i], -INFINITY);
-                std::fill(w + hi[i], w + to, -INFINITY);
-                Simd::V top = Simd::load(w + from);
-                for (int t = from + W; t < to; t += W) top = Simd::max(top, Simd::load(w + t));
-                const float slice_max = Simd::max_lane(top);
-                if (slice_max > running_max[h]) {  // the earlier terms shrink by e^(old - new)
-                    const float shrink = std::exp(running_max[h] - slice_max);
-                    const Simd::V by = Simd::set1(shrink);
-                    float* out_acc = acc + h * D;
-                    for (int c = 0; c < C; ++c)
-                        Simd::store(out_acc + c * W, Simd::mul(Simd::load(out_acc + c * W), by));
-                    total[h] *= shrink;
-                    running_max[h] = slice_max;
-                }
-                const Simd::V max = Simd::set1(running_max[h]);
-                for (int t = from; t < to; t += W)
-                    Simd::store(w + t, exp_lanes(Simd::sub(Simd::load(w + t), max)));
-                std::fill(w + from, w + lo[i], 0.f);
-                std::fill(w + hi[i], w + to, 0.f);
-                Simd::V sum = Simd::load(w + from);
-                for (int t = from + W; t < to; t += W) sum = Simd::add(sum, Simd::load(w + t));
-                total[h] += Simd::sum(sum);
-            }
-        }
-        // The weighted sums of the V rows, a chunk at a time over the rows' query heads.
+        for (int i = 0; i < block.count; ++i)
+            if (lo[i] < hi[i])
+                for (int h = i * row_heads; h < (i + 1) * row_heads; ++h)
+                    softmax_update<D>(weights + h * kSlice, lo[i], hi[i], p.softcap,
+                                      running_max[h], total[h], acc + h * D);
+        // The weighted sums of the V rows, a chunk at a time likewise.
         for (int t0 = 0; t0 < padded; t0 += W)
             for (int i = 0; i < block.count; ++i) {
                 const int from = std::max(t0, lo[i]), to = std::min(t0 + W, hi[i]);
                 if (from >= to) continue;
-                const int begin = i * row_heads, end = begin + row_heads;
-                for (int h = begin, offset = 0; h < end; offset += D)
-                    for (int g = 0; g < group; ++g, ++h) {
-                        float* out_acc = acc + h * D;
-                        for (int c0 = 0; c0 < C; c0 += CV) {
-                            Simd::V sums[CV];
-                            for (int c = 0; c < CV; ++c)
-                                sums[c] = Simd::load(out_acc + (c0 + c) * W);
-                            for (int j = from; j < to; ++j) {
-                                const Simd::V w = Simd::set1(weights[h * kSlice + j]);
-                                const T* v = v_rows[j] + offset + c0 * W;
-                                for (int c = 0; c < CV; ++c)
-                                    sums[c] = Simd::fmadd(w, Simd::load(v + c * W), sums[c]);
-                            }
-                            for (int c = 0; c < CV; ++c)
-                                Simd::store(out_acc + (c0 + c) * W, sums[c]);
-                        }
-                    }
+                for (int h = i * row_heads, offset = 0; offset < heads * D; offset += D)
+                    for (int g = 0; g < group; ++g, ++h)
+                        add_weighted_rows<T, D>(weights + h * kSlice, v_rows, from, to, offset,
+                                                acc + h * D);
             }
     }
     T* out = static_cast<T*>(p.out);
