@@ -1,23 +1,23 @@
 """Compiled CPU backend: attention read in place from the paged cache, fused layer ops.
 
-The torch backend has to gather each sequence's keys and values out of the cache before it
-can call SDPA; this backend's C++ kernel (csrc/cpu_kernels.cpp) reads them where they
-lie, once per KV head for all the query heads of its group, on OpenMP threads. It serves
-decode tokens and prefill chunks in one call, in fp32 and bf16: a prefill chunk's rows go in
-blocks of four consecutive rows that share one pass over their context (each row masked to
-its own causal context, so its result is the one it would get alone), and a row attends only
-the positions before it, where SDPA on a padded chunk computes the masked ones too. On AMD
-Zen 3 (two threads, SmolLM2-135M's heads) that takes a quarter of the torch backend's time for
-16 prompts of 40 tokens and 0.5 to 0.7 for whole prompts of 256 to 2,048. A chunk after a long
-cached context (256 after 1,792, 1,024 after 3,072) takes 1.1 to 1.5 times as long, since
-there SDPA's GEMMs run at a higher rate than the kernel's dot products and the masked share is
-small (bench/RESULTS.md). fp16 and other devices go to the torch backend, as do the block
-copies. write_kv copies each row straight to its slot (no index tensors, no mask pass);
-rotary_embedding is one pass in fp32 and bf16, bit-identical to the torch ops. rms_norm (with its residual add), silu_and_mul and
-gelu_tanh_and_mul run as one vectorized pass each, in fp32 and bf16, instead of a chain of
-small torch ops, rounding where those ops round (their fp32 sums and exp differ from torch's
-in the last bit; GELU's tanh approximation is computed without the cancellation in torch's
-1 + tanh(u), closer to the formula than torch's fp32 result).
+The torch backend has to gather each sequence's keys and values out of the cache before it can
+call SDPA; this backend's C++ kernel (csrc/cpu_kernels.cpp) reads them where they lie, once per
+KV head for all the query heads of its group, on OpenMP threads. It serves decode tokens and
+prefill chunks in one call, in fp32 and bf16: a prefill chunk's rows go in blocks of four
+consecutive rows that share one pass over their context (each row masked to its own causal
+context, so its result is the one it would get alone), and a row attends only the positions
+before it, where SDPA on a padded chunk computes the masked ones too. On AMD Zen 3 (two
+threads, SmolLM2-135M's heads) that takes a quarter of the torch backend's time for 16 prompts
+of 40 tokens and 0.5 to 0.7 for whole prompts of 256 to 2,048. A chunk after a long cached
+context (256 after 1,792, 1,024 after 3,072) takes 1.1 to 1.5 times as long, since there SDPA's
+GEMMs run at a higher rate than the kernel's dot products and the masked share is small
+(bench/RESULTS.md). fp16 and other devices go to the torch backend, as do the block copies.
+write_kv copies each row straight to its slot (no index tensors, no mask pass);
+rotary_embedding is one pass in fp32 and bf16, bit-identical to the torch ops. rms_norm (with
+its residual add), silu_and_mul and gelu_tanh_and_mul run as one vectorized pass each, in fp32
+and bf16, instead of a chain of small torch ops, rounding where those ops round (their fp32
+sums and exp differ from torch's in the last bit; GELU's tanh approximation is computed without
+the cancellation in torch's 1 + tanh(u), closer to the formula than torch's fp32 result).
 argmax (the greedy sampler's) is one vectorized pass per row.
 
 lora_shrink and lora_expand (multi-LoRA, each row through its own adapter slot) run on OpenMP
