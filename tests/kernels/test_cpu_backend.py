@@ -97,10 +97,11 @@ def test_mixed_prefill_and_decode(cpu_tier, dtype):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("head_dim", [64, 80, 128])
-def test_prefill_items_of_whole_rows_and_of_single_heads(cpu_tier, threads, head_dim):
-    """A thread takes a whole query row when there are at least 4 rows per thread, else one
-    KV head of a row: prefill chunks agree with the reference both ways, a long chunk (rows
-    taken longest context first) and a chunk after a cached context of several blocks."""
+def test_prefill_items_of_whole_blocks_and_of_single_heads(cpu_tier, threads, head_dim):
+    """A chunk's rows go in blocks of up to 4 consecutive rows; a thread takes a whole block
+    when there are at least 4 blocks per thread, else one KV head of a block: prefill chunks
+    agree with the reference both ways, a long chunk (blocks taken longest context first) and
+    a chunk after a cached context of several blocks."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
