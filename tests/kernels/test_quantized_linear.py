@@ -51,7 +51,7 @@ def test_matches_the_reference(cpu_tier, rows, in_features, out_features, group_
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("rows", [1, 13, 64])
+@pytest.mark.parametrize("rows", [1, 12, 13, 64])
 def test_bit_identical_to_fp32_panels_of_the_dequantized_weight(cpu_tier, rows, bits):
     """Where q * scale is exact in fp32 (every checkpoint format), the weights dequantized in
     registers equal the reference's, so the low-bit GEMM gives the very bits of the fp32 GEMM

@@ -1567,7 +1567,7 @@ struct QuantizedPanel {
 // input of x that each of its inputs multiplies (null: the same one).
 template <typename T>
 struct DenseWeights {  // a PackedWeight
-    static constexpr bool kLowBit = false;
+    static constexpr bool kLowBit = false, kKeeps = false;
     const T* panels;
     int64_t n, depth;
     const int64_t* input_order = nullptr;
@@ -1577,7 +1577,7 @@ struct DenseWeights {  // a PackedWeight
 
 // One panel of a GEMM's weights dequantized into an fp32 buffer, standing for every panel.
 struct BufferedPanel {
-    static constexpr bool kLowBit = false;
+    static constexpr bool kLowBit = false, kKeeps = false;
     const float* data;
     int64_t n, depth;
 
@@ -1586,7 +1586,7 @@ struct BufferedPanel {
 
 template <int Bits, bool Bf16Weights = false>
 struct QuantizedWeights {  // QuantizedPanels
-    static constexpr bool kLowBit = true;
+    static constexpr bool kLowBit = true, kKeeps = false;
     const uint32_t* codes;
     const float* scales;
     const float* offsets;
@@ -1601,6 +1601,15 @@ struct QuantizedWeights {  // QuantizedPanels
     }
 };
 
+// Low-bit weights whose microkernel also stores each weight it dequantizes into `kept`
+// ([depth][kPanelWidth] fp32, as dequantize_panel lays a panel out; a tile then takes one
+// panel at a time), so that the other tiles of rows read the panel from there.
+template <typename Weights>
+struct KeepingWeights : Weights {
+    static constexpr bool kKeeps = true;
+    float* kept;
+};
+
 // Panels a tile of m rows multiplies at once (never more for more rows): with AVX-512, a tile
 // of one row runs the FMA chains of four panels side by side, which hides more of their
 // latency (4 cycles on AMD Zen 4); measured there, 5 to 7% less time at one row for low-bit
@@ -1608,9 +1617,9 @@ struct QuantizedWeights {  // QuantizedPanels
 // cannot hold even two panels' codes, sums and group constants (a panel is two vectors there):
 // four spilled 255 times per 128 FMAs, and one panel took 25 to 35% less time than four at one
 // row for 4-bit weights on AMD Zen 3 (two: 15 to 25% less).
-constexpr int panels_per_tile([[maybe_unused]] int m) {
+constexpr int panels_per_tile([[maybe_unused]] int m, [[maybe_unused]] bool keeps = false) {
 #if defined(KVPAGE_SIMD)
-    return m == 1 && Simd::width == 16 ? 4 : 1;
+    return m == 1 && Simd::width == 16 && !keeps ? 4 : 1;
 #else
     return 1;  // the portable loops take one panel at a time
 #endif
@@ -1656,6 +1665,12 @@ void panel_tile(const float* x, int64_t x_stride, const Weights& w, int64_t firs
                 for (int q = 0; q < NP; ++q)
                     for (int c = 0; c < C; ++c)
                         weights[q][c] = groups[q].weights(blocks[q][c], s, c);
+                if constexpr (Weights::kKeeps) {
+                    static_assert(NP == 1);
+                    for (int c = 0; c < C; ++c)
+                        Simd::store(w.kept + (i + s) * kPanelWidth + c * Simd::width,
+                                    weights[0][c]);
+                }
                 for (int r = 0; r < M; ++r) {
                     const Simd::V xr = Simd::set1(x[r * x_stride + i + s]);
                     for (int q = 0; q < NP; ++q)
@@ -1695,12 +1710,16 @@ void panel_tile(const float* x, int64_t x_stride, const Weights& w, int64_t firs
         float sums[M][kPanelWidth] = {};
         for (int64_t begin = 0; begin < w.depth; begin += panel.group_size()) {
             const auto& group = panel.group(begin);
-            for (int64_t i = begin; i < begin + panel.group_size(); ++i)
+            for (int64_t i = begin; i < begin + panel.group_size(); ++i) {
+                if constexpr (Weights::kKeeps)
+                    for (int j = 0; j < kPanelWidth; ++j)
+                        w.kept[i * kPanelWidth + j] = group.value(i, j);
                 for (int r = 0; r < M; ++r) {
                     const float xr = x[r * x_stride + i];
 #pragma omp simd
                     for (int j = 0; j < kPanelWidth; ++j) sums[r][j] += xr * group.value(i, j);
                 }
+            }
         }
         const int64_t col = (first + q) * kPanelWidth;
         for (int r = 0; r < M; ++r)
@@ -1718,7 +1737,7 @@ constexpr auto tile_kernels(std::integer_sequence<int, M...>) {
     using Kernel =
         void (*)(const float*, int64_t, const Weights&, int64_t, int, const TileOut&);
     return std::array<Kernel, sizeof...(M)>{
-        &panel_tile<M + 1, panels_per_tile(M + 1), Weights>...};
+        &panel_tile<M + 1, panels_per_tile(M + 1, Weights::kKeeps), Weights>...};
 }
 
 // The rows of a batch cut into as few tiles of at most tile_rows as possible, of sizes that
@@ -1816,12 +1835,17 @@ float* panel_buffer(size_t n) {
 }
 
 // Low-bit panels are dequantized in registers as a tile of rows multiplies them, again for
-// every tile; with this many tiles or more, each panel is dequantized once into an fp32
-// buffer that every tile then reads (the same weights, so the same sums). Dequantizing the
-// next panel into a second buffer in the gaps of this panel's microkernel (a few words of codes
-// every so many inputs) measured no faster on AMD Zen 3: 16 rows, one thread, 4-bit weights
-// read from memory, 52.7 to 72.5 GFLOP/s against 72.9, likely because the FMAs leave few slots
-// idle and two buffers crowd L1 more than one.
+// every tile; with this many tiles or more, each panel is dequantized once into an fp32 buffer
+// that fp32 tiles of kTileRows rows, their fastest, then read (the same weights, so the same
+// sums). The rows left over (rows % kTileRows) form a low-bit tile that stores the weights it
+// dequantizes as it multiplies them (KeepingWeights); with none left over, a pass of its own
+// dequantizes the panel. Measured on AMD Zen 3 (a 16-row decode step's GEMMs, 4- and 8-bit
+// weights): a pass of its own took 23% of the time, 13 rows as 1 + 6 + 6 took 21% less time
+// than a pass and tiles of 5, 4 and 4 rows, and 16 as 4 + 6 + 6 7 to 9% less than a pass and
+// 6, 5 and 5. Dequantizing the next panel into a second buffer in the gaps of this panel's
+// microkernel (a few words of codes every so many inputs) measured no faster there: 16 rows,
+// one thread, 4-bit weights read from memory, 52.7 to 72.5 GFLOP/s against 72.9, likely
+// because two buffers crowd L1 more than one.
 constexpr int64_t kDequantizeOnceTiles = 2;
 
 // out [rows, w.n] = x [rows, w.depth] @ W^T (+ bias [w.n]), rows at most kBlockRows.
@@ -1830,32 +1854,44 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
                     const float* bias, float* out) {
     constexpr int kRows = decltype(w.panel(0))::kRows;
     static constexpr auto kernels = tile_kernels<Weights>(std::make_integer_sequence<int, kRows>());
+    static constexpr auto keeping_kernels =
+        tile_kernels<KeepingWeights<Weights>>(std::make_integer_sequence<int, kRows>());
     static constexpr auto buffered_kernels =
         tile_kernels<BufferedPanel>(std::make_integer_sequence<int, kTileRows>());
-    static_assert(kRows <= kTileRows);
+    static_assert(kRows <= kTileRows && kTileRows - 1 <= kRows);
     const int64_t n = w.n, depth = w.depth;
     const bool dequantize_once =
         Weights::kLowBit && RowTiles(rows, kRows).count >= kDequantizeOnceTiles;
-    const RowTiles tiles(rows, dequantize_once ? kTileRows : kRows);  // the fp32 tiles then
+    // With dequantize_once, rows 0 .. kept_rows - 1 (none, or fewer than kTileRows) form the
+    // tile that keeps the weights, and `tiles` the fp32 tiles of kTileRows rows after it.
+    const int kept_rows = dequantize_once ? static_cast<int>(rows % kTileRows) : 0;
+    const RowTiles tiles(rows - kept_rows, dequantize_once ? kTileRows : kRows);
     const bool gather = w.input_order != nullptr;  // x's rows into the weight's input order
+    const RowTiles gather_tiles(rows, kTileRows);
     float* gathered = gather ? tile_buffer(static_cast<size_t>(rows * depth)) : nullptr;
     const float* inputs = gather ? gathered : x;
     const int64_t stride = gather ? depth : x_stride;
     const int64_t num_panels = (n + kPanelWidth - 1) / kPanelWidth;
     const int step = panels_per_tile(tiles.rows(0));  // the first tile is the tallest
     const auto gather_tile = [&](int64_t t) {
-        const int64_t row = tiles.first_row(t);
-        gather_inputs(x + row * x_stride, x_stride, tiles.rows(t), depth, w.input_order,
+        const int64_t row = gather_tiles.first_row(t);
+        gather_inputs(x + row * x_stride, x_stride, gather_tiles.rows(t), depth, w.input_order,
                       gathered + row * depth);
     };
     const auto multiply = [&](int64_t begin, int64_t end) {
-        if (dequantize_once) {  // tiles of two rows or more: one panel at a time
+        if (dequantize_once) {  // one panel at a time
             float* panel = panel_buffer(static_cast<size_t>(depth * kPanelWidth));
+            const KeepingWeights<Weights> keeping{{w}, panel};
+            const BufferedPanel buffered{panel, n, depth};
             for (int64_t p = begin; p < end; ++p) {
-                dequantize_panel(w.panel(p), depth, panel);
-                const BufferedPanel buffered{panel, n, depth};
+                if (kept_rows > 0) {
+                    keeping_kernels[kept_rows - 1](inputs, stride, keeping, p, 1,
+                                                   TileOut{out, n, bias});
+                } else {
+                    dequantize_panel(w.panel(p), depth, panel);
+                }
                 for (int64_t t = 0; t < tiles.count; ++t) {
-                    const int64_t row = tiles.first_row(t);
+                    const int64_t row = kept_rows + tiles.first_row(t);
                     buffered_kernels[tiles.rows(t) - 1](inputs + row * stride, stride, buffered,
                                                         p, 1, TileOut{out + row * n, n, bias});
                 }
@@ -1871,7 +1907,7 @@ void multiply_block(const float* x, int64_t x_stride, int64_t rows, const Weight
             }
         }
     };
-    tiles_then_panels(rows * depth * n, gather ? tiles.count : 0, num_panels,
+    tiles_then_panels(rows * depth * n, gather ? gather_tiles.count : 0, num_panels,
                       dequantize_once ? 1 : step, gather_tile, multiply);
 }
 
