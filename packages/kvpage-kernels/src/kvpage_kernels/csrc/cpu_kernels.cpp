@@ -1843,7 +1843,7 @@ float* panel_buffer(size_t n) {
 // dequantizes as it multiplies them (KeepingWeights); with none left over, a pass of its own
 // dequantizes the panel. Measured on AMD Zen 3 (a 16-row decode step's GEMMs, 4- and 8-bit
 // weights): a pass of its own took 23% of the time, 13 rows as 1 + 6 + 6 took 21% less time
-// than a pass and tiles of 5, 4 and 4 rows, and 16 as 4 + 6 + 6 7 to 9% less than a pass and
+// than a pass and tiles of 5, 4 and 4 rows, and 16 as 4 + 6 + 6 4 to 9% less than a pass and
 // 6, 5 and 5. Dequantizing the next panel into a second buffer in the gaps of this panel's
 // microkernel (a few words of codes every so many inputs) measured no faster there: 16 rows,
 // one thread, 4-bit weights read from memory, 52.7 to 72.5 GFLOP/s against 72.9, likely
