@@ -1569,7 +1569,7 @@ struct QuantizedPanel {
 // input of x that each of its inputs multiplies (null: the same one).
 template <typename T>
 struct DenseWeights {  // a PackedWeight
-    static constexpr bool kLowBit = false, kKeeps = false;
+    static constexpr bool kLowBit = false;
     const T* panels;
     int64_t n, depth;
     const int64_t* input_order = nullptr;
@@ -1579,7 +1579,7 @@ struct DenseWeights {  // a PackedWeight
 
 // One panel of a GEMM's weights dequantized into an fp32 buffer, standing for every panel.
 struct BufferedPanel {
-    static constexpr bool kLowBit = false, kKeeps = false;
+    static constexpr bool kLowBit = false;
     const float* data;
     int64_t n, depth;
 
@@ -1588,7 +1588,7 @@ struct BufferedPanel {
 
 template <int Bits, bool Bf16Weights = false>
 struct QuantizedWeights {  // QuantizedPanels
-    static constexpr bool kLowBit = true, kKeeps = false;
+    static constexpr bool kLowBit = true;
     const uint32_t* codes;
     const float* scales;
     const float* offsets;
@@ -1608,9 +1608,13 @@ struct QuantizedWeights {  // QuantizedPanels
 // panel at a time), so that the other tiles of rows read the panel from there.
 template <typename Weights>
 struct KeepingWeights : Weights {
-    static constexpr bool kKeeps = true;
     float* kept;
 };
+
+template <typename Weights>
+constexpr bool kKeeps = false;  // true for KeepingWeights
+template <typename Weights>
+constexpr bool kKeeps<KeepingWeights<Weights>> = true;
 
 // Panels a tile of m rows multiplies at once (never more for more rows): with AVX-512, a tile
 // of one row runs the FMA chains of four panels side by side, which hides more of their
@@ -1667,7 +1671,7 @@ void panel_tile(const float* x, int64_t x_stride, const Weights& w, int64_t firs
                 for (int q = 0; q < NP; ++q)
                     for (int c = 0; c < C; ++c)
                         weights[q][c] = groups[q].weights(blocks[q][c], s, c);
-                if constexpr (Weights::kKeeps) {
+                if constexpr (kKeeps<Weights>) {
                     static_assert(NP == 1);
                     for (int c = 0; c < C; ++c)
                         Simd::store(w.kept + (i + s) * kPanelWidth + c * Simd::width,
@@ -1713,7 +1717,7 @@ void panel_tile(const float* x, int64_t x_stride, const Weights& w, int64_t firs
         for (int64_t begin = 0, index = 0; begin < w.depth; begin += panel.group_size(), ++index) {
             const auto& group = panel.group(index);
             for (int64_t i = begin; i < begin + panel.group_size(); ++i) {
-                if constexpr (Weights::kKeeps)
+                if constexpr (kKeeps<Weights>)
                     for (int j = 0; j < kPanelWidth; ++j)
                         w.kept[i * kPanelWidth + j] = group.value(i, j);
                 for (int r = 0; r < M; ++r) {
@@ -1739,7 +1743,7 @@ constexpr auto tile_kernels(std::integer_sequence<int, M...>) {
     using Kernel =
         void (*)(const float*, int64_t, const Weights&, int64_t, int, const TileOut&);
     return std::array<Kernel, sizeof...(M)>{
-        &panel_tile<M + 1, panels_per_tile(M + 1, Weights::kKeeps), Weights>...};
+        &panel_tile<M + 1, panels_per_tile(M + 1, kKeeps<Weights>), Weights>...};
 }
 
 // The rows of a batch cut into as few tiles of at most tile_rows as possible, of sizes that
