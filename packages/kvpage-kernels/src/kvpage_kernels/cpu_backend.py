@@ -211,6 +211,8 @@ def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kvpage_quantized_linear.argtypes = [ctypes.POINTER(QuantizedMatrix), _ptr, _i64, _i64,
                                             _ptr, _ptr]
     lib.kvpage_quantized_linear.restype = ctypes.c_int
+    lib.kvpage_quantized_rows.argtypes = [ctypes.POINTER(QuantizedMatrix), _ptr, _i64, _ptr]
+    lib.kvpage_quantized_rows.restype = ctypes.c_int64
     lib.kvpage_quantized_linear_bf16.argtypes = lib.kvpage_quantized_linear.argtypes
     lib.kvpage_quantized_linear_bf16.restype = ctypes.c_int
     lib.kvpage_bf16_dot_rows.argtypes = []
@@ -403,6 +405,18 @@ def packed_linear(x, packed, bias=None):
         library().kvpage_packed_linear(
             _DTYPE_CODES[packed.dtype], x.data_ptr(), x.stride(0), rows, packed.in_features,
             packed.panels.data_ptr(), packed.out_features, bias_ptr, out.data_ptr())
+    return out
+
+
+def embedding_rows(packed, ids):
+    if not (isinstance(packed, QuantizedPanels) and packed.device.type == "cpu"):
+        return layer_ops.embedding_rows(packed, ids)
+    ids = ids.contiguous()
+    out = torch.empty(ids.shape[0], packed.in_features)
+    bad = library().kvpage_quantized_rows(ctypes.byref(quantized_matrix(packed)), ids.data_ptr(),
+                                          ids.shape[0], out.data_ptr())
+    if bad >= 0:
+        raise layer_ops.ids_outside_table(ids, packed.out_features)
     return out
 
 

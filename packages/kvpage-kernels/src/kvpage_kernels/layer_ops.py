@@ -1,5 +1,5 @@
-"""The elementwise ops of a Llama layer, the packed linear, the greedy argmax, the experts'
-routing and the LoRA ops, in plain torch (any device).
+"""The elementwise ops of a Llama layer, the packed linear and embedding lookup, the greedy
+argmax, the experts' routing and the LoRA ops, in plain torch (any device).
 
 They are what every backend serves unless it has its own (the cpu backend fuses them);
 ``ops`` dispatches to a backend's version when it defines one, else to these.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .errors import KernelInputError
 from .packed_weight import PackedWeight, QuantizedPanels
 from .quantized import int8_rounded
 
@@ -62,6 +63,21 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight | QuantizedPanels,
     if x.dtype != torch.float32:
         weight, x = weight.to(x.dtype).float(), x.float()
     return F.linear(x, weight, bias)
+
+
+def embedding_rows(packed: PackedWeight | QuantizedPanels, ids: torch.Tensor) -> torch.Tensor:
+    """Rows ``ids`` of the packed weight in fp32, unpacked (and dequantized) in torch."""
+    if ids.numel() and ids.device.type == "cpu":
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= packed.out_features:
+            raise ids_outside_table(ids, packed.out_features)
+    return packed.dense_rows(ids)
+
+
+def ids_outside_table(ids: torch.Tensor, num_rows: int) -> KernelInputError:
+    """The error for ``ids`` that fall outside a table of num_rows rows."""
+    return KernelInputError(f"ids must lie in [0, {num_rows}) (out_features of packed), got "
+                            f"values in [{int(ids.min())}, {int(ids.max())}]")
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

@@ -388,19 +388,18 @@ def bf16_dot_rows(device: torch.device | str, *, backend: str | None = None) -> 
     return None if rows is None else rows()
 
 
-def embedding_rows(packed: PackedWeight | QuantizedPanels, ids: torch.Tensor) -> torch.Tensor:
+def embedding_rows(packed: PackedWeight | QuantizedPanels, ids: torch.Tensor, *,
+                   backend: str | None = None) -> torch.Tensor:
     """Rows ``ids`` (int64 [n], on packed's device) of the weight that ``pack_weight`` packed,
     in fp32 [n, in_features] (dequantized for ``QuantizedPanels``): the lookup of an embedding
-    table [vocab, hidden] kept packed, which then serves as the tied LM head too."""
+    table [vocab, hidden] kept packed, which then serves as the tied LM head too. An id outside
+    [0, out_features) raises KernelInputError (on the CPU; elsewhere the check would wait on
+    the device)."""
     check_packed(packed)
     _check(ids.dim() == 1 and ids.dtype == torch.int64 and ids.device == packed.device,
            lambda: f"ids must be int64 [n] on {packed.device}, got {ids.dtype} "
            f"{tuple(ids.shape)} on {ids.device}")
-    if ids.numel() and ids.device.type == "cpu":  # elsewhere the check would wait on the device
-        low, high = int(ids.min()), int(ids.max())
-        _check(low >= 0 and high < packed.out_features, lambda: f"ids must lie in [0, "
-               f"{packed.out_features}) (out_features of packed), got values in [{low}, {high}]")
-    return packed.dense_rows(ids)
+    return _layer_op(packed.device, backend, "embedding_rows")(packed, ids)
 
 
 def argmax(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -2255,6 +2255,31 @@ int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride,
     return 1;
 }
 
+// Rows `ids` [n] of the low-bit W in fp32 [n, in_features], the inputs in their natural order,
+// as QuantizedWeight.dequantize computes them (code * scale, then + offset: two roundings):
+// the lookup of a quantized embedding table. -1, or the index in ids of the first id outside
+// [0, out_features) (the rows before it written).
+int64_t quantized_rows(const QuantizedMatrix& w, const int64_t* ids, int64_t n, float* out) {
+    const int64_t depth = w.in_features, per_word = 32 / w.bits, groups = depth / w.group_size;
+    const uint32_t mask = (1u << w.bits) - 1u;
+    for (int64_t r = 0; r < n; ++r) {
+        const int64_t id = ids[r];
+        if (id < 0 || id >= w.out_features) return r;
+        const int64_t panel = id / kPanelWidth, column = id % kPanelWidth;
+        const uint32_t* words = w.codes + panel * (depth / per_word) * kPanelWidth + column;
+        const float* scales = w.scales + panel * groups * kPanelWidth + column;
+        const float* offsets = w.offsets + panel * groups * kPanelWidth + column;
+        float* row = out + r * depth;
+        for (int64_t i = 0; i < depth; ++i) {
+            const uint32_t code = words[i / per_word * kPanelWidth] >> (w.bits * (i % per_word));
+            const int64_t at = i / w.group_size * kPanelWidth;
+            const float scaled = static_cast<float>(code & mask) * scales[at];
+            row[w.input_order != nullptr ? w.input_order[i] : i] = scaled + offsets[at];
+        }
+    }
+    return -1;
+}
+
 #if defined(__AVX512F__)
 // ---- low-bit GEMM on bf16 activations, with AVX512-BF16 dot products -----------------------
 //
@@ -2469,6 +2494,11 @@ extern "C" int kvpage_quantized_linear_bf16(const QuantizedMatrix* w, const uint
 extern "C" int kvpage_quantized_linear(const QuantizedMatrix* w, const float* x, int64_t x_stride,
                                        int64_t rows, const float* bias, float* out) {
     return quantized_linear(*w, x, x_stride, rows, bias, out);
+}
+
+extern "C" int64_t kvpage_quantized_rows(const QuantizedMatrix* w, const int64_t* ids, int64_t n,
+                                         float* out) {
+    return quantized_rows(*w, ids, n, out);
 }
 
 // ---- the decoder stack of a Llama-family model for one decode step, in one call -----------
