@@ -14,13 +14,17 @@ side in one run:
 - single-stream decode tok/s: one request at a time over the first prompts of the workload,
   1 / median time per output token after the first (as the serving benchmark's TPOT), and
   the fraction of the memory bound: tok/s x bytes read per token (the weights multiplied by,
-  in the form they are stored) / the stream bandwidth measured in this run; with
-  ``--llama-server PATH`` also llama.cpp's ``llama-server -np 1`` on the same GGUF, driven as
-  bench/serving.py drives it (kvpage runs in this process, llama-server over HTTP);
+  in the form they are stored) / the stream bandwidth measured in this run;
+- with ``--llama-server PATH``, single-stream decode against llama.cpp's ``llama-server -np 1``
+  on the same GGUF, driven as bench/serving.py drives it (kvpage runs in this process,
+  llama-server over HTTP), in ``--rounds`` rounds taking turns (the low-bit setups with fp32
+  and int8 activations, then llama-server, each over the same prompts), so that the host's
+  slow spells fall on all of them alike: each round's tok/s and ratio, and the medians;
 - batch throughput: the 64-prompt chat workload (bench/workload_chat64.json, 128 tokens each,
   greedy, ignore_eos) in one ``LLM.generate``, against the dense bf16 path.
 
-    python bench/quant.py [--quick] [--llama-server PATH] [--json] [--results bench/RESULTS.md]
+    python bench/quant.py [--quick] [--llama-server PATH] [--rounds N] [--json]
+                          [--results bench/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -140,14 +144,26 @@ def decode_rate(outputs) -> float:
     return statistics.median(rates)
 
 
-def run_setup(setup: Setup, conversations: list[list[dict]], s: Slice) -> dict:
-    """Single-stream decode and batch throughput of one setup, in this process."""
+def single_requests(llm: LLM, prompts: list[str], max_tokens: int) -> list:
+    """The prompts sent one at a time, each decoding max_tokens (greedy, ignore_eos)."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+
+
+def load_llm(setup: Setup) -> LLM:
     llm = LLM(dtype=setup.dtype, quantization=setup.quantization,
               int8_activations=setup.int8_activations)
+    warmup = [llm.apply_chat_template([{"role": "user", "content": "Hello"}])] * 2
+    llm.generate(warmup, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    return llm
+
+
+def run_setup(setup: Setup, conversations: list[list[dict]], s: Slice) -> dict:
+    """Single-stream decode and batch throughput of one setup, in this process."""
+    llm = load_llm(setup)
     prompts = [llm.apply_chat_template(c) for c in conversations[:s.batch_prompts]]
+    single = single_requests(llm, prompts[:s.single_prompts], s.max_tokens)
     params = SamplingParams(temperature=0.0, max_tokens=s.max_tokens, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-    single = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts[:s.single_prompts]]
     started = time.perf_counter()
     batch = llm.generate(prompts[:s.batch_prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - started
@@ -166,19 +182,50 @@ def gguf_tensor_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
-def run_llama_server(binary: str, conversations: list[list[dict]], s: Slice) -> dict:
-    """llama-server -np 1 on the default GGUF, one request at a time, as bench/serving.py
-    measures it."""
-    path = default_model_path()
+LLAMA = "llama-server -np 1"
+CONTENDERS = ("low-bit fp32", "low-bit int8 activations")  # against llama-server, in turns
+
+
+def single_stream_in_turns(binary: str, conversations: list[list[dict]], s: Slice,
+                           rounds: int) -> dict[str, list[float]]:
+    """{contender: its single-stream tok/s in each round}: the CONTENDERS (in this process)
+    and llama-server -np 1 on the default GGUF (as bench/serving.py measures it) taking
+    turns over the same prompts, round after round."""
+    llms = {setup.name: load_llm(setup) for setup in SETUPS if setup.name in CONTENDERS}
+    prompts = [next(iter(llms.values())).apply_chat_template(c)
+               for c in conversations[:s.single_prompts]]
     (serving.HERE / "out").mkdir(exist_ok=True)
     port = serving.free_port()
-    command = serving.llama_command(binary, port, path, 1, 1024, ["--no-repack"])
+    command = serving.llama_command(binary, port, default_model_path(), 1, 1024, ["--no-repack"])
     args = argparse.Namespace(warmup=1, max_tokens=s.max_tokens, concurrency=1,
                               request_rate=float("inf"), api_key=None)
+    rates: dict[str, list[float]] = {name: [] for name in [*llms, LLAMA]}
     with serving.launched("llama-server", command, port) as url:
-        summary = serving.measure("llama-server", url, None,
-                                  conversations[:s.single_prompts], args)
-    return {"single_tok_s": 1 / summary["tpot_p50_s"], "bytes_per_token": gguf_tensor_bytes(path)}
+        for round_index in range(rounds):
+            for name, llm in llms.items():
+                rates[name].append(decode_rate(single_requests(llm, prompts, s.max_tokens)))
+            summary = serving.measure("llama-server", url, None,
+                                      conversations[:s.single_prompts], args)
+            rates[LLAMA].append(1 / summary["tpot_p50_s"])
+            args.warmup = 0  # the first round's warm-up request is enough
+            print(f"round {round_index + 1}: " + ", ".join(
+                f"{name} {r[-1]:.1f}" for name, r in rates.items()), file=sys.stderr)
+    return rates
+
+
+def turns_report(rates: dict[str, list[float]]) -> str:
+    """Each contender's tok/s per round and median, and its ratio to llama-server's (per
+    round, and of the medians)."""
+    llama = rates[LLAMA]
+    lines = ["| single stream, rounds taking turns | tok/s per round | median tok/s "
+             "| x llama-server per round | x llama-server (medians) |", "|---|---|---|---|---|"]
+    for name, r in rates.items():
+        per_round = " / ".join(f"{v:.1f}" for v in r)
+        ratios = " / ".join(f"{v / w:.2f}" for v, w in zip(r, llama, strict=True))
+        ratio = statistics.median(r) / statistics.median(llama)
+        lines.append(f"| {name} | {per_round} | {statistics.median(r):.1f} | {ratios} "
+                     f"| **{ratio:.2f}** |")
+    return "\n".join(lines)
 
 
 def report(rows: dict[str, dict], bandwidth: float) -> str:
@@ -221,6 +268,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 prompts x 16 tokens")
     parser.add_argument("--llama-server", help="a llama-server binary to compare single-stream")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of single-stream turns against llama-server (default: 3)")
     parser.add_argument("--json", action="store_true", help="print {setup: figures} as JSON")
     parser.add_argument("--results", type=Path, help="append a markdown section to this file")
     args = parser.parse_args()
@@ -229,14 +278,18 @@ def main() -> None:
     rows = {setup.name: measure_loads(setup) for setup in SETUPS}
     for setup in SETUPS:
         rows[setup.name].update(run_setup(setup, conversations, s))
+    turns = {}
     if args.llama_server:
-        rows["llama-server -np 1"] = run_llama_server(args.llama_server, conversations, s)
+        turns = single_stream_in_turns(args.llama_server, conversations, s, args.rounds)
+        rows[LLAMA] = {"single_tok_s": statistics.median(turns[LLAMA]),
+                       "bytes_per_token": gguf_tensor_bytes(default_model_path())}
     bandwidth = stream_bandwidth()
-    table = report(rows, bandwidth)
-    print(json.dumps({"stream_bandwidth": bandwidth, **rows}, indent=1) if args.json else table)
+    table = report(rows, bandwidth) + ("\n\n" + turns_report(turns) if turns else "")
+    print(json.dumps({"stream_bandwidth": bandwidth, **rows, "single_stream_in_turns": turns},
+                     indent=1) if args.json else table)
     if args.results:
         command = "python bench/quant.py" + " --quick" * args.quick + (
-            " --llama-server llama-server" if args.llama_server else "")
+            f" --llama-server llama-server --rounds {args.rounds}" if args.llama_server else "")
         workload = (f"{WORKLOAD.name}: batch of {s.batch_prompts} prompts x {s.max_tokens} "
                     f"tokens, single-stream over the first {s.single_prompts}; greedy, ignore_eos")
         with args.results.open("a") as f:
