@@ -3,11 +3,12 @@ tests."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
 import torch
-from kvpage_kernels import QuantizedWeight
+from kvpage_kernels import QuantizedPanels, QuantizedWeight
 
 # Tolerances per dtype, against the fp32 reference.
 TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -139,6 +140,13 @@ def random_quantized(out_features: int, in_features: int, bits: int, group_size:
     offsets = (-(2 ** (bits - 1)) * scales + 0.01 * torch.randn(groups, generator=gen)).half()
     order = torch.randperm(in_features, generator=gen) if ordered else None
     return QuantizedWeight(codes, scales, offsets.float(), bits, group_size, order)
+
+
+def in_fp32_groups(packed: QuantizedPanels) -> QuantizedPanels:
+    """The packed weight with its scales and offsets in fp32, as packing keeps them where fp16
+    cannot hold them all."""
+    return dataclasses.replace(packed, scales=packed.scales.float(),
+                               offsets=packed.offsets.float())
 
 
 def random_low_bit_problem(rows: int, in_features: int, out_features: int, bits: int,

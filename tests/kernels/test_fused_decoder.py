@@ -44,25 +44,32 @@ def mkl_pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkl._mkl_reorder_linear_weight(weight, 64)
 
 
-def quantize(weight: torch.Tensor, bits: int, ordered: bool) -> QuantizedWeight:
+def quantize(weight: torch.Tensor, bits: int, ordered: bool, fp16: bool) -> QuantizedWeight:
     """weight in groups of 32 inputs, each mapped onto the codes 0 .. 2**bits - 1 between its
-    minimum and maximum (the inputs first shuffled when ``ordered``)."""
+    minimum and maximum (the inputs first shuffled when ``ordered``); ``fp16``: the scales and
+    minimums rounded to fp16 (as GGUF stores them; packed in fp16 then)."""
     order = torch.randperm(weight.shape[1]) if ordered else None
     stored = weight if order is None else weight[:, order]
     groups = stored.reshape(weight.shape[0], -1, 32)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scales = (high - low) / (2**bits - 1)
+    if fp16:
+        low, scales = low.half().float(), scales.half().float()
     codes = ((groups - low[..., None]) / scales[..., None]).round().clamp(0, 2**bits - 1)
     return QuantizedWeight(codes.to(torch.uint8).reshape(stored.shape), scales, low, bits, 32,
                            order)
 
 
 def pack_quantized(weight: torch.Tensor) -> QuantizedPanels:
-    """Low-bit weights of either width, some with an input order (GPTQ act-order): wide ones in
-    4 bits, square ones in 8, long ones in order."""
+    """Low-bit weights of either width, some with an input order (GPTQ act-order), some with
+    fp16 scales and offsets: wide ones in 4 bits with fp16 groups, square ones in 8, long ones
+    in order."""
     out_features, in_features = weight.shape
     bits = 4 if out_features > in_features else 8
-    return pack_weight(quantize(weight, bits, ordered=in_features > out_features))
+    packed = pack_weight(quantize(weight, bits, ordered=in_features > out_features,
+                                  fp16=bits == 4))
+    assert (packed.scales.dtype == torch.float16) == (bits == 4)
+    return packed
 
 
 PACKS = {WeightFormat.PANELS: pack_weight, WeightFormat.MKL_PACKED: mkl_pack,
@@ -440,7 +447,7 @@ def test_bad_inputs_are_named():
         FusedDecoder(shape, [layer, mkl_layer])
     low_bit = make_stack(shape, 1, 8, 4, False, gen, WeightFormat.QUANTIZED).layers[0]
     broken = dataclasses.replace(low_bit.o, scales=low_bit.o.scales[:, :1].contiguous())
-    with pytest.raises(KernelInputError, match="packed.scales must be contiguous fp32"):
+    with pytest.raises(KernelInputError, match="packed.scales must be contiguous fp16 or fp32"):
         FusedDecoder(shape, [DecoderLayerWeights(**{**vars(low_bit), "o": broken})])
     with pytest.raises(KernelInputError, match="KV caches must be"):
         FusedDecoder(shape, with_(v_cache=layer.v_cache[:, :2].clone()))

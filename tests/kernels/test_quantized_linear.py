@@ -21,7 +21,12 @@ from kvpage_kernels import (
 )
 from kvpage_kernels.packed_weight import PANEL_WIDTH
 
-from .cases import assert_close_to_product, random_low_bit_problem, random_quantized
+from .cases import (
+    assert_close_to_product,
+    in_fp32_groups,
+    random_low_bit_problem,
+    random_quantized,
+)
 
 if cpu_backend.unavailable_reason() is not None:
     pytest.skip(f"cpu backend unavailable: {cpu_backend.unavailable_reason()}",
@@ -50,18 +55,54 @@ def test_matches_the_reference(cpu_tier, rows, in_features, out_features, group_
                             weight.dequantize(), b, seed)
 
 
+@pytest.mark.parametrize("groups", ["fp16", "fp32"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows", [1, 12, 13, 64])
-def test_bit_identical_to_fp32_panels_of_the_dequantized_weight(cpu_tier, rows, bits):
+def test_bit_identical_to_fp32_panels_of_the_dequantized_weight(cpu_tier, rows, bits, groups):
     """Where q * scale is exact in fp32 (every checkpoint format), the weights dequantized in
     registers equal the reference's, so the low-bit GEMM gives the very bits of the fp32 GEMM
-    on the dequantized weight with the inputs in the same order."""
+    on the dequantized weight with the inputs in the same order (the scales and offsets read
+    from fp16, as packed, or from fp32)."""
     x, weight, b, seed = random_low_bit_problem(rows, 160, 200, bits, 32, True, True)
     in_stored_order = dataclasses.replace(weight, input_order=None).dequantize()
     dense = packed_linear(x[:, weight.input_order].contiguous(), pack_weight(in_stored_order), b,
                           backend="cpu")
-    assert torch.equal(packed_linear(x, pack_weight(weight), b, backend="cpu"), dense), \
-        f"seed {seed}"
+    packed = pack_weight(weight)
+    assert packed.scales.dtype == torch.float16
+    packed = packed if groups == "fp16" else in_fp32_groups(packed)
+    assert torch.equal(packed_linear(x, packed, b, backend="cpu"), dense), f"seed {seed}"
+
+
+def test_scales_and_offsets_are_kept_in_fp16_where_it_holds_them_all():
+    gen = torch.Generator().manual_seed(3)
+    weight = random_quantized(40, 64, 4, 32, False, gen)
+    assert pack_weight(weight).scales.dtype == pack_weight(weight).offsets.dtype == torch.float16
+    for name, value in (("scales", 1 / 3), ("offsets", 1e-8), ("offsets", 7e4),
+                        ("scales", float("nan"))):
+        t = getattr(weight, name).clone()
+        t[5, 1] = value
+        packed = pack_weight(dataclasses.replace(weight, **{name: t}))
+        assert packed.scales.dtype == packed.offsets.dtype == torch.float32, (name, value)
+        assert torch.equal(packed.unpack().dequantize(), dataclasses.replace(
+            weight, **{name: t}).dequantize()) or value != value
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("mode", ["fp32", "int8 activations", "bf16"])
+def test_fp16_and_fp32_scales_give_the_same_bits(cpu_tier, bits, mode):
+    """Every path of the cpu backend (one row, tiles, tiles dequantizing the panel once; int8
+    activations; bf16 inputs) reads the fp16 scales and offsets as the fp32 ones they equal."""
+    if mode == "int8 activations" and bits == 8:
+        pytest.skip("int8 activations multiply 4-bit weights only")
+    x, weight, b, seed = random_low_bit_problem(70, 96, 40, bits, 32, True, True)
+    packed = pack_weight(weight)
+    if mode == "int8 activations":
+        packed = packed.with_int8_activations()
+    x = x.bfloat16() if mode == "bf16" else x
+    for rows in (1, 7, 70):
+        half = packed_linear(x[:rows], packed, b, backend="cpu")
+        full = packed_linear(x[:rows], in_fp32_groups(packed), b, backend="cpu")
+        assert torch.equal(half, full), f"seed {seed}: {rows} rows"
 
 
 def test_the_torch_backend_matches_the_reference():
@@ -88,10 +129,12 @@ def test_16_bit_inputs_multiply_the_weight_rounded_to_their_dtype(dtype, backend
     assert_close_to_product(actual, expected, x.float(), rounded, b, seed)
 
 
+@pytest.mark.parametrize("groups", ["fp16", "fp32"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_a_row_does_not_depend_on_its_batch(cpu_tier, bits):
+def test_a_row_does_not_depend_on_its_batch(cpu_tier, bits, groups):
     x, weight, b, seed = random_low_bit_problem(65, 576, 200, bits, 32, True, True)
     packed = pack_weight(weight)
+    packed = packed if groups == "fp16" else in_fp32_groups(packed)
     batch = packed_linear(x, packed, b, backend="cpu")
     for row in (0, 13, 64):
         alone = packed_linear(x[row:row + 1], packed, b, backend="cpu")
@@ -126,21 +169,24 @@ def test_packing_keeps_the_weight(bits, ordered):
 def test_nbytes_counts_what_stays_in_memory():
     gen = torch.Generator().manual_seed(0)
     four = pack_weight(random_quantized(960, 576, 4, 32, False, gen))
-    assert four.nbytes == 960 * 576 // 2 + 2 * 4 * 960 * 576 // 32  # codes, scales, offsets
+    assert four.nbytes == 960 * 576 // 2 + 2 * 2 * 960 * 576 // 32  # codes, fp16 groups
+    assert in_fp32_groups(four).nbytes == 960 * 576 // 2 + 2 * 4 * 960 * 576 // 32
     eight = pack_weight(random_quantized(33, 96, 8, 32, True, gen))
-    assert eight.nbytes == 48 * 96 + 2 * 4 * 48 * 3 + 8 * 96  # 48 padded outputs, input order
+    assert eight.nbytes == 48 * 96 + 2 * 2 * 48 * 3 + 8 * 96  # 48 padded outputs, input order
     assert pack_weight(torch.randn(33, 96)).nbytes == 48 * 96 * 4
 
 
+@pytest.mark.parametrize("groups", ["fp16", "fp32"])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("ordered", [False, True])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_embedding_rows_are_the_dequantized_rows(backend, ordered, bits):
+def test_embedding_rows_are_the_dequantized_rows(backend, ordered, bits, groups):
     seed = random.randrange(2**31)
     weight = random_quantized(200, 96, bits, 32, ordered, torch.Generator().manual_seed(seed))
     ids = torch.tensor([0, 199, 17, 17, 32, 150])
     expected = weight.dequantize()[ids]
     packed = pack_weight(weight)
+    packed = packed if groups == "fp16" else in_fp32_groups(packed)
     assert torch.equal(embedding_rows(packed, ids, backend=backend), expected), f"seed {seed}"
     assert embedding_rows(packed, ids[:0], backend=backend).shape == (0, 96)
     assert torch.equal(embedding_rows(packed, ids[::2], backend=backend), expected[::2])
@@ -177,8 +223,10 @@ def test_bad_arguments_are_named():
         packed_linear(x, packed, torch.randn(33).double())
     with pytest.raises(KernelInputError, match=r"packed.codes must be contiguous int32"):
         packed_linear(x, dataclasses.replace(packed, codes=packed.codes[:, :6].contiguous()))
-    with pytest.raises(KernelInputError, match=r"packed.offsets must be contiguous fp32"):
+    with pytest.raises(KernelInputError, match=r"packed.offsets must be contiguous fp16 or fp32"):
         packed_linear(x, dataclasses.replace(packed, offsets=packed.offsets.double()))
+    with pytest.raises(KernelInputError, match=r"packed.offsets must be .* \(as packed.scales\)"):
+        packed_linear(x, dataclasses.replace(packed, offsets=packed.offsets.float()))
     with pytest.raises(KernelInputError, match=r"packed.input_order must be None or"):
         packed_linear(x, dataclasses.replace(packed, input_order=packed.input_order.int()))
     with pytest.raises(KernelInputError, match=r"packed.bits 3 and packed.group_size 32"):

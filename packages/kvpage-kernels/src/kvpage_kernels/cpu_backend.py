@@ -359,7 +359,7 @@ class QuantizedMatrix(ctypes.Structure):
 
     _fields_ = [("codes", _ptr), ("scales", _ptr), ("offsets", _ptr), ("input_order", _ptr),
                 ("out_features", _i64), ("in_features", _i64), ("group_size", _i64),
-                ("bits", _i32), ("int8_activations", _i32)]
+                ("bits", _i32), ("int8_activations", _i32), ("half_groups", _i32)]
 
 
 def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
@@ -368,7 +368,8 @@ def quantized_matrix(packed: QuantizedPanels) -> QuantizedMatrix:
     return QuantizedMatrix(packed.codes.data_ptr(), packed.scales.data_ptr(),
                            packed.offsets.data_ptr(), None if order is None else order.data_ptr(),
                            packed.out_features, packed.in_features, packed.group_size,
-                           packed.bits, int(packed.int8_activations))
+                           packed.bits, int(packed.int8_activations),
+                           int(packed.scales.dtype == torch.float16))
 
 
 def bf16_dot_rows() -> int | None:

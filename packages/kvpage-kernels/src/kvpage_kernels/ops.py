@@ -340,10 +340,11 @@ def _check_quantized_panels(packed: QuantizedPanels) -> None:
            f"{codes_shape}, got {packed.codes.dtype} {tuple(packed.codes.shape)}")
     for name in ("scales", "offsets"):
         t = getattr(packed, name)
-        _check(t.shape == group_shape and t.dtype == torch.float32 and t.is_contiguous()
+        _check(t.shape == group_shape and t.dtype in (torch.float16, torch.float32)
+               and t.dtype == packed.scales.dtype and t.is_contiguous()
                and t.device == packed.device, lambda name=name, t=t: f"packed.{name} must be "
-               f"contiguous fp32 {group_shape} on {packed.device}, got {t.dtype} "
-               f"{tuple(t.shape)} on {t.device}")
+               f"contiguous fp16 or fp32 {group_shape} (as packed.scales) on {packed.device}, "
+               f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     order = packed.input_order
     _check(order is None or (order.shape == (packed.in_features,) and order.dtype == torch.int64
                              and order.is_contiguous() and order.device == packed.device),

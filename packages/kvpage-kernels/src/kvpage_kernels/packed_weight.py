@@ -14,7 +14,10 @@ same on every CPU tier. Columns past out_features are zeros. Two kinds:
   per_word)``, so that a panel is [in_features / per_word][PANEL_WIDTH] words (8 bytes of codes
   per input in 4 bits, 16 in 8 bits) and a vector of words yields the codes of one input for
   PANEL_WIDTH columns with a shift and a mask. Scales and offsets are laid out per panel and
-  group, ``scales[p, g, j]`` for column ``p * PANEL_WIDTH + j`` and group ``g``, beside them.
+  group, ``scales[p, g, j]`` for column ``p * PANEL_WIDTH + j`` and group ``g``, beside them,
+  in fp16 where every scale and offset is exact in it (fp16 checkpoint scales, GGUF's blocks,
+  zero points that fit): 4 bytes per group and column to read instead of 8, which a decode
+  step of one sequence waits for; else in fp32.
   Groups hold a whole number of words (a multiple of 8 inputs in 4 bits, of 4 in 8 bits).
   GPTQ's ``input_order`` stays as it is: the GEMM reads the inputs of x in that order.
 
@@ -98,8 +101,8 @@ class PackedWeight:
 class QuantizedPanels:
     """A ``QuantizedWeight`` of ``out_features`` x ``in_features`` in panels (module
     docstring): codes int32 [num_panels, in_features // codes_per_word, PANEL_WIDTH], scales
-    and offsets fp32 [num_panels, in_features // group_size, PANEL_WIDTH], ``w = q * scale +
-    offset``; ``input_order`` (int64 [in_features] or None) as in the ``QuantizedWeight``.
+    and offsets fp16 or fp32 (both the same) [num_panels, in_features // group_size,
+    PANEL_WIDTH], ``w = q * scale + offset`` in fp32; ``input_order`` (int64 [in_features] or None) as in the ``QuantizedWeight``.
     ``int8_activations``: ``packed_linear`` rounds x to int8 as it multiplies by these weights
     (``quantized.int8_rounded``; set by ``with_int8_activations``)."""
 
@@ -165,7 +168,8 @@ class QuantizedPanels:
         shifts = torch.arange(0, 32, self.bits, device=self.device)
         codes = (words.unsqueeze(-1) >> shifts) & ((1 << self.bits) - 1)
         return QuantizedWeight(codes.reshape(ids.shape[0], self.in_features).to(torch.uint8),
-                               self.scales[panel, :, column], self.offsets[panel, :, column],
+                               self.scales[panel, :, column].float(),
+                               self.offsets[panel, :, column].float(),
                                self.bits, self.group_size, self.input_order)
 
 
@@ -194,6 +198,15 @@ def pack_quantized(weight: QuantizedWeight) -> QuantizedPanels:
         return _padded(t).view(-1, PANEL_WIDTH, t.shape[1]).transpose(1, 2).contiguous()
 
     order = None if weight.input_order is None else weight.input_order.contiguous()
-    return QuantizedPanels(words.transpose(1, 2).contiguous(), per_panel(weight.scales),
-                           per_panel(weight.offsets), weight.bits, weight.group_size, order,
+    scales, offsets = _narrowest(weight.scales, weight.offsets)
+    return QuantizedPanels(words.transpose(1, 2).contiguous(), per_panel(scales),
+                           per_panel(offsets), weight.bits, weight.group_size, order,
                            weight.out_features, weight.in_features)
+
+
+def _narrowest(scales: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scales and offsets (fp32) in fp16 if every value is exact in it (NaN never is), else
+    as they are."""
+    halves = scales.half(), offsets.half()
+    exact = all(torch.equal(h.float(), t) for h, t in zip(halves, (scales, offsets), strict=True))
+    return halves if exact else (scales, offsets)

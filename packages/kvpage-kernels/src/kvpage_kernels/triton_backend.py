@@ -290,8 +290,8 @@ def _quantized_linear_kernel(x_ptr, codes_ptr, scales_ptr, offsets_ptr, order_pt
         else:
             at = groups_base[None, :] + (k // GROUP_SIZE * PANEL)[:, None]
             tile_ok = k_ok[:, None] & col_ok[None, :]
-        scales = tl.load(scales_ptr + at, mask=tile_ok, other=0.0)
-        offsets = tl.load(offsets_ptr + at, mask=tile_ok, other=0.0)
+        scales = tl.load(scales_ptr + at, mask=tile_ok, other=0.0).to(tl.float32)
+        offsets = tl.load(offsets_ptr + at, mask=tile_ok, other=0.0).to(tl.float32)
         weights = (codes.to(tl.float32) * scales + offsets).to(x.dtype)
         acc += tl.dot(x, weights, input_precision=PRECISION)
     out = out_ptr + split.to(tl.int64) * rows * n

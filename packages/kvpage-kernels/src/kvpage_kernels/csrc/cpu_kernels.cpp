@@ -36,6 +36,28 @@ inline float to_float(uint16_t x) {
     return f;
 }
 
+// An IEEE half (fp16): the scales and offsets of low-bit weights where they are exact in it.
+struct Half {
+    uint16_t bits;
+};
+inline float to_float(Half h) {  // exact
+#if defined(__F16C__)
+    return _cvtsh_ss(h.bits);
+#else
+    const uint32_t sign = static_cast<uint32_t>(h.bits & 0x8000u) << 16;
+    const uint32_t exponent = h.bits >> 10 & 0x1fu, mantissa = h.bits & 0x3ffu;
+    if (exponent == 0) {  // zero or subnormal: mantissa 2^-24
+        const float magnitude = std::ldexp(static_cast<float>(mantissa), -24);
+        return sign ? -magnitude : magnitude;
+    }
+    const uint32_t bits = sign | (exponent == 0x1fu ? 0x7f800000u : (exponent + 112) << 23) |
+                          mantissa << 13;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
+
 inline void store(float* dst, float x) { *dst = x; }
 inline uint16_t to_bf16(float x) {  // round to nearest even, NaN kept a NaN (branch-free)
     uint32_t bits;
@@ -125,6 +147,9 @@ struct Simd {
     static unsigned equal_lanes(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }
 
     static V load(const float* src) { return _mm512_loadu_ps(src); }
+    static V load(const Half* src) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+    }
     static V load(const uint16_t* src) {
         const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
@@ -243,6 +268,9 @@ struct Simd {
     }
 
     static V load(const float* src) { return _mm256_loadu_ps(src); }
+    static V load(const Half* src) {
+        return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+    }
     static V load(const uint16_t* src) {
         const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
         return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
@@ -1502,19 +1530,21 @@ constexpr int kPrefetchLines = 8, kPrefetchGroups = 2;
 // and offsets of checkpoints: fp16 values, or zero points times them) the FMA rounds the exact
 // q s + m once, as the reference's q * s + m does.
 // Bf16Weights: each weight rounded to bf16 once dequantized (the weights of bf16 inputs).
-template <int Bits, bool Bf16Weights = false>
+// G: the type the scales and offsets are stored in, float or Half (exact in fp16: fewer bytes
+// to read per weight, widened as each group starts).
+template <int Bits, bool Bf16Weights = false, typename G = float>
 struct QuantizedPanel {
     static constexpr int kStep = 32 / Bits, kRows = kLowBitTileRows;
     static constexpr uint32_t kMask = (1u << Bits) - 1u;
     const uint32_t* words;  // [depth / kStep][kPanelWidth]
-    const float* scales;    // [groups][kPanelWidth]
-    const float* offsets;   // [groups][kPanelWidth]
+    const G* scales;        // [groups][kPanelWidth]
+    const G* offsets;       // [groups][kPanelWidth]
     int64_t group_inputs;   // a multiple of kStep
 
     struct Group {
         const uint32_t* words;  // the panel's
-        const float* scales;    // the group's [kPanelWidth]
-        const float* offsets;
+        const G* scales;        // the group's [kPanelWidth]
+        const G* offsets;
 
 #if defined(KVPAGE_SIMD)
         static constexpr int C = kPanelWidth / Simd::width;
@@ -1522,8 +1552,7 @@ struct QuantizedPanel {
         Simd::V scaled[C], base[C];  // 2^Bits s, m - 2^Bits s
 
         Group() = default;
-        Group(const uint32_t* w, const float* s, const float* m)
-            : words(w), scales(s), offsets(m) {
+        Group(const uint32_t* w, const G* s, const G* m) : words(w), scales(s), offsets(m) {
             for (int c = 0; c < C; ++c) {
                 scaled[c] = Simd::mul(Simd::load(s + c * Simd::width), Simd::set1(1 << Bits));
                 base[c] = Simd::sub(Simd::load(m + c * Simd::width), scaled[c]);
@@ -1545,13 +1574,13 @@ struct QuantizedPanel {
             return Bf16Weights ? rounded_lanes<uint16_t>(w) : w;
         }
 #else
-        Group(const uint32_t* w, const float* s, const float* m)
-            : words(w), scales(s), offsets(m) {}
+        Group(const uint32_t* w, const G* s, const G* m) : words(w), scales(s), offsets(m) {}
 #endif
         float value(int64_t i, int j) const {
             const uint32_t word = words[i / kStep * kPanelWidth + j];
             const uint32_t code = word >> (Bits * (i % kStep)) & kMask;
-            const float w = static_cast<float>(code) * scales[j] + offsets[j];
+            const float scaled = static_cast<float>(code) * to_float(scales[j]);
+            const float w = scaled + to_float(offsets[j]);
             return Bf16Weights ? rounded<uint16_t>(w) : w;
         }
     };
@@ -1586,16 +1615,16 @@ struct BufferedPanel {
     DensePanel<float> panel(int64_t) const { return {data, depth}; }
 };
 
-template <int Bits, bool Bf16Weights = false>
+template <int Bits, bool Bf16Weights = false, typename G = float>
 struct QuantizedWeights {  // QuantizedPanels
     static constexpr bool kLowBit = true;
     const uint32_t* codes;
-    const float* scales;
-    const float* offsets;
+    const G* scales;
+    const G* offsets;
     int64_t n, depth, group_size;
     const int64_t* input_order;
 
-    QuantizedPanel<Bits, Bf16Weights> panel(int64_t p) const {
+    QuantizedPanel<Bits, Bf16Weights, G> panel(int64_t p) const {
         const int64_t groups = depth / group_size;
         return {codes + p * (depth / QuantizedPanel<Bits>::kStep) * kPanelWidth,
                 scales + p * groups * kPanelWidth, offsets + p * groups * kPanelWidth,
@@ -1931,12 +1960,32 @@ void packed_linear(const float* x, int64_t x_stride, int64_t rows, const Weights
 // A low-bit weight packed by pack_weight (QuantizedPanels), as the C side reads it.
 struct QuantizedMatrix {
     const uint32_t* codes;     // [panels][in_features / (32 / bits)][kPanelWidth]
-    const float* scales;       // [panels][in_features / group_size][kPanelWidth]
-    const float* offsets;      // likewise
+    const void* scales;        // [panels][in_features / group_size][kPanelWidth]
+    const void* offsets;       // likewise
     const int64_t* input_order;  // [in_features]; null: the natural order
     int64_t out_features, in_features, group_size;
     int32_t bits;              // 4 or 8
     int32_t int8_activations;  // 1 (4 bits only): x rounded to int8 as it is multiplied (below)
+    int32_t half_groups;       // 1: scales and offsets in fp16, 0: in fp32
+
+    // fn(weights) for the QuantizedWeights<Bits, Bf16Weights, G> these are (G: float or
+    // Half); 1 for bits other than 4 and 8.
+    template <bool Bf16Weights, typename Fn>
+    int visit(Fn fn) const {
+        const auto with = [&](auto bits, auto* group_type) {
+            using G = std::remove_const_t<std::remove_pointer_t<decltype(group_type)>>;
+            return fn(QuantizedWeights<decltype(bits)::value, Bf16Weights, G>{
+                codes, static_cast<const G*>(scales), static_cast<const G*>(offsets),
+                out_features, in_features, group_size, input_order});
+        };
+        const auto with_bits = [&](auto bits) {
+            return half_groups ? with(bits, static_cast<const Half*>(nullptr))
+                               : with(bits, static_cast<const float*>(nullptr));
+        };
+        if (bits == 4) return with_bits(Index<4>());
+        if (bits == 8) return with_bits(Index<8>());
+        return 1;
+    }
 };
 
 namespace {
@@ -2083,6 +2132,12 @@ void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+// 8 of a group's scales or offsets in fp32.
+inline __m256 load8(const float* src) { return _mm256_loadu_ps(src); }
+inline __m256 load8(const Half* src) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+
 // The 16-bit sums of the M rows' products over `words` words of codes from `word` (a block),
 // for the 8 columns whose words start at `codes`.
 template <int M>
@@ -2106,9 +2161,9 @@ inline void int8_block_sums(const Int8Tile& x, const uint32_t* codes, int64_t wo
 
 // out[r][col + j] = the int8 GEMM's sum for the M rows of the tile and the `cols` (1 .. 8)
 // columns of half `half` of the panel, + bias.
-template <int M>
-void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half, int64_t depth,
-                    const TileOut& o, int64_t col, int cols) {
+template <int M, typename G>
+void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4, false, G>& panel, int half,
+                    int64_t depth, const TileOut& o, int64_t col, int cols) {
     constexpr int64_t kBlockWords = kActBlock / 8;
     const __m256i ones = _mm256_set1_epi16(1);
     const int64_t group_size = panel.group_size();
@@ -2118,7 +2173,7 @@ void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half,
     __m256 acc[M];
     for (int r = 0; r < M; ++r) acc[r] = _mm256_setzero_ps();
     for (int64_t begin = 0, group = 0; begin < depth; begin += group_size, ++group, xsum += M) {
-        const __m256 s = _mm256_loadu_ps(panel.scales + group * kPanelWidth + half * 8);
+        const __m256 s = load8(panel.scales + group * kPanelWidth + half * 8);
         for (int64_t first = begin; first < begin + group_size; first += kActBlock, d += M) {
             const int64_t words = std::min(kActBlock, begin + group_size - first) / 8;
             __m256i sums[M];
@@ -2132,7 +2187,7 @@ void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half,
                 acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ds, acc[r]);
             }
         }
-        const __m256 m = _mm256_loadu_ps(panel.offsets + group * kPanelWidth + half * 8);
+        const __m256 m = load8(panel.offsets + group * kPanelWidth + half * 8);
         for (int r = 0; r < M; ++r)
             acc[r] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(xsum + r), acc[r]);
     }
@@ -2144,9 +2199,9 @@ void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half,
         _mm256_maskstore_ps(o.out + r * o.row_stride + col, lanes, _mm256_add_ps(acc[r], b));
 }
 #else
-template <int M>
-void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half, int64_t depth,
-                    const TileOut& o, int64_t col, int cols) {
+template <int M, typename G>
+void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4, false, G>& panel, int half,
+                    int64_t depth, const TileOut& o, int64_t col, int cols) {
     const auto* quads = reinterpret_cast<const int8_t*>(x.quads);
     const int64_t group_size = panel.group_size();
     for (int j = 0; j < cols; ++j) {
@@ -2156,7 +2211,7 @@ void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half,
             int64_t block = 0;
             for (int64_t begin = 0; begin < depth; begin += group_size) {
                 const int64_t group = begin / group_size;
-                const float s = panel.scales[group * kPanelWidth + column];
+                const float s = to_float(panel.scales[group * kPanelWidth + column]);
                 for (int64_t first = begin; first < begin + group_size;
                      first += kActBlock, ++block) {
                     const int64_t last = std::min(first + kActBlock, begin + group_size);
@@ -2170,7 +2225,7 @@ void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half,
                         }
                     acc = std::fma(static_cast<float>(dot), x.d[block * M + r] * s, acc);
                 }
-                acc = std::fma(panel.offsets[group * kPanelWidth + column],
+                acc = std::fma(to_float(panel.offsets[group * kPanelWidth + column]),
                                x.xsum[group * M + r], acc);
             }
             const float bias = o.bias != nullptr ? o.bias[col + j] : 0.f;
@@ -2181,20 +2236,21 @@ void int8_half_tile(const Int8Tile& x, const QuantizedPanel<4>& panel, int half,
 #endif
 
 // int8_half_tile for M = 1 .. N rows, indexed by M - 1.
-template <int... M>
+template <typename G, int... M>
 constexpr auto int8_tile_kernels(std::integer_sequence<int, M...>) {
-    using Kernel = void (*)(const Int8Tile&, const QuantizedPanel<4>&, int, int64_t,
+    using Kernel = void (*)(const Int8Tile&, const QuantizedPanel<4, false, G>&, int, int64_t,
                             const TileOut&, int64_t, int);
-    return std::array<Kernel, sizeof...(M)>{&int8_half_tile<M + 1>...};
+    return std::array<Kernel, sizeof...(M)>{&int8_half_tile<M + 1, G>...};
 }
 
 // out [rows, w.n] = the int8 GEMM of x [rows, w.depth] and W (+ bias), rows at most kBlockRows:
 // the rows are quantized tile by tile, then each thread's panels are multiplied half by half
 // (8 columns) by every tile.
+template <typename G>
 void multiply_block_int8(const float* x, int64_t x_stride, int64_t rows,
-                         const QuantizedWeights<4>& w, const float* bias, float* out) {
+                         const QuantizedWeights<4, false, G>& w, const float* bias, float* out) {
     static constexpr auto kernels =
-        int8_tile_kernels(std::make_integer_sequence<int, kInt8TileRows>());
+        int8_tile_kernels<G>(std::make_integer_sequence<int, kInt8TileRows>());
     const int64_t n = w.n, depth = w.depth, quads = depth / 4;
     const int64_t groups = depth / w.group_size, blocks = groups * blocks_per_group(w.group_size);
     const RowTiles tiles(rows, kInt8TileRows);
@@ -2234,11 +2290,9 @@ void multiply_block_int8(const float* x, int64_t x_stride, int64_t rows,
 // 1 for bits other than 4 and 8.
 int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride, int64_t rows,
                      const float* bias, float* out) {
-    const auto run = [&](auto bits) {
-        const QuantizedWeights<decltype(bits)::value> weights{
-            w.codes, w.scales, w.offsets, w.out_features, w.in_features, w.group_size,
-            w.input_order};
-        if constexpr (decltype(bits)::value == 4) {
+    return w.visit<false>([&](const auto& weights) {
+        using Weights = std::decay_t<decltype(weights)>;
+        if constexpr (decltype(weights.panel(0))::kStep == 8) {  // 4 bits
             if (w.int8_activations) {
                 for (int64_t first = 0; first < rows; first += kBlockRows)
                     multiply_block_int8(x + first * x_stride, x_stride,
@@ -2247,12 +2301,9 @@ int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride,
                 return 0;
             }
         }
-        packed_linear(x, x_stride, rows, weights, bias, out);
+        packed_linear<Weights>(x, x_stride, rows, weights, bias, out);
         return 0;
-    };
-    if (w.bits == 4) return run(Index<4>());
-    if (w.bits == 8) return run(Index<8>());
-    return 1;
+    });
 }
 
 // Rows `ids` [n] of the low-bit W in fp32 [n, in_features], the inputs in their natural order,
@@ -2260,24 +2311,28 @@ int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride,
 // the lookup of a quantized embedding table. -1, or the index in ids of the first id outside
 // [0, out_features) (the rows before it written).
 int64_t quantized_rows(const QuantizedMatrix& w, const int64_t* ids, int64_t n, float* out) {
-    const int64_t depth = w.in_features, per_word = 32 / w.bits, groups = depth / w.group_size;
-    const uint32_t mask = (1u << w.bits) - 1u;
-    for (int64_t r = 0; r < n; ++r) {
-        const int64_t id = ids[r];
-        if (id < 0 || id >= w.out_features) return r;
-        const int64_t panel = id / kPanelWidth, column = id % kPanelWidth;
-        const uint32_t* words = w.codes + panel * (depth / per_word) * kPanelWidth + column;
-        const float* scales = w.scales + panel * groups * kPanelWidth + column;
-        const float* offsets = w.offsets + panel * groups * kPanelWidth + column;
-        float* row = out + r * depth;
-        for (int64_t i = 0; i < depth; ++i) {
-            const uint32_t code = words[i / per_word * kPanelWidth] >> (w.bits * (i % per_word));
-            const int64_t at = i / w.group_size * kPanelWidth;
-            const float scaled = static_cast<float>(code & mask) * scales[at];
-            row[w.input_order != nullptr ? w.input_order[i] : i] = scaled + offsets[at];
+    int64_t bad = -1;
+    w.visit<false>([&](const auto& weights) {
+        for (int64_t r = 0; r < n && bad < 0; ++r) {
+            const int64_t id = ids[r];
+            if (id < 0 || id >= weights.n) {
+                bad = r;
+                break;
+            }
+            const auto panel = weights.panel(id / kPanelWidth);
+            const int column = static_cast<int>(id % kPanelWidth);
+            const int64_t* order = weights.input_order;
+            float* row = out + r * weights.depth;
+            for (int64_t begin = 0, index = 0; begin < weights.depth;
+                 begin += weights.group_size, ++index) {
+                const auto group = panel.group(index);
+                for (int64_t i = begin; i < begin + weights.group_size; ++i)
+                    row[order != nullptr ? order[i] : i] = group.value(i, column);
+            }
         }
-    }
-    return -1;
+        return 0;
+    });
+    return bad;
 }
 
 #if defined(__AVX512F__)
@@ -2295,11 +2350,11 @@ constexpr int kBf16TileRows = 12;
 
 // The panel's weights rounded to bf16 (to nearest even, as to_bf16, by the conversion):
 // dst[i / 2][j] holds inputs i and i + 1 of column j.
-template <int Bits>
+template <int Bits, typename G>
 __attribute__((target("avx512bf16"))) void dequantize_panel_pairs(
-    const QuantizedPanel<Bits, true>& rounded, int64_t depth, float* scratch, uint32_t* dst) {
-    const QuantizedPanel<Bits> panel{rounded.words, rounded.scales, rounded.offsets,
-                                     rounded.group_inputs};
+    const QuantizedPanel<Bits, true, G>& rounded, int64_t depth, float* scratch, uint32_t* dst) {
+    const QuantizedPanel<Bits, false, G> panel{rounded.words, rounded.scales, rounded.offsets,
+                                               rounded.group_inputs};
     dequantize_panel(panel, depth, scratch);
     // lanes 0-15 of a conversion hold input i's columns, 16-31 input i + 1's: interleaved
     alignas(64) static constexpr uint16_t kInterleave[32] = {
@@ -2432,10 +2487,7 @@ bool bf16_dot() {
 // (exactly) with the weights rounded to bf16 in registers.
 int quantized_linear_bf16(const QuantizedMatrix& w, const uint16_t* x, int64_t x_stride,
                           int64_t rows, const float* bias, float* out) {
-    const auto run = [&](auto bits) {
-        const QuantizedWeights<decltype(bits)::value, true> weights{
-            w.codes, w.scales, w.offsets, w.out_features, w.in_features, w.group_size,
-            w.input_order};
+    return w.visit<true>([&](const auto& weights) {
 #if defined(__AVX512F__)
         if (rows >= kBf16DotMinRows && bf16_dot()) {
             for (int64_t first = 0; first < rows; first += kBlockRows)
@@ -2451,10 +2503,7 @@ int quantized_linear_bf16(const QuantizedMatrix& w, const uint16_t* x, int64_t x
                 widened[r * w.in_features + i] = to_float(x[r * x_stride + i]);
         packed_linear(widened.data(), w.in_features, rows, weights, bias, out);
         return 0;
-    };
-    if (w.bits == 4) return run(Index<4>());
-    if (w.bits == 8) return run(Index<8>());
-    return 1;
+    });
 }
 
 }  // namespace

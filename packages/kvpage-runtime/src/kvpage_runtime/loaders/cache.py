@@ -24,7 +24,7 @@ import torch
 from kvpage_runtime.config import ModelConfig
 
 CACHE_ENV = "KVPAGE_CACHE_DIR"
-_FORMAT = 3  # bump whenever the cached layout or parameter names change
+_FORMAT = 4  # bump whenever the cached layout or parameter names change
 CONFIG_FILE = "kvpage_model.json"
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_DIR = "tokenizer"
