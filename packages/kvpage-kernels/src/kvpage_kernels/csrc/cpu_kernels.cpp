@@ -1651,7 +1651,11 @@ constexpr bool kKeeps<KeepingWeights<Weights>> = true;
 // weights, while two panels for two or three rows took 13 to 25% more. AVX2's 16 registers
 // cannot hold even two panels' codes, sums and group constants (a panel is two vectors there):
 // four spilled 255 times per 128 FMAs, and one panel took 25 to 35% less time than four at one
-// row for 4-bit weights on AMD Zen 3 (two: 15 to 25% less).
+// row for 4-bit weights on AMD Zen 3 (two: 15 to 25% less). Nor does staging help there: four
+// panels' weights dequantized a chunk of 32 inputs at a time into an L1 buffer, then multiplied
+// with eight chains, took 35 to 50% more time at one row; that kernel is bound by its vector
+// operations (shift, mask, merge, FMA to dequantize 8 weights, an FMA to multiply them) about
+// as much as by the chains' latency (without the dequantization it ran only 2% faster).
 constexpr int panels_per_tile([[maybe_unused]] int m, [[maybe_unused]] bool keeps = false) {
 #if defined(KVPAGE_SIMD)
     return m == 1 && Simd::width == 16 && !keeps ? 4 : 1;
