@@ -102,9 +102,10 @@ class QuantizedPanels:
     """A ``QuantizedWeight`` of ``out_features`` x ``in_features`` in panels (module
     docstring): codes int32 [num_panels, in_features // codes_per_word, PANEL_WIDTH], scales
     and offsets fp16 or fp32 (both the same) [num_panels, in_features // group_size,
-    PANEL_WIDTH], ``w = q * scale + offset`` in fp32; ``input_order`` (int64 [in_features] or None) as in the ``QuantizedWeight``.
-    ``int8_activations``: ``packed_linear`` rounds x to int8 as it multiplies by these weights
-    (``quantized.int8_rounded``; set by ``with_int8_activations``)."""
+    PANEL_WIDTH], ``w = q * scale + offset`` in fp32; ``input_order`` (int64 [in_features] or
+    None) as in the ``QuantizedWeight``. ``int8_activations``: ``packed_linear`` rounds x to
+    int8 as it multiplies by these weights (``quantized.int8_rounded``; set by
+    ``with_int8_activations``)."""
 
     codes: torch.Tensor
     scales: torch.Tensor

@@ -2312,19 +2312,16 @@ int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride,
 
 // Rows `ids` [n] of the low-bit W in fp32 [n, in_features], the inputs in their natural order,
 // as QuantizedWeight.dequantize computes them (code * scale, then + offset: two roundings):
-// the lookup of a quantized embedding table. -1, or the index in ids of the first id outside
-// [0, out_features) (the rows before it written).
+// the lookup of a quantized embedding table (a prefill's rows on OpenMP threads). -1, or the
+// index in ids of the first id outside [0, out_features) (then nothing is written).
 int64_t quantized_rows(const QuantizedMatrix& w, const int64_t* ids, int64_t n, float* out) {
-    int64_t bad = -1;
+    for (int64_t r = 0; r < n; ++r)
+        if (ids[r] < 0 || ids[r] >= w.out_features) return r;
     w.visit<false>([&](const auto& weights) {
-        for (int64_t r = 0; r < n && bad < 0; ++r) {
-            const int64_t id = ids[r];
-            if (id < 0 || id >= weights.n) {
-                bad = r;
-                break;
-            }
-            const auto panel = weights.panel(id / kPanelWidth);
-            const int column = static_cast<int>(id % kPanelWidth);
+#pragma omp parallel for schedule(static) if (n * weights.depth > (1 << 16))
+        for (int64_t r = 0; r < n; ++r) {
+            const auto panel = weights.panel(ids[r] / kPanelWidth);
+            const int column = static_cast<int>(ids[r] % kPanelWidth);
             const int64_t* order = weights.input_order;
             float* row = out + r * weights.depth;
             for (int64_t begin = 0, index = 0; begin < weights.depth;
@@ -2336,7 +2333,7 @@ int64_t quantized_rows(const QuantizedMatrix& w, const int64_t* ids, int64_t n, 
         }
         return 0;
     });
-    return bad;
+    return -1;
 }
 
 #if defined(__AVX512F__)
