@@ -22,7 +22,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -1618,6 +1618,7 @@ struct BufferedPanel {
 template <int Bits, bool Bf16Weights = false, typename G = float>
 struct QuantizedWeights {  // QuantizedPanels
     static constexpr bool kLowBit = true;
+    static constexpr int kBits = Bits;
     const uint32_t* codes;
     const G* scales;
     const G* offsets;
@@ -1976,15 +1977,15 @@ struct QuantizedMatrix {
     // Half); 1 for bits other than 4 and 8.
     template <bool Bf16Weights, typename Fn>
     int visit(Fn fn) const {
-        const auto with = [&](auto bits, auto* group_type) {
-            using G = std::remove_const_t<std::remove_pointer_t<decltype(group_type)>>;
+        const auto with = [&](auto bits, auto* group_type) {  // a null G*
+            using G = std::remove_pointer_t<decltype(group_type)>;
             return fn(QuantizedWeights<decltype(bits)::value, Bf16Weights, G>{
                 codes, static_cast<const G*>(scales), static_cast<const G*>(offsets),
                 out_features, in_features, group_size, input_order});
         };
         const auto with_bits = [&](auto bits) {
-            return half_groups ? with(bits, static_cast<const Half*>(nullptr))
-                               : with(bits, static_cast<const float*>(nullptr));
+            return half_groups ? with(bits, static_cast<Half*>(nullptr))
+                               : with(bits, static_cast<float*>(nullptr));
         };
         if (bits == 4) return with_bits(Index<4>());
         if (bits == 8) return with_bits(Index<8>());
@@ -2296,7 +2297,7 @@ int quantized_linear(const QuantizedMatrix& w, const float* x, int64_t x_stride,
                      const float* bias, float* out) {
     return w.visit<false>([&](const auto& weights) {
         using Weights = std::decay_t<decltype(weights)>;
-        if constexpr (decltype(weights.panel(0))::kStep == 8) {  // 4 bits
+        if constexpr (Weights::kBits == 4) {
             if (w.int8_activations) {
                 for (int64_t first = 0; first < rows; first += kBlockRows)
                     multiply_block_int8(x + first * x_stride, x_stride,
