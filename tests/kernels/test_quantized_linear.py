@@ -81,10 +81,11 @@ def test_scales_and_offsets_are_kept_in_fp16_where_it_holds_them_all():
                         ("scales", float("nan"))):
         t = getattr(weight, name).clone()
         t[5, 1] = value
-        packed = pack_weight(dataclasses.replace(weight, **{name: t}))
+        changed = dataclasses.replace(weight, **{name: t})
+        packed = pack_weight(changed)
         assert packed.scales.dtype == packed.offsets.dtype == torch.float32, (name, value)
-        assert torch.equal(packed.unpack().dequantize(), dataclasses.replace(
-            weight, **{name: t}).dequantize()) or value != value
+        torch.testing.assert_close(packed.unpack().dequantize(), changed.dequantize(), rtol=0,
+                                   atol=0, equal_nan=True)
 
 
 @pytest.mark.parametrize("bits", [4, 8])

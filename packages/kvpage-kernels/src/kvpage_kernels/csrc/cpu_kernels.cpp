@@ -2137,7 +2137,8 @@ void quantize_tile(const float* x, int64_t row_stride, int m, int64_t depth, int
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// 8 of a group's scales or offsets in fp32.
+// 8 of a group's scales or offsets in fp32 (the int8 kernels work on 8 columns at a time in
+// the avx512 tier too, where Simd::load reads 16).
 inline __m256 load8(const float* src) { return _mm256_loadu_ps(src); }
 inline __m256 load8(const Half* src) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
